@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Build the embedded default: tiny SD and SDXL models and a small demo dataset, offline.
+
+    python fairhuman_demo.py --output_dir demo_assets
+
+writes ``demo_assets/tiny-sd``, ``demo_assets/tiny-sdxl`` (diffusers folders with random weights,
+built from configs, loadable with ``from_pretrained``) and ``demo_assets/demo_dataset`` (an
+imagefolder: drawn people with box annotations in ``metadata.jsonl``). The tests build the same
+things in temporary folders through these functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+
+def write_tiny_tokenizer(folder: str, model_max_length: int = 77) -> None:
+    """A CLIP tokenizer from a hand-made vocab: every byte-level character, alone and word-final."""
+    from transformers import CLIPTokenizer
+
+    # GPT-2 / CLIP byte-to-unicode table, written out here so no tokenizer is downloaded.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for token in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                              model_max_length=model_max_length, pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, seed: int = 0) -> str:
+    """Save a tiny SD (or SDXL) pipeline folder with random weights; returns ``folder``.
+
+    UNet: 2 levels of 32/64 channels with cross-attention; VAE: 2 levels (latents at 1/2 of the
+    pixels); CLIP text encoders of width 32. ``sample_size`` is the latent size, so the model's
+    native resolution is ``2 * sample_size`` pixels.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    text_config = dict(bos_token_id=514, eos_token_id=515, pad_token_id=515, hidden_size=32, intermediate_size=37,
+                       layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=516,
+                       max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    unet_kwargs = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4,
+                       out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=32)
+    if sdxl:
+        unet_kwargs.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                           projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True,
+                           transformer_layers_per_block=(1, 1))
+    else:
+        unet_kwargs.update(cross_attention_dim=32)
+    unet = UNet2DConditionModel(**unet_kwargs)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                        sample_size=2 * sample_size, norm_num_groups=32)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, prediction_type="epsilon")
+    tok_dir = os.path.join(folder, "_tokenizer_src")
+    write_tiny_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    if sdxl:
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return folder
+
+
+def draw_person(width: int, height: int, rng: random.Random):
+    """A drawn 'person': a skin-coloured face ellipse and 0-2 hands; returns (image, face boxes, hand boxes)."""
+    bg = tuple(rng.randint(40, 200) for _ in range(3))
+    image = Image.new("RGB", (width, height), bg)
+    draw = ImageDraw.Draw(image)
+    skin = (rng.randint(170, 240), rng.randint(120, 190), rng.randint(90, 160))
+    fw = rng.randint(width // 6, width // 3)
+    fx, fy = rng.randint(0, width - fw), rng.randint(0, height // 2)
+    face = [fx, fy, fx + fw, min(height, fy + int(fw * 1.3))]
+    body = (fx - fw // 2, face[3], fx + fw + fw // 2, height)
+    draw.rectangle(body, fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    draw.ellipse(face, fill=skin)
+    hands = []
+    for _ in range(rng.randint(0, 2)):
+        hw = max(4, fw // 2)
+        hx, hy = rng.randint(0, width - hw), rng.randint(height // 3, height - hw)
+        hands.append([hx, hy, hx + hw, hy + hw])
+        draw.ellipse(hands[-1], fill=skin)
+    return image, [face], hands
+
+
+def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0) -> str:
+    """An imagefolder of drawn people at mixed sizes and aspect ratios, boxes in pixel xyxy."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    sizes = [(96, 64), (64, 96), (80, 80), (120, 72)]
+    rows = []
+    for i in range(num_images):
+        w, h = sizes[i % len(sizes)]
+        image, faces, hands = draw_person(w, h, rng)
+        name = f"person_{i:03d}.png"
+        image.save(os.path.join(folder, name))
+        n = len(hands)
+        caption = f"a photo of a person{' waving ' + str(n) + ' hands' if n else ''}"
+        rows.append({"file_name": name, "text": caption, "hand_boxes": hands, "face_boxes": faces})
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def main(input_args=None):
+    parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
+    parser.add_argument("--output_dir", default="demo_assets", help="Folder for tiny-sd, tiny-sdxl and demo_dataset.")
+    parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
+    args = parser.parse_args(input_args)
+    build_tiny_pipeline(os.path.join(args.output_dir, "tiny-sd"), sdxl=False)
+    build_tiny_pipeline(os.path.join(args.output_dir, "tiny-sdxl"), sdxl=True)
+    build_demo_dataset(os.path.join(args.output_dir, "demo_dataset"), num_images=args.num_images)
+    print(f"wrote {args.output_dir}/tiny-sd, {args.output_dir}/tiny-sdxl and {args.output_dir}/demo_dataset")
+
+
+if __name__ == "__main__":
+    main()

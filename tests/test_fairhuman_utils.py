@@ -1,0 +1,264 @@
+"""Unit tests of the FairHuman pieces in fairhuman_utils.py."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import fairhuman_utils as fh
+
+# ---- boxes ---------------------------------------------------------------------------------------
+
+
+def test_parse_boxes_formats_clip_and_drop():
+    assert fh.parse_boxes([[10, 20, 30, 40]], width=100, height=50) == [(10, 20, 30, 40)]
+    assert fh.parse_boxes([[10, 20, 5, 6]], width=100, height=50, box_format="xywh") == [(10, 20, 15, 26)]
+    assert fh.parse_boxes([[0.1, 0.2, 0.5, 1.0]], width=200, height=100, relative=True) == [(20, 20, 100, 100)]
+    # partly outside: clipped; wholly outside or zero-area: dropped
+    assert fh.parse_boxes([[-10, -5, 30, 80]], width=100, height=50) == [(0, 0, 30, 50)]
+    assert fh.parse_boxes([[120, 10, 150, 20], [5, 5, 5, 9]], width=100, height=50) == []
+    assert fh.parse_boxes([], width=10, height=10) == [] and fh.parse_boxes(None, width=10, height=10) == []
+
+
+@pytest.mark.parametrize(
+    "cell, fmt, expected",
+    [
+        ("10,20,30,40", "xyxy", "expected a list of boxes"),
+        ([[1, 2, 3]], "xyxy", "box 0: expected 4 numbers"),
+        ([[1, 2, 3, "a"]], "xyxy", "expected 4 numbers"),
+        ([[0, 0, 5, 5], [30, 10, 20, 40]], "xyxy", "box 1: x1 < x0"),
+        ([[0, 0, -5, 5]], "xywh", "negative width"),
+        ([[0, 0, float("nan"), 5]], "xyxy", "non-finite"),
+    ],
+)
+def test_parse_boxes_malformed_names_column_and_row(cell, fmt, expected):
+    with pytest.raises(fh.AnnotationError) as info:
+        fh.parse_boxes(cell, width=100, height=100, box_format=fmt, column="hand_boxes", row=7)
+    assert "column 'hand_boxes', row 7" in str(info.value) and expected in str(info.value)
+
+
+def test_boxes_to_mask_fills_and_dilates():
+    mask = np.asarray(fh.boxes_to_mask([(10, 20, 30, 25)], 64, 48, dilation=0)) > 0
+    assert mask.sum() == 20 * 5 and mask[20:25, 10:30].all()
+    dilated = np.asarray(fh.boxes_to_mask([(10, 20, 30, 25)], 64, 48, dilation=8)) > 0
+    assert dilated.sum() == (20 + 16) * (5 + 16) and dilated[12:33, 2:38].all()
+    edge = np.asarray(fh.boxes_to_mask([(0, 0, 4, 4)], 64, 48, dilation=8)) > 0
+    assert edge.sum() == 12 * 12  # clipped at the image border
+
+
+def test_binarize_mask_image_modes_and_size_check():
+    rgba = Image.new("RGBA", (8, 6), (0, 0, 0, 255))
+    ImageDraw.Draw(rgba).rectangle((2, 1, 4, 3), fill=(255, 255, 255, 255))
+    out = np.asarray(fh.binarize_mask_image(rgba, (8, 6), column="m", row=0))
+    assert set(np.unique(out)) == {0, 255} and (out > 0).sum() == 9
+    with pytest.raises(fh.AnnotationError, match="column 'm', row 3: mask size 8x6 differs"):
+        fh.binarize_mask_image(rgba, (9, 6), column="m", row=3)
+
+
+# ---- paired transform ------------------------------------------------------------------------------
+
+
+def _marked_image(width, height, box):
+    """Black image with a pure red box, and the box as a mask: the two must stay on the same pixels."""
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 0, 0))
+    return image, fh.boxes_to_mask([box], width, height, dilation=0)
+
+
+@pytest.mark.parametrize("size, box", [((160, 64), (12, 8, 40, 40)), ((64, 160), (8, 100, 40, 150))])
+def test_masks_follow_crop_and_flip_on_non_square_images(size, box):
+    image, mask = _marked_image(*size, box)
+    offsets, visible = set(), 0
+    for seed in range(24):
+        out = fh.paired_transform(image, [mask], 32, random_flip=True, rng=random.Random(seed))
+        red = (out.pixel_values[0] > 0.0) & (out.pixel_values[1] < 0.0)
+        inside = out.masks[0] > 0.5
+        visible += bool(red.any())
+        assert torch.equal(red, inside), f"seed {seed}: mask and image disagree"
+        offsets.add(out.crop_top_left)
+    assert len(offsets) > 5 and visible > 5  # the crops really vary and the region is often in view
+    assert out.original_size == (size[1], size[0])
+
+
+def test_independent_augmentation_would_be_caught():
+    """Guard on the test above: drawing crop/flip separately for the mask misplaces it."""
+    image, mask = _marked_image(160, 64, (12, 8, 40, 40))
+    mismatches = 0
+    for seed in range(24):
+        a = fh.paired_transform(image, [], 32, random_flip=True, rng=random.Random(seed))
+        b = fh.paired_transform(mask.convert("RGB"), [], 32, random_flip=True, rng=random.Random(seed + 1000))
+        red = (a.pixel_values[0] > 0.0) & (a.pixel_values[1] < 0.0)
+        mismatches += not torch.equal(red, b.pixel_values[0] > 0.0)
+    assert mismatches > 0
+
+
+def test_paired_transform_center_crop_and_pil_modes():
+    image = Image.new("P", (100, 50))
+    out = fh.paired_transform(image, [Image.new("L", (100, 50))], 20, center_crop=True)
+    assert out.pixel_values.shape == (3, 20, 20) and out.masks.shape == (1, 20, 20)
+    assert out.crop_top_left == (0, 10) and out.original_size == (50, 100)  # resized to 40x20, centred
+    rgba = Image.new("RGBA", (30, 30), (0, 0, 0, 0))  # transparent -> white
+    assert torch.allclose(fh.paired_transform(rgba, [], 16).pixel_values, torch.ones(3, 16, 16))
+    gray16 = Image.fromarray(np.full((20, 20), 1000, dtype=np.uint16))
+    assert fh.paired_transform(gray16, [], 16).pixel_values.shape == (3, 16, 16)
+
+
+def test_crop_left_is_reported_in_the_returned_frame():
+    ramp = np.zeros((20, 40, 3), dtype=np.uint8)
+    ramp[..., 0] = (np.arange(40) * 6)[None, :]  # red encodes the column
+    image = Image.fromarray(ramp)
+    seen = set()
+    for seed in range(30):
+        out = fh.paired_transform(image, [], 20, random_flip=True, rng=random.Random(seed))
+        first_column_red = round(float((out.pixel_values[0, 0, 0] + 1) * 127.5) / 6)
+        top, left = out.crop_top_left
+        flipped = first_column_red != left
+        seen.add(flipped)
+        assert first_column_red == (39 - left if flipped else left)
+    assert seen == {True, False}
+
+
+def test_masks_to_latent_hard_and_soft():
+    masks = torch.zeros(1, 1, 16, 16)
+    masks[..., 0:8, 0:4] = 1.0  # half of the top-left 8x8 cell
+    masks[..., 8:16, 8:16] = 1.0  # a whole cell
+    soft = fh.masks_to_latent(masks, (2, 2), "soft")
+    assert torch.allclose(soft[0, 0], torch.tensor([[0.5, 0.0], [0.0, 1.0]]))
+    hard = fh.masks_to_latent(masks, (2, 2), "hard")
+    assert torch.equal(hard[0, 0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_item_seed_depends_only_on_its_inputs():
+    assert fh.item_seed(1, 2, 3) == fh.item_seed(1, 2, 3)
+    assert len({fh.item_seed(1, 2, 3), fh.item_seed(1, 2, 4), fh.item_seed(1, 3, 3), fh.item_seed(2, 2, 3),
+                fh.item_seed(1, 2, 3, stream=1)}) == 5
+
+
+# ---- losses --------------------------------------------------------------------------------------
+
+
+def test_losses_match_hand_computed_values():
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 2.0]]]])
+    hand = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    face = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]], [[[0.0, 0.0], [0.0, 1.0]]]])
+    # r = -target. global: (1+4+9+16)/4 = 7.5 and 4/4 = 1 -> 4.25
+    latent = fh.fairhuman_losses(pred, target, hand, face, local_loss_scale=5.0, normalization="latent")
+    assert torch.allclose(latent, torch.tensor([4.25, (25 * 1 / 4 + 0) / 2, (25 * 16 / 4 + 25 * 4 / 4) / 2]))
+    area = fh.fairhuman_losses(pred, target, hand, face, local_loss_scale=5.0, normalization="area")
+    assert torch.allclose(area, torch.tensor([4.25, 25 * 1 / 1, (25 * 16 + 25 * 4) / 2]))
+    weighted = fh.fairhuman_losses(pred, target, hand, face, sample_weights=torch.tensor([2.0, 0.0]))
+    assert torch.allclose(weighted[0], torch.tensor(7.5))
+    empty = fh.fairhuman_losses(pred, target, torch.zeros_like(hand), face, normalization="area")
+    assert empty[1] == 0
+
+
+def test_empty_region_gives_zero_gradient():
+    pred = torch.randn(2, 4, 3, 3, requires_grad=True)
+    losses = fh.fairhuman_losses(pred, torch.randn(2, 4, 3, 3), torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3))
+    (grad,) = torch.autograd.grad(losses[1], pred)
+    assert losses[1] == 0 and torch.count_nonzero(grad) == 0
+
+
+# ---- the alpha-fair solver -----------------------------------------------------------------------
+
+
+def _gram(rows):
+    g = torch.stack(rows).double()
+    return g @ g.T
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.0, 3.0])
+@pytest.mark.parametrize("case", ["random", "badly_scaled", "nearly_parallel"])
+def test_solver_meets_its_equation(case, alpha):
+    torch.manual_seed(0)
+    g = torch.randn(3, 2000, dtype=torch.float64)
+    if case == "badly_scaled":
+        g = g * torch.tensor([[1e-4], [1.0], [1e4]], dtype=torch.float64)
+    if case == "nearly_parallel":
+        g = torch.stack([g[0], 3.0 * g[0] + 1e-4 * g[1], 0.2 * g[0] + 1e-4 * g[2]])
+    gram = g @ g.T
+    w = fh.solve_fair_weights(gram, alpha=alpha)
+    assert (w > 0).all()
+    lhs = (gram @ w) * w.pow(1.0 / alpha)
+    assert torch.allclose(lhs, torch.ones(3, dtype=torch.float64), rtol=1e-8, atol=0)
+    assert fh.fair_equation_residual(gram, w, alpha) < 1e-8
+
+
+def test_solver_orthogonal_closed_form_and_scaling_law():
+    gram = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    w = fh.solve_fair_weights(gram, alpha=2.0)
+    assert torch.allclose(w, torch.diagonal(gram).pow(-2.0 / 3.0))  # w_i = |g_i|^(-4/3)
+    torch.manual_seed(1)
+    g = torch.randn(3, 50, dtype=torch.float64)
+    gram = g @ g.T
+    c = 7.0
+    w1, wc = fh.solve_fair_weights(gram), fh.solve_fair_weights(gram * c**2)
+    assert torch.allclose(wc, w1 * c ** (-4.0 / 3.0), rtol=1e-8)  # not scale invariant: METHOD.md section 3
+
+
+def test_solver_leaves_out_zero_gradient_objectives():
+    torch.manual_seed(2)
+    g = torch.randn(3, 40, dtype=torch.float64)
+    g[1] = 0
+    w = fh.solve_fair_weights(g @ g.T)
+    assert w[1] == 0 and (w[[0, 2]] > 0).all()
+    w2 = fh.solve_fair_weights(_gram([g[0], g[2]]))
+    assert torch.allclose(w[[0, 2]], w2)
+    assert torch.equal(fh.solve_fair_weights(torch.zeros(3, 3)), torch.zeros(3, dtype=torch.float64))
+
+
+def test_solver_improves_every_objective_and_favours_the_slow_one():
+    torch.manual_seed(3)
+    g = torch.randn(3, 100, dtype=torch.float64)
+    g[0] *= 10  # a dominant objective
+    w = fh.solve_fair_weights(g @ g.T)
+    u = g @ (g.T @ w)  # improvement rates u_i = g_i . d
+    assert (u > 0).all()
+    assert w[0] < w[1] and w[0] < w[2]
+
+
+def test_fair_coefficients_ignore_the_loss_scale():
+    torch.manual_seed(4)
+    g = torch.randn(3, 64, dtype=torch.float64)
+    gram = g @ g.T
+    w, coeffs = fh.fair_coefficients(gram, 2.0)
+    for scale in (2.0**10, 2.0**16):
+        ws, cs = fh.fair_coefficients(gram * scale**2, 2.0, grad_scale=scale)
+        assert torch.allclose(ws, w) and torch.allclose(cs, 3 * w)
+
+
+# ---- per-objective gradients and their combination ------------------------------------------------
+
+
+def test_objective_gradients_combination_equals_K_G_w_on_a_small_model():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    params = list(model.parameters())
+    x = torch.randn(5, 6)
+
+    def losses():
+        y = model(x)
+        return torch.stack([y.pow(2).mean(), (y[:, :2] - 1).pow(2).mean(), (y[:, 2:] + 1).abs().mean()])
+
+    grads = fh.ObjectiveGradients(params)
+    grads.accumulate(losses())
+    expected_rows = []
+    for i in range(3):
+        gi = torch.autograd.grad(losses()[i], params)
+        expected_rows.append(torch.cat([t.reshape(-1) for t in gi]))
+    G = torch.stack(expected_rows)
+    assert torch.allclose(grads.buffer, G)
+    assert torch.allclose(grads.gram(), (G @ G.T).double(), rtol=1e-5)
+    w, coeffs = fh.fair_coefficients(grads.gram())
+    grads.write_combination(coeffs)
+    combined = torch.cat([p.grad.reshape(-1) for p in params])
+    assert torch.allclose(combined, 3 * (w.float() @ G), rtol=1e-5, atol=1e-7)
+
+    # accumulation sums micro-batch gradients; absent objectives cost no backward and stay zero
+    grads.zero_()
+    grads.accumulate(losses(), present=[True, False, True])
+    grads.accumulate(losses(), present=[True, False, True])
+    assert torch.allclose(grads.buffer[0], 2 * G[0]) and torch.count_nonzero(grads.buffer[1]) == 0

@@ -1,0 +1,309 @@
+"""The training script end to end: through `accelerate launch` on tiny SD and SDXL, and in-process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_fairhuman_lora as train
+from conftest import REPO, write_imagefolder
+
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(*args, expect_ok=True):
+    """`accelerate launch --config_file accelerate_config.yaml train_fairhuman_lora.py ARGS`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_config.yaml"), os.path.join(REPO, "train_fairhuman_lora.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=600)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def common(model, data, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+            "--max_train_steps", steps, "--learning_rate", "1e-3", "--seed", "3", "--report_to", "none", *extra]
+
+
+def lora_tensors(folder):
+    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+
+
+def sample(pipe, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a photo of a person waving", num_inference_steps=2, generator=generator, output_type="np",
+                height=32, width=32).images
+
+
+def test_sd_lora_loads_changes_output_rotates_checkpoints_and_resumes(tiny_sd, demo_dataset, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    launch(*common(tiny_sd, demo_dataset, straight, 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
+                   "--random_flip", "--save_mask_previews", 3, "--use_8bit_adam", "--train_batch_size", 2,
+                   "--validation_prompt", "a person", "--num_validation_images", 1,
+                   "--validation_inference_steps", 2, "--validation_steps", 100))
+    # rotation: only the two newest complete checkpoints remain
+    names = sorted(n for n in os.listdir(straight) if "checkpoint" in n)
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    # mask previews, model card with the FairHuman settings and the sample
+    previews = os.listdir(os.path.join(straight, "mask_previews"))
+    assert {f"{i}_{k}.png" for i in range(3) for k in ("image", "hand", "face", "overlay")} <= set(previews)
+    assert Image.open(os.path.join(straight, "mask_previews", "0_hand.png")).size == (32, 32)
+    card = open(os.path.join(straight, "README.md")).read()
+    assert f"base_model: {tiny_sd}" in card and "| weighting | fair |" in card and "image_0.png" in card
+    assert os.path.exists(os.path.join(straight, "image_0.png"))
+
+    # the LoRA loads through diffusers' own loader and changes the output
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = sample(pipe)
+    pipe.load_lora_weights(straight)
+    after = sample(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    saved = lora_tensors(straight)
+    assert saved and all(k.startswith("unet.") for k in saved)
+
+    # interrupted at 4 and resumed to 6 gives the same LoRA as 6 straight
+    launch(*common(tiny_sd, demo_dataset, resumed, 4, "--checkpointing_steps", 2, "--random_flip",
+                   "--use_8bit_adam", "--train_batch_size", 2))
+    launch(*common(tiny_sd, demo_dataset, resumed, 6, "--checkpointing_steps", 2, "--random_flip",
+                   "--use_8bit_adam", "--train_batch_size", 2, "--resume_from_checkpoint", "latest"))
+    other = lora_tensors(resumed)
+    assert saved.keys() == other.keys()
+    for key in saved:
+        torch.testing.assert_close(other[key], saved[key], rtol=1e-5, atol=1e-6)
+
+
+def test_sdxl_trains_and_lora_loads(tiny_sdxl, demo_dataset, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = str(tmp_path / "xl")
+    proc = launch(*common(tiny_sdxl, demo_dataset, out, 3, "--weighting", "fair", "--rank", 8, "--lora_alpha", 4,
+                          "--gradient_accumulation_steps", 2, "--snr_gamma", 5.0, "--center_crop"))
+    assert "Model = SDXL" in proc.stdout + proc.stderr
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    before = sample(pipe)
+    pipe.load_lora_weights(out)
+    after = sample(pipe)
+    assert np.abs(after - before).max() > 1e-4
+    # rank 8, alpha 4 survives the round trip (the LoRA config is stored with the weights)
+    assert pipe.unet.peft_config["default_0"].r == 8 and pipe.unet.peft_config["default_0"].lora_alpha == 4
+
+
+def test_sdxl_time_ids_use_real_sizes_and_crops():
+    ids = train.sdxl_time_ids([(480, 640), (100, 50)], [(0, 80), (7, 0)], 64, "cpu", torch.float32)
+    assert ids.tolist() == [[480, 640, 0, 80, 64, 64], [100, 50, 7, 0, 64, 64]]
+
+
+# ---- in-process runs: logging, push, weighting modes -------------------------------------------------
+
+
+def run_main(*argv):
+    args = train.parse_args(list(map(str, argv)))
+    train.main(args)
+    return args
+
+
+def read_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [os.path.join(root) for root, _, files in os.walk(folder) if any("tfevents" in f for f in files)]
+    scalars = {}
+    for run in runs:
+        acc = EventAccumulator(run)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [e.value for e in acc.Scalars(tag)]
+    return scalars
+
+
+@pytest.mark.parametrize("weighting", ["global", "equal", "fair"])
+def test_every_mode_logs_losses_and_weights(weighting, tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / weighting)
+    run_main("--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", demo_dataset, "--output_dir", out,
+             "--max_train_steps", 3, "--weighting", weighting, "--seed", 0, "--report_to", "tensorboard")
+    scalars = read_scalars(out)
+    for tag in ["loss/global", "loss/hand", "loss/face", "weight/global", "weight/hand", "weight/face", "lr"]:
+        assert len(scalars[tag]) == 3, tag
+    if weighting == "global":
+        assert scalars["weight/hand"] == [0.0] * 3 and scalars["weight/global"] == [1.0] * 3
+    elif weighting == "equal":
+        assert scalars["weight/face"] == [1.0] * 3
+    else:
+        assert all(w > 0 for w in scalars["weight/global"]) and all(w > 0 for w in scalars["weight/face"])
+    assert all(v > 0 for v in scalars["loss/global"])
+
+
+def test_push_to_hub_with_only_network_calls_mocked(tiny_sd, demo_dataset, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/fairhuman-test"
+
+    def fake_create_repo(repo_id, exist_ok, token):
+        calls["create"] = (repo_id, exist_ok, token)
+        return Repo()
+
+    def fake_upload_folder(repo_id, folder_path, commit_message, token, ignore_patterns):
+        calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), ignore_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    out = str(tmp_path / "fairhuman-test")
+    run_main("--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", demo_dataset, "--output_dir", out,
+             "--max_train_steps", 1, "--push_to_hub", "--hub_token", "tok", "--report_to", "none")
+    assert calls["create"] == ("fairhuman-test", True, "tok")
+    repo_id, files, ignore = calls["upload"]
+    assert repo_id == "someone/fairhuman-test"
+    assert "pytorch_lora_weights.safetensors" in files and "README.md" in files
+    assert "checkpoint-*" in ignore
+    assert "someone/fairhuman-test" in open(os.path.join(out, "README.md")).read()
+
+
+# ---- bad input: a clear error naming the flag, column or row, before any model is loaded -------------
+
+
+def _error(argv):
+    args = train.parse_args(list(map(str, argv)))
+    with pytest.raises(train.UsageError) as info:
+        train.main(args)
+    return str(info.value)
+
+
+def _dataset(tmp_path, rows, sizes=None):
+    images = {}
+    for i, row in enumerate(rows):
+        row.setdefault("file_name", f"im{i}.png")
+        images[row["file_name"]] = Image.new("RGB", (sizes or {}).get(i, (40, 30)), (120, 90, 60))
+    return write_imagefolder(tmp_path / "data", rows, images)
+
+
+def _argv(data, out, *extra):
+    return ["--pretrained_model_name_or_path", "/nonexistent/model", "--train_data_dir", data, "--output_dir", out,
+            "--report_to", "none", *extra]
+
+
+def test_missing_columns_named(tmp_path):
+    data = _dataset(tmp_path, [{"text": "a", "hand_boxes": []}])
+    message = _error(_argv(data, tmp_path / "o"))
+    assert "--face_box_column: column 'face_boxes' not found" in message and "hand_boxes" in message
+    message = _error(_argv(data, tmp_path / "o", "--face_box_column", "hand_boxes", "--caption_column", "caption"))
+    assert "--caption_column: column 'caption' not found" in message
+
+
+def test_malformed_box_names_column_and_row(tmp_path):
+    rows = [{"text": "a", "hand_boxes": [[1, 1, 5, 5]], "face_boxes": [[1, 1, 5, 5]]},
+            {"text": "b", "hand_boxes": [[1, 1, 5, 5]], "face_boxes": [[9, 9, 5, 5]]}]
+    message = _error(_argv(_dataset(tmp_path, rows), tmp_path / "o"))
+    assert "column 'face_boxes', row 1" in message and "x1 < x0" in message
+
+
+def test_out_of_range_boxes_are_clipped_or_dropped(tmp_path):
+    rows = [{"text": "a", "hand_boxes": [[30, 20, 90, 90], [100, 100, 120, 120]], "face_boxes": []}]
+    args = train.parse_args(_argv(_dataset(tmp_path, rows), str(tmp_path / "o")))
+    checked = train.check_dataset(train.load_training_dataset(args), args)
+    assert checked["boxes"]["hand"] == [[(30.0, 20.0, 40.0, 30.0)]] and checked["boxes"]["face"] == [[]]
+
+
+def test_unreadable_image_names_row(tmp_path):
+    rows = [{"text": "a", "hand_boxes": [], "face_boxes": []}, {"text": "b", "hand_boxes": [], "face_boxes": []}]
+    data = _dataset(tmp_path, rows)
+    with open(os.path.join(data, "im1.png"), "wb") as f:
+        f.write(b"not a png at all")
+    message = _error(_argv(data, tmp_path / "o"))
+    assert "column 'image', row 1: cannot read the image" in message
+
+
+def test_empty_dataset(tmp_path):
+    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+
+    features = Features({"image": ImageFeature(), "text": Value("string"),
+                         "hand_boxes": Sequence(Sequence(Value("float32"))),
+                         "face_boxes": Sequence(Sequence(Value("float32")))})
+    empty = Dataset.from_dict({"image": [], "text": [], "hand_boxes": [], "face_boxes": []}, features=features)
+    empty.save_to_disk(str(tmp_path / "saved"))
+    os.makedirs(tmp_path / "parquet")
+    empty.to_parquet(str(tmp_path / "parquet" / "train.parquet"))
+    for folder in ("saved", "parquet"):
+        message = _error(["--pretrained_model_name_or_path", "x", "--dataset_name", tmp_path / folder,
+                          "--output_dir", tmp_path / "o", "--report_to", "none"])
+        assert message.startswith("--dataset_name: cannot load") and "the dataset is empty" in message
+
+
+def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    image = Image.new("RGB", (48, 32), (10, 10, 10))
+    hand = Image.new("L", (48, 32), 0)
+    hand.paste(255, (4, 4, 20, 20))
+    good = {"image": [image], "text": ["a"], "mask_hand": [hand], "mask_face": [Image.new("RGB", (48, 32))]}
+    features = Features({"image": ImageFeature(), "text": Value("string"), "mask_hand": ImageFeature(),
+                         "mask_face": ImageFeature()})
+    Dataset.from_dict(good, features=features).save_to_disk(str(tmp_path / "good"))
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_sd, "--dataset_name", str(tmp_path / "good"),
+                             "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face",
+                             "--resolution", "32", "--center_crop", "--mask_dilation", "0"])
+    checked = train.check_dataset(train.load_training_dataset(args), args)
+    example = train.FairHumanDataset(checked, args, seed=0, resolution=32)[0]
+    # 48x32 -> 48x32 (shorter side 32), centre crop x 8..40: the hand square 4..20 shows at 0..12
+    hand_mask = example["masks"][0]
+    assert hand_mask[4:20, 0:12].min() == 1 and hand_mask[:, 14:].max() == 0 and example["masks"][1].max() == 0
+
+    bad = dict(good, mask_hand=[Image.new("L", (40, 32))])
+    Dataset.from_dict(bad, features=features).save_to_disk(str(tmp_path / "bad"))
+    message = _error(["--pretrained_model_name_or_path", "x", "--dataset_name", tmp_path / "bad",
+                      "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face",
+                      "--output_dir", tmp_path / "o", "--report_to", "none"])
+    assert "column 'mask_hand', row 0: mask size 40x32 differs from the image size 48x32" in message
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--dataset_name", "x"], "--dataset_name and --train_data_dir are exclusive"),
+        (["--report_to", "wandb", "--hub_token", "t"], "--report_to wandb and --hub_token"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+        (["--resolution", "100"], "--resolution must be a multiple of 8"),
+        (["--fair_alpha", "0"], "--fair_alpha must be positive"),
+        (["--resume_from_checkpoint", "/no/such/ckpt"], "--resume_from_checkpoint: no such folder"),
+        (["--lora_target_modules", " , "], "--lora_target_modules is empty"),
+    ],
+)
+def test_impossible_flag_combinations(extra, expected, tmp_path):
+    assert expected in _error(_argv(str(tmp_path), tmp_path / "o", *extra))
+
+
+def test_no_dataset_and_bad_model_path(tmp_path, demo_dataset):
+    assert "give a dataset" in _error(["--pretrained_model_name_or_path", "x", "--output_dir", tmp_path])
+    assert "--pretrained_model_name_or_path: cannot read model_index.json" in _error(
+        _argv(demo_dataset, tmp_path / "o"))
+
+
+def test_cli_prints_error_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train_fairhuman_lora.py"),
+                           "--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path)],
+                          env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "error: give a dataset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_latest_ignores_partial_and_foreign_folders(tmp_path):
+    out = tmp_path / "run"
+    for name, marker in [("checkpoint-2", True), ("checkpoint-10", False), (".checkpoint-12.partial", True),
+                         ("checkpoint-5", True), ("checkpoint-x", True)]:
+        os.makedirs(out / name)
+        if marker:
+            (out / name / train.CHECKPOINT_MARKER).write_text(json.dumps({"global_step": 0, "seed": 0}))
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(out),
+                             "--resume_from_checkpoint", "latest"])
+    assert train.resolve_resume(args) == str(out / "checkpoint-5")

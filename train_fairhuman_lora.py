@@ -1,0 +1,1021 @@
+#!/usr/bin/env python
+"""FairHuman LoRA training for Stable Diffusion 1.x/2.x and SDXL.
+
+Shaped like diffusers' ``examples/text_to_image/train_text_to_image_lora.py``: ``parse_args`` and a
+``main`` that reads top to bottom (accelerator, data check, models, LoRA, optimizer, data, loop,
+save, card, push). What is FairHuman-specific -- region masks from boxes, the paired transform, the
+three losses and the Minimum Potential Delay weights -- lives in ``fairhuman_utils.py``.
+
+    accelerate launch train_fairhuman_lora.py \
+      --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+      --dataset_name your/dataset --output_dir out
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+import fairhuman_utils as fh
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "fairhuman_state.json"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class UsageError(ValueError):
+    """Bad input found before training starts; the message names the flag, column or row."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="FairHuman LoRA training (SD 1.x/2.x and SDXL).")
+
+    g = parser.add_argument_group("Model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                   help="Hub id or local folder of a diffusers SD 1.x/2.x or SDXL model (SDXL is recognised by text_encoder_2).")
+    g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                   help="A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (what the authors used for SDXL in fp16).")
+    g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+
+    g = parser.add_argument_group("Data")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="Hub dataset id, a local dataset folder, or a folder written by Dataset.save_to_disk. "
+                        "No dataset loading scripts are executed.")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="Config of the dataset, if it has several.")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="An imagefolder: images plus metadata.jsonl with the caption and box columns.")
+    g.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    g.add_argument("--caption_column", type=str, default="text",
+                   help="Column holding the captions (a string, or a list of strings of which one is drawn).")
+    g.add_argument("--hand_box_column", type=str, default="hand_boxes",
+                   help="Column holding, per image, a list of hand boxes (possibly empty).")
+    g.add_argument("--face_box_column", type=str, default="face_boxes",
+                   help="Column holding, per image, a list of face boxes (possibly empty).")
+    g.add_argument("--box_format", type=str, default="xyxy", choices=["xyxy", "xywh"],
+                   help="xyxy = (x0, y0, x1, y1); xywh = (x0, y0, width, height).")
+    g.add_argument("--relative_boxes", action="store_true",
+                   help="Box numbers are fractions of the image width/height instead of pixels.")
+    g.add_argument("--hand_mask_column", type=str, default=None,
+                   help="Use white-on-black mask images from this column for hands instead of --hand_box_column.")
+    g.add_argument("--face_mask_column", type=str, default=None,
+                   help="Use white-on-black mask images from this column for faces instead of --face_box_column.")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Train on the first N rows only (for debugging or quick runs).")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Training resolution; default: the model's own (unet sample_size x VAE factor: 512 for SD 1.5, 1024 for SDXL).")
+    g.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    g.add_argument("--random_flip", action="store_true", help="Mirror image AND masks left-right with probability 1/2.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
+
+    g = parser.add_argument_group("FairHuman: region masks and objectives")
+    g.add_argument("--mask_dilation", type=int, default=8,
+                   help="Grow each box by this many pixels on every side (8 = the authors' 16x16 dilation kernel).")
+    g.add_argument("--latent_mask_mode", type=str, default="hard", choices=["hard", "soft"],
+                   help="Pixel masks are area-averaged onto the latent grid; 'hard' then thresholds at 0.5 (the "
+                        "authors' 0/1 masks), 'soft' keeps the covered fraction.")
+    g.add_argument("--local_loss_scale", type=float, default=5.0,
+                   help="s in L_region = mean((s * M * (pred - target))^2); 5 in the authors' runs.")
+    g.add_argument("--local_loss_normalization", type=str, default="latent", choices=["latent", "area"],
+                   help="'latent': region losses average over the whole latent (the authors'); 'area': over the region only.")
+    g.add_argument("--weighting", type=str, default="fair", choices=["fair", "equal", "global"],
+                   help="fair: alpha-fair (MPD) weights on the three objective gradients (FairHuman); equal: plain sum "
+                        "of the three losses; global: plain diffusers LoRA training (the baseline).")
+    g.add_argument("--fair_alpha", type=float, default=2.0,
+                   help="alpha of the alpha-fair weights: 2 = Minimum Potential Delay (the paper), 1 = proportional fairness.")
+    g.add_argument("--save_mask_previews", type=int, default=0,
+                   help="Write the first N training examples after the transforms to {output_dir}/mask_previews/ "
+                        "({i}_image.png, {i}_hand.png, {i}_face.png, {i}_overlay.png) to check the masks sit on hands and faces.")
+    g.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                   help="Override the scheduler's prediction type. Leave unset to use the model's.")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR weighting gamma (5.0 recommended); applied to every objective. https://huggingface.co/papers/2303.09556")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the offset noise (0 = off).")
+
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank (the authors used 256 on SDXL).")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: equal to --rank.")
+    g.add_argument("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
+                   help="Comma-separated UNet module names that get LoRA adapters.")
+
+    g = parser.add_argument_group("Training")
+    g.add_argument("--output_dir", type=str, default="fairhuman-lora", help="Where the LoRA, checkpoints and card go.")
+    g.add_argument("--seed", type=int, default=None,
+                   help="Seed: same seed and data give the same LoRA. Every random draw of an example (crop, flip, "
+                        "noise, timestep) depends only on (seed, epoch, row), not on batching or resumption.")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches per optimizer step; with --weighting fair the per-objective gradients are summed "
+                        "over them and the weights solved once per optimizer step.")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Overrides the accelerate config. LoRA parameters stay fp32; fp16 needs a GPU (on CPU the run "
+                        "falls back to fp32 and says so).")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="Stop when this many optimizer steps in a row had non-finite losses or gradients (each is skipped).")
+
+    g = parser.add_argument_group("Optimizer and learning rate")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (the authors: 1e-5).")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-08)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the combined update to this norm.")
+
+    g = parser.add_argument_group("Checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='A checkpoint folder, or "latest" for the newest complete one in --output_dir.')
+
+    g = parser.add_argument_group("Validation")
+    g.add_argument("--validation_prompt", type=str, default=None, help="Prompt to sample during and after training.")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_steps", type=int, default=500, help="Sample every N optimizer steps.")
+    g.add_argument("--validation_inference_steps", type=int, default=30, help="UniPC steps per validation image.")
+
+    g = parser.add_argument_group("Logging and Hub")
+    g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help='"tensorboard", "wandb", "all" or "none".')
+    g.add_argument("--push_to_hub", action="store_true", help="Push the LoRA and its model card to the Hub.")
+    g.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: the output folder's name.")
+    g.add_argument("--hub_token", type=str, default=None, help="Hub token (not with --report_to wandb).")
+
+    args = parser.parse_args(input_args)
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    return args
+
+
+def check_args(args) -> None:
+    """Refuse impossible flag combinations up front, naming the flags."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise UsageError("give a dataset: --dataset_name or --train_data_dir")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise UsageError("--dataset_name and --train_data_dir are exclusive; give one")
+    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                "validation_steps", "validation_inference_steps", "rank", "max_nonfinite_steps"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution"]:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    if args.resolution is not None and args.resolution % 8:
+        raise UsageError(f"--resolution must be a multiple of 8, got {args.resolution}")
+    for name in ["mask_dilation", "save_mask_previews", "num_validation_images", "lr_warmup_steps",
+                 "dataloader_num_workers"]:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.fair_alpha <= 0:
+        raise UsageError(f"--fair_alpha must be positive, got {args.fair_alpha}")
+    if args.local_loss_scale <= 0:
+        raise UsageError(f"--local_loss_scale must be positive, got {args.local_loss_scale}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise UsageError(f"--snr_gamma must be positive, got {args.snr_gamma}")
+    if args.max_grad_norm <= 0:
+        raise UsageError(f"--max_grad_norm must be positive, got {args.max_grad_norm}")
+    if args.hand_mask_column is not None and args.relative_boxes and args.face_mask_column is not None:
+        raise UsageError("--relative_boxes has no effect when both --hand_mask_column and --face_mask_column are given")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise UsageError("--report_to wandb and --hub_token cannot be used together (the token would be logged); "
+                         "log in with `hf auth login` instead")
+    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
+    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    if not targets:
+        raise UsageError("--lora_target_modules is empty")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: loading, checking every row before training, the torch dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def load_training_dataset(args):
+    """The train split as a ``datasets.Dataset``: Hub id, local folder, save_to_disk folder or imagefolder."""
+    import datasets
+
+    flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise UsageError(f"--train_data_dir: no such folder {args.train_data_dir!r}")
+    saved_to_disk = os.path.isdir(source) and any(
+        os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "dataset_dict.json"))
+    try:
+        if args.train_data_dir is not None:
+            dataset = datasets.load_dataset("imagefolder", data_dir=source, cache_dir=args.cache_dir)
+        elif saved_to_disk:
+            dataset = datasets.load_from_disk(source)
+        else:
+            dataset = datasets.load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
+    except Exception as error:  # noqa: BLE001 - datasets raises many kinds; the user needs the flag and the cause
+        empty = "corresponds to no data" in str(error) or (
+            saved_to_disk and isinstance(error, IndexError))  # load_from_disk of a 0-row dataset
+        reason = "the dataset is empty" if empty else f"{type(error).__name__}: {error}"
+        raise UsageError(f"{flag}: cannot load {source!r}: {reason}") from None
+    if isinstance(dataset, (datasets.DatasetDict, dict)):
+        if "train" not in dataset:
+            raise UsageError(f"the dataset has no 'train' split (splits: {', '.join(dataset.keys())})")
+        dataset = dataset["train"]
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise UsageError("the dataset is empty: nothing to train on")
+    return dataset
+
+
+def open_image(cell) -> Image.Image:
+    """Open an image cell as stored by ``datasets``: a PIL image, a {path, bytes} dict or a path."""
+    if isinstance(cell, Image.Image):
+        return cell
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return Image.open(io.BytesIO(cell["bytes"]))
+        if cell.get("path"):
+            return Image.open(cell["path"])
+    if isinstance(cell, (str, os.PathLike)):
+        return Image.open(cell)
+    raise TypeError(f"not an image: {type(cell).__name__}")
+
+
+def _region_sources(args):
+    """(region, 'boxes' | 'mask', column) for hand and face."""
+    return [
+        ("hand", "mask", args.hand_mask_column) if args.hand_mask_column else ("hand", "boxes", args.hand_box_column),
+        ("face", "mask", args.face_mask_column) if args.face_mask_column else ("face", "boxes", args.face_box_column),
+    ]
+
+
+def check_dataset(dataset, args) -> dict:
+    """Check every row before any long work; return what the torch dataset needs.
+
+    Reads only image headers (sizes), parses every box cell (clipping and dropping as
+    :func:`fairhuman_utils.parse_boxes` documents) and checks mask images open with the image's
+    size. Raises :class:`UsageError` naming the column and row of the first problem.
+    """
+    import datasets
+
+    columns = list(dataset.column_names)
+    needed = [("--image_column", args.image_column), ("--caption_column", args.caption_column)]
+    for region, kind, column in _region_sources(args):
+        needed.append((f"--{region}_{'mask' if kind == 'mask' else 'box'}_column", column))
+    for flag, column in needed:
+        if column not in columns:
+            raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
+    image_columns = [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
+    for column in image_columns:
+        if isinstance(dataset.features.get(column), datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+
+    sizes, boxes, captions = [], {"hand": [], "face": []}, []
+    counts = {"hand": 0, "face": 0}
+    for row, example in enumerate(dataset):
+        try:
+            with open_image(example[args.image_column]) as image:
+                size = image.size
+        except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
+            raise UsageError(f"column '{args.image_column}', row {row}: cannot read the image ({error})") from None
+        sizes.append(size)
+        caption = example[args.caption_column]
+        if isinstance(caption, str):
+            captions.append([caption])
+        elif isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+            captions.append(list(caption))
+        else:
+            raise UsageError(f"column '{args.caption_column}', row {row}: expected a string or a list of strings, got {caption!r}")
+        for region, kind, column in _region_sources(args):
+            if kind == "boxes":
+                try:
+                    parsed = fh.parse_boxes(example[column], width=size[0], height=size[1], box_format=args.box_format,
+                                            relative=args.relative_boxes, column=column, row=row)
+                except fh.AnnotationError as error:
+                    raise UsageError(str(error)) from None
+                boxes[region].append(parsed)
+                counts[region] += bool(parsed)
+            else:
+                try:
+                    with open_image(example[column]) as mask:
+                        mask_size = mask.size
+                except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
+                    raise UsageError(f"column '{column}', row {row}: cannot read the mask image ({error})") from None
+                if mask_size != size:
+                    raise UsageError(f"column '{column}', row {row}: mask size {mask_size[0]}x{mask_size[1]} differs "
+                                     f"from the image size {size[0]}x{size[1]}")
+                boxes[region].append(None)
+    return {"dataset": dataset, "sizes": sizes, "boxes": boxes, "captions": captions, "counts": counts}
+
+
+class FairHumanDataset(torch.utils.data.Dataset):
+    """Training examples: image and hand/face masks moved by one transform, plus caption and seed.
+
+    Keys are ``(epoch, row)`` pairs (see :class:`EpochShuffleSampler`), so every random draw of an
+    example is made from ``fairhuman_utils.item_seed(seed, epoch, row)``.
+    """
+
+    def __init__(self, checked: dict, args, seed: int, resolution: int):
+        self.dataset = checked["dataset"]
+        self.boxes = checked["boxes"]
+        self.captions = checked["captions"]
+        self.sources = _region_sources(args)
+        self.args = args
+        self.seed = seed
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, row = key if isinstance(key, tuple) else (0, key)
+        seed = fh.item_seed(self.seed, epoch, row)
+        rng = random.Random(seed)
+        example = self.dataset[row]
+        try:
+            image = open_image(example[self.args.image_column])
+            image.load()
+        except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
+            raise UsageError(f"column '{self.args.image_column}', row {row}: cannot read the image ({error})") from None
+        masks = []
+        for region, kind, column in self.sources:
+            if kind == "boxes":
+                masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, self.args.mask_dilation))
+            else:
+                try:
+                    mask = open_image(example[column])
+                    masks.append(fh.binarize_mask_image(mask, image.size, column=column, row=row))
+                except fh.AnnotationError as error:
+                    raise UsageError(str(error)) from None
+        out = fh.paired_transform(image, masks, self.resolution, center_crop=self.args.center_crop,
+                                  random_flip=self.args.random_flip, rng=rng)
+        return {
+            "pixel_values": out.pixel_values,
+            "masks": out.masks,
+            "original_size": out.original_size,
+            "crop_top_left": out.crop_top_left,
+            "caption": rng.choice(self.captions[row]),
+            "seed": seed,
+            "row": row,
+        }
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, row)`` keys in a permutation that depends only on (seed, epoch)."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_rows
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(fh.item_seed(self.seed, self.epoch, 0, stream=1))
+        for row in torch.randperm(self.num_rows, generator=generator).tolist():
+            yield (self.epoch, row)
+
+
+def collate_fn(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        "masks": torch.stack([e["masks"] for e in examples]),
+        "original_sizes": [e["original_size"] for e in examples],
+        "crop_top_lefts": [e["crop_top_left"] for e in examples],
+        "captions": [e["caption"] for e in examples],
+        "seeds": [e["seed"] for e in examples],
+        "rows": [e["row"] for e in examples],
+    }
+
+
+def save_mask_previews(dataset: FairHumanDataset, keys, folder: str) -> None:
+    """Write image, hand mask, face mask and an overlay per example, all at the training resolution."""
+    os.makedirs(folder, exist_ok=True)
+    for i, key in enumerate(keys):
+        example = dataset[key]
+        pixels = ((example["pixel_values"].permute(1, 2, 0).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i}_image.png"))
+        overlay = pixels.astype(np.float32)
+        for mask, name, colour in zip(example["masks"], ("hand", "face"), ((255, 64, 64), (64, 128, 255))):
+            m = mask.numpy()
+            Image.fromarray((m * 255).round().astype(np.uint8)).save(os.path.join(folder, f"{i}_{name}.png"))
+            overlay = overlay * (1 - 0.45 * m[..., None]) + 0.45 * m[..., None] * np.array(colour, np.float32)
+        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}_overlay.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+def is_sdxl_model(path: str, revision: str | None, cache_dir: str | None) -> bool:
+    """SDXL pipelines have a second text encoder; read model_index.json to tell."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - any failure here means the path is not a diffusers model
+        raise UsageError(f"--pretrained_model_name_or_path: cannot read model_index.json of {path!r} ({error})") from None
+    return "text_encoder_2" in config
+
+
+def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
+    """Text conditioning: SD -> (hidden states, None); SDXL -> (both encoders' penultimate hidden
+    states concatenated, pooled embedding of the second encoder)."""
+    embeds, pooled = [], None
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        if not sdxl:
+            return text_encoder(ids)[0], None
+        out = text_encoder(ids, output_hidden_states=True)
+        pooled = out[0]
+        embeds.append(out.hidden_states[-2])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def sdxl_time_ids(original_sizes, crop_top_lefts, resolution, device, dtype):
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example."""
+    rows = [list(o) + list(c) + [resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def unet_lora_state_dict(unet):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(pipeline_cls, unet, folder: str) -> None:
+    """Write {folder}/pytorch_lora_weights.safetensors in the diffusers format (with the LoRA config)."""
+    pipeline_cls.save_lora_weights(
+        folder,
+        unet_lora_layers=unet_lora_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
+
+
+def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state = pipeline_cls.lora_state_dict(folder)
+    state = state[0] if isinstance(state, tuple) else state
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    unexpected = getattr(incompatible, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {folder} has LoRA keys this model does not: {unexpected[:5]}")
+
+
+def make_optimizer(args, params, device):
+    """AdamW, or bitsandbytes AdamW8bit with a clear message when it is missing or cannot run here."""
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if not args.use_8bit_adam:
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    try:  # one step on a throw-away tensor big enough for 8-bit state (>= 4096 elements)
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as error:  # noqa: BLE001 - bitsandbytes raises many kinds when no backend fits
+        raise UsageError(f"--use_8bit_adam: bitsandbytes AdamW8bit cannot run on {device} ({error}); "
+                         "drop --use_8bit_adam or install a bitsandbytes build for this device") from None
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints ``checkpoint-N`` (with their marker file), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_MARKER)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, args, global_step: int, seed: int) -> str:
+    """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
+
+    A kill while writing leaves only ``.checkpoint-N.partial``, which ``latest`` never picks. Older
+    checkpoints beyond ``--checkpoints_total_limit`` are removed only after the new one is complete.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    if accelerator.is_main_process:
+        with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
+            json.dump({"global_step": global_step, "seed": seed}, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit is not None:
+            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved state to {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(args) -> str | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, CHECKPOINT_MARKER)):
+        raise UsageError(f"--resume_from_checkpoint: {args.resume_from_checkpoint!r} is not a complete checkpoint "
+                         f"of this script (no {CHECKPOINT_MARKER})")
+    return args.resume_from_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, model card, Hub
+# ---------------------------------------------------------------------------------------------
+
+
+def run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler, weight_dtype, step, tag):
+    """Sample ``--num_validation_images`` with UniPC; the trained UNet is used as is, never cast."""
+    from diffusers import UniPCMultistepScheduler
+
+    logger.info(f"Running validation: {args.num_validation_images} images of {args.validation_prompt!r}")
+    scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
+    pipeline = pipeline_cls(unet=accelerator.unwrap_model(unet), scheduler=scheduler, **components)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    autocast = (torch.autocast(accelerator.device.type, dtype=weight_dtype)
+                if weight_dtype != torch.float32 and accelerator.device.type == "cuda" else contextlib.nullcontext())
+    with autocast, torch.no_grad():
+        images = [pipeline(args.validation_prompt, num_inference_steps=args.validation_inference_steps,
+                           generator=generator, height=args.resolution, width=args.resolution).images[0]
+                  for _ in range(args.num_validation_images)]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=f"{i}: {args.validation_prompt}") for i, im in enumerate(images)]})
+    del pipeline
+    return images
+
+
+def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int) -> str:
+    """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it."""
+    for i, image in enumerate(images):
+        image.save(os.path.join(folder, f"image_{i}.png"))
+    dataset = args.dataset_name or args.train_data_dir
+    gallery = "\n".join(f"![sample {i}](./image_{i}.png)" for i in range(len(images)))
+    pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    settings = {
+        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "local_loss_scale": args.local_loss_scale,
+        "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
+        "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
+        "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
+        "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
+        "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,
+        "max_grad_norm": args.max_grad_norm, "use_8bit_adam": args.use_8bit_adam,
+        "mixed_precision": args.mixed_precision, "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset,
+        "prediction_type": args.prediction_type or "model default", "seed": args.seed,
+    }
+    table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+license: other
+tags:
+- {"stable-diffusion-xl" if sdxl else "stable-diffusion"}
+- text-to-image
+- diffusers
+- lora
+- fairhuman
+inference: true
+---
+
+# FairHuman LoRA: {repo_id}
+
+LoRA adapters for `{args.pretrained_model_name_or_path}` trained with FairHuman (ICCV 2025,
+arXiv 2507.02714): a global denoising loss plus hand- and face-region losses from box annotations,
+combined with Minimum Potential Delay (alpha-fair) weights, to improve hands and faces.
+
+Training data: `{dataset}`.
+
+{gallery}
+
+## Settings
+
+| setting | value |
+| --- | --- |
+{table}
+
+## How to use
+
+```python
+import torch
+from diffusers import {pipeline_cls}
+
+pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{repo_id}")
+pipe.fuse_lora(lora_scale=0.3)  # the authors sampled with LoRA scale 0.3, 30 UniPC steps, CFG 7.5
+image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
+```
+"""
+    path = os.path.join(folder, "README.md")
+    with open(path, "w") as f:
+        f.write(card)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from huggingface_hub import create_repo, upload_folder
+    from peft import LoraConfig
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    global logger
+    check_args(args)
+    resume_path = resolve_resume(args)
+    if resume_path is not None and args.seed is None:
+        with open(os.path.join(resume_path, CHECKPOINT_MARKER)) as f:
+            args.seed = json.load(f)["seed"]  # the run's seed decides data order and noise: keep it
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+
+    # ---- Accelerator -------------------------------------------------------------------------
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning(
+            "fp16 mixed precision needs a GPU; on this CPU fp16 autocast would do nothing, so training runs in fp32.")
+        mixed_precision = "no"
+    args.mixed_precision = mixed_precision
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger = get_logger(__name__, log_level="INFO")
+    if not accelerator.is_local_main_process:
+        import datasets
+        import diffusers
+        import transformers
+
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)  # the LoRA initialisation; per-example draws use fairhuman_utils.item_seed
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                              token=args.hub_token).repo_id
+
+    # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
+    checked = check_dataset(load_training_dataset(args), args)
+    logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
+                f"with face boxes: {checked['counts']['face']}")
+
+    # ---- Models --------------------------------------------------------------------------------
+    path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
+    sdxl = is_sdxl_model(path, rev, args.cache_dir)
+    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, use_fast=False)]
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)]
+    if sdxl:
+        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, use_fast=False))
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                         revision=rev, variant=var))
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution is None:
+        args.resolution = int(unet.config.sample_size) * vae_scale
+    if args.resolution % vae_scale:
+        raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
+    vae_dtype = torch.float32 if (sdxl and args.pretrained_vae_model_name_or_path is None) else weight_dtype
+    for model in [vae, unet, *text_encoders]:
+        model.requires_grad_(False)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+
+    # ---- LoRA ----------------------------------------------------------------------------------
+    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    try:
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=targets))
+    except ValueError as error:
+        raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {error}") from None
+    cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32 under fp16/bf16
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                save_lora(pipeline_cls, accelerator.unwrap_model(model), output_dir)
+        while weights:  # the full UNet is not saved: the LoRA is all that changes
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            load_lora_into_unet(pipeline_cls, accelerator.unwrap_model(models.pop()), input_dir)
+        cast_training_params(unet, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # ---- Optimizer -----------------------------------------------------------------------------
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(args, lora_params, accelerator.device)
+
+    # ---- Data ----------------------------------------------------------------------------------
+    train_dataset = FairHumanDataset(checked, args, args.seed, args.resolution)
+    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, sampler=sampler, collate_fn=collate_fn,
+                                                   batch_size=args.train_batch_size,
+                                                   num_workers=args.dataloader_num_workers)
+    if args.save_mask_previews and accelerator.is_main_process:
+        keys = list(iter(sampler))[: args.save_mask_previews]
+        save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
+        logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
+
+    batches_per_epoch = math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+
+    if accelerator.is_main_process:
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        config.pop("hub_token", None)
+        accelerator.init_trackers("fairhuman-lora", config=config)
+
+    # ---- Training loop -------------------------------------------------------------------------
+    fair = args.weighting == "fair"
+    objective_grads = fh.ObjectiveGradients(lora_params) if fair else None
+    fixed_weights = {"global": [1.0, 0.0, 0.0], "equal": [1.0, 1.0, 1.0]}.get(args.weighting)
+    text_components = ({"text_encoder": text_encoders[0], "tokenizer": tokenizers[0]} if not sdxl else
+                       {"text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1],
+                        "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]})
+    components = dict(vae=vae, **text_components)
+    if not sdxl:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if resume_path is not None:
+        accelerator.load_state(resume_path)
+        with open(os.path.join(resume_path, CHECKPOINT_MARKER)) as f:
+            global_step = json.load(f)["global_step"]
+        first_epoch = global_step // steps_per_epoch
+        resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"Resumed from {resume_path} at optimizer step {global_step}")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("No complete checkpoint in --output_dir; starting a new run.")
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running FairHuman training *****")
+    logger.info(f"  Model = {'SDXL' if sdxl else 'SD'} at {args.resolution}px, weighting = {args.weighting}"
+                f"{f' (alpha {args.fair_alpha})' if fair else ''}")
+    logger.info(f"  Examples = {len(train_dataset)}, total batch = {total_batch}, optimizer steps = {args.max_train_steps}")
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    scaler = accelerator.scaler  # the fp16 GradScaler, or None
+    step_losses = torch.zeros(len(fh.OBJECTIVES), device=accelerator.device)
+    nonfinite_in_a_row, skipped_steps, images = 0, 0, []
+    unet.train()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        dataloader = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        dataloader.set_epoch(epoch)  # reaches EpochShuffleSampler; accelerate would count from 0 after a resume
+        for batch in dataloader:
+            with accelerator.accumulate(unet), (accelerator.no_sync(unet) if fair else contextlib.nullcontext()):
+                bsz = len(batch["seeds"])
+                generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
+                with torch.no_grad():
+                    pixels = batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)
+                    latent_dist = vae.encode(pixels).latent_dist
+                    eps = torch.stack([torch.randn(latent_dist.mean.shape[1:], generator=g) for g in generators])
+                    latents = latent_dist.mean + latent_dist.std * eps.to(latent_dist.mean)
+                    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+                    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+                    if args.noise_offset:
+                        offsets = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators])
+                        noise = noise + args.noise_offset * offsets
+                    noise = noise.to(latents)
+                    timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                                           for g in generators]).to(accelerator.device)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    prompt_embeds, pooled = encode_prompt(text_encoders, tokenizers, batch["captions"],
+                                                          accelerator.device, sdxl)
+                    added_cond = None
+                    if sdxl:
+                        added_cond = {"text_embeds": pooled,
+                                      "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
+                                                                args.resolution, accelerator.device, prompt_embeds.dtype)}
+                    if noise_scheduler.config.prediction_type == "epsilon":
+                        target = noise
+                    elif noise_scheduler.config.prediction_type == "v_prediction":
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    else:
+                        raise UsageError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
+                    latent_masks = fh.masks_to_latent(batch["masks"].to(accelerator.device), latents.shape[-2:],
+                                                      args.latent_mask_mode)
+                    sample_weights = None
+                    if args.snr_gamma is not None:
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        if noise_scheduler.config.prediction_type == "v_prediction":
+                            snr = snr + 1
+                        sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
+
+                model_pred = unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added_cond).sample
+                losses = fh.fairhuman_losses(model_pred, target, latent_masks[:, 0:1], latent_masks[:, 1:2],
+                                             local_loss_scale=args.local_loss_scale,
+                                             normalization=args.local_loss_normalization,
+                                             sample_weights=sample_weights)
+                step_losses += losses.detach() / args.gradient_accumulation_steps
+                if fair:
+                    scale = scaler.get_scale() if scaler is not None else 1.0
+                    present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]
+                    objective_grads.accumulate(losses * (scale / args.gradient_accumulation_steps), present)
+                else:
+                    accelerator.backward(losses @ torch.tensor(fixed_weights, device=losses.device))
+
+                if accelerator.sync_gradients:
+                    if fair:
+                        if accelerator.num_processes > 1:
+                            torch.distributed.all_reduce(objective_grads.buffer)
+                            objective_grads.buffer /= accelerator.num_processes
+                        gram = objective_grads.gram()
+                        if torch.isfinite(gram).all():
+                            weights, coefficients = fh.fair_coefficients(gram, args.fair_alpha, scale)
+                        else:  # let the scaler (or the check below) see the overflow and skip the step
+                            weights = coefficients = torch.full((len(fh.OBJECTIVES),), float("nan"))
+                        objective_grads.write_combination(coefficients)
+                        objective_grads.zero_()
+                        step_weights = coefficients.float().cpu()
+                    else:
+                        step_weights = torch.tensor(fixed_weights)
+                    grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    if scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                        step_skipped = True  # no scaler to skip it for us
+                    else:
+                        optimizer.step()
+                        step_skipped = accelerator.optimizer_step_was_skipped
+                    if not step_skipped:
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+                step_losses = accelerator.reduce(step_losses, "mean")
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if step_skipped else 0
+                skipped_steps += step_skipped
+                if step_skipped:
+                    logger.warning(f"step {global_step}: non-finite loss or gradients, step skipped "
+                                   f"({nonfinite_in_a_row} in a row, {skipped_steps} in all)")
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} optimizer steps in a row had non-finite losses or gradients. Try a lower "
+                        "--learning_rate, --mixed_precision bf16 or no, the fp16-fix VAE "
+                        "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
+                logs = {f"loss/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_losses)}
+                logs.update({f"weight/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_weights)})
+                logs.update({"lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps})
+                if scaler is not None:
+                    logs["loss_scale"] = scaler.get_scale()
+                accelerator.log(logs, step=global_step)
+                progress_bar.set_postfix(
+                    {"L_g": f"{logs['loss/global']:.4f}", "L_h": f"{logs['loss/hand']:.4f}",
+                     "L_f": f"{logs['loss/face']:.4f}", "w": "/".join(f"{float(v):.3g}" for v in step_weights),
+                     "lr": f"{logs['lr']:.2e}"})
+                step_losses = torch.zeros_like(step_losses)
+
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step, args.seed)
+                if (args.validation_prompt and global_step % args.validation_steps == 0
+                        and accelerator.is_main_process):
+                    run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
+                                   weight_dtype, global_step, "validation")
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # ---- Save, card, push ----------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(unet)
+        save_lora(pipeline_cls, unwrapped, args.output_dir)
+        logger.info(f"Saved the LoRA to {os.path.join(args.output_dir, LORA_WEIGHT_NAME)}")
+        if args.validation_prompt and args.num_validation_images > 0:
+            images = run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
+                                    weight_dtype, global_step, "test")
+        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step)
+        if args.push_to_hub:
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                          token=args.hub_token,
+                          ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*", "step_*", "epoch_*"])
+    accelerator.end_training()
+
+
+def cli(input_args=None):
+    args = parse_args(input_args)
+    try:
+        main(args)
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()
