@@ -434,6 +434,35 @@ class ObjectiveGradients:
         buffer = self.buffer.to(torch.float64) if self.buffer.device.type == "cpu" else self.buffer
         return (buffer @ buffer.T).to(torch.float64)
 
+    def average_across_processes(self) -> None:
+        """Average the rows over all processes (``torch.distributed``), so every process solves the same
+        weights from the gradient of the global batch. A no-op in a single process."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                torch.distributed.all_reduce(self.buffer)
+                self.buffer /= world
+
+    def fair_update(self, alpha: float = 2.0, grad_scale: float = 1.0) -> torch.Tensor:
+        """Write the fair update into ``.grad``, zero the buffer, return the coefficients ``K w``.
+
+        The rows hold gradients of losses multiplied by ``grad_scale`` (the fp16 loss scale, 1 otherwise):
+        the weights are solved on the unscaled Gram matrix (:func:`fair_coefficients`) and the update
+        ``grad_scale * K * G_unscaled w`` is written, so a ``GradScaler`` unscales, checks and skips it
+        exactly as it would a plain backward pass. Non-finite gradients (an overflow) give NaN
+        coefficients and NaN gradients: the scaler then skips the step and lowers its scale, and
+        without a scaler the caller sees a non-finite gradient norm and skips the step.
+        """
+        self.average_across_processes()
+        gram = self.gram()
+        if torch.isfinite(gram).all():
+            _, coefficients = fair_coefficients(gram, alpha, grad_scale)
+        else:
+            coefficients = torch.full((self.num_objectives,), float("nan"), dtype=torch.float64)
+        self.write_combination(coefficients)
+        self.zero_()
+        return coefficients
+
     def write_combination(self, coefficients: torch.Tensor) -> None:
         """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter."""
         combined = coefficients.to(self.buffer.device, self.buffer.dtype) @ self.buffer

@@ -42,6 +42,10 @@ class UsageError(ValueError):
     """Bad input found before training starts; the message names the flag, column or row."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says what to try."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +203,11 @@ def check_args(args) -> None:
                  "dataloader_num_workers"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ["fair_alpha", "local_loss_scale", "learning_rate", "snr_gamma", "noise_offset", "max_grad_norm",
+                 "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"]:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, got {value}")
     if args.fair_alpha <= 0:
         raise UsageError(f"--fair_alpha must be positive, got {args.fair_alpha}")
     if args.local_loss_scale <= 0:
@@ -502,7 +511,8 @@ def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
     incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
-        raise RuntimeError(f"checkpoint {folder} has LoRA keys this model does not: {unexpected[:5]}")
+        raise UsageError(f"--resume_from_checkpoint: {folder} has LoRA keys this model does not have "
+                         f"({unexpected[:3]}...): was it written with another model or --lora_target_modules?")
 
 
 def make_optimizer(args, params, device):
@@ -931,22 +941,13 @@ def main(args):
                     accelerator.backward(losses @ torch.tensor(fixed_weights, device=losses.device))
 
                 if accelerator.sync_gradients:
-                    if fair:
-                        if accelerator.num_processes > 1:
-                            torch.distributed.all_reduce(objective_grads.buffer)
-                            objective_grads.buffer /= accelerator.num_processes
-                        gram = objective_grads.gram()
-                        if torch.isfinite(gram).all():
-                            weights, coefficients = fh.fair_coefficients(gram, args.fair_alpha, scale)
-                        else:  # let the scaler (or the check below) see the overflow and skip the step
-                            weights = coefficients = torch.full((len(fh.OBJECTIVES),), float("nan"))
-                        objective_grads.write_combination(coefficients)
-                        objective_grads.zero_()
-                        step_weights = coefficients.float().cpu()
+                    if fair:  # average over processes, solve on the unscaled Gram, write K G w into .grad
+                        step_weights = objective_grads.fair_update(args.fair_alpha, grad_scale=scale).float().cpu()
                     else:
                         step_weights = torch.tensor(fixed_weights)
                     grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                    finite = torch.isfinite(torch.as_tensor(grad_norm)) and torch.isfinite(step_losses).all()
+                    if scaler is None and not finite:
                         step_skipped = True  # no scaler to skip it for us
                     else:
                         optimizer.step()
@@ -965,7 +966,7 @@ def main(args):
                     logger.warning(f"step {global_step}: non-finite loss or gradients, step skipped "
                                    f"({nonfinite_in_a_row} in a row, {skipped_steps} in all)")
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise RuntimeError(
+                    raise TrainingStopped(
                         f"{nonfinite_in_a_row} optimizer steps in a row had non-finite losses or gradients. Try a lower "
                         "--learning_rate, --mixed_precision bf16 or no, the fp16-fix VAE "
                         "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
@@ -1013,7 +1014,7 @@ def cli(input_args=None):
     args = parse_args(input_args)
     try:
         main(args)
-    except UsageError as error:
+    except (UsageError, TrainingStopped) as error:
         raise SystemExit(f"error: {error}") from None
 
 

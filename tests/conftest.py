@@ -7,6 +7,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 sys.path.insert(0, REPO)
 
 import fairhuman_demo  # noqa: E402
@@ -27,15 +28,47 @@ def demo_dataset(tmp_path_factory):
     return fairhuman_demo.build_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), num_images=8)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """main() may run in-process several times in one session: forget accelerate's singletons."""
+def reset_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """main() may run in-process several times in one session: forget accelerate's singletons."""
+    yield
+    reset_accelerate_state()
+
+
+def run_main(*argv):
+    """Run the training script's main() in this process (accelerate state reset around it)."""
+    import train_fairhuman_lora as train
+
+    args = train.parse_args([str(a) for a in argv])
+    reset_accelerate_state()
+    try:
+        train.main(args)
+    finally:
+        reset_accelerate_state()
+    return args
+
+
+def lora_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+
+
+def assert_same_lora(folder_a, folder_b, atol=1e-4):
+    import torch
+
+    a, b = lora_tensors(folder_a), lora_tensors(folder_b)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
 def write_imagefolder(folder, rows, images):

@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import train_fairhuman_lora as train
-from conftest import REPO, write_imagefolder
-
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from conftest import OFFLINE_ENV, REPO, lora_tensors, run_main, write_imagefolder
 
 
 def launch(*args, expect_ok=True):
@@ -30,10 +27,6 @@ def launch(*args, expect_ok=True):
 def common(model, data, out, steps, *extra):
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
             "--max_train_steps", steps, "--learning_rate", "1e-3", "--seed", "3", "--report_to", "none", *extra]
-
-
-def lora_tensors(folder):
-    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
 
 
 def sample(pipe, seed=0):
@@ -105,12 +98,6 @@ def test_sdxl_time_ids_use_real_sizes_and_crops():
 
 
 # ---- in-process runs: logging, push, weighting modes -------------------------------------------------
-
-
-def run_main(*argv):
-    args = train.parse_args(list(map(str, argv)))
-    train.main(args)
-    return args
 
 
 def read_scalars(folder):
@@ -278,6 +265,7 @@ def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
         (["--fair_alpha", "0"], "--fair_alpha must be positive"),
         (["--resume_from_checkpoint", "/no/such/ckpt"], "--resume_from_checkpoint: no such folder"),
         (["--lora_target_modules", " , "], "--lora_target_modules is empty"),
+        (["--noise_offset", "nan"], "--noise_offset must be a finite number"),
     ],
 )
 def test_impossible_flag_combinations(extra, expected, tmp_path):

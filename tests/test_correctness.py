@@ -1,0 +1,214 @@
+"""The fair update stays correct under accumulation, several processes, mixed precision,
+gradient checkpointing, interruption and non-finite steps (issue 3).
+
+Every equivalence is checked on the LoRA the script writes, against one reference run:
+batch 2, 12 optimizer steps, --weighting fair, same seed and data.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fairhuman_utils as fh
+import train_fairhuman_lora as train
+from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main
+
+STEPS = 12
+
+
+def base_args(model, data, out, *extra):
+    argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+            "--learning_rate", "1e-3", "--seed", "5", "--report_to", "none", "--checkpointing_steps", "100", *extra]
+    return [str(a) for a in argv]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd, demo_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--max_train_steps", STEPS))
+    return out
+
+
+def test_accumulation_equals_the_larger_batch(reference, tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / "accum")
+    run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 1, "--gradient_accumulation_steps", 2,
+                        "--max_train_steps", STEPS))
+    assert_same_lora(reference, out)
+
+
+def test_accumulation_is_not_a_per_micro_batch_solve(reference, tiny_sd, demo_dataset, tmp_path):
+    """Guard: batch 1 without accumulation (a solve per example) must NOT match the reference."""
+    out = str(tmp_path / "batch1")
+    run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 1, "--max_train_steps", 2 * STEPS))
+    a, b = lora_tensors(reference), lora_tensors(out)
+    assert max((a[k] - b[k]).abs().max() for k in a) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_lora(reference, tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / "ckpt")
+    run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--max_train_steps", STEPS,
+                        "--gradient_checkpointing"))
+    assert_same_lora(reference, out)
+
+
+def test_two_processes_equal_one_process(reference, tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "train_fairhuman_lora.py"),
+           *base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 1, "--max_train_steps", STEPS,
+                      "--checkpointing_steps", 6, "--report_to", "tensorboard")]
+    proc = subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "total batch = 2" in proc.stderr  # really two processes of batch 1
+    assert_same_lora(reference, out)
+    # checkpoints, logs and the card are written once
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-12", "checkpoint-6"]
+    events = [f for _, _, files in os.walk(os.path.join(out, "logs")) for f in files if "tfevents" in f]
+    assert len([e for e in events if not e.endswith((".1", ".2"))]) == 1
+    assert proc.stderr.count("Saved the LoRA") == 1
+
+
+def test_fp16_on_cpu_says_so_once_and_runs_fp32(reference, tiny_sd, demo_dataset, tmp_path, caplog):
+    out = str(tmp_path / "fp16")
+    with caplog.at_level(logging.WARNING):
+        run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--max_train_steps", STEPS,
+                            "--mixed_precision", "fp16"))
+    assert sum("fp16 mixed precision needs a GPU" in r.getMessage() for r in caplog.records) == 1
+    assert_same_lora(reference, out, atol=0)
+
+
+def test_bf16_keeps_lora_fp32_through_validation_and_resume(tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / "bf16")
+    common = base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--mixed_precision", "bf16",
+                       "--checkpointing_steps", 1, "--validation_prompt", "a person", "--validation_steps", 1,
+                       "--num_validation_images", 1, "--validation_inference_steps", 2)
+    run_main(*common, "--max_train_steps", 2)
+    run_main(*common, "--max_train_steps", 3, "--resume_from_checkpoint", "latest")
+    for folder in (os.path.join(out, "checkpoint-2"), out):
+        tensors = lora_tensors(folder)
+        assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert (lora_tensors(out)[next(iter(tensors))] != lora_tensors(os.path.join(out, "checkpoint-2"))[
+        next(iter(tensors))]).any()
+
+
+def test_sigkill_mid_training_then_resume_gives_the_same_lora(reference, tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_config.yaml"), os.path.join(REPO, "train_fairhuman_lora.py")]
+    run = base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--checkpointing_steps", 2)
+    proc = subprocess.Popen([*cmd, *run, "--max_train_steps", "400"], cwd=REPO, env=OFFLINE_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(os.path.join(out, "checkpoint-4", train.CHECKPOINT_MARKER)):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    latest = train.list_checkpoints(out)[-1][0]
+    assert 4 <= latest < STEPS
+    done = subprocess.run([*cmd, *run, "--max_train_steps", str(STEPS), "--resume_from_checkpoint", "latest"], cwd=REPO,
+                          env=OFFLINE_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert f"Resumed from {os.path.join(out, f'checkpoint-{latest}')}" in done.stderr
+    assert_same_lora(reference, out)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tiny_sd, demo_dataset, tmp_path, monkeypatch, caplog):
+    """Fault injection: the second micro-batch's losses are NaN."""
+    calls = {"n": 0}
+    real = fh.fairhuman_losses
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        return losses * float("nan") if calls["n"] == 2 else losses
+
+    monkeypatch.setattr(train.fh, "fairhuman_losses", sometimes_nan)
+    out = str(tmp_path / "nan")
+    with caplog.at_level(logging.WARNING):
+        run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--max_train_steps", 4,
+                            "--report_to", "tensorboard"))
+    assert any("step 2: non-finite loss or gradients, step skipped (1 in a row, 1 in all)" in r.getMessage()
+               for r in caplog.records)
+    from test_train import read_scalars
+
+    assert read_scalars(out)["skipped_steps"] == [0, 1, 1, 1]
+    assert all(torch.isfinite(t).all() for t in lora_tensors(out).values())
+
+
+def test_many_non_finite_steps_in_a_row_stop_the_run(tiny_sd, demo_dataset, tmp_path, monkeypatch):
+    real = fh.fairhuman_losses
+    monkeypatch.setattr(train.fh, "fairhuman_losses", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(train.TrainingStopped, match="3 optimizer steps in a row had non-finite.*--learning_rate"):
+        run_main(*base_args(tiny_sd, demo_dataset, str(tmp_path / "o"), "--max_train_steps", 10,
+                            "--max_nonfinite_steps", 3))
+
+
+# ---- fp16 loss scaling: the weights ignore the scale, overflow is skipped as the scaler skips it -------
+
+
+def _model_and_losses():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(6, 4)
+
+    def losses():
+        y = model(x)
+        return torch.stack([y.pow(2).mean(), (y[:, 0] - 1).pow(2).mean(), (y[:, 1:] * 3).pow(2).mean()])
+
+    return model, losses
+
+
+def test_weights_do_not_change_with_the_loss_scale():
+    model, losses = _model_and_losses()
+    params = list(model.parameters())
+    grads = fh.ObjectiveGradients(params)
+    results = []
+    for scale in (1.0, 2.0**8, 2.0**16):
+        grads.accumulate(losses() * scale)
+        coefficients = grads.fair_update(2.0, grad_scale=scale)
+        results.append((coefficients, [p.grad / scale for p in params]))
+    for coefficients, unscaled in results[1:]:
+        torch.testing.assert_close(coefficients, results[0][0], rtol=1e-6, atol=0)
+        for a, b in zip(unscaled, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    # on the scaled Gram the weights would be wrong by scale^(-4/3):
+    grads.accumulate(losses() * 2.0**8)
+    w_wrong = fh.solve_fair_weights(grads.gram())
+    assert not torch.allclose(w_wrong * 3, results[0][0], rtol=1e-2)
+
+
+def test_overflow_is_skipped_by_the_grad_scaler():
+    model, losses = _model_and_losses()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    grads = fh.ObjectiveGradients(params)
+    overflowing = losses() * torch.tensor([1.0, float("inf"), 1.0])
+    grads.accumulate(scaler.scale(overflowing))
+    coefficients = grads.fair_update(2.0, grad_scale=scaler.get_scale())
+    assert torch.isnan(coefficients).all()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # lowered, as for any overflow
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # the step was skipped
+    # and the next, finite step goes through with the new scale
+    grads.accumulate(scaler.scale(losses()))
+    grads.fair_update(2.0, grad_scale=scaler.get_scale())
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
