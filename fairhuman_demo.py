@@ -49,35 +49,49 @@ def write_tiny_tokenizer(folder: str, model_max_length: int = 77) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, seed: int = 0) -> str:
-    """Save a tiny SD (or SDXL) pipeline folder with random weights; returns ``folder``.
+MODEL_SIZES = {
+    # UNet levels, layers per level, text width; VAE levels (the VAE factor is 2 ** (levels - 1))
+    "tiny": dict(unet_channels=(32, 64), layers_per_block=1, text_width=32, vae_channels=(32, 64)),
+    "mid": dict(unet_channels=(96, 192, 384), layers_per_block=2, text_width=256, vae_channels=(32, 32, 64, 64)),
+}
 
-    UNet: 2 levels of 32/64 channels with cross-attention; VAE: 2 levels (latents at 1/2 of the
-    pixels); CLIP text encoders of width 32. ``sample_size`` is the latent size, so the model's
-    native resolution is ``2 * sample_size`` pixels.
+
+def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, seed: int = 0, size: str = "tiny") -> str:
+    """Save a small SD (or SDXL) pipeline folder with random weights; returns ``folder``.
+
+    ``size="tiny"`` (tests, demo): UNet of 2 levels (32/64 channels, ~1M parameters), a 2-level VAE
+    (latents at 1/2 of the pixels), CLIP text encoders of width 32. ``size="mid"`` (benchmarks): UNet
+    of 3 levels (128/256/512, tens of millions of parameters), a 4-level VAE (latents at 1/8, like
+    Stable Diffusion), text width 256. ``sample_size`` is the latent size, so the native resolution
+    is ``sample_size`` times the VAE factor.
     """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    text_config = dict(bos_token_id=514, eos_token_id=515, pad_token_id=515, hidden_size=32, intermediate_size=37,
+    spec = MODEL_SIZES[size]
+    width, levels = spec["text_width"], len(spec["unet_channels"])
+    text_config = dict(bos_token_id=514, eos_token_id=515, pad_token_id=515, hidden_size=width, intermediate_size=37,
                        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=516,
-                       max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
-    unet_kwargs = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4,
-                       out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=32)
+                       max_position_embeddings=77, hidden_act="gelu", projection_dim=width)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
+    up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+    unet_kwargs = dict(block_out_channels=spec["unet_channels"], layers_per_block=spec["layers_per_block"],
+                       sample_size=sample_size, in_channels=4, out_channels=4, down_block_types=down,
+                       up_block_types=up, attention_head_dim=8, norm_num_groups=32)
     if sdxl:
-        unet_kwargs.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                           projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True,
-                           transformer_layers_per_block=(1, 1))
+        unet_kwargs.update(cross_attention_dim=2 * width, addition_embed_type="text_time", addition_time_embed_dim=8,
+                           projection_class_embeddings_input_dim=6 * 8 + width, use_linear_projection=True,
+                           transformer_layers_per_block=(1,) * levels)
     else:
-        unet_kwargs.update(cross_attention_dim=32)
+        unet_kwargs.update(cross_attention_dim=width)
     unet = UNet2DConditionModel(**unet_kwargs)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
-                        sample_size=2 * sample_size, norm_num_groups=32)
+    vae_levels = len(spec["vae_channels"])
+    vae = AutoencoderKL(block_out_channels=spec["vae_channels"], in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+                        up_block_types=("UpDecoderBlock2D",) * vae_levels, latent_channels=4,
+                        sample_size=sample_size * 2 ** (vae_levels - 1), norm_num_groups=32)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, prediction_type="epsilon")
     tok_dir = os.path.join(folder, "_tokenizer_src")
@@ -120,11 +134,11 @@ def draw_person(width: int, height: int, rng: random.Random):
     return image, [face], hands
 
 
-def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0) -> str:
-    """An imagefolder of drawn people at mixed sizes and aspect ratios, boxes in pixel xyxy."""
+def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: int = 1) -> str:
+    """An imagefolder of drawn people at mixed sizes and aspect ratios (times ``scale``), boxes in pixel xyxy."""
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
-    sizes = [(96, 64), (64, 96), (80, 80), (120, 72)]
+    sizes = [(96 * scale, 64 * scale), (64 * scale, 96 * scale), (80 * scale, 80 * scale), (120 * scale, 72 * scale)]
     rows = []
     for i in range(num_images):
         w, h = sizes[i % len(sizes)]

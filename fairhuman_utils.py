@@ -6,7 +6,7 @@ their gradients with alpha-fair (alpha = 2: Minimum Potential Delay) weights.
 
 This module holds everything method-specific, as small functions without global state:
 
-* boxes -> pixel masks: :func:`parse_boxes`, :func:`boxes_to_mask`, :func:`binarize_mask_image`
+* boxes -> pixel masks: :func:`parse_box`, :func:`parse_boxes`, :func:`boxes_to_mask`, :func:`binarize_mask_image`
 * the transform that moves image and masks together: :func:`paired_transform`
 * pixel masks -> latent masks: :func:`masks_to_latent`
 * the three objectives: :func:`fairhuman_losses`
@@ -41,6 +41,41 @@ class AnnotationError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_box(
+    box, *, width: int, height: int, box_format: str = "xyxy", relative: bool = False
+) -> tuple[float, float, float, float] | None:
+    """One box as clipped pixel ``(x0, y0, x1, y1)``, or ``None`` when no area is left after clipping.
+
+    ``box`` is 4 numbers, ``xyxy`` = ``(x0, y0, x1, y1)`` or ``xywh`` = ``(x0, y0, w, h)``; with
+    ``relative=True`` they are fractions of the image width (x, w) and height (y, h). Raises
+    ``ValueError`` (with the reason only) for anything that is not 4 finite numbers of a box with a
+    non-negative width and height.
+    """
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise ValueError(f"expected 4 numbers ({box_format}), got {box!r}")
+    try:
+        a, b, c, d = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected 4 numbers ({box_format}), got {box!r}") from None
+    if not all(math.isfinite(v) for v in (a, b, c, d)):
+        raise ValueError(f"non-finite coordinate in {box!r}")
+    if box_format == "xywh":
+        if c < 0 or d < 0:
+            raise ValueError(f"negative width or height in xywh box {box!r}")
+        c, d = a + c, b + d
+    elif box_format == "xyxy":
+        if c < a or d < b:
+            raise ValueError(f"x1 < x0 or y1 < y0 in xyxy box {box!r}")
+    else:
+        raise ValueError(f"unknown box_format {box_format!r}; expected 'xyxy' or 'xywh'")
+    if relative:
+        a, c = a * width, c * width
+        b, d = b * height, d * height
+    x0, x1 = min(max(a, 0.0), width), min(max(c, 0.0), width)
+    y0, y1 = min(max(b, 0.0), height), min(max(d, 0.0), height)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
 def parse_boxes(
     cell,
     *,
@@ -53,14 +88,11 @@ def parse_boxes(
 ) -> list[tuple[float, float, float, float]]:
     """Validate one dataset cell of boxes and return them as clipped pixel ``(x0, y0, x1, y1)``.
 
-    ``cell`` is a list of boxes (possibly empty or ``None``); each box is 4 numbers, either
-    ``xyxy`` = ``(x0, y0, x1, y1)`` or ``xywh`` = ``(x0, y0, w, h)``. With ``relative=True`` the
-    numbers are fractions of the image width (x, w) and height (y, h).
-
-    A box partly outside the image is clipped to ``[0, width] x [0, height]``; a box with no area
-    left after clipping (including a zero-width one) is dropped. Anything else -- not a list, not
-    4 finite numbers, a negative width or height -- raises :class:`AnnotationError` naming
-    ``column`` and ``row``.
+    ``cell`` is a list of boxes (possibly empty or ``None``), each read by :func:`parse_box`. A box
+    partly outside the image is clipped to ``[0, width] x [0, height]``; a box with no area left after
+    clipping (including a zero-width one) is dropped. Anything else -- not a list, not 4 finite
+    numbers, a negative width or height -- raises :class:`AnnotationError` naming ``column``, ``row``
+    and the box.
     """
     where = f"column '{column}'" + (f", row {row}" if row is not None else "")
     if cell is None:
@@ -69,30 +101,12 @@ def parse_boxes(
         raise AnnotationError(f"{where}: expected a list of boxes, got {type(cell).__name__} {cell!r}")
     boxes = []
     for j, box in enumerate(cell):
-        if not isinstance(box, (list, tuple)) or len(box) != 4:
-            raise AnnotationError(f"{where}, box {j}: expected 4 numbers ({box_format}), got {box!r}")
         try:
-            a, b, c, d = (float(v) for v in box)
-        except (TypeError, ValueError):
-            raise AnnotationError(f"{where}, box {j}: expected 4 numbers ({box_format}), got {box!r}") from None
-        if not all(math.isfinite(v) for v in (a, b, c, d)):
-            raise AnnotationError(f"{where}, box {j}: non-finite coordinate in {box!r}")
-        if box_format == "xywh":
-            if c < 0 or d < 0:
-                raise AnnotationError(f"{where}, box {j}: negative width or height in xywh box {box!r}")
-            c, d = a + c, b + d
-        elif box_format == "xyxy":
-            if c < a or d < b:
-                raise AnnotationError(f"{where}, box {j}: x1 < x0 or y1 < y0 in xyxy box {box!r}")
-        else:
-            raise ValueError(f"unknown box_format {box_format!r}; expected 'xyxy' or 'xywh'")
-        if relative:
-            a, c = a * width, c * width
-            b, d = b * height, d * height
-        x0, x1 = min(max(a, 0.0), width), min(max(c, 0.0), width)
-        y0, y1 = min(max(b, 0.0), height), min(max(d, 0.0), height)
-        if x1 > x0 and y1 > y0:
-            boxes.append((x0, y0, x1, y1))
+            parsed = parse_box(box, width=width, height=height, box_format=box_format, relative=relative)
+        except ValueError as error:
+            raise AnnotationError(f"{where}, box {j}: {error}") from None
+        if parsed is not None:
+            boxes.append(parsed)
     return boxes
 
 
@@ -417,22 +431,53 @@ class ObjectiveGradients:
     def zero_(self) -> None:
         self.buffer.zero_()
 
-    def accumulate(self, losses: torch.Tensor, present: Sequence[bool] | None = None) -> None:
-        """Add the gradient of each ``losses[i]`` to row ``i``; skip the objectives not ``present``."""
+    def accumulate(self, losses: torch.Tensor, present: Sequence[bool] | None = None, batched: bool = False) -> None:
+        """Add the gradient of each ``losses[i]`` to row ``i``; skip the objectives not ``present``.
+
+        One vector-Jacobian product per present objective. By default, separate backward passes
+        (``retain_graph`` between them) that accumulate straight into row ``i``: each parameter's
+        ``.grad`` is pointed at its slice of the row, so autograd adds in place and no gradient is
+        copied (memory: the K rows and nothing else). With ``batched=True``, one vmapped backward
+        pass (``torch.autograd.grad(..., is_grads_batched=True)``): the same numbers and one graph
+        traversal, but K gradient-sized temporaries.
+        """
         present = [True] * len(losses) if present is None else list(present)
         todo = [i for i, keep in enumerate(present) if keep]
-        for n, i in enumerate(todo):
-            grads = torch.autograd.grad(
-                losses[i], self.params, retain_graph=n < len(todo) - 1, allow_unused=True
-            )
-            for view, grad in zip(self._views[i], grads):
-                if grad is not None:
-                    view.add_(grad.to(view.dtype))
+        if batched and len(todo) > 1:
+            rows = torch.eye(len(todo), dtype=losses.dtype, device=losses.device)
+            grads = torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
+                                        allow_unused=True)
+            for n, i in enumerate(todo):
+                for view, grad in zip(self._views[i], grads):
+                    if grad is not None:
+                        view.add_(grad[n].to(view.dtype))
+            return
+        saved = [p.grad for p in self.params]
+        try:
+            for n, i in enumerate(todo):
+                for p, view in zip(self.params, self._views[i]):
+                    p.grad = view
+                torch.autograd.backward(losses[i], inputs=self.params, retain_graph=n < len(todo) - 1)
+                for p, view in zip(self.params, self._views[i]):
+                    if p.grad is not view:  # autograd replaced instead of adding in place: add it ourselves
+                        view.add_(p.grad)
+        finally:
+            for p, grad in zip(self.params, saved):
+                p.grad = grad
 
-    def gram(self) -> torch.Tensor:
-        """``G^T G`` (K x K, float64) with ``g_i`` the rows of the buffer."""
-        buffer = self.buffer.to(torch.float64) if self.buffer.device.type == "cpu" else self.buffer
-        return (buffer @ buffer.T).to(torch.float64)
+    def gram(self, chunk: int = 1 << 20) -> torch.Tensor:
+        """``G^T G`` (K x K, float64) with ``g_i`` the rows of the buffer.
+
+        Accumulated in float64 over column chunks of ``chunk`` elements: exact to float64 rounding
+        (no TF32, no float32 accumulation over millions of terms) with only ``K * chunk`` extra numbers
+        in memory, never a float64 copy of the whole buffer.
+        """
+        k, total = self.buffer.shape
+        gram = torch.zeros(k, k, dtype=torch.float64, device=self.buffer.device)
+        for start in range(0, total, chunk):
+            block = self.buffer[:, start : start + chunk].to(torch.float64)
+            gram += block @ block.T
+        return gram
 
     def average_across_processes(self) -> None:
         """Average the rows over all processes (``torch.distributed``), so every process solves the same
@@ -443,8 +488,8 @@ class ObjectiveGradients:
                 torch.distributed.all_reduce(self.buffer)
                 self.buffer /= world
 
-    def fair_update(self, alpha: float = 2.0, grad_scale: float = 1.0) -> torch.Tensor:
-        """Write the fair update into ``.grad``, zero the buffer, return the coefficients ``K w``.
+    def fair_update(self, alpha: float = 2.0, grad_scale: float = 1.0, stale: torch.Tensor | None = None) -> "FairStep":
+        """Average over processes, solve the weights, write the update into ``.grad``, zero the buffer.
 
         The rows hold gradients of losses multiplied by ``grad_scale`` (the fp16 loss scale, 1 otherwise):
         the weights are solved on the unscaled Gram matrix (:func:`fair_coefficients`) and the update
@@ -452,25 +497,78 @@ class ObjectiveGradients:
         exactly as it would a plain backward pass. Non-finite gradients (an overflow) give NaN
         coefficients and NaN gradients: the scaler then skips the step and lowers its scale, and
         without a scaler the caller sees a non-finite gradient norm and skips the step.
+
+        With ``stale`` coefficients (``--fair_update_interval`` > 1, fidelity check) the update written
+        is ``sum_i stale_i g_i`` and the exact solution is still returned, to compare the two.
         """
         self.average_across_processes()
-        gram = self.gram()
+        gram = self.gram() / (grad_scale**2)
         if torch.isfinite(gram).all():
-            _, coefficients = fair_coefficients(gram, alpha, grad_scale)
+            _, exact = fair_coefficients(gram, alpha)
         else:
-            coefficients = torch.full((self.num_objectives,), float("nan"), dtype=torch.float64)
-        self.write_combination(coefficients)
+            exact = torch.full((self.num_objectives,), float("nan"), dtype=torch.float64)
+        applied = exact if stale is None else stale.to(exact)
+        self.write_combination(applied)
         self.zero_()
-        return coefficients
+        return FairStep(applied, exact, gram)
 
     def write_combination(self, coefficients: torch.Tensor) -> None:
         """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter."""
-        combined = coefficients.to(self.buffer.device, self.buffer.dtype) @ self.buffer
+        # row by row: one gradient-sized result and no temporary (a (1,K) @ (K,P) matmul may copy the buffer)
+        coefficients = [float(c) for c in coefficients]
+        combined = self.buffer[0] * coefficients[0]
+        for row, c in zip(self.buffer[1:], coefficients[1:]):
+            if c != 0:
+                combined.add_(row, alpha=c)
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = combined[offset : offset + n].view_as(p).to(p.dtype).clone()
+            p.grad = combined[offset : offset + n].view_as(p).to(p.dtype)  # a view: no extra copy
             offset += n
+
+
+def prediction_space_gram(losses_fn, model_pred: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the objectives' gradients with respect to the PREDICTION, ``V V^T``.
+
+    ``v_i = d losses_fn(p)_i / d p`` at ``p = model_pred`` (in fp32, on a detached copy, so no graph of
+    the model is touched). The parameter gradients are ``g_i = J^T v_i`` with ``J = dp/dtheta``, so
+    ``G^T G = V J J^T V^T``; where ``J J^T`` is close to a multiple ``c I`` of the identity,
+    ``G^T G ~ c V V^T``. The alpha-fair solution for ``c V V^T`` has the same update DIRECTION for
+    every ``c`` (scaling the Gram by ``c`` scales ``w`` by ``c^(-2 alpha/(alpha+1))`` and ``G w`` by a
+    constant), and costs no backward pass through the model: ``--fair_interval_weights
+    prediction`` uses it between exact solves, with ``c`` taken from the last exact solve.
+    """
+    pred = model_pred.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        losses = losses_fn(pred)
+        rows = [torch.autograd.grad(losses[i], pred, retain_graph=i < len(losses) - 1)[0].flatten()
+                for i in range(len(losses))]
+    v = torch.stack(rows).double()
+    return v @ v.T
+
+
+def fair_scale(gram: torch.Tensor, approx_gram: torch.Tensor) -> float:
+    """``c = trace(gram) / trace(approx_gram)``: the scalar that maps an approximate Gram onto an exact one."""
+    denominator = float(torch.trace(approx_gram))
+    return float(torch.trace(gram)) / denominator if denominator > 0 else 1.0
+
+
+@dataclass
+class FairStep:
+    """One fair update: the coefficients applied to the objective gradients, the exact ones
+    (``K w`` solved this step) and the unscaled Gram matrix they were solved on."""
+
+    applied: torch.Tensor
+    exact: torch.Tensor
+    gram: torch.Tensor
+
+    def fidelity(self) -> tuple[float, float]:
+        """``(cosine, relative error)`` of the applied update and weights against the exact ones:
+        ``cos = a^T Gram e / sqrt(a^T Gram a * e^T Gram e)`` (the cosine of ``G a`` and ``G e``) and
+        ``||a - e|| / ||e||``. Both are 1 and 0 when the applied coefficients are the exact ones."""
+        a, e, g = self.applied.double(), self.exact.double(), self.gram.double()
+        cosine = float(a @ g @ e / torch.sqrt((a @ g @ a) * (e @ g @ e)).clamp_min(1e-300))
+        return cosine, float((a - e).norm() / e.norm().clamp_min(1e-300))
 
 
 def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

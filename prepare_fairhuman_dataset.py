@@ -44,6 +44,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm.auto import tqdm
 
+import fairhuman_utils as fh
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
@@ -762,18 +764,11 @@ def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
         else:
             continue
         try:
-            a, b, c, d = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            raise PrepareError(f"{where}, object {index}: '{bbox_key}' must be 4 numbers, got {bbox!r}") from None
-        if not all(math.isfinite(v) for v in (a, b, c, d)):
-            raise PrepareError(f"{where}, object {index}: non-finite '{bbox_key}' {bbox!r}")
-        if args.bbox_format == "xywh":
-            c, d = a + c, b + d
-        if c < a or d < b:
-            raise PrepareError(f"{where}, object {index}: negative width or height in {args.bbox_format} box {bbox!r}")
-        box = clip_box(a, b, c, d, width, height)
+            box = fh.parse_box(bbox, width=width, height=height, box_format=args.bbox_format)
+        except ValueError as error:
+            raise PrepareError(f"{where}, object {index}: '{bbox_key}': {error}") from None
         if box is not None:
-            target.append(box)
+            target.append(list(box))
     return hands, faces
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ import fairhuman_utils as fh
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "fairhuman_state.json"
+DEFAULT_FAIR_UPDATE_INTERVAL = 8  # chosen from benchmarks/RESULTS.md: ~1.1x plain training, update cosine ~0.99
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -108,6 +111,24 @@ def parse_args(input_args=None):
                         "of the three losses; global: plain diffusers LoRA training (the baseline).")
     g.add_argument("--fair_alpha", type=float, default=2.0,
                    help="alpha of the alpha-fair weights: 2 = Minimum Potential Delay (the paper), 1 = proportional fairness.")
+    g.add_argument("--fair_update_interval", type=int, default=None,
+                   help="Solve the exact fair weights (one backward pass per objective) every N optimizer steps; "
+                        "1 = exact MPD every step, the authors' method, about 2x the cost of plain LoRA training. In "
+                        "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
+                        "the cost of plain training. Default 8: measured ~1.1x plain training with an update cosine "
+                        "of ~0.99 to exact MPD (README: speed and fidelity).")
+    g.add_argument("--fair_interval_weights", type=str, default="prediction", choices=["prediction", "reuse"],
+                   help="With --fair_update_interval > 1, the weights on the steps between exact solves: 'prediction' "
+                        "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
+                        "prediction (no extra backward pass; scaled to the last exact solve); 'reuse' keeps the last "
+                        "solved weights.")
+    g.add_argument("--fair_batched_backward", action="store_true",
+                   help="Get the per-objective gradients with one vmapped backward pass (is_grads_batched) instead "
+                        "of one pass per objective. Same numbers; see README for when it is faster.")
+    g.add_argument("--fair_fidelity_check", action="store_true",
+                   help="Diagnostic for --fair_update_interval > 1: on the steps between solves also compute the "
+                        "exact weights and log fidelity/update_cosine and fidelity/weight_rel_error (costs the "
+                        "exact step's time).")
     g.add_argument("--save_mask_previews", type=int, default=0,
                    help="Write the first N training examples after the transforms to {output_dir}/mask_previews/ "
                         "({i}_image.png, {i}_hand.png, {i}_face.png, {i}_overlay.png) to check the masks sit on hands and faces.")
@@ -193,7 +214,7 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution"]:
+    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval"]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
@@ -220,6 +241,14 @@ def check_args(args) -> None:
         raise UsageError(f"--max_grad_norm must be positive, got {args.max_grad_norm}")
     if args.hand_mask_column is not None and args.relative_boxes and args.face_mask_column is not None:
         raise UsageError("--relative_boxes has no effect when both --hand_mask_column and --face_mask_column are given")
+    if args.weighting != "fair" and (args.fair_update_interval is not None or args.fair_batched_backward
+                                     or args.fair_fidelity_check):
+        raise UsageError("--fair_update_interval, --fair_batched_backward and --fair_fidelity_check need --weighting fair")
+    if args.fair_update_interval is None:
+        args.fair_update_interval = DEFAULT_FAIR_UPDATE_INTERVAL if args.weighting == "fair" else 1
+    if args.fair_fidelity_check and args.fair_update_interval == 1:
+        raise UsageError("--fair_fidelity_check compares a --fair_update_interval above 1 with the exact update; "
+                         "with --fair_update_interval 1 every step is exact")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise UsageError("--report_to wandb and --hub_token cannot be used together (the token would be logged); "
                          "log in with `hf auth login` instead")
@@ -535,6 +564,15 @@ def make_optimizer(args, params, device):
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +590,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, args, global_step: int, seed: int) -> str:
+def save_checkpoint(accelerator, args, global_step: int, seed: int, fair_state: dict | None = None) -> str:
     """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
 
     A kill while writing leaves only ``.checkpoint-N.partial``, which ``latest`` never picks. Older
@@ -566,7 +604,7 @@ def save_checkpoint(accelerator, args, global_step: int, seed: int) -> str:
     accelerator.save_state(partial)
     if accelerator.is_main_process:
         with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
-            json.dump({"global_step": global_step, "seed": seed}, f)
+            json.dump({"global_step": global_step, "seed": seed, "fair_state": fair_state}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -629,7 +667,9 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
     gallery = "\n".join(f"![sample {i}](./image_{i}.png)" for i in range(len(images)))
     pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     settings = {
-        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "local_loss_scale": args.local_loss_scale,
+        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
+        "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
+        "local_loss_scale": args.local_loss_scale,
         "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
         "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
         "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
@@ -851,7 +891,14 @@ def main(args):
     # ---- Training loop -------------------------------------------------------------------------
     fair = args.weighting == "fair"
     objective_grads = fh.ObjectiveGradients(lora_params) if fair else None
-    fixed_weights = {"global": [1.0, 0.0, 0.0], "equal": [1.0, 1.0, 1.0]}.get(args.weighting)
+    fixed = {"global": [1.0, 0.0, 0.0], "equal": [1.0, 1.0, 1.0]}.get(args.weighting)
+    # the coefficients of the objective gradients in the update (K w for fair; the last solved ones)
+    coefficients = None if fair else torch.tensor(fixed, dtype=torch.float64)
+    num_objectives = len(fh.OBJECTIVES)
+    prediction_weights = fair and args.fair_update_interval > 1 and args.fair_interval_weights == "prediction"
+    gram_scale = 1.0  # exact Gram / prediction-space Gram at the last exact solve (prediction_weights)
+    prediction_gram_sum = torch.zeros(num_objectives, num_objectives, dtype=torch.float64)
+    latent_size = (args.resolution // vae_scale, args.resolution // vae_scale)
     text_components = ({"text_encoder": text_encoders[0], "tokenizer": tokenizers[0]} if not sdxl else
                        {"text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1],
                         "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]})
@@ -863,7 +910,11 @@ def main(args):
     if resume_path is not None:
         accelerator.load_state(resume_path)
         with open(os.path.join(resume_path, CHECKPOINT_MARKER)) as f:
-            global_step = json.load(f)["global_step"]
+            state = json.load(f)
+        global_step = state["global_step"]
+        if fair and state.get("fair_state"):
+            coefficients = torch.tensor(state["fair_state"]["coefficients"], dtype=torch.float64)
+            gram_scale = state["fair_state"]["gram_scale"]
         first_epoch = global_step // steps_per_epoch
         resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {resume_path} at optimizer step {global_step}")
@@ -873,7 +924,7 @@ def main(args):
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running FairHuman training *****")
     logger.info(f"  Model = {'SDXL' if sdxl else 'SD'} at {args.resolution}px, weighting = {args.weighting}"
-                f"{f' (alpha {args.fair_alpha})' if fair else ''}")
+                f"{f' (alpha {args.fair_alpha}, solved every {args.fair_update_interval} steps)' if fair else ''}")
     logger.info(f"  Examples = {len(train_dataset)}, total batch = {total_batch}, optimizer steps = {args.max_train_steps}")
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -881,6 +932,7 @@ def main(args):
     scaler = accelerator.scaler  # the fp16 GradScaler, or None
     step_losses = torch.zeros(len(fh.OBJECTIVES), device=accelerator.device)
     nonfinite_in_a_row, skipped_steps, images = 0, 0, []
+    last_step_time = time.perf_counter()
     unet.train()
     for epoch in range(first_epoch, args.num_train_epochs):
         dataloader = train_dataloader
@@ -888,8 +940,11 @@ def main(args):
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         dataloader.set_epoch(epoch)  # reaches EpochShuffleSampler; accelerate would count from 0 after a resume
         for batch in dataloader:
-            with accelerator.accumulate(unet), (accelerator.no_sync(unet) if fair else contextlib.nullcontext()):
-                bsz = len(batch["seeds"])
+            # fair steps that solve the weights need each objective's gradient (one VJP per objective,
+            # averaged across processes by hand, so DDP must not reduce); the others one weighted backward.
+            solve_now = fair and (coefficients is None or global_step % args.fair_update_interval == 0)
+            per_objective = solve_now or args.fair_fidelity_check
+            with accelerator.accumulate(unet), (accelerator.no_sync(unet) if per_objective else contextlib.nullcontext()):
                 generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
                 with torch.no_grad():
                     pixels = batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)
@@ -918,8 +973,9 @@ def main(args):
                         target = noise_scheduler.get_velocity(latents, noise, timesteps)
                     else:
                         raise UsageError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
-                    latent_masks = fh.masks_to_latent(batch["masks"].to(accelerator.device), latents.shape[-2:],
-                                                      args.latent_mask_mode)
+                    latent_masks = fh.masks_to_latent(batch["masks"], latent_size, args.latent_mask_mode)
+                    present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]  # on the CPU: no sync
+                    latent_masks = latent_masks.to(accelerator.device, non_blocking=True)
                     sample_weights = None
                     if args.snr_gamma is not None:
                         snr = compute_snr(noise_scheduler, timesteps)
@@ -928,23 +984,48 @@ def main(args):
                         sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
 
                 model_pred = unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added_cond).sample
-                losses = fh.fairhuman_losses(model_pred, target, latent_masks[:, 0:1], latent_masks[:, 1:2],
-                                             local_loss_scale=args.local_loss_scale,
-                                             normalization=args.local_loss_normalization,
-                                             sample_weights=sample_weights)
+                loss_fn = functools.partial(fh.fairhuman_losses, target=target, hand_mask=latent_masks[:, 0:1],
+                                            face_mask=latent_masks[:, 1:2], local_loss_scale=args.local_loss_scale,
+                                            normalization=args.local_loss_normalization, sample_weights=sample_weights)
+                losses = loss_fn(model_pred)
                 step_losses += losses.detach() / args.gradient_accumulation_steps
-                if fair:
+                if prediction_weights:  # cheap weights between exact solves: no backward pass through the UNet
+                    prediction_gram = fh.prediction_space_gram(loss_fn, model_pred) / args.gradient_accumulation_steps**2
+                    if accelerator.num_processes > 1:
+                        prediction_gram = accelerator.reduce(prediction_gram.to(accelerator.device), "mean").cpu()
+                    if solve_now:
+                        prediction_gram_sum += prediction_gram
+                    else:
+                        estimate = gram_scale * args.gradient_accumulation_steps * prediction_gram
+                        coefficients = (fh.fair_coefficients(estimate, args.fair_alpha)[1] if torch.isfinite(estimate).all()
+                                        else torch.full((num_objectives,), float("nan"), dtype=torch.float64))
+                if per_objective:
                     scale = scaler.get_scale() if scaler is not None else 1.0
-                    present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]
-                    objective_grads.accumulate(losses * (scale / args.gradient_accumulation_steps), present)
+                    objective_grads.accumulate(losses * (scale / args.gradient_accumulation_steps), present,
+                                               batched=args.fair_batched_backward)
                 else:
-                    accelerator.backward(losses @ torch.tensor(fixed_weights, device=losses.device))
+                    accelerator.backward(losses @ coefficients.to(losses))
 
                 if accelerator.sync_gradients:
-                    if fair:  # average over processes, solve on the unscaled Gram, write K G w into .grad
-                        step_weights = objective_grads.fair_update(args.fair_alpha, grad_scale=scale).float().cpu()
+                    fidelity = None
+                    if per_objective:  # average over processes, solve on the unscaled Gram, write K G w into .grad
+                        fair_step = objective_grads.fair_update(args.fair_alpha, grad_scale=scale,
+                                                                stale=None if solve_now else coefficients)
+                        if solve_now:
+                            exact = fair_step.exact
+                            if prediction_weights:
+                                gram_scale = fh.fair_scale(fair_step.gram, prediction_gram_sum)
+                                prediction_gram_sum.zero_()
+                            if coefficients is not None and args.fair_update_interval > 1:
+                                # an objective absent at this solve keeps its last weight for the steps until the next
+                                exact = torch.where(exact == 0, coefficients, exact)
+                            if torch.isfinite(exact).all():
+                                coefficients = exact
+                        else:
+                            fidelity = fair_step.fidelity()
+                        step_weights = fair_step.applied
                     else:
-                        step_weights = torch.tensor(fixed_weights)
+                        step_weights = coefficients
                     grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
                     finite = torch.isfinite(torch.as_tensor(grad_norm)) and torch.isfinite(step_losses).all()
                     if scaler is None and not finite:
@@ -972,7 +1053,12 @@ def main(args):
                         "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
                 logs = {f"loss/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_losses)}
                 logs.update({f"weight/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_weights)})
-                logs.update({"lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps})
+                now = time.perf_counter()
+                logs.update({"lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
+                             "perf/step_seconds": now - last_step_time, "perf/peak_memory_mb": peak_memory_mb()})
+                last_step_time = now
+                if fidelity is not None:
+                    logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = fidelity
                 if scaler is not None:
                     logs["loss_scale"] = scaler.get_scale()
                 accelerator.log(logs, step=global_step)
@@ -983,7 +1069,9 @@ def main(args):
                 step_losses = torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step, args.seed)
+                    fair_state = None if coefficients is None or not fair else {
+                        "coefficients": [float(c) for c in coefficients], "gram_scale": gram_scale}
+                    save_checkpoint(accelerator, args, global_step, args.seed, fair_state)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
                     run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,

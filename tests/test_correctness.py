@@ -2,7 +2,8 @@
 gradient checkpointing, interruption and non-finite steps (issue 3).
 
 Every equivalence is checked on the LoRA the script writes, against one reference run:
-batch 2, 12 optimizer steps, --weighting fair, same seed and data.
+batch 2, 12 optimizer steps, --weighting fair with the exact solve every step (--fair_update_interval 1),
+same seed and data.
 """
 
 import logging
@@ -24,7 +25,8 @@ STEPS = 12
 
 def base_args(model, data, out, *extra):
     argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
-            "--learning_rate", "1e-3", "--seed", "5", "--report_to", "none", "--checkpointing_steps", "100", *extra]
+            "--learning_rate", "1e-3", "--seed", "5", "--report_to", "none", "--checkpointing_steps", "100",
+            "--fair_update_interval", "1", *extra]  # exact MPD every step unless a test says otherwise
     return [str(a) for a in argv]
 
 
@@ -177,7 +179,7 @@ def test_weights_do_not_change_with_the_loss_scale():
     results = []
     for scale in (1.0, 2.0**8, 2.0**16):
         grads.accumulate(losses() * scale)
-        coefficients = grads.fair_update(2.0, grad_scale=scale)
+        coefficients = grads.fair_update(2.0, grad_scale=scale).applied
         results.append((coefficients, [p.grad / scale for p in params]))
     for coefficients, unscaled in results[1:]:
         torch.testing.assert_close(coefficients, results[0][0], rtol=1e-6, atol=0)
@@ -198,7 +200,7 @@ def test_overflow_is_skipped_by_the_grad_scaler():
     grads = fh.ObjectiveGradients(params)
     overflowing = losses() * torch.tensor([1.0, float("inf"), 1.0])
     grads.accumulate(scaler.scale(overflowing))
-    coefficients = grads.fair_update(2.0, grad_scale=scaler.get_scale())
+    coefficients = grads.fair_update(2.0, grad_scale=scaler.get_scale()).applied
     assert torch.isnan(coefficients).all()
     scaler.unscale_(optimizer)
     scaler.step(optimizer)
@@ -212,3 +214,45 @@ def test_overflow_is_skipped_by_the_grad_scaler():
     scaler.step(optimizer)
     scaler.update()
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+# ---- the cheaper fair modes (issue 4) --------------------------------------------------------------
+
+
+def test_batched_backward_gives_the_same_lora(reference, tiny_sd, demo_dataset, tmp_path):
+    out = str(tmp_path / "batched")
+    run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--max_train_steps", STEPS,
+                        "--fair_batched_backward"))
+    assert_same_lora(reference, out)
+
+
+@pytest.mark.parametrize("weights", ["reuse", "prediction"])
+def test_fair_update_interval_logs_and_resumes_mid_period(weights, tiny_sd, demo_dataset, tmp_path):
+    from test_train import read_scalars
+
+    common = ["--train_batch_size", 2, "--fair_update_interval", 4, "--fair_interval_weights", weights,
+              "--report_to", "tensorboard", "--checkpointing_steps", 2]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_main(*base_args(tiny_sd, demo_dataset, straight, *common, "--max_train_steps", 7))
+    run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 6))  # ends mid-period
+    run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 7,
+                        "--resume_from_checkpoint", "latest"))
+    assert_same_lora(straight, resumed, atol=1e-6)  # the coefficients between solves travel in the checkpoint
+    w = read_scalars(straight)["weight/global"]
+    assert all(v > 0 for v in w)
+    if weights == "reuse":  # solved at steps 1 and 5, reused in between
+        assert w[0] == w[1] == w[2] == w[3] and w[4] == w[5] == w[6] and w[4] != w[3]
+    else:  # re-solved every step on the prediction-space Gram
+        assert len(set(w[:4])) == 4
+
+
+def test_fidelity_check_logs_cosine_and_error(tiny_sd, demo_dataset, tmp_path):
+    from test_train import read_scalars
+
+    out = str(tmp_path / "fidelity")
+    run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--fair_update_interval", 4,
+                        "--fair_fidelity_check", "--max_train_steps", 8, "--report_to", "tensorboard"))
+    scalars = read_scalars(out)
+    cosine, error = scalars["fidelity/update_cosine"], scalars["fidelity/weight_rel_error"]
+    assert len(cosine) == 6 and all(-1 <= c <= 1 + 1e-9 for c in cosine) and all(e >= 0 for e in error)
+    assert sum(c > 0.5 for c in cosine) >= 4

@@ -245,6 +245,7 @@ def test_objective_gradients_combination_equals_K_G_w_on_a_small_model():
 
     grads = fh.ObjectiveGradients(params)
     grads.accumulate(losses())
+    assert all(p.grad is None for p in params)  # accumulated into the rows, .grad left as it was
     expected_rows = []
     for i in range(3):
         gi = torch.autograd.grad(losses()[i], params)
@@ -262,3 +263,53 @@ def test_objective_gradients_combination_equals_K_G_w_on_a_small_model():
     grads.accumulate(losses(), present=[True, False, True])
     grads.accumulate(losses(), present=[True, False, True])
     assert torch.allclose(grads.buffer[0], 2 * G[0]) and torch.count_nonzero(grads.buffer[1]) == 0
+
+
+# ---- cheaper fair modes ----------------------------------------------------------------------------
+
+
+def test_batched_backward_gives_the_same_rows():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    x = torch.randn(4, 5)
+
+    def losses():
+        y = model(x)
+        return torch.stack([y.pow(2).mean(), (y[:, 0] - 1).pow(2).mean(), y[:, 1:].pow(2).sum()])
+
+    separate, batched = fh.ObjectiveGradients(list(model.parameters())), fh.ObjectiveGradients(list(model.parameters()))
+    separate.accumulate(losses(), present=[True, False, True])
+    batched.accumulate(losses(), present=[True, False, True], batched=True)
+    torch.testing.assert_close(batched.buffer, separate.buffer)
+    assert torch.count_nonzero(batched.buffer[1]) == 0
+
+
+def test_prediction_space_gram_is_exact_when_the_model_is_the_prediction():
+    """With p = theta (J = I) the parameter Gram equals V V^T, so the weights are exact."""
+    torch.manual_seed(7)
+    theta = torch.nn.Parameter(torch.randn(2, 4, 3, 3))
+    target = torch.randn(2, 4, 3, 3)
+    hand = (torch.rand(2, 1, 3, 3) > 0.5).float()
+    face = (torch.rand(2, 1, 3, 3) > 0.7).float()
+
+    def loss_fn(pred):
+        return fh.fairhuman_losses(pred, target, hand, face, local_loss_scale=5.0)
+
+    grads = fh.ObjectiveGradients([theta])
+    grads.accumulate(loss_fn(theta))
+    exact = grads.gram()
+    approx = fh.prediction_space_gram(loss_fn, theta)
+    torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-12)
+    assert fh.fair_scale(exact, approx) == pytest.approx(1.0, rel=1e-5)
+    assert fh.fair_scale(4 * exact, approx) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_fair_step_fidelity():
+    gram = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64))
+    exact = torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    same = fh.FairStep(exact, exact, gram)
+    assert same.fidelity() == pytest.approx((1.0, 0.0))
+    off = fh.FairStep(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), exact, gram)
+    cosine, error = off.fidelity()
+    # G a = (1, 0, 0) scaled; G e components sqrt(diag) * e = (1, 1, 0.6): cos = 1 / sqrt(1 + 1 + 0.36)
+    assert cosine == pytest.approx(1 / np.sqrt(2.36)) and error == pytest.approx(np.sqrt(0.29) / np.sqrt(1.29))

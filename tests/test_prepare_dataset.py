@@ -710,7 +710,7 @@ def test_coco_bad_box_names_row_and_object(tmp_path):
     )
     source.save_to_disk(str(tmp_path / "source"))
     with pytest.raises(
-        prep.PrepareError, match=r"column 'objects', row 1, object 0: negative width or height in xywh box"
+        prep.PrepareError, match=r"column 'objects', row 1, object 0: 'bbox': negative width or height in xywh box"
     ):
         run(
             [

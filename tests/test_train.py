@@ -266,6 +266,10 @@ def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
         (["--resume_from_checkpoint", "/no/such/ckpt"], "--resume_from_checkpoint: no such folder"),
         (["--lora_target_modules", " , "], "--lora_target_modules is empty"),
         (["--noise_offset", "nan"], "--noise_offset must be a finite number"),
+        (["--weighting", "equal", "--fair_update_interval", "4"], "need --weighting fair"),
+        (["--fair_fidelity_check", "--fair_update_interval", "1"], "--fair_fidelity_check compares a --fair_update_interval"),
+        (["--fair_update_interval", "0"], "--fair_update_interval must be at least 1"),
+        (["--weighting", "global", "--fair_batched_backward"], "need --weighting fair"),
     ],
 )
 def test_impossible_flag_combinations(extra, expected, tmp_path):
