@@ -71,6 +71,21 @@ def assert_same_lora(folder_a, folder_b, atol=1e-4):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+def three_objective_model(seed=0):
+    """A small network and a function returning three losses of it, for the gradient-combination tests."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(6, 5)
+
+    def losses():
+        y = model(x)
+        return torch.stack([y.pow(2).mean(), (y[:, 0] - 1).pow(2).mean(), (y[:, 1:] * 3).abs().mean()])
+
+    return list(model.parameters()), losses
+
+
 def write_imagefolder(folder, rows, images):
     """Write images (name -> PIL image) and metadata rows into an imagefolder."""
     os.makedirs(folder, exist_ok=True)

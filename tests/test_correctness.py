@@ -18,7 +18,7 @@ import torch
 
 import fairhuman_utils as fh
 import train_fairhuman_lora as train
-from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main
+from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main, three_objective_model
 
 STEPS = 12
 
@@ -160,21 +160,8 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tiny_sd, demo_dataset, tmp_
 # ---- fp16 loss scaling: the weights ignore the scale, overflow is skipped as the scaler skips it -------
 
 
-def _model_and_losses():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    x = torch.randn(6, 4)
-
-    def losses():
-        y = model(x)
-        return torch.stack([y.pow(2).mean(), (y[:, 0] - 1).pow(2).mean(), (y[:, 1:] * 3).pow(2).mean()])
-
-    return model, losses
-
-
 def test_weights_do_not_change_with_the_loss_scale():
-    model, losses = _model_and_losses()
-    params = list(model.parameters())
+    params, losses = three_objective_model()
     grads = fh.ObjectiveGradients(params)
     results = []
     for scale in (1.0, 2.0**8, 2.0**16):
@@ -192,8 +179,7 @@ def test_weights_do_not_change_with_the_loss_scale():
 
 
 def test_overflow_is_skipped_by_the_grad_scaler():
-    model, losses = _model_and_losses()
-    params = list(model.parameters())
+    params, losses = three_objective_model()
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
