@@ -66,8 +66,8 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
     is ``sample_size`` times the VAE factor.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     spec = MODEL_SIZES[size]
@@ -92,14 +92,25 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
                         down_block_types=("DownEncoderBlock2D",) * vae_levels,
                         up_block_types=("UpDecoderBlock2D",) * vae_levels, latent_channels=4,
                         sample_size=sample_size * 2 ** (vae_levels - 1), norm_num_groups=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config)) if sdxl else None
+    return save_pipeline(folder, unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+
+
+def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) -> str:
+    """Save an SD pipeline (SDXL when ``text_encoder_2`` is given) with the hand-made tokenizer and a
+    DDPM scheduler, in the diffusers folder layout that ``from_pretrained`` and the training script load."""
+    import shutil
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, prediction_type="epsilon")
     tok_dir = os.path.join(folder, "_tokenizer_src")
     write_tiny_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    if sdxl:
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    if text_encoder_2 is not None:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     else:
@@ -107,8 +118,6 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.save_pretrained(folder)
-    import shutil
-
     shutil.rmtree(tok_dir)
     return folder
 

@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """Median optimizer-step time and peak memory of each weighting mode, as ratios to --weighting global.
 
-    python benchmarks/benchmark_step.py --config tiny --steps 40
-    python benchmarks/benchmark_step.py --config mid --steps 25
+    python benchmarks/benchmark_step.py --config tiny --steps 72 --rounds 5
+    python benchmarks/benchmark_step.py --config mid --steps 24 --rounds 2 [--rank 256]
+    # on a GPU: SD-1.5 / SDXL-sized UNets (public configs, random weights) at 512 / 1024 px
+    python benchmarks/benchmark_step.py --config sd15 --batch_size 1 --steps 40 --rank 4 \
+        --extra "--mixed_precision fp16 --gradient_checkpointing --use_8bit_adam"
+    python benchmarks/benchmark_step.py --config sdxl --batch_size 1 --steps 40 --rank 256 \
+        --extra "--mixed_precision fp16 --gradient_checkpointing --use_8bit_adam"
 
 Every mode runs train_fairhuman_lora.py in a fresh process with the same model, data, seed and
 flags; the step time is the script's own `perf/step_seconds` (wall time between optimizer steps,
@@ -42,6 +47,7 @@ def main(input_args=None):
                              "whole solve periods.")
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved repetitions of every mode.")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    parser.add_argument("--resolution", type=int, default=None, help="Override the config's resolution.")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--modes", type=str, default=",".join(MODES), help="Comma-separated subset of the modes.")
     parser.add_argument("--extra", type=str, default="", help="More flags for every run, e.g. '--use_8bit_adam'.")
@@ -49,6 +55,7 @@ def main(input_args=None):
     args = parser.parse_args(input_args)
 
     model, data, resolution = prepare(args.config, args.work_dir)
+    resolution = args.resolution or resolution
     modes = [m.strip() for m in args.modes.split(",")]
     times = {m: [] for m in modes}
     means = {m: [] for m in modes}

@@ -13,11 +13,57 @@ sys.path.insert(0, REPO)
 
 import fairhuman_demo  # noqa: E402
 
-# name -> (model size in fairhuman_demo, latent sample size, resolution, demo image scale)
+# name -> (model size, latent sample size, resolution, demo image scale). "sd15" and "sdxl" are the
+# public UNet configs of stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0 with random weights
+# (for a GPU: 860M and 2.6B parameters), with small text encoders of the right widths and a small
+# 8x VAE, since the benchmark is about the UNet's training step.
 CONFIGS = {
     "tiny": ("tiny", 16, 32, 1),
     "mid": ("mid", 16, 128, 2),
+    "sd15": ("sd15", 64, 512, 8),
+    "sdxl": ("sdxl", 128, 1024, 16),
 }
+
+PUBLIC_UNETS = {
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=64, in_channels=4, out_channels=4, norm_num_groups=32,
+    ),
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        sample_size=128, in_channels=4, out_channels=4, norm_num_groups=32,
+    ),
+}
+
+
+def build_public_size_pipeline(folder: str, which: str) -> str:
+    """A pipeline folder with the public SD 1.5 / SDXL UNet config (random weights), 2-layer CLIP text
+    encoders of the real widths (768; 768 + 1280 with a 1280 projection for SDXL) and a small 8x VAE."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    sdxl = which == "sdxl"
+
+    def text_config(width):
+        return CLIPTextConfig(bos_token_id=514, eos_token_id=515, pad_token_id=515, hidden_size=width,
+                              intermediate_size=4 * width, num_attention_heads=8, num_hidden_layers=2,
+                              vocab_size=516, max_position_embeddings=77, projection_dim=width)
+
+    unet = UNet2DConditionModel(**PUBLIC_UNETS[which])
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
+                        sample_size=PUBLIC_UNETS[which]["sample_size"] * 8)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(1280)) if sdxl else None
+    return fairhuman_demo.save_pipeline(folder, unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config(768)),
+                                        text_encoder_2=text_encoder_2)
 
 
 def prepare(config: str, work_dir: str) -> tuple[str, str, int]:
@@ -26,7 +72,10 @@ def prepare(config: str, work_dir: str) -> tuple[str, str, int]:
     model = os.path.join(work_dir, f"{config}-sd")
     data = os.path.join(work_dir, f"{config}-data")
     if not os.path.exists(os.path.join(model, "model_index.json")):
-        fairhuman_demo.build_tiny_pipeline(model, size=size, sample_size=sample_size)
+        if size in PUBLIC_UNETS:
+            build_public_size_pipeline(model, size)
+        else:
+            fairhuman_demo.build_tiny_pipeline(model, size=size, sample_size=sample_size)
     if not os.path.exists(os.path.join(data, "metadata.jsonl")):
         fairhuman_demo.build_demo_dataset(data, num_images=16, scale=scale)
     return model, data, resolution
