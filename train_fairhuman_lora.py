@@ -336,6 +336,8 @@ def check_dataset(dataset, args) -> dict:
     for flag, column in needed:
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
+    # only the columns the recipe reads (other image columns would be decoded for nothing), images undecoded
+    dataset = dataset.select_columns(list(dict.fromkeys(column for _, column in needed)))
     image_columns = [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
     for column in image_columns:
         if isinstance(dataset.features.get(column), datasets.Image):
