@@ -163,6 +163,21 @@ def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: 
     return folder
 
 
+def read_scalars(folder: str) -> dict[str, list[float]]:
+    """All scalars a training run logged to TensorBoard under ``folder``, by tag, in step order
+    (used by the tests and the benchmarks to read what the script logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for root, _, files in os.walk(folder):
+        if any("tfevents" in f for f in files):
+            acc = EventAccumulator(root)
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                scalars[tag] = [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
+    return scalars
+
+
 def main(input_args=None):
     parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
     parser.add_argument("--output_dir", default="demo_assets", help="Folder for tiny-sd, tiny-sdxl and demo_dataset.")

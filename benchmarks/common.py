@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import fairhuman_demo  # noqa: E402
+from fairhuman_demo import read_scalars  # noqa: E402,F401  (re-exported for the benchmarks)
 
 # name -> (model size, latent sample size, resolution, demo image scale). "sd15" and "sdxl" are the
 # public UNet configs of stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0 with random weights
@@ -92,20 +93,6 @@ def run_training(model: str, data: str, out: str, resolution: int, extra: list[s
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-
-
-def read_scalars(folder: str) -> dict[str, list[float]]:
-    """All scalars the run logged to TensorBoard, by tag, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, list[float]] = {}
-    for root, _, files in os.walk(folder):
-        if any("tfevents" in f for f in files):
-            acc = EventAccumulator(root)
-            acc.Reload()
-            for tag in acc.Tags()["scalars"]:
-                scalars[tag] = [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
-    return scalars
 
 
 def machine() -> str:

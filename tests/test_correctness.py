@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fairhuman_utils as fh
+from fairhuman_demo import read_scalars
 import train_fairhuman_lora as train
 from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main, three_objective_model
 
@@ -143,8 +144,6 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny_sd, demo_dataset, tmp_pat
                             "--report_to", "tensorboard"))
     assert any("step 2: non-finite loss or gradients, step skipped (1 in a row, 1 in all)" in r.getMessage()
                for r in caplog.records)
-    from test_train import read_scalars
-
     assert read_scalars(out)["skipped_steps"] == [0, 1, 1, 1]
     assert all(torch.isfinite(t).all() for t in lora_tensors(out).values())
 
@@ -214,8 +213,6 @@ def test_batched_backward_gives_the_same_lora(reference, tiny_sd, demo_dataset, 
 
 @pytest.mark.parametrize("weights", ["reuse", "prediction"])
 def test_fair_update_interval_logs_and_resumes_mid_period(weights, tiny_sd, demo_dataset, tmp_path):
-    from test_train import read_scalars
-
     common = ["--train_batch_size", 2, "--fair_update_interval", 4, "--fair_interval_weights", weights,
               "--report_to", "tensorboard", "--checkpointing_steps", 2]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -233,8 +230,6 @@ def test_fair_update_interval_logs_and_resumes_mid_period(weights, tiny_sd, demo
 
 
 def test_fidelity_check_logs_cosine_and_error(tiny_sd, demo_dataset, tmp_path):
-    from test_train import read_scalars
-
     out = str(tmp_path / "fidelity")
     run_main(*base_args(tiny_sd, demo_dataset, out, "--train_batch_size", 2, "--fair_update_interval", 4,
                         "--fair_fidelity_check", "--max_train_steps", 8, "--report_to", "tensorboard"))

@@ -12,6 +12,7 @@ from PIL import Image
 
 import train_fairhuman_lora as train
 from conftest import OFFLINE_ENV, REPO, lora_tensors, run_main, write_imagefolder
+from fairhuman_demo import read_scalars
 
 
 def launch(*args, expect_ok=True):
@@ -98,19 +99,6 @@ def test_sdxl_time_ids_use_real_sizes_and_crops():
 
 
 # ---- in-process runs: logging, push, weighting modes -------------------------------------------------
-
-
-def read_scalars(folder):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    runs = [os.path.join(root) for root, _, files in os.walk(folder) if any("tfevents" in f for f in files)]
-    scalars = {}
-    for run in runs:
-        acc = EventAccumulator(run)
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars[tag] = [e.value for e in acc.Scalars(tag)]
-    return scalars
 
 
 @pytest.mark.parametrize("weighting", ["global", "equal", "fair"])
