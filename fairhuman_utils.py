@@ -547,10 +547,47 @@ def prediction_space_gram(losses_fn, model_pred: torch.Tensor) -> torch.Tensor:
     return v @ v.T
 
 
-def fair_scale(gram: torch.Tensor, approx_gram: torch.Tensor) -> float:
-    """``c = trace(gram) / trace(approx_gram)``: the scalar that maps an approximate Gram onto an exact one."""
-    denominator = float(torch.trace(approx_gram))
-    return float(torch.trace(gram)) / denominator if denominator > 0 else 1.0
+GRAM_CALIBRATIONS = ("diagonal", "trace")
+
+
+def prediction_gram_calibration(gram: torch.Tensor, prediction_gram: torch.Tensor, mode: str = "diagonal",
+                                previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-objective scales ``c`` that map the prediction-space Gram ``V V^T`` onto the exact ``G^T G``.
+
+    ``g_i = J^T v_i``, so ``||g_i||^2 = c_i ||v_i||^2`` with ``c_i = v_i^T J J^T v_i / ||v_i||^2``: how
+    strongly the model's parameters reach the direction ``v_i`` in prediction space. A localized
+    objective (a hand region) and the global one have DIFFERENT ``c_i``, so:
+
+    - ``"diagonal"``: ``c_i = (G^T G)_ii / (V V^T)_ii`` per objective, used as
+      ``G^T G ~ D^(1/2) V V^T D^(1/2)`` with ``D = diag(c)`` (:func:`calibrated_gram`): exact on the
+      diagonal at the calibration step, correlations taken from ``V``.
+    - ``"trace"``: one scalar ``c_i = trace(G^T G) / trace(V V^T)`` for every objective (the direction
+      of the fair update does not depend on a common scale, so this only fixes the norms' ratio ...
+      wrongly for the regions when the ``c_i`` differ).
+
+    An objective absent at this solve (``(V V^T)_ii = 0``) keeps its ``previous`` scale (the trace
+    ratio when there is none).
+    """
+    gram, prediction_gram = gram.double(), prediction_gram.double()
+    denominator = float(torch.trace(prediction_gram))
+    trace_ratio = float(torch.trace(gram)) / denominator if denominator > 0 else 1.0
+    scales = torch.full((gram.shape[0],), trace_ratio, dtype=torch.float64)
+    if mode == "trace":
+        return scales
+    if mode != "diagonal":
+        raise ValueError(f"unknown calibration {mode!r}; known: {GRAM_CALIBRATIONS}")
+    if previous is not None:
+        scales = previous.double().clone()
+    present = (prediction_gram.diagonal() > 0) & (gram.diagonal() > 0)
+    scales[present] = gram.diagonal()[present] / prediction_gram.diagonal()[present]
+    return scales
+
+
+def calibrated_gram(prediction_gram: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``D^(1/2) V V^T D^(1/2)`` with ``D = diag(scales)``: the estimate of ``G^T G`` between exact solves
+    (scales from :func:`prediction_gram_calibration`)."""
+    root = scales.double().sqrt()
+    return prediction_gram.double() * root[:, None] * root[None, :]
 
 
 @dataclass
@@ -565,10 +602,18 @@ class FairStep:
     def fidelity(self) -> tuple[float, float]:
         """``(cosine, relative error)`` of the applied update and weights against the exact ones:
         ``cos = a^T Gram e / sqrt(a^T Gram a * e^T Gram e)`` (the cosine of ``G a`` and ``G e``) and
-        ``||a - e|| / ||e||``. Both are 1 and 0 when the applied coefficients are the exact ones."""
+        ``||a - e|| / ||e||``. Both are 1 and 0 when the applied coefficients are the exact ones.
+        The cosine is dominated by the largest gradient (the global one): see :meth:`weight_ratios`."""
         a, e, g = self.applied.double(), self.exact.double(), self.gram.double()
         cosine = float(a @ g @ e / torch.sqrt((a @ g @ a) * (e @ g @ e)).clamp_min(1e-300))
         return cosine, float((a - e).norm() / e.norm().clamp_min(1e-300))
+
+    def weight_ratios(self) -> list[float]:
+        """``a_i / e_i`` per objective: the applied weight over the exact one (NaN where the exact weight
+        is 0, i.e. the objective is absent). 1 everywhere for exact weights; the measure that shows
+        whether a cheap mode gives the hand and face regions the weight MPD would."""
+        a, e = self.applied.double(), self.exact.double()
+        return [float(x / y) if y != 0 else float("nan") for x, y in zip(a, e)]
 
 
 def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

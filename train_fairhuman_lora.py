@@ -122,12 +122,17 @@ def parse_args(input_args=None):
                         "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
                         "prediction (no extra backward pass; scaled to the last exact solve); 'reuse' keeps the last "
                         "solved weights.")
+    g.add_argument("--fair_interval_calibration", type=str, default="diagonal", choices=list(fh.GRAM_CALIBRATIONS),
+                   help="With --fair_interval_weights prediction: how the prediction-space Gram is scaled onto the "
+                        "exact one at each exact solve. 'diagonal': one scale per objective (c_i = |g_i|^2 / |v_i|^2); "
+                        "'trace': one scale for all (trace ratio), which under-weights the hand and face regions.")
     g.add_argument("--fair_batched_backward", action="store_true",
                    help="Get the per-objective gradients with one vmapped backward pass (is_grads_batched) instead "
                         "of one pass per objective. Same numbers; see README for when it is faster.")
     g.add_argument("--fair_fidelity_check", action="store_true",
                    help="Diagnostic for --fair_update_interval > 1: on the steps between solves also compute the "
-                        "exact weights and log fidelity/update_cosine and fidelity/weight_rel_error (costs the "
+                        "exact weights and log fidelity/update_cosine, fidelity/weight_rel_error and "
+                        "fidelity/weight_ratio_{global,hand,face} (applied / exact weight; costs the "
                         "exact step's time).")
     g.add_argument("--save_mask_previews", type=int, default=0,
                    help="Write the first N training examples after the transforms to {output_dir}/mask_previews/ "
@@ -898,7 +903,7 @@ def main(args):
     coefficients = None if fair else torch.tensor(fixed, dtype=torch.float64)
     num_objectives = len(fh.OBJECTIVES)
     prediction_weights = fair and args.fair_update_interval > 1 and args.fair_interval_weights == "prediction"
-    gram_scale = 1.0  # exact Gram / prediction-space Gram at the last exact solve (prediction_weights)
+    gram_scale = None  # per-objective scales c_i (exact / prediction-space Gram) from the last exact solve
     prediction_gram_sum = torch.zeros(num_objectives, num_objectives, dtype=torch.float64)
     latent_size = (args.resolution // vae_scale, args.resolution // vae_scale)
     text_components = ({"text_encoder": text_encoders[0], "tokenizer": tokenizers[0]} if not sdxl else
@@ -916,7 +921,8 @@ def main(args):
         global_step = state["global_step"]
         if fair and state.get("fair_state"):
             coefficients = torch.tensor(state["fair_state"]["coefficients"], dtype=torch.float64)
-            gram_scale = state["fair_state"]["gram_scale"]
+            if state["fair_state"].get("gram_scale") is not None:  # a list (one float before per-objective scales)
+                gram_scale = torch.as_tensor(state["fair_state"]["gram_scale"], dtype=torch.float64).expand(num_objectives).clone()
         first_epoch = global_step // steps_per_epoch
         resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {resume_path} at optimizer step {global_step}")
@@ -998,7 +1004,7 @@ def main(args):
                     if solve_now:
                         prediction_gram_sum += prediction_gram
                     else:
-                        estimate = gram_scale * args.gradient_accumulation_steps * prediction_gram
+                        estimate = fh.calibrated_gram(args.gradient_accumulation_steps * prediction_gram, gram_scale)
                         coefficients = (fh.fair_coefficients(estimate, args.fair_alpha)[1] if torch.isfinite(estimate).all()
                                         else torch.full((num_objectives,), float("nan"), dtype=torch.float64))
                 if per_objective:
@@ -1016,7 +1022,8 @@ def main(args):
                         if solve_now:
                             exact = fair_step.exact
                             if prediction_weights:
-                                gram_scale = fh.fair_scale(fair_step.gram, prediction_gram_sum)
+                                gram_scale = fh.prediction_gram_calibration(fair_step.gram, prediction_gram_sum,
+                                                                            args.fair_interval_calibration, gram_scale)
                                 prediction_gram_sum.zero_()
                             if coefficients is not None and args.fair_update_interval > 1:
                                 # an objective absent at this solve keeps its last weight for the steps until the next
@@ -1024,7 +1031,7 @@ def main(args):
                             if torch.isfinite(exact).all():
                                 coefficients = exact
                         else:
-                            fidelity = fair_step.fidelity()
+                            fidelity = (*fair_step.fidelity(), fair_step.weight_ratios())
                         step_weights = fair_step.applied
                     else:
                         step_weights = coefficients
@@ -1060,7 +1067,8 @@ def main(args):
                              "perf/step_seconds": now - last_step_time, "perf/peak_memory_mb": peak_memory_mb()})
                 last_step_time = now
                 if fidelity is not None:
-                    logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = fidelity
+                    logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = fidelity[:2]
+                    logs.update({f"fidelity/weight_ratio_{name}": r for name, r in zip(fh.OBJECTIVES, fidelity[2])})
                 if scaler is not None:
                     logs["loss_scale"] = scaler.get_scale()
                 accelerator.log(logs, step=global_step)
@@ -1072,7 +1080,8 @@ def main(args):
 
                 if global_step % args.checkpointing_steps == 0:
                     fair_state = None if coefficients is None or not fair else {
-                        "coefficients": [float(c) for c in coefficients], "gram_scale": gram_scale}
+                        "coefficients": [float(c) for c in coefficients],
+                        "gram_scale": None if gram_scale is None else [float(c) for c in gram_scale]}
                     save_checkpoint(accelerator, args, global_step, args.seed, fair_state)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
