@@ -65,7 +65,9 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
     (latents at 1/2 of the pixels), CLIP text encoders of width 32. ``size="mid"`` (benchmarks): UNet
     of 3 levels (128/256/512, tens of millions of parameters), a 4-level VAE (latents at 1/8, like
     Stable Diffusion), text width 256. ``sample_size`` is the latent size, so the native resolution
-    is ``sample_size`` times the VAE factor.
+    is ``sample_size`` times the VAE factor. ``size="tiny-vae4"`` (effect benchmark): the tiny UNet on a
+    3-level VAE (latents at 1/4). The random VAE is made near-deterministic with unit-spread latents
+    (:func:`make_latents_carry_the_image`), so what is trained on its latents is the image, not noise.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel

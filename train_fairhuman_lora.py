@@ -676,6 +676,8 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
     settings = {
         "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
         "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
+        "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
+                                      and args.fair_interval_weights == "prediction" else "-"),
         "local_loss_scale": args.local_loss_scale,
         "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
         "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
