@@ -509,9 +509,9 @@ def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
     return torch.cat(embeds, dim=-1), pooled
 
 
-def sdxl_time_ids(original_sizes, crop_top_lefts, target_size, device, dtype):
+def sdxl_time_ids(original_sizes, crop_top_lefts, resolution, device, dtype):
     """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example."""
-    rows = [list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crop_top_lefts)]
+    rows = [list(o) + list(c) + [resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)]
     return torch.tensor(rows, device=device, dtype=dtype)
 
 
@@ -570,7 +570,7 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
     if sdxl:
         added_cond_kwargs = {"text_embeds": pooled,
                              "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                       pixels.shape[-2:], device, prompt_embeds.dtype)}
+                                                       args.resolution, device, prompt_embeds.dtype)}
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
