@@ -12,12 +12,15 @@ This module holds everything method-specific, as small functions without global 
 * the three objectives: :func:`fairhuman_losses`
 * the alpha-fair solver: :func:`solve_fair_weights`
 * per-objective gradients and their combination: :class:`ObjectiveGradients`
+* how the objective gradients become the update, for every weighting mode, with the exact-solve
+  schedule and its checkpoint state: :class:`FairUpdate` (what the training loop calls)
 
 The training script ``train_fairhuman_lora.py`` wires them into a diffusers-style loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -627,3 +630,202 @@ def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float 
     """
     weights = solve_fair_weights(gram / (grad_scale**2), alpha=alpha)
     return weights, weights * gram.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The update: how the three objective gradients become .grad, for every --weighting mode
+# ---------------------------------------------------------------------------------------------
+
+FIXED_COEFFICIENTS = {"global": (1.0, 0.0, 0.0), "equal": (1.0, 1.0, 1.0)}
+"""The coefficients ``c`` of the non-fair modes: the update is ``sum_i c_i g_i``."""
+
+
+class FairUpdate:
+    """How the objective gradients ``g_i`` become the update ``sum_i c_i g_i`` written into ``.grad``.
+
+    The training loop calls it where the diffusers loop calls ``accelerator.backward(loss)``::
+
+        with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):
+            ...
+            losses = loss_fn(model_pred)                       # [L_global, L_hand, L_face]
+            fair_update.backward(accelerator, losses, present, loss_fn=loss_fn, model_pred=model_pred)
+            if accelerator.sync_gradients:
+                logs = fair_update.write_update(accelerator)   # .grad = sum_i c_i g_i; the c_i for the logs
+                accelerator.clip_grad_norm_(...)
+
+    Modes (``weighting``):
+
+    * ``"global"``: ``c = (1, 0, 0)``, ``"equal"``: ``c = (1, 1, 1)``; one backward pass of
+      ``sum_i c_i L_i`` through ``accelerator.backward``, exactly the plain diffusers update.
+    * ``"fair"``: ``c = K w`` with the alpha-fair weights ``w`` solving ``(G^T G w)_i w_i^(1/alpha) = 1``
+      (:func:`solve_fair_weights`). Every ``update_interval``-th optimizer step (and the first) is an
+      EXACT step: one backward pass per present objective into the rows of
+      :class:`ObjectiveGradients` (summed over micro-batches, averaged over processes, the Gram taken
+      on gradients unscaled by the fp16 loss scale), then ``.grad = K G w``. On the steps in between,
+      one backward pass of ``sum_i c_i L_i`` with ``c`` from ``interval_weights``:
+
+      - ``"prediction"``: ``c = K w`` solved on ``D^(1/2) V V^T D^(1/2)`` (:func:`calibrated_gram`),
+        ``V V^T`` the Gram of ``v_i = dL_i/dpred`` (no backward through the model,
+        :func:`prediction_space_gram`), ``D = diag(s)`` the calibration taken at the last exact step
+        (:func:`prediction_gram_calibration`): with ``calibration="diagonal"`` (default) one scale per
+        objective, ``s_i = (G^T G)_ii / (V V^T)_ii``, since the model reaches a localized (hand, face)
+        direction differently from the global one; with ``"trace"`` one scale
+        ``trace(G^T G) / trace(V V^T)`` for all, which measurably mis-weights the regions;
+      - ``"reuse"``: the ``c`` of the last exact step.
+
+      An objective absent at an exact step (zero gradient, ``w_i = 0``) keeps its previous
+      coefficient for the steps until the next exact one. With ``fidelity_check`` the steps in
+      between also take the exact per-objective gradients (costing an exact step's time) to log how
+      far the applied update is from exact MPD (:meth:`FairStep.fidelity`, and per objective
+      applied / exact weight, :meth:`FairStep.weight_ratios`).
+
+    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, registered with
+    ``accelerator.register_for_checkpointing``): the number of updates written (which fixes the
+    schedule), the last coefficients and the calibration ``s`` (one scale per objective).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        weighting: str = "fair",
+        *,
+        alpha: float = 2.0,
+        update_interval: int = 1,
+        interval_weights: str = "prediction",
+        calibration: str = "diagonal",
+        batched_backward: bool = False,
+        fidelity_check: bool = False,
+    ):
+        if weighting not in ("fair", *FIXED_COEFFICIENTS):
+            raise ValueError(f"unknown weighting {weighting!r}; expected 'fair', 'equal' or 'global'")
+        if interval_weights not in ("prediction", "reuse"):
+            raise ValueError(f"unknown interval_weights {interval_weights!r}; expected 'prediction' or 'reuse'")
+        if update_interval < 1:
+            raise ValueError(f"update_interval must be at least 1, got {update_interval}")
+        if calibration not in GRAM_CALIBRATIONS:
+            raise ValueError(f"unknown calibration {calibration!r}; expected one of {GRAM_CALIBRATIONS}")
+        self.calibration = calibration
+        self.weighting = weighting
+        self.fair = weighting == "fair"
+        self.alpha = alpha
+        self.update_interval = update_interval
+        self.batched_backward = batched_backward
+        self.fidelity_check = fidelity_check and self.fair
+        self.prediction_weights = self.fair and update_interval > 1 and interval_weights == "prediction"
+        self.gradients = ObjectiveGradients(params) if self.fair else None
+        self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
+        self.coefficients = None if self.fair else torch.tensor(FIXED_COEFFICIENTS[weighting], dtype=torch.float64)
+        self.gram_scale = None  # s_i: exact / prediction-space Gram per objective, from the last exact step
+        self._prediction_gram_sum = torch.zeros(len(OBJECTIVES), len(OBJECTIVES), dtype=torch.float64)
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    @property
+    def exact_step(self) -> bool:
+        """Whether this optimizer step solves the exact fair weights (every ``update_interval``-th, and
+        the first: ``step % update_interval == 0``, or no coefficients yet)."""
+        return self.fair and (self.coefficients is None or self.step % self.update_interval == 0)
+
+    @property
+    def per_objective(self) -> bool:
+        """Whether this step takes one backward pass per objective (exact steps, and every step with
+        the fidelity check); otherwise one backward pass of ``sum_i c_i L_i``."""
+        return self.exact_step or self.fidelity_check
+
+    def no_sync(self, accelerator, model):
+        """The context for a micro-batch's forward and backward: on per-objective steps the rows are
+        averaged across processes by :meth:`write_update`, so DDP must not reduce ``.grad`` as well."""
+        return accelerator.no_sync(model) if self.per_objective else contextlib.nullcontext()
+
+    # -- per micro-batch ------------------------------------------------------------------------
+
+    def backward(self, accelerator, losses: torch.Tensor, present: Sequence[bool], *, loss_fn=None,
+                 model_pred: torch.Tensor | None = None) -> None:
+        """Backward pass(es) of one micro-batch's ``losses = [L_global, L_hand, L_face]``.
+
+        Per-objective steps: ``d (scale * L_i / A) / d params`` into row ``i`` for every ``present``
+        objective (``scale`` = the fp16 loss scale, ``A`` = accumulation steps). Other steps:
+        ``accelerator.backward(sum_i c_i L_i)`` (which divides by ``A`` and applies the loss scale).
+        With prediction-space weights, ``loss_fn`` (prediction -> losses) and ``model_pred`` give
+        ``V V^T / A^2`` (mean over processes): summed over an exact step's micro-batches for the
+        calibration, or solved on at once for ``c`` in between.
+        """
+        accumulation = accelerator.gradient_accumulation_steps
+        if self.prediction_weights:
+            prediction_gram = prediction_space_gram(loss_fn, model_pred) / accumulation**2
+            if accelerator.num_processes > 1:
+                prediction_gram = accelerator.reduce(prediction_gram.to(accelerator.device), "mean").cpu()
+            if self.exact_step:
+                self._prediction_gram_sum += prediction_gram
+            else:
+                estimate = calibrated_gram(accumulation * prediction_gram, self.gram_scale)
+                self.coefficients = (fair_coefficients(estimate, self.alpha)[1] if torch.isfinite(estimate).all()
+                                     else torch.full((len(OBJECTIVES),), float("nan"), dtype=torch.float64))
+        if self.per_objective:
+            scale = _loss_scale(accelerator)
+            self.gradients.accumulate(losses * (scale / accumulation), present, batched=self.batched_backward)
+        else:
+            accelerator.backward(losses @ self.coefficients.to(losses))
+
+    # -- per optimizer step ---------------------------------------------------------------------
+
+    def write_update(self, accelerator) -> dict[str, float]:
+        """On a sync step: make ``.grad`` the update and return the values to log.
+
+        Per-objective steps write ``scale * sum_i c_i g_i`` (``c = K w`` solved now on the Gram of the
+        rows averaged over processes and unscaled; on fidelity-check steps the interval's ``c``), so a
+        ``GradScaler`` unscales and checks it as a plain backward pass; non-finite rows give NaN
+        coefficients and the step is skipped downstream. Other steps already hold their update.
+        Returns ``weight/<objective>`` (the ``c_i`` applied) and, on fidelity-check steps,
+        ``fidelity/update_cosine``, ``fidelity/weight_rel_error`` and ``fidelity/weight_ratio_<objective>``
+        (applied / exact weight; NaN for an absent objective).
+        """
+        logs = {}
+        if self.per_objective:
+            exact_step = self.exact_step
+            step = self.gradients.fair_update(self.alpha, grad_scale=_loss_scale(accelerator),
+                                              stale=None if exact_step else self.coefficients)
+            if exact_step:
+                exact = step.exact
+                if self.prediction_weights:
+                    self.gram_scale = prediction_gram_calibration(step.gram, self._prediction_gram_sum,
+                                                                  self.calibration, previous=self.gram_scale)
+                    self._prediction_gram_sum.zero_()
+                if self.coefficients is not None and self.update_interval > 1:
+                    # an objective absent at this solve keeps its last weight for the steps until the next
+                    exact = torch.where(exact == 0, self.coefficients, exact)
+                if torch.isfinite(exact).all():
+                    self.coefficients = exact
+            else:
+                logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = step.fidelity()
+                logs.update({f"fidelity/weight_ratio_{name}": r for name, r in zip(OBJECTIVES, step.weight_ratios())})
+            applied = step.applied
+        else:
+            applied = self.coefficients
+        self.step += 1
+        logs.update({f"weight/{name}": float(c) for name, c in zip(OBJECTIVES, applied)})
+        return logs
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: updates written, last coefficients, calibration (plain Python)."""
+        coefficients = None if self.coefficients is None else [float(c) for c in self.coefficients]
+        return {"weighting": self.weighting, "step": self.step, "coefficients": coefficients,
+                "gram_scale": None if self.gram_scale is None else [float(s) for s in self.gram_scale]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. The fair coefficients and calibration are only taken when both the
+        saved and this update are ``fair`` (a run resumed with another ``--weighting`` keeps its own)."""
+        self.step = int(state["step"])
+        if self.fair and state.get("weighting") == "fair" and state.get("coefficients") is not None:
+            self.coefficients = torch.tensor(state["coefficients"], dtype=torch.float64)
+            if state.get("gram_scale") is not None:  # a list; one float in checkpoints before per-objective scales
+                scale = torch.as_tensor(state["gram_scale"], dtype=torch.float64)
+                self.gram_scale = scale.expand(len(OBJECTIVES)).clone()
+
+
+def _loss_scale(accelerator) -> float:
+    """The fp16 loss scale of ``accelerator`` (its ``GradScaler``), or 1."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler.get_scale() if scaler is not None else 1.0

@@ -25,11 +25,11 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import fairhuman_utils as fh
@@ -520,6 +520,82 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, resolution, device, dtype):
     return torch.tensor(rows, device=device, dtype=dtype)
 
 
+def pipeline_components(vae, text_encoders, tokenizers, sdxl: bool) -> dict:
+    """The frozen parts of the SD / SDXL pipeline, for validation pipelines built around the trained UNet."""
+    if sdxl:
+        return dict(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                    tokenizer=tokenizers[0], tokenizer_2=tokenizers[1])
+    return dict(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+
+
+@dataclass
+class StepInputs:
+    """What the UNet's forward pass and the three losses need for one batch."""
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict | None  # SDXL: pooled text embeds and time ids
+    target: torch.Tensor  # the noise, or the velocity for v-prediction
+    hand_mask: torch.Tensor  # (B, 1, h, w) on the latent grid
+    face_mask: torch.Tensor
+    present: list  # [True, any hand in the batch, any face in the batch], decided on the CPU (no device sync)
+    sample_weights: torch.Tensor | None  # Min-SNR weights, or None
+
+
+@torch.no_grad()
+def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler, sdxl: bool, weight_dtype,
+                   device) -> StepInputs:
+    """The diffusers loop's steps before the forward pass: latents, noise, timesteps, noisy latents, text
+    conditioning, target, plus FairHuman's region masks on the latent grid.
+
+    Every random draw of an example (VAE sample, noise, offset noise, timestep) comes from a generator
+    seeded with the example's own seed (``fairhuman_utils.item_seed``), so it does not depend on the
+    batching, the process count or a resume.
+    """
+    from diffusers.training_utils import compute_snr
+
+    generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
+    pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
+    latent_dist = vae.encode(pixels).latent_dist
+    eps = torch.stack([torch.randn(latent_dist.mean.shape[1:], generator=g) for g in generators])
+    latents = latent_dist.mean + latent_dist.std * eps.to(latent_dist.mean)
+    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    if args.noise_offset:
+        offsets = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators])
+        noise = noise + args.noise_offset * offsets
+    noise = noise.to(latents)
+    timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                           for g in generators]).to(device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    prompt_embeds, pooled = encode_prompt(text_encoders, tokenizers, batch["captions"], device, sdxl)
+    added_cond_kwargs = None
+    if sdxl:
+        added_cond_kwargs = {"text_embeds": pooled,
+                             "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
+                                                       args.resolution, device, prompt_embeds.dtype)}
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UsageError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
+    # FairHuman: the hand and face masks, moved with the image, reduced to the latent grid
+    latent_masks = fh.masks_to_latent(batch["masks"], latents.shape[-2:], args.latent_mask_mode)
+    present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]
+    latent_masks = latent_masks.to(device, non_blocking=True)
+    sample_weights = None
+    if args.snr_gamma is not None:
+        snr = compute_snr(noise_scheduler, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            snr = snr + 1
+        sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
+    return StepInputs(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs, target, latent_masks[:, 0:1],
+                      latent_masks[:, 1:2], present, sample_weights)
+
+
 def unet_lora_state_dict(unet):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -571,6 +647,48 @@ def make_optimizer(args, params, device):
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
+def optimizer_step(accelerator, optimizer, lr_scheduler, grad_norm, losses) -> bool:
+    """``optimizer.step()``, ``lr_scheduler.step()``, ``optimizer.zero_grad()``; returns True when the step
+    was skipped: by the fp16 ``GradScaler`` (inf/NaN gradients), or, without a scaler, because the
+    gradient norm or the losses are not finite (the parameters and the schedule are then left alone)."""
+    finite = torch.isfinite(torch.as_tensor(grad_norm)) and torch.isfinite(losses).all()
+    if accelerator.scaler is None and not finite:
+        skipped = True
+    else:
+        optimizer.step()
+        skipped = accelerator.optimizer_step_was_skipped
+    if not skipped:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+class SkippedSteps:
+    """Counts the optimizer steps skipped for non-finite losses or gradients: a warning for each, and
+    :class:`TrainingStopped` with advice after ``max_in_a_row`` in a row."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.in_a_row, self.total = max_in_a_row, 0, 0
+
+    def record(self, skipped: bool, step: int) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        self.total += skipped
+        if skipped:
+            logger.warning(f"step {step}: non-finite loss or gradients, step skipped "
+                           f"({self.in_a_row} in a row, {self.total} in all)")
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingStopped(
+                f"{self.in_a_row} optimizer steps in a row had non-finite losses or gradients. Try a lower "
+                "--learning_rate, --mixed_precision bf16 or no, the fp16-fix VAE "
+                "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
+
+
+def progress_postfix(logs: dict) -> dict:
+    """The progress bar's summary of one step's logs: the three losses, the coefficients, the lr."""
+    return {"L_g": f"{logs['loss/global']:.4f}", "L_h": f"{logs['loss/hand']:.4f}", "L_f": f"{logs['loss/face']:.4f}",
+            "w": "/".join(f"{logs[f'weight/{name}']:.3g}" for name in fh.OBJECTIVES), "lr": f"{logs['lr']:.2e}"}
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set size."""
     if torch.cuda.is_available():
@@ -597,11 +715,14 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, args, global_step: int, seed: int, fair_state: dict | None = None) -> str:
+def save_checkpoint(accelerator, args, global_step: int) -> str:
     """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
 
-    A kill while writing leaves only ``.checkpoint-N.partial``, which ``latest`` never picks. Older
-    checkpoints beyond ``--checkpoints_total_limit`` are removed only after the new one is complete.
+    ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler, RNG states and the
+    registered :class:`fairhuman_utils.FairUpdate`; the marker file, written last, marks the checkpoint
+    complete and holds its step and the run's seed. A kill while writing leaves only
+    ``.checkpoint-N.partial``, which ``latest`` never picks. Older checkpoints beyond
+    ``--checkpoints_total_limit`` are removed only after the new one is complete.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
@@ -611,7 +732,7 @@ def save_checkpoint(accelerator, args, global_step: int, seed: int, fair_state: 
     accelerator.save_state(partial)
     if accelerator.is_main_process:
         with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
-            json.dump({"global_step": global_step, "seed": seed, "fair_state": fair_state}, f)
+            json.dump({"global_step": global_step, "seed": args.seed}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -621,6 +742,35 @@ def save_checkpoint(accelerator, args, global_step: int, seed: int, fair_state: 
         logger.info(f"Saved state to {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def read_marker(checkpoint: str) -> dict:
+    """The marker file of a complete checkpoint: ``{"global_step": N, "seed": S}``."""
+    with open(os.path.join(checkpoint, CHECKPOINT_MARKER)) as f:
+        return json.load(f)
+
+
+def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
+    """Restore LoRA, optimizer, scheduler, RNG states and the fair update, and register the fair update
+    for the checkpoints still to come; returns the checkpoint's optimizer step.
+
+    The fair update is restored by accelerate (``register_for_checkpointing`` before ``load_state``).
+    Checkpoints written before it had a state of its own (their marker holds ``fair_state``) have no
+    state file for it: they are loaded first, the update registered afterwards and its state taken
+    from the marker.
+    """
+    marker = read_marker(checkpoint)
+    if "fair_state" not in marker:
+        accelerator.register_for_checkpointing(fair_update)
+        accelerator.load_state(checkpoint)
+        return marker["global_step"]
+    accelerator.load_state(checkpoint)
+    accelerator.register_for_checkpointing(fair_update)
+    fair_state = marker["fair_state"] or {}
+    fair_update.load_state_dict({"weighting": "fair" if fair_state else None, "step": marker["global_step"],
+                                 "coefficients": fair_state.get("coefficients"),
+                                 "gram_scale": fair_state.get("gram_scale", 1.0)})
+    return marker["global_step"]
 
 
 def resolve_resume(args) -> str | None:
@@ -750,7 +900,7 @@ def main(args):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
     from huggingface_hub import create_repo, upload_folder
     from peft import LoraConfig
     from tqdm.auto import tqdm
@@ -760,8 +910,7 @@ def main(args):
     check_args(args)
     resume_path = resolve_resume(args)
     if resume_path is not None and args.seed is None:
-        with open(os.path.join(resume_path, CHECKPOINT_MARKER)) as f:
-            args.seed = json.load(f)["seed"]  # the run's seed decides data order and noise: keep it
+        args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
 
@@ -870,6 +1019,11 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, lora_params, accelerator.device)
+    # FairHuman: how the three objectives' gradients become the update (every --weighting mode)
+    fair_update = fh.FairUpdate(lora_params, args.weighting, alpha=args.fair_alpha,
+                                update_interval=args.fair_update_interval, interval_weights=args.fair_interval_weights,
+                                calibration=args.fair_interval_calibration,
+                                batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check)
 
     # ---- Data ----------------------------------------------------------------------------------
     train_dataset = FairHumanDataset(checked, args, args.seed, args.resolution)
@@ -898,50 +1052,28 @@ def main(args):
         accelerator.init_trackers("fairhuman-lora", config=config)
 
     # ---- Training loop -------------------------------------------------------------------------
-    fair = args.weighting == "fair"
-    objective_grads = fh.ObjectiveGradients(lora_params) if fair else None
-    fixed = {"global": [1.0, 0.0, 0.0], "equal": [1.0, 1.0, 1.0]}.get(args.weighting)
-    # the coefficients of the objective gradients in the update (K w for fair; the last solved ones)
-    coefficients = None if fair else torch.tensor(fixed, dtype=torch.float64)
-    num_objectives = len(fh.OBJECTIVES)
-    prediction_weights = fair and args.fair_update_interval > 1 and args.fair_interval_weights == "prediction"
-    gram_scale = None  # per-objective scales c_i (exact / prediction-space Gram) from the last exact solve
-    prediction_gram_sum = torch.zeros(num_objectives, num_objectives, dtype=torch.float64)
-    latent_size = (args.resolution // vae_scale, args.resolution // vae_scale)
-    text_components = ({"text_encoder": text_encoders[0], "tokenizer": tokenizers[0]} if not sdxl else
-                       {"text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1],
-                        "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]})
-    components = dict(vae=vae, **text_components)
-    if not sdxl:
-        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    if resume_path is not None:
-        accelerator.load_state(resume_path)
-        with open(os.path.join(resume_path, CHECKPOINT_MARKER)) as f:
-            state = json.load(f)
-        global_step = state["global_step"]
-        if fair and state.get("fair_state"):
-            coefficients = torch.tensor(state["fair_state"]["coefficients"], dtype=torch.float64)
-            if state["fair_state"].get("gram_scale") is not None:  # a list (one float before per-objective scales)
-                gram_scale = torch.as_tensor(state["fair_state"]["gram_scale"], dtype=torch.float64).expand(num_objectives).clone()
-        first_epoch = global_step // steps_per_epoch
-        resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    global_step = 0
+    if resume_path is None:
+        # FairHuman: the fair update's state (schedule, coefficients, calibration) goes into every checkpoint
+        accelerator.register_for_checkpointing(fair_update)
+        if args.resume_from_checkpoint == "latest":
+            logger.info("No complete checkpoint in --output_dir; starting a new run.")
+    else:
+        global_step = load_checkpoint(accelerator, resume_path, fair_update)  # registers fair_update too
         logger.info(f"Resumed from {resume_path} at optimizer step {global_step}")
-    elif args.resume_from_checkpoint == "latest":
-        logger.info("No complete checkpoint in --output_dir; starting a new run.")
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running FairHuman training *****")
     logger.info(f"  Model = {'SDXL' if sdxl else 'SD'} at {args.resolution}px, weighting = {args.weighting}"
-                f"{f' (alpha {args.fair_alpha}, solved every {args.fair_update_interval} steps)' if fair else ''}")
+                f"{f' (alpha {args.fair_alpha}, solved every {args.fair_update_interval} steps)' if fair_update.fair else ''}")
     logger.info(f"  Examples = {len(train_dataset)}, total batch = {total_batch}, optimizer steps = {args.max_train_steps}")
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-
-    scaler = accelerator.scaler  # the fp16 GradScaler, or None
+    components = pipeline_components(vae, text_encoders, tokenizers, sdxl)
     step_losses = torch.zeros(len(fh.OBJECTIVES), device=accelerator.device)
-    nonfinite_in_a_row, skipped_steps, images = 0, 0, []
+    skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
     last_step_time = time.perf_counter()
     unet.train()
     for epoch in range(first_epoch, args.num_train_epochs):
@@ -950,141 +1082,43 @@ def main(args):
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         dataloader.set_epoch(epoch)  # reaches EpochShuffleSampler; accelerate would count from 0 after a resume
         for batch in dataloader:
-            # fair steps that solve the weights need each objective's gradient (one VJP per objective,
-            # averaged across processes by hand, so DDP must not reduce); the others one weighted backward.
-            solve_now = fair and (coefficients is None or global_step % args.fair_update_interval == 0)
-            per_objective = solve_now or args.fair_fidelity_check
-            with accelerator.accumulate(unet), (accelerator.no_sync(unet) if per_objective else contextlib.nullcontext()):
-                generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
-                with torch.no_grad():
-                    pixels = batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)
-                    latent_dist = vae.encode(pixels).latent_dist
-                    eps = torch.stack([torch.randn(latent_dist.mean.shape[1:], generator=g) for g in generators])
-                    latents = latent_dist.mean + latent_dist.std * eps.to(latent_dist.mean)
-                    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
-                    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-                    if args.noise_offset:
-                        offsets = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators])
-                        noise = noise + args.noise_offset * offsets
-                    noise = noise.to(latents)
-                    timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
-                                           for g in generators]).to(accelerator.device)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    prompt_embeds, pooled = encode_prompt(text_encoders, tokenizers, batch["captions"],
-                                                          accelerator.device, sdxl)
-                    added_cond = None
-                    if sdxl:
-                        added_cond = {"text_embeds": pooled,
-                                      "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                                args.resolution, accelerator.device, prompt_embeds.dtype)}
-                    if noise_scheduler.config.prediction_type == "epsilon":
-                        target = noise
-                    elif noise_scheduler.config.prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                    else:
-                        raise UsageError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
-                    latent_masks = fh.masks_to_latent(batch["masks"], latent_size, args.latent_mask_mode)
-                    present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]  # on the CPU: no sync
-                    latent_masks = latent_masks.to(accelerator.device, non_blocking=True)
-                    sample_weights = None
-                    if args.snr_gamma is not None:
-                        snr = compute_snr(noise_scheduler, timesteps)
-                        if noise_scheduler.config.prediction_type == "v_prediction":
-                            snr = snr + 1
-                        sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
-
-                model_pred = unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added_cond).sample
-                loss_fn = functools.partial(fh.fairhuman_losses, target=target, hand_mask=latent_masks[:, 0:1],
-                                            face_mask=latent_masks[:, 1:2], local_loss_scale=args.local_loss_scale,
-                                            normalization=args.local_loss_normalization, sample_weights=sample_weights)
+            # FairHuman: on per-objective steps DDP must not reduce .grad (the fair update averages the rows)
+            with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):
+                inputs = prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler, sdxl,
+                                        weight_dtype, accelerator.device)
+                model_pred = unet(inputs.noisy_latents, inputs.timesteps, inputs.prompt_embeds,
+                                  added_cond_kwargs=inputs.added_cond_kwargs).sample
+                # FairHuman: three objectives on one prediction, [L_global, L_hand, L_face]
+                loss_fn = functools.partial(fh.fairhuman_losses, target=inputs.target, hand_mask=inputs.hand_mask,
+                                            face_mask=inputs.face_mask, local_loss_scale=args.local_loss_scale,
+                                            normalization=args.local_loss_normalization,
+                                            sample_weights=inputs.sample_weights)
                 losses = loss_fn(model_pred)
                 step_losses += losses.detach() / args.gradient_accumulation_steps
-                if prediction_weights:  # cheap weights between exact solves: no backward pass through the UNet
-                    prediction_gram = fh.prediction_space_gram(loss_fn, model_pred) / args.gradient_accumulation_steps**2
-                    if accelerator.num_processes > 1:
-                        prediction_gram = accelerator.reduce(prediction_gram.to(accelerator.device), "mean").cpu()
-                    if solve_now:
-                        prediction_gram_sum += prediction_gram
-                    else:
-                        estimate = fh.calibrated_gram(args.gradient_accumulation_steps * prediction_gram, gram_scale)
-                        coefficients = (fh.fair_coefficients(estimate, args.fair_alpha)[1] if torch.isfinite(estimate).all()
-                                        else torch.full((num_objectives,), float("nan"), dtype=torch.float64))
-                if per_objective:
-                    scale = scaler.get_scale() if scaler is not None else 1.0
-                    objective_grads.accumulate(losses * (scale / args.gradient_accumulation_steps), present,
-                                               batched=args.fair_batched_backward)
-                else:
-                    accelerator.backward(losses @ coefficients.to(losses))
-
+                # FairHuman: in place of accelerator.backward(loss)
+                fair_update.backward(accelerator, losses, inputs.present, loss_fn=loss_fn, model_pred=model_pred)
                 if accelerator.sync_gradients:
-                    fidelity = None
-                    if per_objective:  # average over processes, solve on the unscaled Gram, write K G w into .grad
-                        fair_step = objective_grads.fair_update(args.fair_alpha, grad_scale=scale,
-                                                                stale=None if solve_now else coefficients)
-                        if solve_now:
-                            exact = fair_step.exact
-                            if prediction_weights:
-                                gram_scale = fh.prediction_gram_calibration(fair_step.gram, prediction_gram_sum,
-                                                                            args.fair_interval_calibration, gram_scale)
-                                prediction_gram_sum.zero_()
-                            if coefficients is not None and args.fair_update_interval > 1:
-                                # an objective absent at this solve keeps its last weight for the steps until the next
-                                exact = torch.where(exact == 0, coefficients, exact)
-                            if torch.isfinite(exact).all():
-                                coefficients = exact
-                        else:
-                            fidelity = (*fair_step.fidelity(), fair_step.weight_ratios())
-                        step_weights = fair_step.applied
-                    else:
-                        step_weights = coefficients
+                    update_logs = fair_update.write_update(accelerator)  # FairHuman: .grad = sum_i c_i g_i
                     grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    finite = torch.isfinite(torch.as_tensor(grad_norm)) and torch.isfinite(step_losses).all()
-                    if scaler is None and not finite:
-                        step_skipped = True  # no scaler to skip it for us
-                    else:
-                        optimizer.step()
-                        step_skipped = accelerator.optimizer_step_was_skipped
-                    if not step_skipped:
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    step_skipped = optimizer_step(accelerator, optimizer, lr_scheduler, grad_norm, step_losses)
 
             if accelerator.sync_gradients:
                 progress_bar.update(1)
                 global_step += 1
                 step_losses = accelerator.reduce(step_losses, "mean")
-                nonfinite_in_a_row = nonfinite_in_a_row + 1 if step_skipped else 0
-                skipped_steps += step_skipped
-                if step_skipped:
-                    logger.warning(f"step {global_step}: non-finite loss or gradients, step skipped "
-                                   f"({nonfinite_in_a_row} in a row, {skipped_steps} in all)")
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise TrainingStopped(
-                        f"{nonfinite_in_a_row} optimizer steps in a row had non-finite losses or gradients. Try a lower "
-                        "--learning_rate, --mixed_precision bf16 or no, the fp16-fix VAE "
-                        "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
-                logs = {f"loss/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_losses)}
-                logs.update({f"weight/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_weights)})
+                skipped_steps.record(step_skipped, global_step)
                 now = time.perf_counter()
-                logs.update({"lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
-                             "perf/step_seconds": now - last_step_time, "perf/peak_memory_mb": peak_memory_mb()})
-                last_step_time = now
-                if fidelity is not None:
-                    logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = fidelity[:2]
-                    logs.update({f"fidelity/weight_ratio_{name}": r for name, r in zip(fh.OBJECTIVES, fidelity[2])})
-                if scaler is not None:
-                    logs["loss_scale"] = scaler.get_scale()
+                logs = {**{f"loss/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_losses)}, **update_logs,
+                        "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps.total,
+                        "perf/step_seconds": now - last_step_time, "perf/peak_memory_mb": peak_memory_mb()}
+                if accelerator.scaler is not None:
+                    logs["loss_scale"] = accelerator.scaler.get_scale()
                 accelerator.log(logs, step=global_step)
-                progress_bar.set_postfix(
-                    {"L_g": f"{logs['loss/global']:.4f}", "L_h": f"{logs['loss/hand']:.4f}",
-                     "L_f": f"{logs['loss/face']:.4f}", "w": "/".join(f"{float(v):.3g}" for v in step_weights),
-                     "lr": f"{logs['lr']:.2e}"})
-                step_losses = torch.zeros_like(step_losses)
+                progress_bar.set_postfix(progress_postfix(logs))
+                last_step_time, step_losses = now, torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:
-                    fair_state = None if coefficients is None or not fair else {
-                        "coefficients": [float(c) for c in coefficients],
-                        "gram_scale": None if gram_scale is None else [float(c) for c in gram_scale]}
-                    save_checkpoint(accelerator, args, global_step, args.seed, fair_state)
+                    save_checkpoint(accelerator, args, global_step)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
                     run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,

@@ -6,6 +6,7 @@ batch 2, 12 optimizer steps, --weighting fair with the exact solve every step (-
 same seed and data.
 """
 
+import json
 import logging
 import os
 import signal
@@ -227,6 +228,28 @@ def test_fair_update_interval_logs_and_resumes_mid_period(weights, tiny_sd, demo
         assert w[0] == w[1] == w[2] == w[3] and w[4] == w[5] == w[6] and w[4] != w[3]
     else:  # re-solved every step on the prediction-space Gram
         assert len(set(w[:4])) == 4
+
+
+def test_checkpoints_of_the_previous_format_still_resume(tiny_sd, demo_dataset, tmp_path):
+    """Before the fair update had its own checkpoint state (issue 8), its coefficients and calibration
+    travelled in the marker file as ``fair_state`` and there was no custom_checkpoint_0.pkl: such a
+    checkpoint still resumes to the same LoRA."""
+    common = ["--train_batch_size", 2, "--fair_update_interval", 4, "--checkpointing_steps", 3]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_main(*base_args(tiny_sd, demo_dataset, straight, *common, "--max_train_steps", 5))
+    run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 3))
+    checkpoint = os.path.join(resumed, "checkpoint-3")
+    state = torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), weights_only=False)
+    assert state["step"] == 3 and state["weighting"] == "fair"
+    os.remove(os.path.join(checkpoint, "custom_checkpoint_0.pkl"))  # what the previous version wrote:
+    with open(os.path.join(checkpoint, train.CHECKPOINT_MARKER), "w") as f:
+        json.dump({"global_step": 3, "seed": 5, "fair_state": {"coefficients": state["coefficients"],
+                                                               "gram_scale": state["gram_scale"]}}, f)
+    run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 5,
+                        "--resume_from_checkpoint", "latest"))
+    assert_same_lora(straight, resumed, atol=0)
+    # the checkpoints written now keep only the step and the seed in the marker
+    assert json.load(open(os.path.join(straight, "checkpoint-3", train.CHECKPOINT_MARKER))) == {"global_step": 3, "seed": 5}
 
 
 def test_fidelity_check_logs_cosine_and_error(tiny_sd, demo_dataset, tmp_path):
