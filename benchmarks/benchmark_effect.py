@@ -50,7 +50,7 @@ MODES = {
     "equal s=2": ["--weighting", "equal", "--local_loss_scale", "2"],
     "equal s=5": ["--weighting", "equal", "--local_loss_scale", "5"],
     "fair exact": ["--weighting", "fair", "--fair_update_interval", "1"],
-    "fair default": ["--weighting", "fair"],
+    "fair interval 8": ["--weighting", "fair", "--fair_update_interval", "8", "--fair_interval_calibration", "diagonal"],
     "fair interval 8, trace calibration": ["--weighting", "fair", "--fair_update_interval", "8",
                                            "--fair_interval_calibration", "trace"],
     "fair exact alpha=1": ["--weighting", "fair", "--fair_update_interval", "1", "--fair_alpha", "1"],
@@ -58,14 +58,15 @@ MODES = {
 }
 # optional (--modes): the other cheap variants
 EXTRA_MODES = {
+    "fair default": ["--weighting", "fair"],  # whatever the script's default is (exact since issue 9)
     "equal s=0.5": ["--weighting", "equal", "--local_loss_scale", "0.5"],
     "fair interval 8, reuse": ["--weighting", "fair", "--fair_update_interval", "8", "--fair_interval_weights", "reuse"],
     "fair interval 4": ["--weighting", "fair", "--fair_update_interval", "4"],
 }
 # the cheap modes also run with --fair_fidelity_check (same updates, exact weights logged beside them) for
 # the first seed: their weight ratios come from that seed, their step cost from the others
-CHEAP_MODES = ["fair default", "fair interval 8, trace calibration", "fair interval 8, reuse", "fair interval 4"]
-QUICK_MODES = ["global", "equal s=1", "equal s=5", "fair exact", "fair default"]
+CHEAP_MODES = ["fair interval 8", "fair interval 8, trace calibration", "fair interval 8, reuse", "fair interval 4"]
+QUICK_MODES = ["global", "equal s=1", "equal s=5", "fair exact", "fair interval 8"]
 STATIC_CURVE = ["equal s=0.5", "equal s=1", "equal s=2", "equal s=5"]
 
 
@@ -286,12 +287,15 @@ def fine_tune(args, base: str, data: str, out: str, mode: str, seed: int) -> dic
 
 def t_interval(diffs):
     """Mean and the half-width of the 95 % t interval (NaN for one value)."""
-    from scipy import stats
-
     diffs = np.asarray(diffs, dtype=float)
     if len(diffs) < 2:
         return float(diffs.mean()), float("nan")
-    return float(diffs.mean()), float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+    df = len(diffs) - 1
+    t975 = T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df  # Student's t 0.975 quantile (no scipy here)
+    return float(diffs.mean()), float(t975 * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
 def main(args):
@@ -362,6 +366,8 @@ def main(args):
             for lo, hi in BANDS:
                 band = f"{name} t{lo}-{hi}"
                 row[band] = float(np.mean([runs[(mode, s)]["errors"][band] for s in seeds]))
+                row[f"{band} vs global %"] = float(np.mean(
+                    [100 * (runs[(mode, s)]["errors"][band] / runs[("global", s)]["errors"][band] - 1) for s in seeds]))
         timed = [s for s in seeds if not (mode in CHEAP_MODES and s == 0)] or list(seeds)
         row["step_seconds"] = float(np.mean([runs[(mode, s)]["step_seconds"] for s in timed]))
         for tag in runs[(mode, 0)]:
@@ -370,6 +376,12 @@ def main(args):
         table[mode] = row
     for mode, row in table.items():
         row["cost vs global"] = row["step_seconds"] / table["global"]["step_seconds"]
+        if "fair exact" in table and mode.startswith("fair"):
+            # the region coefficients relative to the global one, against exact MPD's (1 = the same balance)
+            exact = table["fair exact"]
+            for name in ("hand", "face"):
+                row[f"{name}/global coefficient vs exact"] = ((row[f"weight/{name}"] / row["weight/global"])
+                                                               / (exact[f"weight/{name}"] / exact["weight/global"]))
     for name in ("hand", "face"):
         exact_gain = table.get("fair exact", {}).get(f"{name} vs global %")
         for row in table.values():
@@ -391,21 +403,36 @@ def markdown(result) -> str:
     lines = [f"Machine: {result['machine']}. Experiment time {result['seconds'] / 60:.1f} min "
              f"(base pretraining {result['pretrain']['seconds'] / 60:.1f} min, cached).",
              f"Base model on held-out detailed people: global {result['base_detailed']['global']:.4f}, hand "
-             f"{result['base_detailed']['hand']:.4f}, face {result['base_detailed']['face']:.4f}.", "",
+             f"{result['base_detailed']['hand']:.4f}, face {result['base_detailed']['face']:.4f} (on the same people "
+             f"drawn coarse: {result['base_coarse']['global']:.4f}, {result['base_coarse']['hand']:.4f}, "
+             f"{result['base_coarse']['face']:.4f}). Global-only fine-tune vs the base: " + ", ".join(
+                 f"{n} {100 * (table['global'][n] / result['base_detailed'][n] - 1):+.2f} %" for n in ("global", "hand", "face"))
+             + ".", "",
              "| mode | global err | hand err | face err | global vs global-only % | hand % | face % | "
-             "coef hand / face (K w) | weight ratio hand / face (cheap / exact) | step cost |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "coef. global / hand / face (K w, mean) | hand/global, face/global coef. vs exact | "
+             "per-step weight ratio global / hand / face (applied / exact) | step cost |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def pm(row, name):
         mean, ci = row[f"{name} vs global %"], row[f"{name} vs global ci"]
         return f"{mean:+.2f}" + ("" if math.isnan(ci) else f" ± {ci:.2f}")
 
     for mode, row in table.items():
-        ratios = (f"{row['fidelity/weight_ratio_hand']:.2f} / {row['fidelity/weight_ratio_face']:.2f}"
+        ratios = (" / ".join(f"{row[f'fidelity/weight_ratio_{n}']:.2f}" for n in ("global", "hand", "face"))
                   if "fidelity/weight_ratio_hand" in row else "")
+        balance = (f"{row['hand/global coefficient vs exact']:.2f}, {row['face/global coefficient vs exact']:.2f}"
+                   if "hand/global coefficient vs exact" in row else "")
+        coefficients = " / ".join(f"{row[f'weight/{n}']:.3g}" for n in ("global", "hand", "face"))
         lines.append(f"| {mode} | {row['global']:.4f} | {row['hand']:.4f} | {row['face']:.4f} | {pm(row, 'global')} | "
-                     f"{pm(row, 'hand')} | {pm(row, 'face')} | {row['weight/hand']:.3f} / {row['weight/face']:.3f} | "
-                     f"{ratios} | {row['cost vs global']:.2f}x |")
+                     f"{pm(row, 'hand')} | {pm(row, 'face')} | {coefficients} | {balance} | {ratios} | "
+                     f"{row['cost vs global']:.2f}x |")
+    lines += ["", "By timestep band (mean paired change vs global-only training, %; global / hand / face):", "",
+              "| mode | " + " | ".join(f"t in [{lo}, {hi})" for lo, hi in BANDS) + " |",
+              "| --- |" + " --- |" * len(BANDS)]
+    for mode, row in table.items():
+        cells = [" / ".join(f"{row[f'{n} t{lo}-{hi} vs global %']:+.2f}" for n in ("global", "hand", "face"))
+                 for lo, hi in BANDS]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
