@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the FairHuman weighting change hands and faces? A controlled experiment on the CPU.
 
-    nice -n 10 python benchmarks/benchmark_effect.py            # full: 3 seeds x 9 modes, ~45 min (base cached: ~33 min)
+    nice -n 10 python benchmarks/benchmark_effect.py            # full: 3 seeds x 9 modes (~33 min as 3 processes, --only_seed)
     nice -n 10 python benchmarks/benchmark_effect.py --quick    # ~4 min: 1 seed, 80 steps, 5 modes
 
 1. A base model that denoises COARSE drawn people (hands and faces are plain ellipses): the tiny demo
