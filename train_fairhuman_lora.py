@@ -861,6 +861,9 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
         "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
         "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
         "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
+        "crop": ("square (--square_crop)" if args.square_crop else
+                 f"aspect-ratio buckets (steps {args.bucket_reso_steps or 'of the model'}, up to "
+                 f"{args.max_bucket_aspect_ratio:g}:1)"),
         "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,

@@ -139,3 +139,20 @@ def preview_ious(preview_dir, i):
         union = (drawn | mask).sum()
         ious.append(float((drawn & mask).sum() / union) if union else 1.0)
     return tuple(ious)
+
+
+def edge_photos(folder, orientations=(1,)):
+    """A 2:3 portrait (face at the top edge, hands at the bottom edge) and a 3:2 landscape (face at the
+    left edge, hand at the right edge), boxes in the upright frame. (A square crop keeps one end only.)"""
+    os.makedirs(folder, exist_ok=True)
+    layouts = {"portrait.jpg": ((64, 96), [22, 0, 42, 16], [[4, 80, 18, 96], [44, 80, 58, 96]]),
+               "landscape.jpg": ((96, 64), [0, 20, 16, 40], [[80, 24, 96, 40]])}
+    rows = []
+    for orientation in orientations:  # one portrait and one landscape per EXIF orientation
+        for name, (size, face, hands) in layouts.items():
+            name = f"o{orientation}_{name}"
+            marked_photo(os.path.join(folder, name), size, face, hands, orientation=orientation)
+            rows.append({"file_name": name, "text": "a person", "face_boxes": [face], "hand_boxes": hands})
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(folder), {size: (face, hands) for size, face, hands in layouts.values()}

@@ -12,7 +12,7 @@ from PIL import Image
 
 import fairhuman_utils as fh
 import train_fairhuman_lora as train
-from conftest import OFFLINE_ENV, REPO, lora_tensors, marked_photo, preview_ious, run_main, write_imagefolder
+from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
 from fairhuman_demo import read_scalars
 
 
@@ -295,23 +295,6 @@ def test_checkpoint_latest_ignores_partial_and_foreign_folders(tmp_path):
 # ---- aspect-ratio buckets and EXIF orientation (issue 10) -------------------------------------------
 
 
-def _edge_photos(folder, orientations=(1,)):
-    """A 2:3 portrait (face at the top edge, hands at the bottom edge) and a 3:2 landscape (face at the
-    left edge, hand at the right edge), boxes in the upright frame. (A square crop keeps one end only.)"""
-    os.makedirs(folder, exist_ok=True)
-    layouts = {"portrait.jpg": ((64, 96), [22, 0, 42, 16], [[4, 80, 18, 96], [44, 80, 58, 96]]),
-               "landscape.jpg": ((96, 64), [0, 20, 16, 40], [[80, 24, 96, 40]])}
-    rows = []
-    for orientation in orientations:  # one portrait and one landscape per EXIF orientation
-        for name, (size, face, hands) in layouts.items():
-            name = f"o{orientation}_{name}"
-            marked_photo(os.path.join(folder, name), size, face, hands, orientation=orientation)
-            rows.append({"file_name": name, "text": "a person", "face_boxes": [face], "hand_boxes": hands})
-    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return str(folder), {size: (face, hands) for size, face, hands in layouts.values()}
-
-
 def _mask_fractions(preview_dir, i):
     """(shape (w, h), face mask area / image area, hand mask area / image area) of mask preview i."""
     face = np.asarray(Image.open(os.path.join(preview_dir, f"{i}_face.png")), dtype=np.float64) / 255
@@ -324,7 +307,7 @@ def _area(boxes):
 
 
 def test_buckets_keep_edge_boxes_and_square_crop_reports_its_loss(tiny_sd, tmp_path, caplog):
-    data, layouts = _edge_photos(tmp_path / "data")
+    data, layouts = edge_photos(tmp_path / "data")
     common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", data, "--resolution", 64,
               "--mask_dilation", 0, "--save_mask_previews", 2, "--max_train_steps", 1, "--report_to", "none",
               "--seed", 0, "--weighting", "global"]  # the previews are the point: one cheap step
@@ -360,7 +343,7 @@ def test_buckets_keep_edge_boxes_and_square_crop_reports_its_loss(tiny_sd, tmp_p
 
 def test_exif_rotated_photos_train_upright(tiny_sd, tmp_path):
     """JPEGs stored sideways with EXIF orientation 6 and 8, boxes drawn on the upright photo."""
-    data, _ = _edge_photos(tmp_path / "data", orientations=(6, 8))
+    data, _ = edge_photos(tmp_path / "data", orientations=(6, 8))
     out = tmp_path / "out"
     run_main("--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", data, "--output_dir", out,
              "--resolution", 64, "--mask_dilation", 0, "--save_mask_previews", 4, "--max_train_steps", 1,
