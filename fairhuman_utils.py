@@ -11,7 +11,7 @@ This module holds everything method-specific, as small functions without global 
   :func:`box_units_problem`
 * aspect-ratio buckets: :func:`make_buckets`, :func:`assign_bucket`, :func:`bucket_granularity`
 * the transform that moves image and masks together: :func:`resize_crop_plan`, :func:`paired_transform`,
-  :func:`box_area_kept`
+  :func:`region_boxes`, :func:`box_area_kept`
 * pixel masks -> latent masks: :func:`masks_to_latent`
 * the three objectives: :func:`fairhuman_losses`
 * the alpha-fair solver: :func:`solve_fair_weights`
@@ -217,13 +217,10 @@ def _mask_rect(box, width: int, height: int, dilation: int):
     return (left, top, right, bottom) if right > left and bottom > top else None
 
 
-def boxes_bbox(boxes: Iterable[Sequence[float]], width: int, height: int, dilation: int = 0):
-    """The box around every pixel :func:`boxes_to_mask` would fill (``mask.getbbox()``), without drawing it;
-    ``None`` when it fills none."""
-    rects = [r for r in (_mask_rect(b, width, height, dilation) for b in boxes) if r is not None]
-    if not rects:
-        return None
-    return (min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects))
+def region_boxes(boxes: Iterable[Sequence[float]], width: int, height: int, dilation: int = 0) -> list[tuple]:
+    """The pixel rectangles ``(left, top, right, bottom)`` that :func:`boxes_to_mask` fills for ``boxes``
+    (rounded, dilated, clipped; empty ones left out), without drawing them."""
+    return [r for r in (_mask_rect(b, width, height, dilation) for b in boxes) if r is not None]
 
 
 def binarize_mask_image(mask: Image.Image, size: tuple[int, int], *, column: str, row: int | None) -> Image.Image:
@@ -261,18 +258,26 @@ def make_buckets(resolution: int, step: int, max_aspect_ratio: float = 4.0) -> l
     """Aspect-ratio buckets ``(width, height)`` of about ``resolution ** 2`` pixels, sides multiples of ``step``.
 
     For every short side ``s = k * step`` up to ``resolution`` the long side is the multiple of ``step``
-    closest to ``resolution ** 2 / s``; both orientations ``(s, l)`` and ``(l, s)`` are buckets unless the
-    long side exceeds ``max_aspect_ratio`` times the short one (4 = the extreme buckets of SDXL's
-    training). Sorted from the tallest to the widest; the square bucket is in it whenever
-    ``resolution`` is a multiple of ``step``. At 1024 px and step 64: 512x2048, 576x1792, ..., 896x1152,
-    960x1088, 1024x1024 and their transposes.
+    closest to ``resolution ** 2 / s``, and for every long side ``l = k * step`` from ``resolution`` the
+    short side is the multiple closest to ``resolution ** 2 / l`` (both ways, so the aspect ratios are as
+    fine as the step allows); both orientations ``(s, l)`` and ``(l, s)`` are buckets unless the long
+    side exceeds ``max_aspect_ratio`` times the short one (4 = the extreme buckets of SDXL's training).
+    Sorted from the tallest to the widest; the square bucket is in it whenever ``resolution`` is a
+    multiple of ``step``. At 1024 px and step 64: 512x2048, 576x1856, 576x1792, 576x1728, ..., 960x1088,
+    1024x1024 and their transposes (areas within about 10 % of 1024^2).
     """
     if resolution < step:
         raise ValueError(f"resolution {resolution} is below the bucket step {step}")
     area = resolution * resolution
-    buckets = set()
+    pairs = set()
     for short in range(step, resolution + 1, step):
-        long = max(short, round(area / short / step) * step)
+        pairs.add((short, max(short, round(area / short / step) * step)))
+    for long in range(math.ceil(resolution / step) * step, int(max_aspect_ratio * resolution) + step, step):
+        short = max(step, round(area / long / step) * step)
+        if short <= long:
+            pairs.add((short, long))
+    buckets = set()
+    for short, long in pairs:
         if long <= max_aspect_ratio * short + 1e-9:
             buckets.update({(short, long), (long, short)})
     if not buckets:  # max_aspect_ratio below what the step allows: the squarest bucket
@@ -303,7 +308,7 @@ def resize_crop_plan(
     size: tuple[int, int],
     target: tuple[int, int],
     *,
-    keep: Sequence[float] | None = None,
+    keep: Sequence[Sequence[float]] | None = None,
     center_crop: bool = False,
     rng: random.Random | None = None,
 ) -> ResizeCrop:
@@ -312,12 +317,13 @@ def resize_crop_plan(
     The scale is ``max(tw / w, th / h)``: the image is kept whole up to the rounding to the target
     (the leftover is the pixels of the aspect-ratio difference; for a square target this is the
     diffusers examples' resize of the short side). The crop offset on each axis (top, then left) is
-    drawn uniformly from ``rng``, or centred with ``center_crop``, among:
+    drawn uniformly from ``rng``, or the middle one with ``center_crop``, among:
 
     * all offsets, when ``keep`` is ``None`` (the diffusers square crop);
-    * the offsets whose window contains the box ``keep = (x0, y0, x1, y1)`` (original pixels, e.g. the
-      union of the hand and face regions), when there are any;
-    * otherwise the single offset that centres the window on ``keep``.
+    * with ``keep``, a list of boxes ``(x0, y0, x1, y1)`` in original pixels (the hand and face
+      regions), the offsets that maximise ``sum_box kept length / box length`` on that axis: the
+      offsets whose window holds every box when there are any, otherwise those that keep the most
+      regions (each box counts alike, so a small hand weighs as much as a large face).
     """
     rng = rng if rng is not None else random.Random()
     width, height = size
@@ -325,17 +331,17 @@ def resize_crop_plan(
     scale = max(tw / width, th / height)
     new_w, new_h = max(tw, round(width * scale)), max(th, round(height * scale))
     offsets = []
-    for axis, (new, t) in enumerate(((new_h, th), (new_w, tw))):  # top first, then left
-        low, high = 0, new - t
-        if keep is not None:
-            a = keep[1 - axis] * new / (height if axis == 0 else width)
-            b = keep[3 - axis] * new / (height if axis == 0 else width)
-            inside_low, inside_high = max(low, math.ceil(b - 1e-6) - t), min(high, math.floor(a + 1e-6))
-            if inside_low <= inside_high:
-                low, high = inside_low, inside_high
-            else:
-                low = high = min(max(round((a + b - t) / 2), 0), new - t)
-        offsets.append((low + high) // 2 if center_crop else rng.randint(low, high))
+    for axis, (new, t, old) in enumerate(((new_h, th, height), (new_w, tw, width))):  # top first, then left
+        candidates = np.arange(0, new - t + 1)
+        if keep and len(candidates) > 1:
+            score = np.zeros(len(candidates))
+            for box in keep:
+                a, b = box[1 - axis] * new / old, box[3 - axis] * new / old
+                if b > a:
+                    score += np.clip(np.minimum(b, candidates + t) - np.maximum(a, candidates), 0, None) / (b - a)
+            candidates = candidates[score >= score.max() - 1e-9]
+        offsets.append(int(candidates[(len(candidates) - 1) // 2] if center_crop else
+                           candidates[rng.randint(0, len(candidates) - 1)]))
     return ResizeCrop((new_w, new_h), (offsets[0], offsets[1]), (tw, th))
 
 
@@ -351,15 +357,6 @@ def box_area_kept(boxes: Iterable[Sequence[float]], size: tuple[int, int], plan:
         total += (x1 - x0) * (y1 - y0)
         kept += max(0.0, min(x1, right) - max(x0, left)) * max(0.0, min(y1, bottom) - max(y0, top))
     return kept, total
-
-
-def regions_bbox(masks: Sequence[Image.Image]) -> tuple[int, int, int, int] | None:
-    """The box ``(x0, y0, x1, y1)`` around every non-zero pixel of the masks, or ``None`` if all are empty."""
-    boxes = [m.getbbox() for m in masks]
-    boxes = [b for b in boxes if b is not None]
-    if not boxes:
-        return None
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 @dataclass
@@ -394,7 +391,7 @@ def paired_transform(
     center_crop: bool = False,
     random_flip: bool = False,
     rng: random.Random | None = None,
-    keep_regions: bool = False,
+    keep: Sequence[Sequence[float]] | None = None,
 ) -> TransformedExample:
     """Resize, crop and flip an image and its masks with ONE draw of the random parameters.
 
@@ -402,8 +399,9 @@ def paired_transform(
     ``resolution x resolution`` square.
 
     1. resize to cover the target (bilinear, image and masks alike), see :func:`resize_crop_plan`;
-    2. crop the target: centred, or at offsets drawn once from ``rng``; with ``keep_regions`` only
-       among the offsets that keep the masks' regions (:func:`regions_bbox`) inside, when any does;
+    2. crop the target: centred, or at offsets drawn once from ``rng``; with ``keep`` (the hand and
+       face boxes, original pixels) only among the offsets that keep them inside, or as much of them as
+       possible (:func:`resize_crop_plan`);
     3. with ``random_flip``, mirror left-right with probability 1/2, drawn once from ``rng``.
 
     The same offsets and the same flip are applied to every mask (the authors' code drew them
@@ -418,7 +416,6 @@ def paired_transform(
         if m.size != image.size:
             raise ValueError(f"mask size {m.size} differs from image size {image.size}")
     width, height = image.size
-    keep = regions_bbox(masks) if keep_regions else None
     plan = resize_crop_plan((width, height), target, keep=keep, center_crop=center_crop, rng=rng)
     new_w, new_h = plan.resized
     image = image.resize((new_w, new_h), Image.BILINEAR)

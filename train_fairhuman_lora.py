@@ -426,19 +426,22 @@ class FairHumanDataset(torch.utils.data.Dataset):
             image = fh.open_image(example[self.args.image_column])
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{self.args.image_column}', row {row}: cannot read the image ({error})") from None
-        masks = []
+        masks, keep = [], []
         for region, kind, column in self.sources:
             if kind == "boxes":
                 masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, self.args.mask_dilation))
+                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, self.args.mask_dilation)
             else:
                 try:
                     mask = fh.open_image(example[column])
                     masks.append(fh.binarize_mask_image(mask, image.size, column=column, row=row))
                 except fh.AnnotationError as error:
                     raise UsageError(str(error)) from None
+                if masks[-1].getbbox() is not None:
+                    keep.append(masks[-1].getbbox())
         target = self.targets if isinstance(self.targets, int) else self.targets[row]
-        out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop,
-                                  random_flip=self.args.random_flip, rng=rng, keep_regions=self.keep_regions)
+        out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
+                                  rng=rng, keep=keep if self.keep_regions else None)
         return {
             "pixel_values": out.pixel_values,
             "masks": out.masks,
@@ -555,7 +558,7 @@ def crop_loss(checked: dict, args, targets, seed: int) -> dict:
             continue
         keep = None
         if not args.square_crop:
-            keep = fh.boxes_bbox([b for region in regions for b in boxes[region]], size[0], size[1], args.mask_dilation)
+            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1], args.mask_dilation)
         target = targets if isinstance(targets, int) else targets[row]
         target = (target, target) if isinstance(target, int) else target
         plan = fh.resize_crop_plan(size, target, keep=keep, center_crop=args.center_crop,

@@ -3,8 +3,9 @@ gradient checkpointing, interruption and non-finite steps (issue 3), with aspect
 
 Every equivalence is checked on the LoRA the script writes, against one reference run:
 batch 2, 12 optimizer steps, --weighting fair with the exact solve every step (--fair_update_interval 1),
-same seed and data. The data: 10 drawn people of 4 aspect ratios, so the tiny model's buckets hold 3, 3,
-2 and 2 images and two buckets' last global batches are filled with repeats.
+same seed and data. The data: 10 drawn people of 4 aspect ratios, which the tiny model's buckets (32^2
+pixels, 4 px steps) hold as 5 (40x24), 3 (24x40) and 2 (32x32) images: the last global batch of two
+buckets is filled with a repeat.
 """
 
 import logging
@@ -79,7 +80,7 @@ def test_two_processes_equal_one_process(reference, tiny_sd, mixed_dataset, tmp_
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "total batch = 2" in proc.stderr  # really two processes of batch 1
-    assert "Aspect-ratio buckets: 4 of" in proc.stderr and "2 repeated examples per epoch" in proc.stderr
+    assert "Aspect-ratio buckets: 3 of" in proc.stderr and "2 repeated examples per epoch" in proc.stderr
     assert_same_lora(reference, out)
     # checkpoints, logs and the card are written once
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-12", "checkpoint-6"]
