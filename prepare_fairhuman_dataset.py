@@ -31,7 +31,6 @@ write the result as a ``datasets.Dataset``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math

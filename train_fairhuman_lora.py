@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import io
 import json
 import logging
 import math
@@ -477,9 +476,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def repeats(self) -> list[int]:
-        """Per bucket, how many repeats fill its last global batch (every epoch)."""
-        return [-len(rows) % self.global_batch if rows else 0 for rows in self.bucket_rows]
+    @staticmethod
+    def repeats_needed(num_rows: int, global_batch: int) -> int:
+        """How many repeats fill the last global batch of a bucket of ``num_rows`` images (every epoch)."""
+        return -num_rows % global_batch
 
     @property
     def global_batches_per_epoch(self) -> int:
@@ -494,7 +494,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             generator = torch.Generator().manual_seed(fh.item_seed(self.seed, epoch, b, stream=2))
             order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
             keys = [(epoch, row, 0) for row in order]
-            short = -len(keys) % self.global_batch
+            short = self.repeats_needed(len(rows), self.global_batch)
             if short:
                 in_last = set(order[len(order) - len(order) % self.global_batch:])
                 candidates = [r for r in order if r not in in_last] + [r for r in order if r in in_last]
@@ -544,8 +544,8 @@ def crop_loss(checked: dict, args, targets, seed: int) -> dict:
     """How much hand/face box area the crops of epoch 0 cut away (box columns only; flips change nothing).
 
     Replays each row's epoch-0 crop (:func:`fairhuman_utils.resize_crop_plan` with the same random
-    draws and the same ``keep`` box as the dataset) from the image size and boxes alone, without
-    decoding an image. Returns counts: images with boxes, images losing more than 1 % of their box
+    draws and the same ``keep`` boxes as the dataset) from the image size and boxes alone, without
+    decoding an image. Regions given as mask images are not decoded here, so they are left out. Returns counts: images with boxes, images losing more than 1 % of their box
     area, images losing a whole region (all their hand or all their face box area), and the fraction of
     all box area lost.
     """
@@ -584,7 +584,7 @@ CROP_LOSS_WARNING = 0.05
 
 def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
     """Log the bucket table, the rule for short buckets and how much box area the crops cut away."""
-    repeats = [-len(rows) % global_batch if rows else 0 for rows in bucket_rows]
+    repeats = [BucketBatchSampler.repeats_needed(len(rows), global_batch) for rows in bucket_rows]
     if args.square_crop:
         logger.info(f"Square crop (--square_crop): every image resized to {args.resolution}px on its short side and "
                     f"cropped {'in the centre' if args.center_crop else 'at random'} to {args.resolution}x{args.resolution}")
@@ -604,7 +604,9 @@ def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, g
                    f"{100 * loss['lost_fraction']:.1f} % of all box area is cut away (epoch 0's crops)")
         if loss["lose_some"] > CROP_LOSS_WARNING * loss["with_boxes"]:
             advice = ("; aspect-ratio buckets keep every image whole: drop --square_crop" if args.square_crop else
-                      "; these images are beyond --max_bucket_aspect_ratio or their regions are wider than a bucket")
+                      "; their aspect ratios fall between two buckets (or beyond --max_bucket_aspect_ratio) and "
+                      "their hands or faces reach the edges that are cut: a larger --resolution or a smaller "
+                      "--bucket_reso_steps cuts less")
             logger.warning(message + advice)
         else:
             logger.info(message)

@@ -3,8 +3,8 @@
 
 The user scenario of issue 10: 60 portraits of 300x900 (and 60 of 400x600) with the face near the top
 and one or two hands near the bottom. Each mode writes the training script's mask previews of all 60
-examples of epoch 0 (``--save_mask_previews 60`` at ``--resolution 512`` with 64 px bucket steps =
-Stable Diffusion 1.5's geometry; the script's own data check, buckets, dataset and order, no model);
+examples of epoch 0 (``--save_mask_previews 60`` at ``--resolution`` 512 and 1024 with 64 px bucket
+steps = SD 1.5's and SDXL's geometry; the script's own data check, buckets, dataset and order, no model);
 the counts are read off the previews: a region is "kept" when at least half of its box area is in the
 example (``--mask_dilation 0``, so a mask is exactly its boxes).
 
@@ -78,11 +78,11 @@ def write_previews(argv: list[str], out: str, step: int) -> list[int]:
     return [row for _, row, _ in keys], loss
 
 
-def measure(data: str, rows: list[dict], size, out: str, flags: list[str]) -> dict:
+def measure(data: str, rows: list[dict], size, out: str, flags: list[str], resolution: int) -> dict:
     argv = ["--pretrained_model_name_or_path", "unused", "--train_data_dir", data, "--output_dir", out,
-            "--resolution", "512", "--mask_dilation", "0", "--save_mask_previews", str(len(rows)), "--seed", "0",
+            "--resolution", str(resolution), "--mask_dilation", "0", "--save_mask_previews", str(len(rows)), "--seed", "0",
             *flags]
-    order, loss = write_previews(argv, out, step=64)  # 64 px: SD 1.5's granularity (VAE 8 x UNet 8)
+    order, loss = write_previews(argv, out, step=64)  # 64 px: SD's and SDXL's granularity (VAE 8 x UNet 8)
     counts = {"both": 0, "face only": 0, "hands only": 0, "neither": 0}
     kept_area = total_area = 0.0
     for i, row in enumerate(order):
@@ -111,15 +111,17 @@ def main(input_args=None):
         for size in [(300, 900), (400, 600)]:
             data = os.path.join(tmp, f"data{size[0]}x{size[1]}")
             rows = build_portraits(data, size, args.num_images)
-            print(f"\n{args.num_images} portraits of {size[0]}x{size[1]}, face near the top, hands near the bottom, "
-                  f"SD 1.5 geometry (512 px, 64 px steps)")
-            print("| mode | example | face and a hand | face only | hands only | neither | box area kept | "
-                  "the script's log (epoch 0) |")
-            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-            for name, flags in MODES.items():
-                c = measure(data, rows, size, os.path.join(tmp, "out", name.replace(" ", "_")), flags)
-                print(f"| {name} | {c['example']} | {c['both']} | {c['face only']} | {c['hands only']} | "
-                      f"{c['neither']} | {c['box area kept']} | {c['logged']} |", flush=True)
+            for resolution, model in ((512, "SD 1.5"), (1024, "SDXL")):
+                print(f"\n{args.num_images} portraits of {size[0]}x{size[1]}, face near the top, hands near the bottom, "
+                      f"{model} geometry ({resolution} px, 64 px steps)")
+                print("| mode | example | face and a hand | face only | hands only | neither | box area kept | "
+                      "the script's log (epoch 0) |")
+                print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                for name, flags in MODES.items():
+                    out = os.path.join(tmp, "out", f"{resolution}_{name.replace(' ', '_')}")
+                    c = measure(data, rows, size, out, flags, resolution)
+                    print(f"| {name} | {c['example']} | {c['both']} | {c['face only']} | {c['hands only']} | "
+                          f"{c['neither']} | {c['box area kept']} | {c['logged']} |", flush=True)
 
 
 if __name__ == "__main__":
