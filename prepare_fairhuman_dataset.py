@@ -31,7 +31,6 @@ write the result as a ``datasets.Dataset``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 import fairhuman_utils as fh
@@ -414,27 +413,15 @@ class Record:
 
 
 def open_image(source) -> tuple[Image.Image, bool]:
-    """Open and fully decode an image (a path or bytes); apply its EXIF orientation.
-
-    Returns the image and whether it was rotated or flipped. Raises ``OSError`` / ``ValueError``
-    style errors for unreadable files.
-    """
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    image.load()
-    if image.getexif().get(0x0112, 1) not in (0, 1):  # 0x0112: the EXIF orientation tag
-        transposed = ImageOps.exif_transpose(image)
-        transposed.format = image.format
-        return transposed, True
-    return image, False
+    """Open an image (a path or bytes) upright, as the training script reads it (:func:`fairhuman_utils.open_image`:
+    EXIF orientation applied); also return whether it was rotated or flipped (then it is written re-encoded)."""
+    image = fh.open_image(source)
+    return image, image.info["exif_orientation"] != 1
 
 
 def upright_size(path: str) -> tuple[int, int]:
-    """``(width, height)`` of an image as loaders show it (EXIF rotation applied), without decoding it."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
-            width, height = height, width
-    return width, height
+    """``(width, height)`` of an image as the training script reads it (EXIF rotation applied), without decoding it."""
+    return fh.image_size(path)
 
 
 def write_image(source, image: Image.Image, reencode: bool, output_dir: str, file_name: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import io
 import json
 import logging
 import math
@@ -92,7 +91,19 @@ def parse_args(input_args=None):
                    help="Train on the first N rows only (for debugging or quick runs).")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training resolution; default: the model's own (unet sample_size x VAE factor: 512 for SD 1.5, 1024 for SDXL).")
-    g.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Take the centred crop instead of a random one (with buckets: the middle of the offsets that "
+                        "keep the hand and face regions inside).")
+    g.add_argument("--square_crop", action="store_true",
+                   help="The diffusers examples' behaviour: resize the short side to --resolution and crop a square "
+                        "(random, or centred with --center_crop), which can cut hands and faces off portrait and "
+                        "landscape photos. Default: aspect-ratio buckets (each image whole, see README).")
+    g.add_argument("--bucket_reso_steps", type=int, default=None,
+                   help="Bucket sides are multiples of this many pixels. Default: the model's granularity, VAE "
+                        "factor x UNet downsampling read from its config.json files (64 for SD 1.x/2.x and SDXL).")
+    g.add_argument("--max_bucket_aspect_ratio", type=float, default=4.0,
+                   help="Longest bucket side / shortest, at most (4 = SDXL's own extreme buckets); lower it to "
+                        "crop very long images more instead.")
     g.add_argument("--random_flip", action="store_true", help="Mirror image AND masks left-right with probability 1/2.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
 
@@ -214,7 +225,8 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval"]:
+    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval",
+                 "bucket_reso_steps"]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
@@ -229,6 +241,11 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number, got {value}")
+    if not (math.isfinite(args.max_bucket_aspect_ratio) and args.max_bucket_aspect_ratio >= 1):
+        raise UsageError(f"--max_bucket_aspect_ratio must be a number of at least 1, got {args.max_bucket_aspect_ratio}")
+    if args.square_crop and (args.bucket_reso_steps is not None or args.max_bucket_aspect_ratio != 4.0):
+        raise UsageError("--bucket_reso_steps and --max_bucket_aspect_ratio set the aspect-ratio buckets, which "
+                         "--square_crop turns off; give one or the other")
     if args.fair_alpha <= 0:
         raise UsageError(f"--fair_alpha must be positive, got {args.fair_alpha}")
     if args.local_loss_scale <= 0:
@@ -298,20 +315,6 @@ def load_training_dataset(args):
     return dataset
 
 
-def open_image(cell) -> Image.Image:
-    """Open an image cell as stored by ``datasets``: a PIL image, a {path, bytes} dict or a path."""
-    if isinstance(cell, Image.Image):
-        return cell
-    if isinstance(cell, dict):
-        if cell.get("bytes"):
-            return Image.open(io.BytesIO(cell["bytes"]))
-        if cell.get("path"):
-            return Image.open(cell["path"])
-    if isinstance(cell, (str, os.PathLike)):
-        return Image.open(cell)
-    raise TypeError(f"not an image: {type(cell).__name__}")
-
-
 def _region_sources(args):
     """(region, 'boxes' | 'mask', column) for hand and face."""
     return [
@@ -323,9 +326,11 @@ def _region_sources(args):
 def check_dataset(dataset, args) -> dict:
     """Check every row before any long work; return what the torch dataset needs.
 
-    Reads only image headers (sizes), parses every box cell (clipping and dropping as
-    :func:`fairhuman_utils.parse_boxes` documents) and checks mask images open with the image's
-    size. Raises :class:`UsageError` naming the column and row of the first problem.
+    Reads only image headers (sizes, in the upright frame: EXIF orientation applied), parses every box
+    cell (clipping and dropping as :func:`fairhuman_utils.parse_boxes` documents), checks each box
+    column's numbers are in the unit ``--relative_boxes`` says (:func:`fairhuman_utils.box_units_problem`)
+    and that mask images open with the image's size. Raises :class:`UsageError` naming the column and
+    row of the first problem.
     """
     import datasets
 
@@ -345,10 +350,10 @@ def check_dataset(dataset, args) -> dict:
 
     sizes, boxes, captions = [], {"hand": [], "face": []}, []
     counts = {"hand": 0, "face": 0}
+    ranges = {}  # box column -> [smallest, largest] number over all its boxes
     for row, example in enumerate(dataset):
         try:
-            with open_image(example[args.image_column]) as image:
-                size = image.size
+            size = fh.image_size(example[args.image_column])
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{args.image_column}', row {row}: cannot read the image ({error})") from None
         sizes.append(size)
@@ -368,87 +373,244 @@ def check_dataset(dataset, args) -> dict:
                     raise UsageError(str(error)) from None
                 boxes[region].append(parsed)
                 counts[region] += bool(parsed)
+                numbers = [float(v) for box in (example[column] or []) for v in box]
+                if numbers:
+                    low, high = ranges.setdefault(column, [math.inf, -math.inf])
+                    ranges[column] = [min(low, min(numbers)), max(high, max(numbers))]
             else:
                 try:
-                    with open_image(example[column]) as mask:
-                        mask_size = mask.size
+                    mask_size = fh.image_size(example[column])
                 except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
                     raise UsageError(f"column '{column}', row {row}: cannot read the mask image ({error})") from None
                 if mask_size != size:
                     raise UsageError(f"column '{column}', row {row}: mask size {mask_size[0]}x{mask_size[1]} differs "
                                      f"from the image size {size[0]}x{size[1]}")
                 boxes[region].append(None)
+    for column, (low, high) in ranges.items():
+        problem = fh.box_units_problem(low, high, args.relative_boxes)
+        if problem:
+            raise UsageError(f"column '{column}': {problem}")
     return {"dataset": dataset, "sizes": sizes, "boxes": boxes, "captions": captions, "counts": counts}
 
 
 class FairHumanDataset(torch.utils.data.Dataset):
     """Training examples: image and hand/face masks moved by one transform, plus caption and seed.
 
-    Keys are ``(epoch, row)`` pairs (see :class:`EpochShuffleSampler`), so every random draw of an
-    example is made from ``fairhuman_utils.item_seed(seed, epoch, row)``.
+    ``targets`` is each row's example size ``(width, height)`` (its aspect-ratio bucket), or one int for
+    the ``--square_crop`` square. Keys are ``(epoch, row)`` or ``(epoch, row, copy)`` (see
+    :class:`BucketBatchSampler`), so every random draw of an example is made from
+    ``fairhuman_utils.item_seed(seed, epoch, row)`` (a repeat ``copy`` > 0 of a row in the same epoch
+    gets its own stream). Images and mask images are read upright (:func:`fairhuman_utils.open_image`).
     """
 
-    def __init__(self, checked: dict, args, seed: int, resolution: int):
+    def __init__(self, checked: dict, args, seed: int, targets, keep_regions: bool = True):
         self.dataset = checked["dataset"]
         self.boxes = checked["boxes"]
         self.captions = checked["captions"]
         self.sources = _region_sources(args)
         self.args = args
         self.seed = seed
-        self.resolution = resolution
+        self.targets = targets
+        self.keep_regions = keep_regions
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, row = key if isinstance(key, tuple) else (0, key)
-        seed = fh.item_seed(self.seed, epoch, row)
+        epoch, row, copy = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (0, key, 0)
+        seed = fh.item_seed(self.seed, epoch, row, stream=0 if copy == 0 else 2 + copy)
         rng = random.Random(seed)
         example = self.dataset[row]
         try:
-            image = open_image(example[self.args.image_column])
-            image.load()
+            image = fh.open_image(example[self.args.image_column])
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{self.args.image_column}', row {row}: cannot read the image ({error})") from None
-        masks = []
+        masks, keep = [], []
         for region, kind, column in self.sources:
             if kind == "boxes":
                 masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, self.args.mask_dilation))
+                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, self.args.mask_dilation)
             else:
                 try:
-                    mask = open_image(example[column])
+                    mask = fh.open_image(example[column])
                     masks.append(fh.binarize_mask_image(mask, image.size, column=column, row=row))
                 except fh.AnnotationError as error:
                     raise UsageError(str(error)) from None
-        out = fh.paired_transform(image, masks, self.resolution, center_crop=self.args.center_crop,
-                                  random_flip=self.args.random_flip, rng=rng)
+                if masks[-1].getbbox() is not None:
+                    keep.append(masks[-1].getbbox())
+        target = self.targets if isinstance(self.targets, int) else self.targets[row]
+        out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
+                                  rng=rng, keep=keep if self.keep_regions else None)
         return {
             "pixel_values": out.pixel_values,
             "masks": out.masks,
             "original_size": out.original_size,
             "crop_top_left": out.crop_top_left,
+            "target_size": out.target_size,
             "caption": rng.choice(self.captions[row]),
             "seed": seed,
             "row": row,
         }
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Yields ``(epoch, row)`` keys in a permutation that depends only on (seed, epoch)."""
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Per-device batches of ``(epoch, row, copy)`` keys; every optimizer step's GLOBAL batch from one bucket.
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+    ``bucket_rows[b]`` lists the rows of bucket ``b``. Per epoch, each bucket's rows are shuffled and cut
+    into global batches of ``G = batch_size * group`` rows (``group`` = processes x accumulation steps);
+    a bucket's last, short global batch is FILLED with repeats of rows of the same bucket (drawn from
+    (seed, epoch), rows not already in that batch first; a repeat is key ``copy`` > 0 with its own random
+    draws), so no image is ever dropped and no batch mixes sizes. The global batches are then shuffled,
+    and each is yielded as ``group`` batches of ``batch_size`` keys: accelerate hands them to the
+    processes round-robin and each process accumulates its consecutive ones, so every optimizer step
+    sees exactly one global batch. Everything depends only on (seed, epoch) and ``G``: the same seed gives
+    the same global batches however they are split over processes and micro-batches.
+    """
+
+    def __init__(self, bucket_rows, batch_size: int, group: int, seed: int):
+        self.bucket_rows = [list(rows) for rows in bucket_rows]
+        self.batch_size, self.group, self.seed, self.epoch = batch_size, group, seed, 0
+        self.global_batch = batch_size * group
+        self.sampler = self  # accelerate's DataLoaderShard.set_epoch looks for batch_sampler.sampler.set_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def repeats_needed(num_rows: int, global_batch: int) -> int:
+        """How many repeats fill the last global batch of a bucket of ``num_rows`` images (every epoch)."""
+        return -num_rows % global_batch
+
+    @property
+    def global_batches_per_epoch(self) -> int:
+        return sum(math.ceil(len(rows) / self.global_batch) for rows in self.bucket_rows)
+
+    def global_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """The epoch's global batches in training order."""
+        batches = []
+        for b, rows in enumerate(self.bucket_rows):
+            if not rows:
+                continue
+            generator = torch.Generator().manual_seed(fh.item_seed(self.seed, epoch, b, stream=2))
+            order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+            keys = [(epoch, row, 0) for row in order]
+            short = self.repeats_needed(len(rows), self.global_batch)
+            if short:
+                in_last = set(order[len(order) - len(order) % self.global_batch:])
+                candidates = [r for r in order if r not in in_last] + [r for r in order if r in in_last]
+                copies = {}
+                for i in range(short):
+                    row = candidates[i % len(candidates)]
+                    copies[row] = copies.get(row, 0) + 1
+                    keys.append((epoch, row, copies[row]))
+            batches += [keys[i:i + self.global_batch] for i in range(0, len(keys), self.global_batch)]
+        generator = torch.Generator().manual_seed(fh.item_seed(self.seed, epoch, 0, stream=1))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     def __len__(self):
-        return self.num_rows
+        return self.global_batches_per_epoch * self.group
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(fh.item_seed(self.seed, self.epoch, 0, stream=1))
-        for row in torch.randperm(self.num_rows, generator=generator).tolist():
-            yield (self.epoch, row)
+        for keys in self.global_batches(self.epoch):
+            for i in range(self.group):
+                yield keys[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def plan_buckets(checked: dict, args, step: int):
+    """The example size of every row and the rows of each bucket.
+
+    Aspect-ratio buckets (:func:`fairhuman_utils.make_buckets` at ``--resolution`` with sides multiples of
+    ``step``, each row in the bucket of the closest aspect ratio), or with ``--square_crop`` one
+    ``resolution x resolution`` bucket. Returns ``(buckets, targets, bucket_rows)``.
+    """
+    if args.square_crop:
+        return [(args.resolution, args.resolution)], args.resolution, [list(range(len(checked["sizes"])))]
+    buckets = fh.make_buckets(args.resolution, step, args.max_bucket_aspect_ratio)
+    assigned = [fh.assign_bucket(size, buckets) for size in checked["sizes"]]
+    bucket_rows = [[row for row, b in enumerate(assigned) if b == i] for i in range(len(buckets))]
+    return buckets, [buckets[b] for b in assigned], bucket_rows
+
+
+def bucket_table(buckets, bucket_rows, repeats) -> str:
+    """The bucket table logged before training: size, images, repeats filling its last global batch."""
+    lines = ["  bucket (w x h) | images | repeats per epoch to fill the last global batch"]
+    for (w, h), rows, extra in zip(buckets, bucket_rows, repeats):
+        if rows:
+            lines.append(f"  {w:>5} x {h:<5}    | {len(rows):>6} | {extra}")
+    return "\n".join(lines)
+
+
+def crop_loss(checked: dict, args, targets, seed: int) -> dict:
+    """How much hand/face box area the crops of epoch 0 cut away (box columns only; flips change nothing).
+
+    Replays each row's epoch-0 crop (:func:`fairhuman_utils.resize_crop_plan` with the same random
+    draws and the same ``keep`` boxes as the dataset) from the image size and boxes alone, without
+    decoding an image. Regions given as mask images are not decoded here, so they are left out. Returns counts: images with boxes, images losing more than 1 % of their box
+    area, images losing a whole region (all their hand or all their face box area), and the fraction of
+    all box area lost.
+    """
+    regions = [region for region, kind, _ in _region_sources(args) if kind == "boxes"]
+    with_boxes = lose_some = lose_region = 0
+    kept_all = total_all = 0.0
+    for row, size in enumerate(checked["sizes"]):
+        boxes = {region: checked["boxes"][region][row] for region in regions}
+        if not any(boxes.values()):
+            continue
+        keep = None
+        if not args.square_crop:
+            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1], args.mask_dilation)
+        target = targets if isinstance(targets, int) else targets[row]
+        target = (target, target) if isinstance(target, int) else target
+        plan = fh.resize_crop_plan(size, target, keep=keep, center_crop=args.center_crop,
+                                   rng=random.Random(fh.item_seed(seed, 0, row)))
+        with_boxes += 1
+        kept_row = total_row = 0.0
+        whole_region = False
+        for region in regions:
+            if boxes[region]:
+                kept, total = fh.box_area_kept(boxes[region], size, plan)
+                kept_row, total_row = kept_row + kept, total_row + total
+                whole_region = whole_region or kept <= 0.01 * total
+        lose_some += kept_row < 0.99 * total_row
+        lose_region += whole_region
+        kept_all, total_all = kept_all + kept_row, total_all + total_row
+    return {"with_boxes": with_boxes, "lose_some": lose_some, "lose_region": lose_region,
+            "lost_fraction": 1.0 - kept_all / total_all if total_all > 0 else 0.0}
+
+
+CROP_LOSS_WARNING = 0.05
+"""Warn when more than this fraction of the images with boxes lose box area to the crop."""
+
+
+def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
+    """Log the bucket table, the rule for short buckets and how much box area the crops cut away."""
+    repeats = [BucketBatchSampler.repeats_needed(len(rows), global_batch) for rows in bucket_rows]
+    if args.square_crop:
+        logger.info(f"Square crop (--square_crop): every image resized to {args.resolution}px on its short side and "
+                    f"cropped {'in the centre' if args.center_crop else 'at random'} to {args.resolution}x{args.resolution}")
+    else:
+        used = sum(bool(rows) for rows in bucket_rows)
+        logger.info(f"Aspect-ratio buckets: {used} of {len(buckets)} used (about {args.resolution}^2 pixels, sides "
+                    f"multiples of {step}, aspect ratio up to {args.max_bucket_aspect_ratio:g}:1):\n"
+                    + bucket_table(buckets, bucket_rows, repeats))
+    if any(repeats):
+        logger.info(f"Every optimizer step trains on one bucket (global batch {global_batch}); a bucket's last, "
+                    f"short global batch is filled with repeats of its own images, drawn anew every epoch: "
+                    f"{sum(repeats)} repeated examples per epoch")
+    loss = crop_loss(checked, args, targets, args.seed)
+    if loss["with_boxes"]:
+        message = (f"{loss['lose_some']} of {loss['with_boxes']} images with boxes lose hand/face box area to the "
+                   f"crop, {loss['lose_region']} a whole region (all their hand or all their face boxes); "
+                   f"{100 * loss['lost_fraction']:.1f} % of all box area is cut away (epoch 0's crops)")
+        if loss["lose_some"] > CROP_LOSS_WARNING * loss["with_boxes"]:
+            advice = ("; aspect-ratio buckets keep every image whole: drop --square_crop" if args.square_crop else
+                      "; their aspect ratios fall between two buckets (or beyond --max_bucket_aspect_ratio) and "
+                      "their hands or faces reach the edges that are cut: a larger --resolution or a smaller "
+                      "--bucket_reso_steps cuts less")
+            logger.warning(message + advice)
+        else:
+            logger.info(message)
+    return loss
 
 
 def collate_fn(examples):
@@ -457,6 +619,7 @@ def collate_fn(examples):
         "masks": torch.stack([e["masks"] for e in examples]),
         "original_sizes": [e["original_size"] for e in examples],
         "crop_top_lefts": [e["crop_top_left"] for e in examples],
+        "target_sizes": [e["target_size"] for e in examples],
         "captions": [e["caption"] for e in examples],
         "seeds": [e["seed"] for e in examples],
         "rows": [e["row"] for e in examples],
@@ -464,7 +627,7 @@ def collate_fn(examples):
 
 
 def save_mask_previews(dataset: FairHumanDataset, keys, folder: str) -> None:
-    """Write image, hand mask, face mask and an overlay per example, all at the training resolution."""
+    """Write image, hand mask, face mask and an overlay per example, as trained (each at its bucket's size)."""
     os.makedirs(folder, exist_ok=True)
     for i, key in enumerate(keys):
         example = dataset[key]
@@ -494,6 +657,31 @@ def is_sdxl_model(path: str, revision: str | None, cache_dir: str | None) -> boo
     return "text_encoder_2" in config
 
 
+def model_geometry(args) -> tuple[int, int, int]:
+    """``(vae_factor, granularity, native_resolution)`` read from the model's config.json files (no weights).
+
+    ``vae_factor = 2 ** (len(vae block_out_channels) - 1)`` (8 for SD/SDXL), ``granularity`` = that times the
+    UNet's downsampling ``2 ** (len(unet block_out_channels) - 1)`` (64 for SD/SDXL; see
+    :func:`fairhuman_utils.bucket_granularity`), ``native_resolution = unet sample_size * vae_factor``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = args.pretrained_model_name_or_path
+    try:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision,
+                                                       cache_dir=args.cache_dir)
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                                   cache_dir=args.cache_dir)
+        else:
+            vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+    except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable diffusers model
+        raise UsageError(f"--pretrained_model_name_or_path: cannot read the UNet/VAE config.json of {path!r} ({error})") from None
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
+    return vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
+
+
 def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
     """Text conditioning: SD -> (hidden states, None); SDXL -> (both encoders' penultimate hidden
     states concatenated, pooled embedding of the second encoder)."""
@@ -509,9 +697,10 @@ def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
     return torch.cat(embeds, dim=-1), pooled
 
 
-def sdxl_time_ids(original_sizes, crop_top_lefts, resolution, device, dtype):
-    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example."""
-    rows = [list(o) + list(c) + [resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)]
+def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes, device, dtype):
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example; the target is the
+    example's own size (its bucket)."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)]
     return torch.tensor(rows, device=device, dtype=dtype)
 
 
@@ -570,7 +759,7 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
     if sdxl:
         added_cond_kwargs = {"text_embeds": pooled,
                              "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                       args.resolution, device, prompt_embeds.dtype)}
+                                                       batch["target_sizes"], device, prompt_embeds.dtype)}
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
@@ -827,6 +1016,9 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
         "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
         "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
         "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
+        "crop": ("square (--square_crop)" if args.square_crop else
+                 f"aspect-ratio buckets (steps {args.bucket_reso_steps or 'of the model'}, up to "
+                 f"{args.max_bucket_aspect_ratio:g}:1)"),
         "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,
@@ -945,9 +1137,22 @@ def main(args):
     logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
                 f"with face boxes: {checked['counts']['face']}")
 
-    # ---- Models --------------------------------------------------------------------------------
+    # ---- Models (configs first: resolution and buckets are known before any weights load) -------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     sdxl = is_sdxl_model(path, rev, args.cache_dir)
+    vae_scale, granularity, native_resolution = model_geometry(args)
+    if args.resolution is None:
+        args.resolution = native_resolution
+    if args.square_crop and args.resolution % vae_scale:
+        raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
+    bucket_step = args.bucket_reso_steps or granularity
+    if bucket_step % vae_scale:
+        raise UsageError(f"--bucket_reso_steps must be a multiple of the VAE factor {vae_scale}, got {bucket_step}")
+    if not args.square_crop and args.resolution < bucket_step:
+        raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
+    buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
+    log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step,
+                global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     if args.prediction_type is not None:
@@ -963,11 +1168,6 @@ def main(args):
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution is None:
-        args.resolution = int(unet.config.sample_size) * vae_scale
-    if args.resolution % vae_scale:
-        raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
@@ -1018,18 +1218,17 @@ def main(args):
                                 batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check)
 
     # ---- Data ----------------------------------------------------------------------------------
-    train_dataset = FairHumanDataset(checked, args, args.seed, args.resolution)
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(train_dataset, sampler=sampler, collate_fn=collate_fn,
-                                                   batch_size=args.train_batch_size,
+    train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
+    batch_sampler = BucketBatchSampler(bucket_rows, args.train_batch_size,
+                                       accelerator.num_processes * args.gradient_accumulation_steps, args.seed)
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
                                                    num_workers=args.dataloader_num_workers)
     if args.save_mask_previews and accelerator.is_main_process:
-        keys = list(iter(sampler))[: args.save_mask_previews]
+        keys = [key for batch in batch_sampler.global_batches(0) for key in batch][: args.save_mask_previews]
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
 
-    batches_per_epoch = math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    steps_per_epoch = batch_sampler.global_batches_per_epoch  # one global batch per optimizer step
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -1072,7 +1271,8 @@ def main(args):
         dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        dataloader.set_epoch(epoch)  # reaches EpochShuffleSampler; accelerate would count from 0 after a resume
+        dataloader.set_epoch(epoch)  # accelerate would count from 0 after a resume
+        batch_sampler.set_epoch(epoch)  # directly: not every accelerate wrapper (skip + shard) passes it on
         for batch in dataloader:
             # FairHuman: on per-objective steps DDP must not reduce .grad (the fair update averages the rows)
             with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):

@@ -301,3 +301,102 @@ def test_fair_step_fidelity():
     cosine, error = off.fidelity()
     # G a = (1, 0, 0) scaled; G e components sqrt(diag) * e = (1, 1, 0.6): cos = 1 / sqrt(1 + 1 + 0.36)
     assert cosine == pytest.approx(1 / np.sqrt(2.36)) and error == pytest.approx(np.sqrt(0.29) / np.sqrt(1.29))
+
+
+# ---- images upright, aspect-ratio buckets, region-safe crops (issue 10) --------------------------------
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_open_image_applies_the_exif_orientation(orientation, tmp_path):
+    from conftest import marked_photo
+
+    path = tmp_path / "photo.jpg"
+    upright = marked_photo(path, (30, 50), face=(5, 2, 25, 14), hands=[(0, 40, 8, 50)], orientation=orientation)
+    with Image.open(path) as raw:
+        assert raw.size == (50, 30)  # stored sideways
+    image = fh.open_image(str(path))
+    assert image.size == (30, 50) and image.info["exif_orientation"] == orientation
+    assert np.abs(np.asarray(image, np.int32) - np.asarray(upright, np.int32)).mean() < 4  # JPEG noise only
+    assert fh.image_size(str(path)) == (30, 50)
+    assert fh.image_size({"path": None, "bytes": path.read_bytes()}) == (30, 50)
+    again = fh.open_image(image)  # already upright (as datasets decodes it): not rotated twice
+    assert again.size == (30, 50)
+
+
+def test_bucket_granularity_and_sdxl_buckets():
+    assert fh.bucket_granularity((128, 256, 512, 512), (320, 640, 1280, 1280)) == 64  # SD 1.5 / SDXL-like
+    assert fh.bucket_granularity((32, 64), (32, 64)) == 4  # the tiny test models
+    buckets = fh.make_buckets(1024, 64)
+    assert {(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (512, 2048), (2048, 512)} <= set(buckets)
+    assert buckets == sorted(buckets, key=lambda b: b[0] / b[1])
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and max(w, h) <= 4 * min(w, h)
+        assert abs(w * h - 1024**2) <= 64 * max(w, h) / 2 and abs(w * h / 1024**2 - 1) < 0.1  # about 1024^2 pixels
+        assert (h, w) in buckets  # portrait and landscape alike
+    narrow = fh.make_buckets(1024, 64, max_aspect_ratio=2.0)
+    assert max(max(w, h) / min(w, h) for w, h in narrow) <= 2 and (512, 2048) not in narrow
+
+
+def test_assign_bucket_takes_the_closest_aspect_ratio():
+    buckets = fh.make_buckets(1024, 64)
+    assert buckets[fh.assign_bucket((300, 900), buckets)] == (576, 1728)  # 1:3
+    assert buckets[fh.assign_bucket((900, 300), buckets)] == (1728, 576)
+    assert buckets[fh.assign_bucket((3000, 4000), buckets)] == (896, 1152)  # 3:4 photo
+    assert buckets[fh.assign_bucket((500, 500), buckets)] == (1024, 1024)
+    assert buckets[fh.assign_bucket((100, 1000), buckets)] == (512, 2048)  # beyond 4:1: the extreme bucket
+
+
+def test_resize_crop_plan_covers_the_target_and_keeps_the_regions_inside():
+    # 2:3 portrait into 832x1280: resized 853x1280, 21 columns left over
+    plan = fh.resize_crop_plan((400, 600), (832, 1280), rng=random.Random(0))
+    assert plan.resized == (853, 1280) and plan.crop_top_left[0] == 0 and 0 <= plan.crop_top_left[1] <= 21
+    lefts = {fh.resize_crop_plan((400, 600), (832, 1280), rng=random.Random(seed)).crop_top_left[1] for seed in range(40)}
+    assert len(lefts) > 10  # without regions: any offset
+    # a region touching the left edge: every draw keeps it (offset 0); touching the right edge: offset 21
+    edge_boxes = [(0, 10, 50, 60), (350, 10, 400, 60)]
+    for seed in range(20):
+        left = fh.resize_crop_plan((400, 600), (832, 1280), keep=edge_boxes[:1], rng=random.Random(seed))
+        right = fh.resize_crop_plan((400, 600), (832, 1280), keep=edge_boxes[1:], rng=random.Random(seed))
+        assert left.crop_top_left == (0, 0) and right.crop_top_left == (0, 21)
+        kept, total = fh.box_area_kept(edge_boxes, (400, 600), left)
+        assert kept < total  # one plan cannot keep both edges of this image ...
+        assert fh.box_area_kept(edge_boxes[:1], (400, 600), left) == pytest.approx((total / 2, total / 2))  # ... its own
+        inner = fh.resize_crop_plan((400, 600), (832, 1280), keep=[(100, 10, 300, 60)], rng=random.Random(seed))
+        assert fh.box_area_kept([(100, 10, 300, 60)], (400, 600), inner)[0] == pytest.approx(
+            fh.box_area_kept([(100, 10, 300, 60)], (400, 600), inner)[1])
+    # when the regions cannot all be kept, as many as possible (each box alike): the small hand at the
+    # bottom is kept whole rather than cutting both ends
+    face, hand = (100, 0, 200, 130), (150, 840, 190, 900)
+    plan = fh.resize_crop_plan((300, 900), (320, 896), keep=[face, hand], rng=random.Random(0))
+    assert plan.resized == (320, 960)
+    kept_face = fh.box_area_kept([face], (300, 900), plan)
+    kept_hand = fh.box_area_kept([hand], (300, 900), plan)
+    assert kept_hand[0] == pytest.approx(kept_hand[1]) and kept_face[0] >= 0.5 * kept_face[1]
+    # the diffusers square crop of the same portrait ignores the regions: the centre loses both
+    centred = fh.resize_crop_plan((300, 900), (512, 512), center_crop=True)
+    assert centred.resized == (512, 1536) and centred.crop_top_left == (512, 0)
+    assert fh.box_area_kept([face, hand], (300, 900), centred)[0] == 0
+
+
+def test_paired_transform_into_a_bucket_keeps_edge_boxes_and_their_masks():
+    image, mask = _marked_image(64, 96, (0, 0, 20, 12))  # a region in the top-left corner
+    other = fh.boxes_to_mask([(50, 84, 64, 96)], 64, 96)  # and one in the bottom-right corner
+    for seed in range(10):
+        out = fh.paired_transform(image, [mask, other], (52, 80), random_flip=True, rng=random.Random(seed),
+                                  keep=[(0, 0, 20, 12), (50, 84, 64, 96)])
+        assert out.pixel_values.shape == (3, 80, 52) and out.masks.shape == (2, 80, 52)
+        assert out.target_size == (80, 52) and out.original_size == (96, 64)
+        red = (out.pixel_values[0] > 0.0) & (out.pixel_values[1] < 0.0)
+        assert torch.equal(red, out.masks[0] > 0.5)
+        # both corner regions fully in view: their area is the original's times the scale squared
+        scale = 80 / 96
+        assert float(out.masks[0].sum()) == pytest.approx(20 * 12 * scale**2, rel=0.1)
+        assert float(out.masks[1].sum()) == pytest.approx(14 * 12 * scale**2, rel=0.1)
+
+
+def test_box_units_problem():
+    assert fh.box_units_problem(0.0, 0.9, relative=True) is None
+    assert fh.box_units_problem(0.1, 1.03, relative=True) is None  # a detector's overshoot
+    assert "drop --relative_boxes" in fh.box_units_problem(3.0, 412.0, relative=True)
+    assert "pass --relative_boxes" in fh.box_units_problem(0.05, 0.95, relative=False)
+    assert fh.box_units_problem(0.0, 88.0, relative=False) is None

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import fairhuman_utils as fh
 import train_fairhuman_lora as train
-from conftest import OFFLINE_ENV, REPO, lora_tensors, run_main, write_imagefolder
+from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
 from fairhuman_demo import read_scalars
 
 
@@ -50,7 +51,8 @@ def test_sd_lora_loads_changes_output_rotates_checkpoints_and_resumes(tiny_sd, d
     # mask previews, model card with the FairHuman settings and the sample
     previews = os.listdir(os.path.join(straight, "mask_previews"))
     assert {f"{i}_{k}.png" for i in range(3) for k in ("image", "hand", "face", "overlay")} <= set(previews)
-    assert Image.open(os.path.join(straight, "mask_previews", "0_hand.png")).size == (32, 32)
+    # at the example's real shape: one of the aspect-ratio buckets of the tiny model (32^2 pixels, 4 px steps)
+    assert Image.open(os.path.join(straight, "mask_previews", "0_hand.png")).size in fh.make_buckets(32, 4)
     card = open(os.path.join(straight, "README.md")).read()
     assert f"base_model: {tiny_sd}" in card and "| weighting | fair |" in card and "image_0.png" in card
     assert os.path.exists(os.path.join(straight, "image_0.png"))
@@ -93,9 +95,9 @@ def test_sdxl_trains_and_lora_loads(tiny_sdxl, demo_dataset, tmp_path):
     assert pipe.unet.peft_config["default_0"].r == 8 and pipe.unet.peft_config["default_0"].lora_alpha == 4
 
 
-def test_sdxl_time_ids_use_real_sizes_and_crops():
-    ids = train.sdxl_time_ids([(480, 640), (100, 50)], [(0, 80), (7, 0)], 64, "cpu", torch.float32)
-    assert ids.tolist() == [[480, 640, 0, 80, 64, 64], [100, 50, 7, 0, 64, 64]]
+def test_sdxl_time_ids_use_real_sizes_crops_and_bucket():
+    ids = train.sdxl_time_ids([(480, 640), (100, 50)], [(0, 80), (7, 0)], [(56, 72), (64, 64)], "cpu", torch.float32)
+    assert ids.tolist() == [[480, 640, 0, 80, 56, 72], [100, 50, 7, 0, 64, 64]]
 
 
 # ---- in-process runs: logging, push, weighting modes -------------------------------------------------
@@ -231,7 +233,7 @@ def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
                              "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face",
                              "--resolution", "32", "--center_crop", "--mask_dilation", "0"])
     checked = train.check_dataset(train.load_training_dataset(args), args)
-    example = train.FairHumanDataset(checked, args, seed=0, resolution=32)[0]
+    example = train.FairHumanDataset(checked, args, 0, 32, keep_regions=False)[0]  # a 32x32 square crop
     # 48x32 -> 48x32 (shorter side 32), centre crop x 8..40: the hand square 4..20 shows at 0..12
     hand_mask = example["masks"][0]
     assert hand_mask[4:20, 0:12].min() == 1 and hand_mask[:, 14:].max() == 0 and example["masks"][1].max() == 0
@@ -288,3 +290,82 @@ def test_checkpoint_latest_ignores_partial_and_foreign_folders(tmp_path):
     args = train.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(out),
                              "--resume_from_checkpoint", "latest"])
     assert train.resolve_resume(args) == str(out / "checkpoint-5")
+
+
+# ---- aspect-ratio buckets and EXIF orientation (issue 10) -------------------------------------------
+
+
+def _mask_fractions(preview_dir, i):
+    """(shape (w, h), face mask area / image area, hand mask area / image area) of mask preview i."""
+    face = np.asarray(Image.open(os.path.join(preview_dir, f"{i}_face.png")), dtype=np.float64) / 255
+    hand = np.asarray(Image.open(os.path.join(preview_dir, f"{i}_hand.png")), dtype=np.float64) / 255
+    return (face.shape[1], face.shape[0]), face.mean(), hand.mean()
+
+
+def _area(boxes):
+    return sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
+
+
+def test_buckets_keep_edge_boxes_and_square_crop_reports_its_loss(tiny_sd, tmp_path, caplog):
+    data, layouts = edge_photos(tmp_path / "data")
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", data, "--resolution", 64,
+              "--mask_dilation", 0, "--save_mask_previews", 2, "--max_train_steps", 1, "--report_to", "none",
+              "--seed", 0, "--weighting", "global"]  # the previews are the point: one cheap step
+    with caplog.at_level("INFO"):
+        run_main(*common, "--output_dir", tmp_path / "buckets")
+    log = caplog.text
+    assert "Aspect-ratio buckets: 2 of" in log and "52 x 80" in log and "80 x 52" in log
+    assert "0 of 2 images with boxes lose hand/face box area" in log
+    previews = str(tmp_path / "buckets" / "mask_previews")
+    for i in range(2):
+        shape, face, hand = _mask_fractions(previews, i)
+        assert shape in {(52, 80), (80, 52)}  # at their real (bucket) shape
+        (w, h), (face_box, hands) = next((s, v) for s, v in layouts.items() if (s[0] > s[1]) == (shape[0] > shape[1]))
+        # every box whole: the mask covers the same fraction of the example as the box of the photo
+        assert face == pytest.approx(_area([face_box]) / (w * h), rel=0.1)
+        assert hand == pytest.approx(_area(hands) / (w * h), rel=0.1)
+        assert min(preview_ious(previews, i)) > 0.8
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_main(*common, "--output_dir", tmp_path / "square", "--square_crop")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("2 of 2 images with boxes lose hand/face box area to the crop" in m and "drop --square_crop" in m
+               for m in warnings)
+    previews = str(tmp_path / "square" / "mask_previews")
+    for i in range(2):
+        shape, face, hand = _mask_fractions(previews, i)
+        assert shape == (64, 64)
+        (w, h), (face_box, hands) = next((s, v) for s, v in layouts.items() if s != (64, 64))
+        whole = (_area([face_box]) + _area(hands)) / (w * h) * (w * h) / (min(w, h) ** 2)  # as if nothing were cut
+        assert face + hand < 0.8 * whole  # the square cuts the top or the bottom (left or right) away
+
+
+def test_exif_rotated_photos_train_upright(tiny_sd, tmp_path):
+    """JPEGs stored sideways with EXIF orientation 6 and 8, boxes drawn on the upright photo."""
+    data, _ = edge_photos(tmp_path / "data", orientations=(6, 8))
+    out = tmp_path / "out"
+    run_main("--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", data, "--output_dir", out,
+             "--resolution", 64, "--mask_dilation", 0, "--save_mask_previews", 4, "--max_train_steps", 1,
+             "--report_to", "none", "--random_flip", "--weighting", "global")
+    previews = str(out / "mask_previews")
+    shapes = sorted(_mask_fractions(previews, i)[0] for i in range(4))
+    assert shapes == [(52, 80), (52, 80), (80, 52), (80, 52)]  # the upright shapes, not the stored ones
+    for i in range(4):
+        assert min(preview_ious(previews, i)) > 0.8  # the masks sit on the drawn face and hands
+
+
+@pytest.mark.parametrize("relative, boxes, expected", [
+    (True, [[10, 20, 300, 400]], "column 'face_boxes': --relative_boxes is set but the boxes hold numbers up to 400"),
+    (False, [[0.1, 0.2, 0.5, 0.6]], "column 'face_boxes': every box lies within [0, 1]"),
+])
+def test_boxes_in_the_wrong_unit_stop_the_run(relative, boxes, expected, tmp_path):
+    rows = [{"text": "a", "hand_boxes": [], "face_boxes": boxes}, {"text": "b", "hand_boxes": [], "face_boxes": []}]
+    message = _error(_argv(_dataset(tmp_path, rows), tmp_path / "o", *(["--relative_boxes"] if relative else [])))
+    assert expected in message
+
+
+def test_bucket_flags_checked(tmp_path):
+    assert "--max_bucket_aspect_ratio must be" in _error(_argv(str(tmp_path), tmp_path / "o",
+                                                               "--max_bucket_aspect_ratio", "0.5"))
+    assert "--square_crop" in _error(_argv(str(tmp_path), tmp_path / "o", "--square_crop", "--bucket_reso_steps", 32))
