@@ -300,7 +300,7 @@ def _check_writable(path: str, flag: str) -> None:
         where = "is a file" if existing == os.path.abspath(path) else f"lies under {existing!r}, which is a file"
         raise UsageError(f"{flag}: {path!r} {where}, not a folder")
     try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".fairhuman-write-test-") as probe:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fairhuman-write-test-") as probe:
             probe.write(b"ok")
             probe.flush()
     except OSError as error:
@@ -444,22 +444,29 @@ def verify_images(dataset, args):
     Reading headers is not enough: a truncated JPEG opens fine and fails only when its pixels are
     decoded, i.e. at the training step that reaches it. Images above PIL's decompression-bomb limit
     (``Image.MAX_IMAGE_PIXELS`` x 2, about 179 M pixels) count as unreadable too. Runs in a torch
-    ``DataLoader`` with ``--dataloader_num_workers`` workers, with a progress bar.
+    ``DataLoader`` with ``--dataloader_num_workers`` workers, with a progress bar; with several processes
+    each decodes its share of the rows and the problems are gathered.
 
     Policy: any unreadable row stops the run with a :class:`UsageError` naming row, column and file
     (how many there are, the first few listed); with ``--skip_bad_images`` those rows are left out
     with a warning that counts them. Returns the dataset (without the bad rows).
     """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
+    state = PartialState()
     decoder = _ImageDecoder(recipe_columns(dataset, args), args)
-    loader = torch.utils.data.DataLoader(decoder, batch_size=16, collate_fn=_as_list,
+    share = list(range(state.process_index, len(decoder), state.num_processes))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(decoder, share), batch_size=16, collate_fn=_as_list,
                                          num_workers=args.dataloader_num_workers)
     bad = []
-    with tqdm(total=len(decoder), desc="Decoding images", unit="img", disable=not _is_local_main_process()) as bar:
+    with tqdm(total=len(dataset), desc="Decoding images", unit="img", disable=not state.is_local_main_process) as bar:
         for batch in loader:
             bad.extend((row, problem) for row, problem in batch if problem is not None)
-            bar.update(len(batch))
+            bar.update(len(batch) * state.num_processes)
+    if state.num_processes > 1:
+        bad = gather_object(bad)
     if not bad:
         return dataset
     bad.sort()
@@ -475,10 +482,6 @@ def verify_images(dataset, args):
                    f"({listed}); rows are numbered without them from here on")
     skipped = {row for row, _ in bad}
     return dataset.select([row for row in range(len(dataset)) if row not in skipped])
-
-
-def _is_local_main_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def check_dataset(dataset, args) -> dict:
