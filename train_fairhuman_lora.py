@@ -543,6 +543,8 @@ def report_regions(checked: dict, args) -> list[str]:
         if kept < given:
             warnings.append(f"column '{column}': {given - kept} of {given} {region} boxes were dropped (outside "
                             "their image or no area left after clipping); check --box_format and --relative_boxes")
+    if args.weighting == "global":  # plain LoRA training: the regions are not used
+        box_regions = []
     if len(box_regions) == 2:
         empty = sum(1 for hand, face in zip(checked["boxes"]["hand"], checked["boxes"]["face"]) if not hand and not face)
         if 0 < empty < total:
@@ -550,10 +552,10 @@ def report_regions(checked: dict, args) -> list[str]:
     absent = [(region, column) for region, column in box_regions if checked["counts"][region] == 0]
     for region, column in absent:
         balance = (" --weighting fair has nothing to balance for it" if args.weighting == "fair"
-                   else f" --weighting {args.weighting} trains without it")
+                   else " --weighting equal adds nothing for it")
         warnings.append(f"no image has a {region} region (column '{column}'): the {region} objective is zero for the "
                         f"whole run;{balance}")
-    if len(absent) == 2 and args.weighting != "global":
+    if len(absent) == 2:
         warnings.append(f"no image has any region: --weighting {args.weighting} trains exactly as plain LoRA "
                         "(--weighting global) on this dataset")
     for message in warnings:
