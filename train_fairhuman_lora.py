@@ -472,7 +472,8 @@ def verify_images(dataset, args):
     bad.sort()
     listed = "; ".join(problem for _, problem in bad[:5]) + ("; ..." if len(bad) > 5 else "")
     if not args.skip_bad_images:
-        raise UsageError(f"{len(bad)} of {len(dataset)} rows have an image that cannot be decoded: {listed}. "
+        raise UsageError(f"{len(bad)} of {len(dataset)} rows {'has' if len(bad) == 1 else 'have'} an image that "
+                         f"cannot be decoded: {listed}. "
                          "Fix or remove them (downscale images above the decompression-bomb limit: training resizes "
                          "to --resolution anyway), or pass --skip_bad_images to train without these rows")
     if len(bad) == len(dataset):

@@ -18,7 +18,7 @@ from conftest import lora_tensors, reset_accelerate_state, run_main, write_image
 from test_train import _argv, _dataset, _error, common
 
 
-def _cli_error(argv, capsys=None):
+def _cli_error(argv):
     """Run ``train.cli`` as ``python train_fairhuman_lora.py ARGV`` does; return what it prints (no traceback)."""
     reset_accelerate_state()
     try:
@@ -31,9 +31,8 @@ def _cli_error(argv, capsys=None):
     return message
 
 
-def _people(tmp_path, n=4):
-    rows = [{"text": f"a person {i}", "hand_boxes": [[2, 2, 12, 12]], "face_boxes": [[14, 2, 26, 14]]} for i in range(n)]
-    return rows
+def _people(n=4):
+    return [{"text": f"a person {i}", "hand_boxes": [[2, 2, 12, 12]], "face_boxes": [[14, 2, 26, 14]]} for i in range(n)]
 
 
 # ---- 1. every image decoded before any model loads ------------------------------------------------------
@@ -42,7 +41,7 @@ def _people(tmp_path, n=4):
 def test_undecodable_images_named_before_models_or_skipped(tmp_path, tiny_sd, caplog):
     import numpy as np
 
-    rows = _people(tmp_path)
+    rows = _people()
     rows[1]["file_name"] = "truncated.jpg"
     rows[3]["file_name"] = "huge.png"
     data = _dataset(tmp_path, rows)
