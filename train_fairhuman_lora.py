@@ -410,28 +410,33 @@ def _image_file(cell) -> str:
 
 
 class _ImageDecoder(torch.utils.data.Dataset):
-    """Row ``i`` -> ``(i, problem)``: every image cell of the row fully decoded; ``problem`` is ``None``
-    or a message naming column, row and file."""
+    """Row ``i`` -> ``(i, problem, regions)``: every image cell of the row fully decoded; ``problem`` is
+    ``None`` or a message naming column, row and file; ``regions`` says, per mask column, whether the
+    mask has any region pixel."""
 
     def __init__(self, dataset, args):
         self.dataset, self.columns = dataset, _image_columns(args)
-        self.masks = set(self.columns[1:])
+        self.masks = self.columns[1:]
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, row):
         example = self.dataset[row]
+        regions = []
         for column in self.columns:
             cell = example[column]
             try:
                 with open_image(cell) as image:
                     image.load()
+                    if column in self.masks:
+                        regions.append(fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox()
+                                       is not None)
             except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
                 what = "mask image" if column in self.masks else "image"
                 return row, (f"column '{column}', row {row}: cannot read the {what}{_image_file(cell)} "
-                             f"({type(error).__name__}: {error})")
-        return row, None
+                             f"({type(error).__name__}: {error})"), ()
+        return row, None, tuple(regions)
 
 
 def _as_list(batch):
@@ -449,7 +454,8 @@ def verify_images(dataset, args):
 
     Policy: any unreadable row stops the run with a :class:`UsageError` naming row, column and file
     (how many there are, the first few listed); with ``--skip_bad_images`` those rows are left out
-    with a warning that counts them. Returns the dataset (without the bad rows).
+    with a warning that counts them. Returns the dataset (without the bad rows) and, per region given
+    as mask images, whether each of its rows has a region pixel (for :func:`report_regions`).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -460,16 +466,20 @@ def verify_images(dataset, args):
     share = list(range(state.process_index, len(decoder), state.num_processes))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(decoder, share), batch_size=16, collate_fn=_as_list,
                                          num_workers=args.dataloader_num_workers)
-    bad = []
+    results = []
     with tqdm(total=len(dataset), desc="Decoding images", unit="img", disable=not state.is_local_main_process) as bar:
         for batch in loader:
-            bad.extend((row, problem) for row, problem in batch if problem is not None)
+            results.extend(batch)
             bar.update(len(batch) * state.num_processes)
     if state.num_processes > 1:
-        bad = gather_object(bad)
+        results = gather_object(results)
+    results.sort(key=lambda result: result[0])
+    bad = [(row, problem) for row, problem, _ in results if problem is not None]
+    mask_regions = [region for region, kind, _ in _region_sources(args) if kind == "mask"]
+    kept = [regions for _, problem, regions in results if problem is None]
+    regions = {region: [flags[k] for flags in kept] for k, region in enumerate(mask_regions)}
     if not bad:
-        return dataset
-    bad.sort()
+        return dataset, regions
     listed = "; ".join(problem for _, problem in bad[:5]) + ("; ..." if len(bad) > 5 else "")
     if not args.skip_bad_images:
         raise UsageError(f"{len(bad)} of {len(dataset)} rows {'has' if len(bad) == 1 else 'have'} an image that "
@@ -482,7 +492,7 @@ def verify_images(dataset, args):
     logger.warning(f"--skip_bad_images: leaving out {len(bad)} of {len(dataset)} rows whose image cannot be decoded "
                    f"({listed}); rows are numbered without them from here on")
     skipped = {row for row, _ in bad}
-    return dataset.select([row for row in range(len(dataset)) if row not in skipped])
+    return dataset.select([row for row in range(len(dataset)) if row not in skipped]), regions
 
 
 def check_dataset(dataset, args) -> dict:
@@ -531,31 +541,37 @@ def check_dataset(dataset, args) -> dict:
     return {"dataset": dataset, "sizes": sizes, "boxes": boxes, "captions": captions, "counts": counts}
 
 
-def report_regions(checked: dict, args) -> list[str]:
+def report_regions(checked: dict, args, mask_regions: dict | None = None) -> list[str]:
     """Warn, with counts, where hand/face regions vanish: boxes dropped by clipping (entirely outside
     their image, or no area), images without any region (they train the global objective only), and
     an objective absent from the whole dataset (then ``--weighting fair`` has nothing to balance for
-    it). Regions given as mask images are not counted here. Returns the warnings, each also logged."""
+    it). Regions given as mask images count through ``mask_regions`` (region -> per row, whether the
+    mask has a region pixel; from :func:`verify_images`). Returns the warnings, each also logged."""
     warnings, total = [], len(checked["sizes"])
-    box_regions = [(region, column) for region, kind, column in _region_sources(args) if kind == "boxes"]
-    for region, column in box_regions:
-        given = sum(len(cell) for cell in checked["dataset"][column] if isinstance(cell, (list, tuple)))
-        kept = sum(len(boxes) for boxes in checked["boxes"][region])
-        if kept < given:
-            warnings.append(f"column '{column}': {given - kept} of {given} {region} boxes were dropped (outside "
-                            "their image or no area left after clipping); check --box_format and --relative_boxes")
+    present, columns = {}, {}
+    for region, kind, column in _region_sources(args):
+        columns[region] = column
+        if kind == "boxes":
+            given = sum(len(cell) for cell in checked["dataset"][column] if isinstance(cell, (list, tuple)))
+            kept = sum(len(boxes) for boxes in checked["boxes"][region])
+            if kept < given:
+                warnings.append(f"column '{column}': {given - kept} of {given} {region} boxes were dropped (outside "
+                                "their image or no area left after clipping); check --box_format and --relative_boxes")
+            present[region] = [bool(boxes) for boxes in checked["boxes"][region]]
+        elif mask_regions is not None and region in mask_regions:
+            present[region] = list(mask_regions[region])
     if args.weighting == "global":  # plain LoRA training: the regions are not used
-        box_regions = []
-    if len(box_regions) == 2:
-        empty = sum(1 for hand, face in zip(checked["boxes"]["hand"], checked["boxes"]["face"]) if not hand and not face)
+        present = {}
+    if len(present) == 2:
+        empty = sum(1 for hand, face in zip(present["hand"], present["face"]) if not hand and not face)
         if 0 < empty < total:
             warnings.append(f"{empty} of {total} images have no hand or face region: they train the global objective only")
-    absent = [(region, column) for region, column in box_regions if checked["counts"][region] == 0]
-    for region, column in absent:
+    absent = [region for region, flags in present.items() if not any(flags)]
+    for region in absent:
         balance = (" --weighting fair has nothing to balance for it" if args.weighting == "fair"
                    else " --weighting equal adds nothing for it")
-        warnings.append(f"no image has a {region} region (column '{column}'): the {region} objective is zero for the "
-                        f"whole run;{balance}")
+        warnings.append(f"no image has a {region} region (column '{columns[region]}'): the {region} objective is zero "
+                        f"for the whole run;{balance}")
     if len(absent) == 2:
         warnings.append(f"no image has any region: --weighting {args.weighting} trains exactly as plain LoRA "
                         "(--weighting global) on this dataset")
@@ -1140,10 +1156,11 @@ def main(args):
         repo_id = create_hub_repo(args)
 
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
-    checked = check_dataset(verify_images(load_training_dataset(args), args), args)
+    dataset, mask_regions = verify_images(load_training_dataset(args), args)
+    checked = check_dataset(dataset, args)
     logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
                 f"with face boxes: {checked['counts']['face']}")
-    report_regions(checked, args)
+    report_regions(checked, args, mask_regions)
     settings = run_settings(args, checked)
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)

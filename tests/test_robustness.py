@@ -232,3 +232,21 @@ def test_vanishing_regions_are_counted(tmp_path, tiny_sd, caplog):
     assert "2 of 3 images have no hand or face region: they train the global objective only" in caplog.text
     assert ("no image has a face region (column 'face_boxes'): the face objective is zero for the whole run; "
             "--weighting fair has nothing to balance for it") in caplog.text
+
+    # regions given as mask images count too (all face masks black here)
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    hand = Image.new("L", (48, 32), 0)
+    hand.paste(255, (4, 4, 20, 20))
+    masks = {"image": [Image.new("RGB", (48, 32))] * 2, "text": ["a", "b"], "mask_hand": [hand, Image.new("L", (48, 32))],
+             "mask_face": [Image.new("RGB", (48, 32))] * 2}
+    features = Features({"image": ImageFeature(), "text": Value("string"), "mask_hand": ImageFeature(),
+                         "mask_face": ImageFeature()})
+    Dataset.from_dict(masks, features=features).save_to_disk(str(tmp_path / "masks"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _error(["--pretrained_model_name_or_path", "/nonexistent/model", "--dataset_name", tmp_path / "masks",
+                "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face", "--output_dir", tmp_path / "m",
+                "--report_to", "none"])
+    assert "1 of 2 images have no hand or face region" in caplog.text
+    assert "no image has a face region (column 'mask_face')" in caplog.text and "hand region" not in caplog.text
