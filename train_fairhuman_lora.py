@@ -875,11 +875,13 @@ def run_settings(args, checked: dict) -> dict:
     """The settings a checkpoint is written with (``fairhuman_run_settings.json``), to check a resume against."""
     names = [n for n in RESUME_MUST_MATCH + RESUME_WARN_IF_CHANGED if hasattr(args, n)]
     settings = {name: getattr(args, name) for name in names}
-    model = args.pretrained_model_name_or_path
-    settings["pretrained_model_name_or_path"] = os.path.abspath(model) if os.path.isdir(model) else model
+    def where(source):  # a local folder by its absolute path, so ./model and /abs/model compare equal
+        return os.path.abspath(source) if source is not None and os.path.isdir(source) else source
+
+    settings["pretrained_model_name_or_path"] = where(args.pretrained_model_name_or_path)
     settings["lora_alpha"] = float(args.lora_alpha)
     settings["lora_target_modules"] = sorted(set(lora_targets(args)))
-    settings["dataset"] = args.dataset_name or args.train_data_dir
+    settings["dataset"] = where(args.dataset_name or args.train_data_dir)
     settings["dataset_rows"] = len(checked["sizes"])
     settings["dataset_fingerprint"] = dataset_fingerprint(checked)
     return settings

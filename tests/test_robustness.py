@@ -139,6 +139,8 @@ def test_resume_refuses_lora_changes_and_warns_on_others(tmp_path, tiny_sd, demo
     assert "--lora_target_modules to_k,to_q (the checkpoint has to_k,to_out.0,to_q,to_v)" in _error(
         [*resume, "--lora_target_modules", "to_q,to_k"])
     assert "--lora_alpha 1.0 (the checkpoint has 4.0)" in _error([*resume, "--lora_alpha", 1])
+    other_model = [*resume[2:], "--pretrained_model_name_or_path", "/another/model"]  # refused before it is loaded
+    assert f"--pretrained_model_name_or_path /another/model (the checkpoint has {tiny_sd})" in _error(other_model)
     assert not os.path.exists(out / "checkpoint-3")
 
     with caplog.at_level(logging.WARNING):
