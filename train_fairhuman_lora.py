@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import importlib
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ import fairhuman_utils as fh
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "fairhuman_state.json"
+RUN_SETTINGS_FILE = "fairhuman_run_settings.json"  # in each checkpoint: the settings it was trained with
 DEFAULT_FAIR_UPDATE_INTERVAL = 8  # chosen from benchmarks/RESULTS.md: ~1.1x plain training, update cosine ~0.99
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -46,6 +50,10 @@ class UsageError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says what to try."""
+
+
+class HubError(RuntimeError):
+    """The Hub could not be reached or refused a call; the message says what is saved and how to push it later."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +113,12 @@ def parse_args(input_args=None):
                    help="Longest bucket side / shortest, at most (4 = SDXL's own extreme buckets); lower it to "
                         "crop very long images more instead.")
     g.add_argument("--random_flip", action="store_true", help="Mirror image AND masks left-right with probability 1/2.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Worker processes for data loading (also for decoding every image once before training).")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="Rows whose image (or mask image) cannot be decoded -- truncated or corrupt files, images "
+                        "above PIL's decompression-bomb limit -- are left out with a warning that counts them, "
+                        "instead of stopping the run before training (the default).")
 
     g = parser.add_argument_group("FairHuman: region masks and objectives")
     g.add_argument("--mask_dilation", type=int, default=8,
@@ -278,6 +291,50 @@ def check_args(args) -> None:
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
 
 
+def check_trackers(args) -> None:
+    """Every tracker of ``--report_to`` must be importable: a missing one would log nothing, silently."""
+    wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(args.report_to, [])
+    missing = []
+    for name in wanted:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UsageError(f"--report_to {args.report_to} needs {' and '.join(missing)}, which is not installed: "
+                         f"pip install {' '.join(missing)} (or choose another --report_to, e.g. none)")
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Write (and remove) a file in ``path``, or in its nearest existing parent when ``path`` does not exist yet.
+
+    Writing is the only reliable test: as root ``os.access`` says yes on a read-only mount.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"lies under {existing!r}, which is a file"
+        raise UsageError(f"{flag}: {path!r} {where}, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fairhuman-write-test-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot write into {existing!r} ({error.strerror or error}); "
+                         "choose a writable folder") from None
+
+
+def check_output_dir(args) -> None:
+    """Every folder the run writes -- the output folder (LoRA, checkpoints, card, samples), the logs, the
+    mask previews -- must be writable, tested by writing a file before any model is loaded."""
+    _check_writable(args.output_dir, "--output_dir")
+    if args.report_to != "none":
+        _check_writable(os.path.join(args.output_dir, args.logging_dir), "--logging_dir")
+    if args.save_mask_previews:
+        _check_writable(os.path.join(args.output_dir, "mask_previews"), "--save_mask_previews (OUTPUT_DIR/mask_previews)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: loading, checking every row before training, the torch dataset
 # ---------------------------------------------------------------------------------------------
@@ -323,14 +380,15 @@ def _region_sources(args):
     ]
 
 
-def check_dataset(dataset, args) -> dict:
-    """Check every row before any long work; return what the torch dataset needs.
+def _image_columns(args) -> list[str]:
+    return [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
 
-    Reads only image headers (sizes, in the upright frame: EXIF orientation applied), parses every box
-    cell (clipping and dropping as :func:`fairhuman_utils.parse_boxes` documents), checks each box
-    column's numbers are in the unit ``--relative_boxes`` says (:func:`fairhuman_utils.box_units_problem`)
-    and that mask images open with the image's size. Raises :class:`UsageError` naming the column and
-    row of the first problem.
+
+def recipe_columns(dataset, args):
+    """The dataset narrowed to the columns the recipe reads, image columns left undecoded.
+
+    Raises :class:`UsageError` naming the flag of a column that is missing. Other columns (possibly
+    other images) are never read.
     """
     import datasets
 
@@ -341,13 +399,115 @@ def check_dataset(dataset, args) -> dict:
     for flag, column in needed:
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
-    # only the columns the recipe reads (other image columns would be decoded for nothing), images undecoded
     dataset = dataset.select_columns(list(dict.fromkeys(column for _, column in needed)))
-    image_columns = [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
-    for column in image_columns:
+    for column in _image_columns(args):
         if isinstance(dataset.features.get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
+
+def _image_file(cell) -> str:
+    """The file name of an image cell, for messages ('' when it has none)."""
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, (str, os.PathLike)) else None
+    return f" {os.path.basename(str(path))!r}" if path else ""
+
+
+class _ImageDecoder(torch.utils.data.Dataset):
+    """Row ``i`` -> ``(i, problem, regions)``: every image cell of the row fully decoded; ``problem`` is
+    ``None`` or a message naming column, row and file; ``regions`` says, per mask column, whether the
+    mask has any region pixel."""
+
+    def __init__(self, dataset, args):
+        self.dataset, self.columns = dataset, _image_columns(args)
+        self.masks = self.columns[1:]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, row):
+        example = self.dataset[row]
+        regions = []
+        for column in self.columns:
+            cell = example[column]
+            try:
+                with fh.open_image(cell) as image:
+                    image.load()
+                    if column in self.masks:
+                        regions.append(fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox()
+                                       is not None)
+            except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
+                what = "mask image" if column in self.masks else "image"
+                return row, (f"column '{column}', row {row}: cannot read the {what}{_image_file(cell)} "
+                             f"({type(error).__name__}: {error})"), ()
+        return row, None, tuple(regions)
+
+
+def _as_list(batch):
+    return batch
+
+
+def verify_images(dataset, args):
+    """Decode every image (and mask image) of the dataset once, fully, before any model is loaded.
+
+    Reading headers is not enough: a truncated JPEG opens fine and fails only when its pixels are
+    decoded, i.e. at the training step that reaches it. Images above PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS`` x 2, about 179 M pixels) count as unreadable too. Runs in a torch
+    ``DataLoader`` with ``--dataloader_num_workers`` workers, with a progress bar; with several processes
+    each decodes its share of the rows and the problems are gathered.
+
+    Policy: any unreadable row stops the run with a :class:`UsageError` naming row, column and file
+    (how many there are, the first few listed); with ``--skip_bad_images`` those rows are left out
+    with a warning that counts them. Returns the dataset (without the bad rows) and, per region given
+    as mask images, whether each of its rows has a region pixel (for :func:`report_regions`).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    decoder = _ImageDecoder(recipe_columns(dataset, args), args)
+    share = list(range(state.process_index, len(decoder), state.num_processes))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(decoder, share), batch_size=16, collate_fn=_as_list,
+                                         num_workers=args.dataloader_num_workers)
+    results = []
+    with tqdm(total=len(dataset), desc="Decoding images", unit="img", disable=not state.is_local_main_process) as bar:
+        for batch in loader:
+            results.extend(batch)
+            bar.update(len(batch) * state.num_processes)
+    if state.num_processes > 1:
+        results = gather_object(results)
+    results.sort(key=lambda result: result[0])
+    bad = [(row, problem) for row, problem, _ in results if problem is not None]
+    mask_regions = [region for region, kind, _ in _region_sources(args) if kind == "mask"]
+    kept = [regions for _, problem, regions in results if problem is None]
+    regions = {region: [flags[k] for flags in kept] for k, region in enumerate(mask_regions)}
+    if not bad:
+        return dataset, regions
+    listed = "; ".join(problem for _, problem in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    if not args.skip_bad_images:
+        raise UsageError(f"{len(bad)} of {len(dataset)} rows {'has' if len(bad) == 1 else 'have'} an image that "
+                         f"cannot be decoded: {listed}. "
+                         "Fix or remove them (downscale images above the decompression-bomb limit: training resizes "
+                         "to --resolution anyway), or pass --skip_bad_images to train without these rows")
+    if len(bad) == len(dataset):
+        raise UsageError(f"--skip_bad_images: every one of the {len(dataset)} rows has an image that cannot be "
+                         f"decoded, nothing is left to train on: {listed}")
+    logger.warning(f"--skip_bad_images: leaving out {len(bad)} of {len(dataset)} rows whose image cannot be decoded "
+                   f"({listed}); rows are numbered without them from here on")
+    skipped = {row for row, _ in bad}
+    return dataset.select([row for row in range(len(dataset)) if row not in skipped]), regions
+
+
+def check_dataset(dataset, args) -> dict:
+    """Check every row before any long work; return what the torch dataset needs.
+
+    Reads only image headers (sizes, in the upright frame: EXIF orientation applied; :func:`verify_images`
+    decodes every image), parses every box cell (clipping and dropping as
+    :func:`fairhuman_utils.parse_boxes` documents), checks each box column's numbers are in the unit
+    ``--relative_boxes`` says (:func:`fairhuman_utils.box_units_problem`) and that mask images open with
+    the image's size. Raises :class:`UsageError` naming the column and row of the first problem.
+    """
+    dataset = recipe_columns(dataset, args)
     sizes, boxes, captions = [], {"hand": [], "face": []}, []
     counts = {"hand": 0, "face": 0}
     ranges = {}  # box column -> [smallest, largest] number over all its boxes
@@ -391,6 +551,51 @@ def check_dataset(dataset, args) -> dict:
         if problem:
             raise UsageError(f"column '{column}': {problem}")
     return {"dataset": dataset, "sizes": sizes, "boxes": boxes, "captions": captions, "counts": counts}
+
+
+def report_regions(checked: dict, args, mask_regions: dict | None = None) -> list[str]:
+    """Warn, with counts, where hand/face regions vanish: boxes dropped by clipping (entirely outside
+    their image, or no area), images without any region (they train the global objective only), and
+    an objective absent from the whole dataset (then ``--weighting fair`` has nothing to balance for
+    it). Regions given as mask images count through ``mask_regions`` (region -> per row, whether the
+    mask has a region pixel; from :func:`verify_images`). Returns the warnings, each also logged."""
+    warnings, total = [], len(checked["sizes"])
+    present, columns = {}, {}
+    for region, kind, column in _region_sources(args):
+        columns[region] = column
+        if kind == "boxes":
+            given = sum(len(cell) for cell in checked["dataset"][column] if isinstance(cell, (list, tuple)))
+            kept = sum(len(boxes) for boxes in checked["boxes"][region])
+            if kept < given:
+                warnings.append(f"column '{column}': {given - kept} of {given} {region} boxes were dropped (outside "
+                                "their image or no area left after clipping); check --box_format and --relative_boxes")
+            present[region] = [bool(boxes) for boxes in checked["boxes"][region]]
+        elif mask_regions is not None and region in mask_regions:
+            present[region] = list(mask_regions[region])
+    if args.weighting == "global":  # plain LoRA training: the regions are not used
+        present = {}
+    if len(present) == 2:
+        empty = sum(1 for hand, face in zip(present["hand"], present["face"]) if not hand and not face)
+        if 0 < empty < total:
+            warnings.append(f"{empty} of {total} images have no hand or face region: they train the global objective only")
+    absent = [region for region, flags in present.items() if not any(flags)]
+    for region in absent:
+        balance = (" --weighting fair has nothing to balance for it" if args.weighting == "fair"
+                   else " --weighting equal adds nothing for it")
+        warnings.append(f"no image has a {region} region (column '{columns[region]}'): the {region} objective is zero "
+                        f"for the whole run;{balance}")
+    if len(absent) == 2:
+        warnings.append(f"no image has any region: --weighting {args.weighting} trains exactly as plain LoRA "
+                        "(--weighting global) on this dataset")
+    for message in warnings:
+        logger.warning(message)
+    return warnings
+
+
+def dataset_fingerprint(checked: dict) -> str:
+    """A short hash of what the run reads from the dataset: image sizes, boxes and captions of every row."""
+    content = json.dumps([checked["sizes"], checked["boxes"], checked["captions"]], sort_keys=True, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 class FairHumanDataset(torch.utils.data.Dataset):
@@ -682,6 +887,30 @@ def model_geometry(args) -> tuple[int, int, int]:
     return vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
 
 
+def unmatched_target_modules(module_names, targets) -> list[str]:
+    """The ``targets`` that name no module, matched as peft matches a list of names: a module ``name``
+    is targeted by ``t`` when ``name == t`` or ``name`` ends with ``"." + t``."""
+    names = list(module_names)
+    return [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+
+
+def check_lora_target_modules(args) -> None:
+    """Every ``--lora_target_modules`` entry must name at least one UNet module. Checked on the UNet built
+    from its config on the meta device (no weights loaded), before the models are loaded."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet",
+                                              revision=args.revision, cache_dir=args.cache_dir)
+    with init_empty_weights():
+        names = [name for name, _ in UNet2DConditionModel.from_config(config).named_modules()]
+    unmatched = unmatched_target_modules(names, lora_targets(args))
+    if unmatched:
+        examples = sorted({name.split("attn1.", 1)[1] for name in names if "attn1." in name})
+        raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the UNet (names in its "
+                         f"attention blocks: {', '.join(examples)})")
+
+
 def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
     """Text conditioning: SD -> (hidden states, None); SDXL -> (both encoders' penultimate hidden
     states concatenated, pooled embedding of the second encoder)."""
@@ -804,7 +1033,13 @@ def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
     state = pipeline_cls.lora_state_dict(folder)
     state = state[0] if isinstance(state, tuple) else state
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    try:
+        incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state),
+                                                 adapter_name="default")
+    except RuntimeError as error:  # size mismatch: another --rank (checkpoints without their settings file)
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error)[:300])
+        raise UsageError(f"--resume_from_checkpoint: the LoRA in {folder} does not fit this run's adapters ({first}): "
+                         "was it written with another --rank or --lora_target_modules?") from None
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
         raise UsageError(f"--resume_from_checkpoint: {folder} has LoRA keys this model does not have "
@@ -899,7 +1134,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, args, global_step: int) -> str:
+def save_checkpoint(accelerator, args, global_step: int, settings: dict | None = None) -> str:
     """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
 
     ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler, RNG states and the
@@ -915,6 +1150,9 @@ def save_checkpoint(accelerator, args, global_step: int) -> str:
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
     if accelerator.is_main_process:
+        if settings is not None:
+            with open(os.path.join(partial, RUN_SETTINGS_FILE), "w") as f:
+                json.dump(settings, f, indent=1)
         with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
             json.dump({"global_step": global_step, "seed": args.seed}, f)
         if os.path.exists(final):
@@ -957,6 +1195,83 @@ def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
     return marker["global_step"]
 
 
+# Settings that change what a checkpoint's weights mean: resuming with other values is refused.
+RESUME_MUST_MATCH = ("pretrained_model_name_or_path", "rank", "lora_alpha", "lora_target_modules")
+# Settings whose change is allowed on resume, with a warning naming it.
+RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_path", "weighting", "fair_alpha",
+                          "fair_update_interval", "fair_interval_weights", "local_loss_scale",
+                          "local_loss_normalization", "mask_dilation", "latent_mask_mode", "resolution",
+                          "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed",
+                          "dataset", "dataset_rows", "dataset_fingerprint")
+
+
+def lora_targets(args) -> list[str]:
+    return [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+
+
+def run_settings(args, checked: dict) -> dict:
+    """The settings a checkpoint is written with (``fairhuman_run_settings.json``), to check a resume against."""
+    names = [n for n in RESUME_MUST_MATCH + RESUME_WARN_IF_CHANGED if hasattr(args, n)]
+    settings = {name: getattr(args, name) for name in names}
+    def where(source):  # a local folder by its absolute path, so ./model and /abs/model compare equal
+        return os.path.abspath(source) if source is not None and os.path.isdir(source) else source
+
+    settings["pretrained_model_name_or_path"] = where(args.pretrained_model_name_or_path)
+    settings["lora_alpha"] = float(args.lora_alpha)
+    settings["lora_target_modules"] = sorted(set(lora_targets(args)))
+    settings["dataset"] = where(args.dataset_name or args.train_data_dir)
+    settings["dataset_rows"] = len(checked["sizes"])
+    settings["dataset_fingerprint"] = dataset_fingerprint(checked)
+    return settings
+
+
+def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]:
+    """Compare this run's ``settings`` with those the checkpoint was written with.
+
+    A change of base model, ``--rank``, ``--lora_alpha`` or ``--lora_target_modules`` changes what the
+    saved weights mean (other shapes, another scale, other layers): :class:`UsageError` naming the
+    flags. Other changes (weighting, resolution, data...) are allowed with a warning naming each. When
+    ``--resolution`` is not given, the checkpoint's is used. A checkpoint written before the settings
+    were stored resumes with a warning that nothing could be checked. Returns the warnings.
+    """
+    name = os.path.basename(os.path.normpath(resume_path))
+    path = os.path.join(resume_path, RUN_SETTINGS_FILE)
+    if not os.path.isfile(path):
+        message = (f"{name} has no {RUN_SETTINGS_FILE} (written by an earlier version of this script): its settings "
+                   "could not be checked against this run's (base model, --rank, --lora_alpha, --lora_target_modules "
+                   "must be the ones it was trained with)")
+        logger.warning(message)
+        return [message]
+    with open(path) as f:
+        saved = json.load(f)
+    if args.resolution is None and saved.get("resolution") is not None:
+        args.resolution = settings["resolution"] = saved["resolution"]
+
+    def flag(key):
+        return f"--{key}" if key not in ("dataset", "dataset_rows", "dataset_fingerprint") else key.replace("_", " ")
+
+    def show(value):
+        return ",".join(value) if isinstance(value, list) else value
+
+    refused = [f"{flag(k)} {show(settings[k])} (the checkpoint has {show(saved[k])})"
+               for k in RESUME_MUST_MATCH if k in saved and saved[k] != settings.get(k)]
+    if refused:
+        raise UsageError(f"--resume_from_checkpoint: {name} was trained with other settings that change what its "
+                         f"weights mean: {'; '.join(refused)}. Resume with the checkpoint's values, or start a new run "
+                         "in another --output_dir")
+    fair_only = {"fair_alpha", "fair_update_interval", "fair_interval_weights"}  # not compared unless both are fair
+    both_fair = saved.get("weighting") == settings.get("weighting") == "fair"
+    changed = [f"{flag(k)} {show(saved[k])} -> {show(settings[k])}" for k in RESUME_WARN_IF_CHANGED
+               if k in saved and settings.get(k) is not None and saved[k] != settings[k]
+               and (both_fair or k not in fair_only)]
+    if changed:
+        message = (f"resuming {name} with changed settings: {'; '.join(changed)}. The steps already trained used the "
+                   "old ones")
+        logger.warning(message)
+        return [message]
+    return []
+
+
 def resolve_resume(args) -> str | None:
     if args.resume_from_checkpoint is None:
         return None
@@ -972,6 +1287,56 @@ def resolve_resume(args) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Validation, model card, Hub
 # ---------------------------------------------------------------------------------------------
+
+
+def hub_errors() -> tuple:
+    """The exceptions a Hub call raises for network and server failures: ``OSError`` (``HfHubHTTPError``,
+    ``OfflineModeIsEnabled``, connection errors) and the HTTP client's own errors (httpx, httpx2 or requests)."""
+    errors = [OSError]
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*"]
+
+
+def upload_command(args, repo_id: str) -> str:
+    """The command that pushes the output folder by hand, as the script would."""
+    excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"])
+    return f"hf upload {repo_id} {args.output_dir} {excludes}"
+
+
+def create_hub_repo(args) -> str:
+    """Create (or find) the Hub repository at the start; a network or Hub failure is one clear :class:`HubError`."""
+    from huggingface_hub import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    except hub_errors() as error:
+        raise HubError(f"--push_to_hub: cannot create the Hub repository {repo_id!r} ({type(error).__name__}: "
+                       f"{error}). Nothing was trained. Check the network and your token (`hf auth login`), or train "
+                       f"without --push_to_hub and push the output folder afterwards with: "
+                       f"{upload_command(args, repo_id)}") from None
+
+
+def push_output_folder(args, repo_id: str) -> str | None:
+    """Upload the output folder (the LoRA and card are on disk already); on failure return a message that
+    says where they are and how to push them later, else ``None``."""
+    from huggingface_hub import upload_folder
+
+    try:
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                      token=args.hub_token, ignore_patterns=HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"])
+    except hub_errors() as error:
+        return (f"--push_to_hub: the upload to {repo_id!r} failed ({type(error).__name__}: {error}). Nothing is lost: "
+                f"the LoRA ({LORA_WEIGHT_NAME}) and its model card are saved in {args.output_dir!r}. Push them later "
+                f"with: {upload_command(args, repo_id)}")
+    return None
 
 
 def run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler, weight_dtype, step, tag):
@@ -1086,13 +1451,14 @@ def main(args):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from huggingface_hub import create_repo, upload_folder
     from peft import LoraConfig
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     global logger
     check_args(args)
+    check_trackers(args)
+    check_output_dir(args)
     resume_path = resolve_resume(args)
     if resume_path is not None and args.seed is None:
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
@@ -1129,13 +1495,17 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                              token=args.hub_token).repo_id
+        repo_id = create_hub_repo(args)
 
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
-    checked = check_dataset(load_training_dataset(args), args)
+    dataset, mask_regions = verify_images(load_training_dataset(args), args)
+    checked = check_dataset(dataset, args)
     logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
                 f"with face boxes: {checked['counts']['face']}")
+    report_regions(checked, args, mask_regions)
+    settings = run_settings(args, checked)
+    if resume_path is not None:
+        check_resume_compatible(resume_path, settings, args)
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
@@ -1143,6 +1513,7 @@ def main(args):
     vae_scale, granularity, native_resolution = model_geometry(args)
     if args.resolution is None:
         args.resolution = native_resolution
+    settings["resolution"] = args.resolution
     if args.square_crop and args.resolution % vae_scale:
         raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
     bucket_step = args.bucket_reso_steps or granularity
@@ -1153,6 +1524,7 @@ def main(args):
     buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
     log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step,
                 global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    check_lora_target_modules(args)
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     if args.prediction_type is not None:
@@ -1180,7 +1552,7 @@ def main(args):
         text_encoder.to(accelerator.device, dtype=weight_dtype)
 
     # ---- LoRA ----------------------------------------------------------------------------------
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    targets = lora_targets(args)
     try:
         unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=targets))
@@ -1267,7 +1639,12 @@ def main(args):
     skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
     last_step_time = time.perf_counter()
     unet.train()
+    if global_step >= args.max_train_steps:
+        logger.info(f"{resume_path} is at optimizer step {global_step}, --max_train_steps is {args.max_train_steps}: "
+                    "no training step; saving the LoRA and finishing what was left (card, samples, push)")
     for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
         dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -1310,18 +1687,17 @@ def main(args):
                 last_step_time, step_losses = now, torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
+                    save_checkpoint(accelerator, args, global_step, settings)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
                     run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
                                    weight_dtype, global_step, "validation")
             if global_step >= args.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
-            break
 
     # ---- Save, card, push ----------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    push_error = None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
         save_lora(pipeline_cls, unwrapped, args.output_dir)
@@ -1331,17 +1707,17 @@ def main(args):
                                     weight_dtype, global_step, "test")
         write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step)
         if args.push_to_hub:
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                          token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*", "step_*", "epoch_*"])
+            push_error = push_output_folder(args, repo_id)
     accelerator.end_training()
+    if push_error is not None:
+        raise HubError(push_error)
 
 
 def cli(input_args=None):
     args = parse_args(input_args)
     try:
         main(args)
-    except (UsageError, TrainingStopped) as error:
+    except (UsageError, TrainingStopped, HubError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
