@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import prepare_fairhuman_dataset as prep
-from train_fairhuman_lora import LORA_WEIGHT_NAME, UsageError
+from fairhuman_utils import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,9 @@ def grid_cell_box(row: int, column: int, cell_size: int) -> tuple[int, int]:
 
 
 def cell_label(record: dict) -> str:
-    label = f"face {record['face_confidence']:.2f}  hands {record['hands']}"
+    """The scores written under an image in a grid: face confidence, hands found (their confidence), CLIP."""
+    label = f"face {record['face_confidence']:.2f}" if record["faces"] else "no face"
+    label += f"  hands {record['hands']}"
     if record["hands"]:
         label += f" ({record['hand_confidence']:.2f})"
     if record.get("clip_score") is not None:
@@ -375,7 +377,9 @@ def draw_grid(prompt: str, columns, cell_size: int, path: str) -> str:
     draw.text((GRID_PAD, 4), textwrap.shorten(prompt, max(20, width // 6)), fill=(230, 230, 230), font=font)
     for column, (name, records) in enumerate(columns):
         x, _ = grid_cell_box(0, column, cell_size)
-        draw.text((x, 22), name[: max(8, cell_size // 6)], fill=(255, 200, 80), font=font)
+        faces, hands = sum(r["faces"] > 0 for r in records), sum(r["hands"] > 0 for r in records)
+        title = f"{name}: faces {faces}/{len(records)}, hands {hands}/{len(records)}"
+        draw.text((x, 22), title[: max(12, cell_size // 6)], fill=(255, 200, 80), font=font)
         for row, record in enumerate(records):
             x, y = grid_cell_box(row, column, cell_size)
             image, _ = prep.open_image(record["path"])
@@ -411,11 +415,13 @@ def read_prompts(path: str | None, flag: str = "--prompts_file") -> list[str]:
 def model_names(paths, taken=("base",)) -> list[str]:
     """Short unique names for LoRA paths: the file's stem, or the folder's name for a folder or for
     the default file name ``pytorch_lora_weights.safetensors``; ``-2``, ``-3`` ... on clashes."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
     used, names = set(taken), []
     for path in paths:
         path = os.path.normpath(os.path.abspath(path))
         stem = os.path.splitext(os.path.basename(path))[0]
-        if os.path.isdir(path) or os.path.basename(path) == LORA_WEIGHT_NAME:
+        if os.path.isdir(path) or os.path.basename(path) == LORA_WEIGHT_NAME_SAFE:
             stem = os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "lora"
         name, k = base, 2
