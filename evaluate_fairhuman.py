@@ -190,9 +190,6 @@ class ClipScorer:
     """
 
     def __init__(self, path: str, device: str = "cpu"):
-        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"--clip_model_name_or_path {path!r} is not a local model folder (with config.json); "
-                             "the CLIP score only uses a local copy and never downloads one")
         from transformers import CLIPModel, CLIPProcessor
 
         try:
@@ -622,6 +619,10 @@ def check_args(args) -> None:
                 raise UsageError(f"--images_dir: no such folder {folder!r}")
             if not read_folder(folder):
                 raise UsageError(f"--images_dir: {folder!r} holds no image file")
+    clip = args.clip_model_name_or_path
+    if clip is not None and not os.path.isfile(os.path.join(clip, "config.json")):
+        raise UsageError(f"--clip_model_name_or_path {clip!r} is not a local model folder (with config.json); "
+                         "the CLIP score only uses a local copy and never downloads one")
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UsageError(f"--min_confidence must be in [0, 1], got {args.min_confidence}")
     if args.max_num_hands < 1 or args.num_bootstrap < 1 or args.grid_cell_size < 8:
