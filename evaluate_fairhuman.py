@@ -690,7 +690,8 @@ def main(args) -> dict:
         row["lora_scale"] = folder["lora_scale"]
     if generation:
         for i, prompt in enumerate(prompts):
-            columns = [(f["name"], [r for r in f["records"] if r["prompt_index"] == i]) for f in folders]
+            columns = [(f["name"], sorted((r for r in f["records"] if r["prompt_index"] == i), key=lambda r: r["seed"]))
+                       for f in folders]
             draw_grid(prompt, columns, args.grid_cell_size, os.path.join(args.output_dir, f"grid_{i}.png"))
     json_path, md_path = write_report(report, args.output_dir)
     logger.info("Scores:\n" + report_markdown(report))

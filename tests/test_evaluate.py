@@ -211,8 +211,8 @@ def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, demo_dataset
         assert np.abs(diffusers_lora - base).max() > 3, file_name
     again = ev.main(ev.parse_args([  # the base column does not depend on the LoRAs loaded next to it
         "--pretrained_model_name_or_path", str(tiny_sd), "--prompts_file", str(write_prompts(tmp_path)),
-        "--num_images_per_prompt", "2", "--resolution", "32", "--num_inference_steps", "2", "--seed", "7",
-        "--output_dir", str(tmp_path / "base_only"), "--disable_progress_bar"]))
+        "--num_images_per_prompt", "2", "--batch_size", "1", "--resolution", "32", "--num_inference_steps", "2",
+        "--seed", "7", "--output_dir", str(tmp_path / "base_only"), "--disable_progress_bar"]))
     assert [row["model"] for row in again["models"]] == ["base"]
     for file_name in expected_files:
         assert np.array_equal(pixels(tmp_path / "base_only" / "images" / "base" / file_name),
@@ -220,7 +220,6 @@ def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, demo_dataset
 
     for row in report["models"]:
         assert set(ev.REPORT_METRICS) <= set(row) and row["images"] == 4
-        assert row["face_detection_rate"] == 0.0  # the tiny random model draws no faces
     for row in report["models"][1:]:
         assert set(row["paired_difference"]) >= set(ev.REPORT_METRICS) and row["paired_pairs"] == 4
         assert set(row["paired_difference"]["face_detection_rate"]) == {"difference", "ci_low", "ci_high"}
@@ -238,8 +237,8 @@ def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, demo_dataset
                 assert np.array_equal(cell, expected), (prompt_index, name, file_name)
 
     rescored = run_eval("--images_dir", *(out / "images" / n for n in names), "--output_dir", tmp_path / "rescored")
-    assert [row["face_detection_rate"] for row in rescored["models"]] == [0.0] * 3
-    assert [row["images"] for row in rescored["models"]] == [4] * 3
+    for row, rerow in zip(report["models"], rescored["models"]):  # scoring mode on the same folders: same numbers
+        assert {k: row[k] for k in ev.REPORT_METRICS} == {k: rerow[k] for k in ev.REPORT_METRICS}
 
 
 def build_tiny_clip(folder):
