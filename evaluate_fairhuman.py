@@ -710,7 +710,7 @@ def evaluate_trained_lora(train_args, lora_file: str) -> dict:
     for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution"):
         if getattr(train_args, flag, None) is not None:
             argv += [f"--{flag}", str(getattr(train_args, flag))]
-    if train_args.mixed_precision in ("fp16", "bf16"):
+    if train_args.mixed_precision in ("no", "fp16", "bf16"):  # the precision the run resolved to
         argv += ["--mixed_precision", train_args.mixed_precision]
     return main(parse_args(argv))
 
