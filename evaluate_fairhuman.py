@@ -30,6 +30,7 @@ reference is paired (same prompt and seed, or same file name) with a bootstrap i
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -222,9 +223,9 @@ def make_detector(args):
 def check_detector_available() -> None:
     """Raise :class:`UsageError` naming requirements-prepare.txt when MediaPipe cannot be imported."""
     try:
-        with prep.filtered_stderr():
-            import mediapipe.python.solutions.face_detection  # noqa: F401
-            import mediapipe.python.solutions.hands  # noqa: F401
+        with prep.filtered_stderr():  # the import prints protobuf's GetPrototype message
+            for module in ("mediapipe.python.solutions.face_detection", "mediapipe.python.solutions.hands"):
+                importlib.import_module(module)
     except ImportError as error:
         raise UsageError(f"scoring needs the MediaPipe detector ({error}).\n{prep.REQUIREMENTS_HINT}") from None
 

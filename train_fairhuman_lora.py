@@ -1121,7 +1121,8 @@ def main(args):
         if args.push_to_hub:
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
                           token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*", "step_*", "epoch_*"])
+                          ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*", "step_*", "epoch_*",
+                                           "evaluation/images/*"])
     accelerator.end_training()
 
 
