@@ -277,7 +277,7 @@ def score_images(entries, detector, clip=None, desc="Scoring", disable_progress_
 # ---------------------------------------------------------------------------------------------
 
 
-def build_report(models, settings: dict, num_bootstrap: int = 2000, seed: int = 0) -> dict:
+def build_report(models, settings: dict, num_bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """``report.json``: one row per model (``models`` = ``[{"name", "source", "records"}]``, the first
     is the reference) with :data:`REPORT_METRICS`, and for every other model ``paired_difference``
     to the reference over the images both have (paired by file name)."""
@@ -297,7 +297,7 @@ def build_report(models, settings: dict, num_bootstrap: int = 2000, seed: int = 
                                  "nothing to pair")
             ref_arrays = score_arrays([by_file[r["file"]] for r in paired])
             row["paired_pairs"] = len(paired)
-            row["paired_difference"] = paired_bootstrap(ref_arrays, score_arrays(paired), num_bootstrap, seed=seed)
+            row["paired_difference"] = paired_bootstrap(ref_arrays, score_arrays(paired), num_bootstrap, confidence, seed)
         rows.append(row)
     images = [{"model": m["name"], **{k: v for k, v in r.items() if k != "path"}} for m in models for r in m["records"]]
     return {"reference": reference["name"], "settings": settings, "metrics": list(REPORT_METRICS), "models": rows,
@@ -636,13 +636,14 @@ def check_args(args) -> None:
         raise UsageError(f"--output_dir {args.output_dir!r} exists and is not empty (pass --overwrite_output_dir)")
 
 
-def clear_outputs(output_dir: str) -> None:
-    """Remove what an earlier run of this script wrote into ``output_dir`` (and nothing else)."""
+def clear_outputs(output_dir: str, generation: bool) -> None:
+    """Remove what an earlier run of this script wrote into ``output_dir`` (and nothing else); the
+    ``images`` folder only in generation mode, the only mode that writes one."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if name == "images" and os.path.isdir(path):
+        if generation and name == "images" and os.path.isdir(path):
             shutil.rmtree(path)
         elif re.fullmatch(r"grid_\d+\.png|report\.json|report\.md", name):
             os.remove(path)
@@ -668,7 +669,7 @@ def main(args) -> dict:
     check_detector_available()  # the optional extra, before any model is loaded
     clip = ClipScorer(args.clip_model_name_or_path, args.device) if args.clip_model_name_or_path else None
     if args.overwrite_output_dir:
-        clear_outputs(args.output_dir)
+        clear_outputs(args.output_dir, generation)
     os.makedirs(args.output_dir, exist_ok=True)
 
     if generation:
@@ -686,7 +687,7 @@ def main(args) -> dict:
             folder["records"] = score_images(read_folder(folder["folder"]), detector, clip, f"Scoring {folder['name']}",
                                              args.disable_progress_bar)
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-    report = build_report(folders, settings, args.num_bootstrap, seed=args.seed if generation else 0)
+    report = build_report(folders, settings, args.num_bootstrap, args.confidence_level, args.seed if generation else 0)
     for row, folder in zip(report["models"], folders):
         row["lora_scale"] = folder["lora_scale"]
     if generation:
