@@ -6,8 +6,10 @@ whose images hold no face or hand (all scores 0): they check the pairing by seed
 report's keys, kohya vs diffusers files and the training script's --evaluate_prompts_file.
 """
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,28 +177,37 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+@pytest.fixture(scope="module")
+def sd_lora(tiny_sd, demo_dataset, tmp_path_factory):
+    """A LoRA trained by the training script, which evaluates it at the end (--evaluate_prompts_file)."""
+    if importlib.util.find_spec("mediapipe") is None:
+        pytest.skip("mediapipe is not installed")
+    folder = tmp_path_factory.mktemp("sd_lora")
+    return train_lora(tiny_sd, demo_dataset, folder / "lora", "--evaluate_prompts_file", write_prompts(folder),
+                      "--num_validation_images", 1, "--validation_inference_steps", 1)
+
+
 @needs_mediapipe
-def test_training_script_evaluates_its_lora(tiny_sd, demo_dataset, tmp_path):
-    prompts = write_prompts(tmp_path)
-    out = train_lora(tiny_sd, demo_dataset, tmp_path / "lora", "--evaluate_prompts_file", prompts,
-                     "--num_validation_images", 1, "--validation_inference_steps", 1)
-    report = json.loads((out / "evaluation" / "report.json").read_text())
+def test_training_script_evaluates_its_lora(sd_lora):
+    report = json.loads((sd_lora / "evaluation" / "report.json").read_text())
     assert [row["model"] for row in report["models"]] == ["base", "lora"]
     assert report["settings"]["lora_scale"] == 0.3 and report["settings"]["num_inference_steps"] == 1
     assert all(row["images"] == 2 for row in report["models"])
-    card = (out / "README.md").read_text()
+    card = (sd_lora / "README.md").read_text()
     assert "## Did it work?" in card and "| base | 2 |" in card and "| lora | 2 | " in card
-    assert sorted(p.name for p in (out / "evaluation").glob("grid_*.png")) == ["grid_0.png", "grid_1.png"]
+    assert sorted(p.name for p in (sd_lora / "evaluation").glob("grid_*.png")) == ["grid_0.png", "grid_1.png"]
 
 
 @needs_mediapipe
-def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, demo_dataset, tmp_path, capsys):
-    lora = train_lora(tiny_sd, demo_dataset, tmp_path / "fairhuman")
+def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, sd_lora, tmp_path, capsys):
+    lora = tmp_path / "fairhuman"  # a folder's name becomes its column's name
+    lora.mkdir()
+    shutil.copy(sd_lora / "pytorch_lora_weights.safetensors", lora)
     kohya = kohya_copy(lora, tmp_path / "kohya_export.safetensors")
     out = tmp_path / "eval"
     report = ev.main(ev.parse_args([
         "--pretrained_model_name_or_path", str(tiny_sd), "--lora_paths", str(lora), str(kohya), "--lora_scale", "1",
-        "--prompts_file", str(write_prompts(tmp_path)), "--num_images_per_prompt", "2", "--batch_size", "1",
+        "--prompts_file", str(write_prompts(tmp_path)), "--num_images_per_prompt", "2", "--batch_size", "2",
         "--resolution", "32", "--num_inference_steps", "1", "--seed", "7", "--output_dir", str(out),
         "--grid_cell_size", "64"]))
     assert "Generating" in capsys.readouterr().err  # the progress bar
@@ -214,7 +225,7 @@ def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, demo_dataset
         assert np.abs(diffusers_lora - base).max() > 3, file_name
     again = ev.main(ev.parse_args([  # the base column does not depend on the LoRAs loaded next to it
         "--pretrained_model_name_or_path", str(tiny_sd), "--prompts_file", str(write_prompts(tmp_path)),
-        "--num_images_per_prompt", "2", "--batch_size", "1", "--resolution", "32", "--num_inference_steps", "1",
+        "--num_images_per_prompt", "2", "--batch_size", "2", "--resolution", "32", "--num_inference_steps", "1",
         "--seed", "7", "--output_dir", str(tmp_path / "base_only"), "--disable_progress_bar"]))
     assert [row["model"] for row in again["models"]] == ["base"]
     for file_name in expected_files:
