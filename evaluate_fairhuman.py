@@ -458,7 +458,10 @@ def load_loras(pipe, paths, names) -> None:
         try:
             pipe.load_lora_weights(path, adapter_name=name)
         except Exception as error:  # noqa: BLE001 - diffusers/peft raise many kinds for a file that does not fit
-            raise UsageError(f"--lora_paths {path!r}: cannot load it into this model ({type(error).__name__}: {error})") from None
+            detail = " ".join(str(error).split())
+            detail = detail if len(detail) < 400 else detail[:400] + " ..."
+            raise UsageError(f"--lora_paths {path!r}: cannot load it into {args_model(pipe)} (a LoRA for another base "
+                             f"model?): {type(error).__name__}: {detail}") from None
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
             raise UsageError(f"--lora_paths {path!r}: no LoRA key of this file matches the model "
                              f"{args_model(pipe)} (a LoRA for another base model?)")

@@ -276,7 +276,7 @@ def build_tiny_clip(folder):
 
 
 @needs_mediapipe
-def test_sdxl_generation_with_clip_score(tiny_sdxl, demo_dataset, tmp_path):
+def test_sdxl_generation_with_clip_score(tiny_sdxl, tiny_sd, demo_dataset, tmp_path):
     lora = train_lora(tiny_sdxl, demo_dataset, tmp_path / "xl")
     clip_dir = build_tiny_clip(tmp_path / "clip")
     out = tmp_path / "eval"
@@ -306,6 +306,9 @@ def test_sdxl_generation_with_clip_score(tiny_sdxl, demo_dataset, tmp_path):
     assert base["clip_score"] == pytest.approx(np.mean([i["clip_score"] for i in report["images"] if i["model"] == "base"]))
     assert xl["paired_difference"]["clip_score"]["difference"] == pytest.approx(xl["clip_score"] - base["clip_score"], abs=1e-5)
     assert "CLIP score" in (out / "report.md").read_text()
+
+    with pytest.raises(fh.UsageError, match="--lora_paths .*xl"):  # an SDXL LoRA on an SD model
+        run_eval("--pretrained_model_name_or_path", tiny_sd, "--lora_paths", lora, "--output_dir", tmp_path / "wrong")
 
 
 # ---------------------------------------------------------------------------------------------
