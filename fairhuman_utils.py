@@ -41,6 +41,12 @@ OBJECTIVES = ("global", "hand", "face")
 """The objectives in the order used everywhere: losses, gradient rows, weights and logs."""
 
 
+class UsageError(ValueError):
+    """Bad input found before any long work; the message names the flag, column or row. The scripts'
+    ``cli()`` prints it as ``error: ...`` without a traceback. Defined here so that the training script
+    and ``evaluate_fairhuman.py`` raise the same class (also when one runs as ``__main__``)."""
+
+
 class AnnotationError(ValueError):
     """A dataset cell that cannot be turned into a region mask; the message names column and row."""
 

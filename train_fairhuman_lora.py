@@ -44,8 +44,7 @@ DEFAULT_FAIR_UPDATE_INTERVAL = 8  # chosen from benchmarks/RESULTS.md: ~1.1x pla
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-class UsageError(ValueError):
-    """Bad input found before training starts; the message names the flag, column or row."""
+UsageError = fh.UsageError  # bad input found before training starts; the message names the flag, column or row
 
 
 class TrainingStopped(RuntimeError):
@@ -212,6 +211,11 @@ def parse_args(input_args=None):
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=500, help="Sample every N optimizer steps.")
     g.add_argument("--validation_inference_steps", type=int, default=30, help="UniPC steps per validation image.")
+    g.add_argument("--evaluate_prompts_file", type=str, default=None,
+                   help="After training, run evaluate_fairhuman.py on the saved LoRA: these prompts (one per line), "
+                        "--num_validation_images per prompt, base model vs LoRA from the same seeds, MediaPipe hand and "
+                        "face scores (needs requirements-prepare.txt); writes OUTPUT_DIR/evaluation/ and puts the "
+                        "table in the model card.")
 
     g = parser.add_argument_group("Logging and Hub")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
@@ -287,6 +291,11 @@ def check_args(args) -> None:
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     if not targets:
         raise UsageError("--lora_target_modules is empty")
+    if args.evaluate_prompts_file is not None:  # checked now, not after hours of training
+        import evaluate_fairhuman
+
+        evaluate_fairhuman.read_prompts(args.evaluate_prompts_file, flag="--evaluate_prompts_file")
+        evaluate_fairhuman.check_detector_available()
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
 
@@ -1301,7 +1310,7 @@ def hub_errors() -> tuple:
     return tuple(errors)
 
 
-HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*"]
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*", "evaluation/images/*"]
 
 
 def upload_command(args, repo_id: str) -> str:
@@ -1365,8 +1374,9 @@ def run_validation(args, accelerator, pipeline_cls, components, unet, noise_sche
     return images
 
 
-def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int) -> str:
-    """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it."""
+def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int, evaluation=None) -> str:
+    """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it, and
+    with ``evaluation`` (the report of ``evaluate_fairhuman.py``) the hand and face scores."""
     for i, image in enumerate(images):
         image.save(os.path.join(folder, f"image_{i}.png"))
     dataset = args.dataset_name or args.train_data_dir
@@ -1392,6 +1402,15 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
         "prediction_type": args.prediction_type or "model default", "seed": args.seed,
     }
     table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    scores = ""
+    if evaluation is not None:
+        import evaluate_fairhuman
+
+        settings_used = evaluation["settings"]
+        scores = (f"\n## Did it work?\n\nBase model vs this LoRA (scale {settings_used['lora_scale']}) on the prompts of "
+                  f"`{args.evaluate_prompts_file}`, {settings_used['num_images_per_prompt']} image(s) per prompt from the "
+                  f"same seeds, scored with MediaPipe (`evaluation/` has the images, grids and report.json):\n\n"
+                  + evaluate_fairhuman.report_markdown(evaluation))
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
@@ -1420,7 +1439,7 @@ Training data: `{dataset}`.
 | setting | value |
 | --- | --- |
 {table}
-
+{scores}
 ## How to use
 
 ```python
@@ -1705,7 +1724,13 @@ def main(args):
         if args.validation_prompt and args.num_validation_images > 0:
             images = run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
                                     weight_dtype, global_step, "test")
-        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step)
+        evaluation = None
+        if args.evaluate_prompts_file is not None:
+            import evaluate_fairhuman
+
+            evaluation = evaluate_fairhuman.evaluate_trained_lora(args, os.path.join(args.output_dir, LORA_WEIGHT_NAME))
+        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step,
+                         evaluation)
         if args.push_to_hub:
             push_error = push_output_folder(args, repo_id)
     accelerator.end_training()
