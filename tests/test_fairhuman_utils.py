@@ -301,3 +301,75 @@ def test_fair_step_fidelity():
     cosine, error = off.fidelity()
     # G a = (1, 0, 0) scaled; G e components sqrt(diag) * e = (1, 1, 0.6): cos = 1 / sqrt(1 + 1 + 0.36)
     assert cosine == pytest.approx(1 / np.sqrt(2.36)) and error == pytest.approx(np.sqrt(0.29) / np.sqrt(1.29))
+
+
+# ---- the kohya-format LoRA file -------------------------------------------------------------------
+
+
+def _peft_toy(rank=2, alpha=5.0):
+    """A linear layer and a 3x3 conv with peft LoRA adapters whose up weights are not zero."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"block": torch.nn.ModuleDict({"to_q": torch.nn.Linear(6, 5),
+                                                               "conv1": torch.nn.Conv2d(3, 4, 3, padding=1)})})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "conv1"]), model)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()
+    return model
+
+
+def test_lora_to_kohya_keys_and_alpha():
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft_toy(rank=2, alpha=5.0)
+    state = get_peft_model_state_dict(model)
+    kohya = fh.lora_to_kohya(state, 5.0)
+    assert sorted(kohya) == sorted(f"lora_unet_block_{m}.{k}" for m in ("to_q", "conv1")
+                                   for k in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    assert kohya["lora_unet_block_to_q.alpha"].item() == 5.0  # the LoRA alpha, not the rank (2)
+    assert torch.equal(kohya["lora_unet_block_conv1.lora_down.weight"], state["block.conv1.lora_A.weight"])
+    assert kohya["lora_unet_block_conv1.lora_up.weight"].shape == (4, 2, 1, 1)
+    half = fh.lora_to_kohya(state, 5.0, dtype=torch.float16)
+    assert half["lora_unet_block_to_q.lora_up.weight"].dtype == torch.float16
+    assert half["lora_unet_block_to_q.alpha"].dtype == torch.float32  # alpha / rank stays exact
+
+
+def test_lora_to_kohya_hand_merge_reproduces_the_lora_module():
+    """W + (alpha / rank) * up @ down, from the kohya tensors alone, gives the peft module's output."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft_toy(rank=2, alpha=5.0)
+    kohya = fh.lora_to_kohya(get_peft_model_state_dict(model), 5.0)
+    x_lin, x_conv = torch.randn(7, 6), torch.randn(2, 3, 8, 8)
+    for name, x in (("to_q", x_lin), ("conv1", x_conv)):
+        layer = model["block"][name]
+        down, up = kohya[f"lora_unet_block_{name}.lora_down.weight"], kohya[f"lora_unet_block_{name}.lora_up.weight"]
+        scale = kohya[f"lora_unet_block_{name}.alpha"].item() / down.shape[0]
+        base = layer.base_layer
+        if name == "to_q":
+            merged = torch.nn.functional.linear(x, base.weight + scale * up @ down, base.bias)
+        else:
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+            merged = torch.nn.functional.conv2d(x, base.weight + scale * delta, base.bias, padding=1)
+        with torch.no_grad():
+            lora_out, base_out = layer(x), base(x)
+        assert (lora_out - base_out).abs().max() > 0.1  # the LoRA does something
+        torch.testing.assert_close(merged, lora_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"a.lora_A.weight": torch.zeros(2, 3)}, "has lora_A but not lora_B"),
+        ({"a.weight": torch.zeros(2, 3)}, "not a LoRA A/B weight"),
+        ({"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(4, 3)}, "lora_B has 3 columns"),
+        ({"a_b.lora_A.weight": torch.zeros(2, 3), "a_b.lora_B.weight": torch.zeros(4, 2),
+          "a.b.lora_A.weight": torch.zeros(2, 3), "a.b.lora_B.weight": torch.zeros(4, 2)}, "both become 'lora_unet_a_b'"),
+    ],
+)
+def test_lora_to_kohya_refuses_what_it_cannot_write(state, message):
+    with pytest.raises(ValueError, match=message):
+        fh.lora_to_kohya(state, 4.0)
