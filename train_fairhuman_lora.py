@@ -535,11 +535,12 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, resolution, device, dtype):
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_lora(pipeline_cls, unet, folder: str, *, diffusers_dtype=torch.float32, kohya_file: str | None = None,
-              kohya_dtype=torch.float32, kohya_metadata: dict | None = None) -> list[str]:
-    """Write the UNet's LoRA into ``folder``; returns the paths written.
+def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffusers_dtype=None,
+              kohya_file: str | None = None, kohya_dtype=None, kohya_metadata: dict | None = None) -> list[str]:
+    """Write the UNet's LoRA into ``folder``; returns the paths written. A dtype of None keeps the
+    parameters' own (fp32: the script keeps the trainable LoRA weights in fp32).
 
-    * ``pytorch_lora_weights.safetensors`` (unless ``diffusers_dtype`` is None): the diffusers format,
+    * ``pytorch_lora_weights.safetensors`` (with ``diffusers``): the diffusers format,
       ``unet.{module}.lora_A.weight`` / ``lora_B.weight`` for EVERY module plus the LoRA config as
       adapter metadata. The keys are peft's as they are: diffusers' ``convert_state_dict_to_diffusers``
       renames only to_q/to_k/to_v/to_out.0 (to ``lora.down``/``lora.up``), and a file mixing the two
@@ -552,10 +553,10 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers_dtype=torch.float32,
 
     state = get_peft_model_state_dict(unet)
     written = []
-    if diffusers_dtype is not None:
+    if diffusers:
         pipeline_cls.save_lora_weights(
             folder,
-            unet_lora_layers={k: v.detach().to(diffusers_dtype) for k, v in state.items()},
+            unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             safe_serialization=True,
         )
@@ -633,17 +634,16 @@ def save_lora_files(args, pipeline_cls, unet, folder: str, sdxl: bool, predictio
 
     At the end of training (``checkpoint=False``): ``pytorch_lora_weights.safetensors`` and/or
     ``{output_name}.safetensors``, both in --save_precision. In a checkpoint: the diffusers file always,
-    in fp32 (what --resume_from_checkpoint reads, so resuming is exact), and with kohya or both
+    as trained (fp32; what --resume_from_checkpoint reads, so resuming is exact), and with kohya or both
     ``{output_name}-step{N}.safetensors`` in --save_precision, to try the intermediate LoRA in a UI.
     """
     dtype = SAVE_DTYPES[args.save_precision]
     kohya = args.save_lora_format in ("kohya", "both")
     if checkpoint:
-        diffusers_dtype, name = torch.float32, f"{args.output_name}-step{global_step}"
+        diffusers, diffusers_dtype, name = True, None, f"{args.output_name}-step{global_step}"
     else:
-        diffusers_dtype = dtype if args.save_lora_format in ("diffusers", "both") else None
-        name = args.output_name
-    return save_lora(pipeline_cls, unet, folder, diffusers_dtype=diffusers_dtype,
+        diffusers, diffusers_dtype, name = args.save_lora_format in ("diffusers", "both"), dtype, args.output_name
+    return save_lora(pipeline_cls, unet, folder, diffusers=diffusers, diffusers_dtype=diffusers_dtype,
                      kohya_file=f"{name}.safetensors" if kohya else None, kohya_dtype=dtype,
                      kohya_metadata=kohya_metadata(args, unet.config, sdxl, prediction_type, global_step) if kohya else None)
 
@@ -652,7 +652,7 @@ def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state = pipeline_cls.lora_state_dict(folder)
+    state = pipeline_cls.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)  # the fp32 file, not the kohya one
     state = state[0] if isinstance(state, tuple) else state
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
@@ -972,6 +972,14 @@ def main(args):
                                     target_modules=targets))
     except ValueError as error:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {error}") from None
+    if args.save_lora_format in ("kohya", "both"):  # a module the kohya format cannot name fails now, not after training
+        from peft.utils import get_peft_model_state_dict
+
+        try:
+            fh.lora_to_kohya(get_peft_model_state_dict(unet), args.lora_alpha)
+        except ValueError as error:
+            raise UsageError(f"--lora_target_modules {args.lora_target_modules!r} with --save_lora_format "
+                             f"{args.save_lora_format}: {error}") from None
     cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32 under fp16/bf16
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

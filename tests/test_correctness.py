@@ -94,12 +94,16 @@ def test_bf16_keeps_lora_fp32_through_validation_and_resume(tiny_sd, demo_datase
                        "--checkpointing_steps", 1, "--validation_prompt", "a person", "--validation_steps", 1,
                        "--num_validation_images", 1, "--validation_inference_steps", 2)
     run_main(*common, "--max_train_steps", 2)
-    run_main(*common, "--max_train_steps", 3, "--resume_from_checkpoint", "latest")
-    for folder in (os.path.join(out, "checkpoint-2"), out):
+    run_main(*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    # a checkpoint's LoRA file holds the parameters as they are: written after validations, before and after resume
+    for folder in (os.path.join(out, "checkpoint-2"), os.path.join(out, "checkpoint-4")):
         tensors = lora_tensors(folder)
         assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
-    assert (lora_tensors(out)[next(iter(tensors))] != lora_tensors(os.path.join(out, "checkpoint-2"))[
-        next(iter(tensors))]).any()
+    final = lora_tensors(out)  # the final file in --save_precision (default fp16)
+    assert final.keys() == tensors.keys() and all(t.dtype == torch.float16 and torch.isfinite(t).all()
+                                                  for t in final.values())
+    key = next(iter(tensors))
+    assert (lora_tensors(os.path.join(out, "checkpoint-2"))[key] != tensors[key]).any()
 
 
 def test_sigkill_mid_training_then_resume_gives_the_same_lora(reference, tiny_sd, demo_dataset, tmp_path):

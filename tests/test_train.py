@@ -147,18 +147,18 @@ def test_sd_lora_loads_changes_output_rotates_checkpoints_and_resumes(tiny_sd, d
     merge_by_hand(as_trained_pipe.unet, fh.lora_to_kohya({k[len("unet."):]: v for k, v in trained.items()}, 2.0))
     as_trained = sample(as_trained_pipe)
     assert np.abs(as_trained - before).max() > 1e-2  # the LoRA changes the output
-    images = {}
+    images, pipes = {}, {}
     for label, folder, weight_name in [("checkpoint fp32", checkpoint, None), ("diffusers fp16", straight, None),
                                        ("kohya fp16", straight, "straight.safetensors")]:
-        pipe = load_pipeline(StableDiffusionPipeline, tiny_sd, folder, weight_name)
-        assert lora_modules(pipe.unet) == modules, label  # every LoRA module, attention and conv, is loaded
-        images[label] = sample(pipe)
+        pipes[label] = load_pipeline(StableDiffusionPipeline, tiny_sd, folder, weight_name)
+        assert lora_modules(pipes[label].unet) == modules, label  # every LoRA module, attention and conv, is loaded
+        images[label] = sample(pipes[label])
     np.testing.assert_allclose(images["checkpoint fp32"], as_trained, rtol=0, atol=1e-5)
     np.testing.assert_allclose(images["kohya fp16"], images["diffusers fp16"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(images["kohya fp16"], as_trained, rtol=0, atol=1e-4)  # fp16 weights (measured 1.4e-5)
     # merging the kohya file by hand reproduces every LoRA-loaded module's output
     merged = merge_by_hand(load_pipeline(StableDiffusionPipeline, tiny_sd).unet, kohya)
-    loaded = dict(pipe.unet.named_modules())
+    loaded = dict(pipes["kohya fp16"].unet.named_modules())
     with torch.no_grad():
         for name, module in merged.named_modules():
             if name in modules:
