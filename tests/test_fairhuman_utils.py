@@ -1,5 +1,6 @@
 """Unit tests of the FairHuman pieces in fairhuman_utils.py."""
 
+import os
 import random
 
 import numpy as np
@@ -373,3 +374,33 @@ def test_lora_to_kohya_hand_merge_reproduces_the_lora_module():
 def test_lora_to_kohya_refuses_what_it_cannot_write(state, message):
     with pytest.raises(ValueError, match=message):
         fh.lora_to_kohya(state, 4.0)
+
+
+@pytest.mark.parametrize("which", ["sd15", "sdxl"])
+def test_kohya_names_of_public_size_unets_map_back_through_diffusers(which):
+    """Every LoRA module of the real SD 1.5 / SDXL UNet layouts (built on the meta device: no weights) gets a
+    kohya name that diffusers' own kohya converter maps back to exactly that module, with alpha intact."""
+    import sys
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from common import PUBLIC_UNETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**PUBLIC_UNETS[which])
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1",
+                                                                       "conv2", "proj_in", "ff.net.2"]))
+    modules = {name for name, module in unet.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)}
+    kohya = fh.lora_to_kohya({k: torch.zeros(v.shape) for k, v in get_peft_model_state_dict(unet).items()}, 2.0)
+    assert len(kohya) == 3 * len(modules) and all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    pipeline_cls = StableDiffusionXLPipeline if which == "sdxl" else StableDiffusionPipeline
+    state, alphas = pipeline_cls.lora_state_dict(kohya)
+    peft_state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in peft_state} == modules
+    assert len(alphas) == len(modules) and set(alphas.values()) == {2.0}
