@@ -18,6 +18,7 @@ This module holds everything method-specific, as small functions without global 
 * per-objective gradients and their combination: :class:`ObjectiveGradients`
 * how the objective gradients become the update, for every weighting mode, with the exact-solve
   schedule and its checkpoint state: :class:`FairUpdate` (what the training loop calls)
+* the LoRA in the kohya format that ComfyUI / A1111 / Forge load: :func:`lora_to_kohya`
 
 The training script ``train_fairhuman_lora.py`` wires them into a diffusers-style loop.
 """
@@ -29,6 +30,7 @@ import io
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -994,3 +996,57 @@ def _loss_scale(accelerator) -> float:
     """The fp16 loss scale of ``accelerator`` (its ``GradScaler``), or 1."""
     scaler = getattr(accelerator, "scaler", None)
     return scaler.get_scale() if scaler is not None else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI / AUTOMATIC1111 / Forge (kohya format)
+# ---------------------------------------------------------------------------------------------
+
+KOHYA_KEY = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+"""A kohya-format LoRA key: ``{prefix}_{module path with '.' -> '_'}.{lora_down.weight | lora_up.weight | alpha}``."""
+
+
+def lora_to_kohya(
+    state_dict: dict[str, torch.Tensor], alpha: float, *, prefix: str = "lora_unet", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """One model's peft LoRA state dict in the kohya format (what ComfyUI, A1111 and Forge load).
+
+    ``state_dict`` is what ``peft.get_peft_model_state_dict(model)`` returns: per LoRA module
+    ``{path}.lora_A.weight`` (down: ``(r, in)``, or ``(r, in, k, k)`` for a conv) and
+    ``{path}.lora_B.weight`` (up: ``(out, r)`` or ``(out, r, 1, 1)``). Each module becomes
+
+        {prefix}_{path with '.' -> '_'}.lora_down.weight = lora_A
+        {prefix}_{path with '.' -> '_'}.lora_up.weight   = lora_B
+        {prefix}_{path with '.' -> '_'}.alpha            = alpha   (0-d float32)
+
+    and a loader computes ``W + (alpha / r) * up @ down`` with ``r`` = the rows of ``down``: peft's
+    own scale ``lora_alpha / r``, so ``alpha`` must be the LoRA alpha, not the rank (diffusers'
+    ``convert_state_dict_to_kohya`` writes the rank, wrong whenever they differ). ``dtype`` casts
+    the weights (the ``.alpha`` scalars stay float32, so ``alpha / r`` is exact; every loader reads
+    them with ``.item()``). Raises ``ValueError`` for a key that is not a LoRA A/B weight, a module
+    with only one of the two, or two module paths that give the same kohya name.
+    """
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        path, dot, kind = key.rpartition(".lora_")
+        if not dot or kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"not a LoRA A/B weight of a peft state dict: {key!r}")
+        modules.setdefault(path, {})[kind[0]] = tensor
+    out: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    for path, pair in modules.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"module {path!r} has lora_{''.join(pair)} but not lora_{'B' if 'A' in pair else 'A'}")
+        name = f"{prefix}_{path.replace('.', '_')}"
+        if name in names:
+            raise ValueError(f"modules {names[name]!r} and {path!r} both become {name!r}")
+        names[name] = path
+        down, up = pair["A"], pair["B"]
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"module {path!r}: lora_B has {up.shape[1]} columns but lora_A {down.shape[0]} rows")
+        out[f"{name}.lora_down.weight"] = down.detach().to(dtype or down.dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out

@@ -167,6 +167,17 @@ def parse_args(input_args=None):
     g.add_argument("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
                    help="Comma-separated UNet module names that get LoRA adapters.")
 
+    g = parser.add_argument_group("Saving the LoRA")
+    g.add_argument("--save_lora_format", type=str, default="both", choices=["diffusers", "kohya", "both"],
+                   help="diffusers: pytorch_lora_weights.safetensors (diffusers load_lora_weights); kohya: "
+                        "{output_name}.safetensors (ComfyUI models/loras/, A1111/Forge models/Lora/); both.")
+    g.add_argument("--save_precision", type=str, default="fp16", choices=["fp32", "fp16", "bf16"],
+                   help="Precision of the final LoRA files and of the kohya file in checkpoints. The diffusers file "
+                        "in a checkpoint (what --resume_from_checkpoint reads) is always fp32.")
+    g.add_argument("--output_name", type=str, default=None,
+                   help="Base name of the kohya-format file ({output_name}.safetensors; {output_name}-step{N} in "
+                        "checkpoints), the name the UIs show; default: the --output_dir folder's name.")
+
     g = parser.add_argument_group("Training")
     g.add_argument("--output_dir", type=str, default="fairhuman-lora", help="Where the LoRA, checkpoints and card go.")
     g.add_argument("--seed", type=int, default=None,
@@ -228,6 +239,8 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.output_name is None:
+        args.output_name = Path(os.path.abspath(args.output_dir)).name
     return args
 
 
@@ -296,6 +309,10 @@ def check_args(args) -> None:
 
         evaluate_fairhuman.read_prompts(args.evaluate_prompts_file, flag="--evaluate_prompts_file")
         evaluate_fairhuman.check_detector_available()
+    if (not args.output_name or args.output_name != Path(args.output_name).name or args.output_name.startswith(".")
+            or args.output_name.lower().endswith("pytorch_lora_weights")):
+        raise UsageError(f"--output_name must be a plain file name (no folder, not hidden, not ending in "
+                         f"pytorch_lora_weights), got {args.output_name!r}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
 
@@ -1018,28 +1035,130 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
                       latent_masks[:, 1:2], present, sample_weights)
 
 
-def unet_lora_state_dict(unet):
-    from diffusers.utils import convert_state_dict_to_diffusers
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffusers_dtype=None,
+              kohya_file: str | None = None, kohya_dtype=None, kohya_metadata: dict | None = None) -> list[str]:
+    """Write the UNet's LoRA into ``folder``; returns the paths written. A dtype of None keeps the
+    parameters' own (fp32: the script keeps the trainable LoRA weights in fp32).
+
+    * ``pytorch_lora_weights.safetensors`` (with ``diffusers``): the diffusers format,
+      ``unet.{module}.lora_A.weight`` / ``lora_B.weight`` for EVERY module plus the LoRA config as
+      adapter metadata. The keys are peft's as they are: diffusers' ``convert_state_dict_to_diffusers``
+      renames only to_q/to_k/to_v/to_out.0 (to ``lora.down``/``lora.up``), and a file mixing the two
+      spellings loses the renamed half in ``load_lora_weights``, which decides on the first key alone.
+    * ``kohya_file`` (when given): the kohya format of :func:`fairhuman_utils.lora_to_kohya` with
+      ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
+    """
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
+    written = []
+    if diffusers:
+        pipeline_cls.save_lora_weights(
+            folder,
+            unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
+        written.append(os.path.join(folder, LORA_WEIGHT_NAME))
+    if kohya_file is not None:  # the script's LoraConfig: one rank and alpha for every module, plain LoRA
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, kohya_file)
+        alpha = unet.peft_config["default"].lora_alpha
+        save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
+        written.append(path)
+    return written
 
 
-def save_lora(pipeline_cls, unet, folder: str) -> None:
-    """Write {folder}/pytorch_lora_weights.safetensors in the diffusers format (with the LoRA config)."""
-    pipeline_cls.save_lora_weights(
-        folder,
-        unet_lora_layers=unet_lora_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
+def training_settings(args, global_step: int) -> dict:
+    """The settings a LoRA was trained with: the model card's table and the kohya file's metadata."""
+    return {
+        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
+        "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
+        "local_loss_scale": args.local_loss_scale,
+        "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
+        "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
+        "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
+        "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
+        "crop": ("square (--square_crop)" if args.square_crop else
+                 f"aspect-ratio buckets (steps {args.bucket_reso_steps or 'of the model'}, up to "
+                 f"{args.max_bucket_aspect_ratio:g}:1)"),
+        "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,
+        "max_grad_norm": args.max_grad_norm, "use_8bit_adam": args.use_8bit_adam,
+        "mixed_precision": args.mixed_precision, "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset,
+        "prediction_type": args.prediction_type or "model default", "seed": args.seed,
+    }
+
+
+def base_model_version(unet_config, sdxl: bool) -> str:
+    """kohya's ``ss_base_model_version``: sdxl_base_v1-0, sd_v2 (1024-wide cross-attention, OpenCLIP-H) or
+    sd_v1. A1111 shows a LoRA for models of this version."""
+    if sdxl:
+        return "sdxl_base_v1-0"
+    return "sd_v2" if unet_config.cross_attention_dim == 1024 else "sd_v1"
+
+
+def kohya_metadata(args, unet_config, sdxl: bool, prediction_type: str, global_step: int) -> dict[str, str]:
+    """Safetensors metadata of the kohya file: kohya's ``ss_*`` keys (what A1111 / Forge / ComfyUI
+    metadata viewers show), a ``modelspec`` header and every FairHuman setting as ``fairhuman_settings``."""
+    version = base_model_version(unet_config, sdxl)
+    architecture = {"sdxl_base_v1-0": "stable-diffusion-xl-v1-base", "sd_v2": "stable-diffusion-v2",
+                    "sd_v1": "stable-diffusion-v1"}[version]
+    metadata = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.lora_alpha),
+        "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_sd_model_name": args.pretrained_model_name_or_path, "ss_output_name": args.output_name,
+        "ss_resolution": f"({args.resolution}, {args.resolution})", "ss_steps": str(global_step),
+        "ss_learning_rate": str(args.learning_rate), "ss_lr_scheduler": args.lr_scheduler,
+        "ss_seed": str(args.seed), "ss_mixed_precision": str(args.mixed_precision),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_max_grad_norm": str(args.max_grad_norm), "ss_noise_offset": str(args.noise_offset),
+        "ss_min_snr_gamma": str(args.snr_gamma), "ss_dataset_dirs": str(args.dataset_name or args.train_data_dir),
+        "ss_training_comment": "FairHuman LoRA (arXiv 2507.02714): global + hand + face objectives with "
+                               "Minimum Potential Delay weights; authors' inference: LoRA scale 0.3, 30 UniPC steps, "
+                               "CFG 7.5",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": args.output_name,
+        "modelspec.resolution": f"{args.resolution}x{args.resolution}",
+        "fairhuman_settings": json.dumps(training_settings(args, global_step)),
+    }
+    if args.pretrained_vae_model_name_or_path:
+        metadata["ss_vae_name"] = args.pretrained_vae_model_name_or_path
+    return metadata
+
+
+def save_lora_files(args, pipeline_cls, unet, folder: str, sdxl: bool, prediction_type: str, global_step: int,
+                    checkpoint: bool = False) -> list[str]:
+    """The LoRA files --save_lora_format asks for.
+
+    At the end of training (``checkpoint=False``): ``pytorch_lora_weights.safetensors`` and/or
+    ``{output_name}.safetensors``, both in --save_precision. In a checkpoint: the diffusers file always,
+    as trained (fp32; what --resume_from_checkpoint reads, so resuming is exact), and with kohya or both
+    ``{output_name}-step{N}.safetensors`` in --save_precision, to try the intermediate LoRA in a UI.
+    """
+    dtype = SAVE_DTYPES[args.save_precision]
+    kohya = args.save_lora_format in ("kohya", "both")
+    if checkpoint:
+        diffusers, diffusers_dtype, name = True, None, f"{args.output_name}-step{global_step}"
+    else:
+        diffusers, diffusers_dtype, name = args.save_lora_format in ("diffusers", "both"), dtype, args.output_name
+    return save_lora(pipeline_cls, unet, folder, diffusers=diffusers, diffusers_dtype=diffusers_dtype,
+                     kohya_file=f"{name}.safetensors" if kohya else None, kohya_dtype=dtype,
+                     kohya_metadata=kohya_metadata(args, unet.config, sdxl, prediction_type, global_step) if kohya else None)
 
 
 def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state = pipeline_cls.lora_state_dict(folder)
+    state = pipeline_cls.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)  # the fp32 file, not the kohya one
     state = state[0] if isinstance(state, tuple) else state
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     try:
@@ -1374,6 +1493,49 @@ def run_validation(args, accelerator, pipeline_cls, components, unet, noise_sche
     return images
 
 
+def lora_usage(args, repo_id: str, pipeline_cls: str) -> str:
+    """The model card's "How to use": which file goes where, with the authors' inference setting
+    (LoRA scale 0.3, 30 UniPC steps, CFG 7.5)."""
+    kohya_file = f"{args.output_name}.safetensors"
+    files = []
+    if args.save_lora_format in ("diffusers", "both"):
+        files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | diffusers `load_lora_weights` |")
+    if args.save_lora_format in ("kohya", "both"):
+        files.append(f"| `{kohya_file}` | kohya format | ComfyUI: `models/loras/`; AUTOMATIC1111 / Forge: "
+                     f"`models/Lora/` (diffusers `load_lora_weights` reads it too) |")
+    weight_name = "" if args.save_lora_format != "kohya" else f', weight_name="{kohya_file}"'
+    text = f"""## How to use
+
+Weights in {args.save_precision}, UNet only, rank {args.rank}, alpha {args.lora_alpha}:
+
+| file | format | where it goes |
+| --- | --- | --- |
+""" + "\n".join(files) + f"""
+
+The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5.
+
+```python
+import torch
+from diffusers import {pipeline_cls}, UniPCMultistepScheduler
+
+pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights("{repo_id}"{weight_name})
+pipe.fuse_lora(lora_scale=0.3)
+image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
+```
+"""
+    if args.save_lora_format in ("kohya", "both"):
+        text += f"""
+- ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
+  `strength_model` 0.3 (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: 30 steps,
+  cfg 7.5, sampler `uni_pc`.
+- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:0.3>` to the
+  prompt; sampler UniPC, 30 steps, CFG scale 7.5.
+"""
+    return text
+
+
 def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int, evaluation=None) -> str:
     """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it, and
     with ``evaluation`` (the report of ``evaluate_fairhuman.py``) the hand and face scores."""
@@ -1382,25 +1544,8 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
     dataset = args.dataset_name or args.train_data_dir
     gallery = "\n".join(f"![sample {i}](./image_{i}.png)" for i in range(len(images)))
     pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    settings = {
-        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
-        "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
-        "local_loss_scale": args.local_loss_scale,
-        "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
-        "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
-        "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
-        "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
-        "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
-        "crop": ("square (--square_crop)" if args.square_crop else
-                 f"aspect-ratio buckets (steps {args.bucket_reso_steps or 'of the model'}, up to "
-                 f"{args.max_bucket_aspect_ratio:g}:1)"),
-        "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,
-        "max_grad_norm": args.max_grad_norm, "use_8bit_adam": args.use_8bit_adam,
-        "mixed_precision": args.mixed_precision, "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset,
-        "prediction_type": args.prediction_type or "model default", "seed": args.seed,
-    }
+    settings = training_settings(args, global_step)
+    usage = lora_usage(args, repo_id, pipeline_cls)
     table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     scores = ""
     if evaluation is not None:
@@ -1440,17 +1585,7 @@ Training data: `{dataset}`.
 | --- | --- |
 {table}
 {scores}
-## How to use
-
-```python
-import torch
-from diffusers import {pipeline_cls}
-
-pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{repo_id}")
-pipe.fuse_lora(lora_scale=0.3)  # the authors sampled with LoRA scale 0.3, 30 UniPC steps, CFG 7.5
-image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
-```
+{usage}
 """
     path = os.path.join(folder, "README.md")
     with open(path, "w") as f:
@@ -1577,6 +1712,14 @@ def main(args):
                                     target_modules=targets))
     except ValueError as error:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {error}") from None
+    if args.save_lora_format in ("kohya", "both"):  # a module the kohya format cannot name fails now, not after training
+        from peft.utils import get_peft_model_state_dict
+
+        try:
+            fh.lora_to_kohya(get_peft_model_state_dict(unet), args.lora_alpha)
+        except ValueError as error:
+            raise UsageError(f"--lora_target_modules {args.lora_target_modules!r} with --save_lora_format "
+                             f"{args.save_lora_format}: {error}") from None
     cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32 under fp16/bf16
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1586,8 +1729,9 @@ def main(args):
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                save_lora(pipeline_cls, accelerator.unwrap_model(model), output_dir)
+            for model in models:  # global_step: main's, read when the checkpoint is saved
+                save_lora_files(args, pipeline_cls, accelerator.unwrap_model(model), output_dir, sdxl,
+                                noise_scheduler.config.prediction_type, global_step, checkpoint=True)
         while weights:  # the full UNet is not saved: the LoRA is all that changes
             weights.pop()
 
@@ -1719,8 +1863,9 @@ def main(args):
     push_error = None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
-        save_lora(pipeline_cls, unwrapped, args.output_dir)
-        logger.info(f"Saved the LoRA to {os.path.join(args.output_dir, LORA_WEIGHT_NAME)}")
+        written = save_lora_files(args, pipeline_cls, unwrapped, args.output_dir, sdxl,
+                                  noise_scheduler.config.prediction_type, global_step)
+        logger.info(f"Saved the LoRA ({args.save_precision}) to {', '.join(written)}")
         if args.validation_prompt and args.num_validation_images > 0:
             images = run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
                                     weight_dtype, global_step, "test")
@@ -1728,7 +1873,7 @@ def main(args):
         if args.evaluate_prompts_file is not None:
             import evaluate_fairhuman
 
-            evaluation = evaluate_fairhuman.evaluate_trained_lora(args, os.path.join(args.output_dir, LORA_WEIGHT_NAME))
+            evaluation = evaluate_fairhuman.evaluate_trained_lora(args, written[0])  # either format loads
         write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step,
                          evaluation)
         if args.push_to_hub:

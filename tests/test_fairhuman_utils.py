@@ -1,5 +1,6 @@
 """Unit tests of the FairHuman pieces in fairhuman_utils.py."""
 
+import os
 import random
 
 import numpy as np
@@ -400,3 +401,105 @@ def test_box_units_problem():
     assert "drop --relative_boxes" in fh.box_units_problem(3.0, 412.0, relative=True)
     assert "pass --relative_boxes" in fh.box_units_problem(0.05, 0.95, relative=False)
     assert fh.box_units_problem(0.0, 88.0, relative=False) is None
+
+
+# ---- the kohya-format LoRA file -------------------------------------------------------------------
+
+
+def _peft_toy(rank=2, alpha=5.0):
+    """A linear layer and a 3x3 conv with peft LoRA adapters whose up weights are not zero."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"block": torch.nn.ModuleDict({"to_q": torch.nn.Linear(6, 5),
+                                                               "conv1": torch.nn.Conv2d(3, 4, 3, padding=1)})})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "conv1"]), model)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()
+    return model
+
+
+def test_lora_to_kohya_keys_and_alpha():
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft_toy(rank=2, alpha=5.0)
+    state = get_peft_model_state_dict(model)
+    kohya = fh.lora_to_kohya(state, 5.0)
+    assert sorted(kohya) == sorted(f"lora_unet_block_{m}.{k}" for m in ("to_q", "conv1")
+                                   for k in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    assert kohya["lora_unet_block_to_q.alpha"].item() == 5.0  # the LoRA alpha, not the rank (2)
+    assert torch.equal(kohya["lora_unet_block_conv1.lora_down.weight"], state["block.conv1.lora_A.weight"])
+    assert kohya["lora_unet_block_conv1.lora_up.weight"].shape == (4, 2, 1, 1)
+    half = fh.lora_to_kohya(state, 5.0, dtype=torch.float16)
+    assert half["lora_unet_block_to_q.lora_up.weight"].dtype == torch.float16
+    assert half["lora_unet_block_to_q.alpha"].dtype == torch.float32  # alpha / rank stays exact
+
+
+def test_lora_to_kohya_hand_merge_reproduces_the_lora_module():
+    """W + (alpha / rank) * up @ down, from the kohya tensors alone, gives the peft module's output."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft_toy(rank=2, alpha=5.0)
+    kohya = fh.lora_to_kohya(get_peft_model_state_dict(model), 5.0)
+    x_lin, x_conv = torch.randn(7, 6), torch.randn(2, 3, 8, 8)
+    for name, x in (("to_q", x_lin), ("conv1", x_conv)):
+        layer = model["block"][name]
+        down, up = kohya[f"lora_unet_block_{name}.lora_down.weight"], kohya[f"lora_unet_block_{name}.lora_up.weight"]
+        scale = kohya[f"lora_unet_block_{name}.alpha"].item() / down.shape[0]
+        base = layer.base_layer
+        if name == "to_q":
+            merged = torch.nn.functional.linear(x, base.weight + scale * up @ down, base.bias)
+        else:
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+            merged = torch.nn.functional.conv2d(x, base.weight + scale * delta, base.bias, padding=1)
+        with torch.no_grad():
+            lora_out, base_out = layer(x), base(x)
+        assert (lora_out - base_out).abs().max() > 0.1  # the LoRA does something
+        torch.testing.assert_close(merged, lora_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"a.lora_A.weight": torch.zeros(2, 3)}, "has lora_A but not lora_B"),
+        ({"a.weight": torch.zeros(2, 3)}, "not a LoRA A/B weight"),
+        ({"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(4, 3)}, "lora_B has 3 columns"),
+        ({"a_b.lora_A.weight": torch.zeros(2, 3), "a_b.lora_B.weight": torch.zeros(4, 2),
+          "a.b.lora_A.weight": torch.zeros(2, 3), "a.b.lora_B.weight": torch.zeros(4, 2)}, "both become 'lora_unet_a_b'"),
+    ],
+)
+def test_lora_to_kohya_refuses_what_it_cannot_write(state, message):
+    with pytest.raises(ValueError, match=message):
+        fh.lora_to_kohya(state, 4.0)
+
+
+@pytest.mark.parametrize("which", ["sd15", "sdxl"])
+def test_kohya_names_of_public_size_unets_map_back_through_diffusers(which):
+    """Every LoRA module of the real SD 1.5 / SDXL UNet layouts (built on the meta device: no weights) gets a
+    kohya name that diffusers' own kohya converter maps back to exactly that module, with alpha intact."""
+    import sys
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from common import PUBLIC_UNETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**PUBLIC_UNETS[which])
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1",
+                                                                       "conv2", "proj_in", "ff.net.2"]))
+    modules = {name for name, module in unet.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)}
+    kohya = fh.lora_to_kohya({k: torch.zeros(v.shape) for k, v in get_peft_model_state_dict(unet).items()}, 2.0)
+    assert len(kohya) == 3 * len(modules) and all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    pipeline_cls = StableDiffusionXLPipeline if which == "sdxl" else StableDiffusionPipeline
+    state, alphas = pipeline_cls.lora_state_dict(kohya)
+    peft_state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in peft_state} == modules
+    assert len(alphas) == len(modules) and set(alphas.values()) == {2.0}

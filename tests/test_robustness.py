@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import train_fairhuman_lora as train
-from conftest import lora_tensors, reset_accelerate_state, run_main, write_imagefolder
+from conftest import lora_tensors, reset_accelerate_state, run_main
 from test_train import _argv, _dataset, _error, common
 
 
