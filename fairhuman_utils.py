@@ -6,14 +6,19 @@ their gradients with alpha-fair (alpha = 2: Minimum Potential Delay) weights.
 
 This module holds everything method-specific, as small functions without global state:
 
-* boxes -> pixel masks: :func:`parse_box`, :func:`parse_boxes`, :func:`boxes_to_mask`, :func:`binarize_mask_image`
-* the transform that moves image and masks together: :func:`paired_transform`
+* images read upright (EXIF orientation applied): :func:`open_image`, :func:`image_size`
+* boxes -> pixel masks: :func:`parse_box`, :func:`parse_boxes`, :func:`boxes_to_mask`, :func:`binarize_mask_image`,
+  :func:`box_units_problem`
+* aspect-ratio buckets: :func:`make_buckets`, :func:`assign_bucket`, :func:`bucket_granularity`
+* the transform that moves image and masks together: :func:`resize_crop_plan`, :func:`paired_transform`,
+  :func:`region_boxes`, :func:`box_area_kept`
 * pixel masks -> latent masks: :func:`masks_to_latent`
 * the three objectives: :func:`fairhuman_losses`
 * the alpha-fair solver: :func:`solve_fair_weights`
 * per-objective gradients and their combination: :class:`ObjectiveGradients`
 * how the objective gradients become the update, for every weighting mode, with the exact-solve
   schedule and its checkpoint state: :class:`FairUpdate` (what the training loop calls)
+* the LoRA in the kohya format that ComfyUI / A1111 / Forge load: :func:`lora_to_kohya`
 
 The training script ``train_fairhuman_lora.py`` wires them into a diffusers-style loop.
 """
@@ -21,22 +26,87 @@ The training script ``train_fairhuman_lora.py`` wires them into a diffusers-styl
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 OBJECTIVES = ("global", "hand", "face")
 """The objectives in the order used everywhere: losses, gradient rows, weights and logs."""
 
 
+class UsageError(ValueError):
+    """Bad input found before any long work; the message names the flag, column or row. The scripts'
+    ``cli()`` prints it as ``error: ...`` without a traceback. Defined here so that the training script
+    and ``evaluate_fairhuman.py`` raise the same class (also when one runs as ``__main__``)."""
+
+
 class AnnotationError(ValueError):
     """A dataset cell that cannot be turned into a region mask; the message names column and row."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images: always in the upright (displayed) frame
+# ---------------------------------------------------------------------------------------------
+
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag that says how a stored image must be rotated/mirrored to be displayed upright."""
+
+
+def _open_raw(source) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, dict):  # a `datasets` Image cell read with decode=False
+        if source.get("bytes"):
+            return Image.open(io.BytesIO(source["bytes"]))
+        if source.get("path"):
+            return Image.open(source["path"])
+    if isinstance(source, (str, os.PathLike)):
+        return Image.open(source)
+    raise TypeError(f"not an image: {type(source).__name__}")
+
+
+def open_image(source) -> Image.Image:
+    """Open and decode an image UPRIGHT: the one image reader of the recipe (training, checking, preparing).
+
+    ``source`` is a PIL image, a ``datasets`` image cell (``{"path", "bytes"}``), bytes or a path.
+    The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so the pixels are the ones a
+    viewer shows and box coordinates refer to; ``image.info["exif_orientation"]`` keeps the tag that
+    was applied (1 = none). Phone photos are often stored sideways with orientation 6 or 8. An image
+    already transposed (e.g. decoded by ``datasets``, which drops the tag) is not rotated twice.
+    """
+    image = _open_raw(source)
+    image.load()
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation not in (0, 1):
+        upright = ImageOps.exif_transpose(image)
+        upright.format = image.format
+        image = upright
+    image.info["exif_orientation"] = orientation if orientation in range(1, 9) else 1
+    return image
+
+
+def image_size(source) -> tuple[int, int]:
+    """``(width, height)`` of an image in the upright frame of :func:`open_image`, reading only the header."""
+    image = _open_raw(source)
+    try:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # orientations that swap the axes
+            width, height = height, width
+        return width, height
+    finally:
+        if image is not source:
+            image.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +183,27 @@ def parse_boxes(
     return boxes
 
 
+RELATIVE_BOX_LIMIT = 2.0
+"""Box numbers above this cannot be fractions of the image size (a little above 1 is a detector's overshoot)."""
+
+
+def box_units_problem(low: float, high: float, relative: bool) -> str | None:
+    """Whether the box numbers of a column look like the wrong unit; ``None`` when they look right.
+
+    ``low`` and ``high`` are the smallest and largest number over every box of the column. With
+    ``relative=True`` (fractions of the width/height) a number above ``RELATIVE_BOX_LIMIT`` means
+    pixel boxes; with ``relative=False`` (pixels) every number within ``[0, 1]`` means fractions,
+    which read as pixels would give masks of a pixel or two. Returns the reason, for the error message.
+    """
+    if relative and high > RELATIVE_BOX_LIMIT:
+        return (f"--relative_boxes is set but the boxes hold numbers up to {high:g}: these look like pixel boxes; "
+                "drop --relative_boxes")
+    if not relative and 0.0 <= low and high <= 1.0:
+        return ("every box lies within [0, 1]: these look like fractions of the image size, which read as pixels "
+                "give masks of a pixel or two; pass --relative_boxes")
+    return None
+
+
 def boxes_to_mask(boxes: Iterable[Sequence[float]], width: int, height: int, dilation: int = 0) -> Image.Image:
     """Fill pixel boxes into a white-on-black ``L`` mask of size ``(width, height)``.
 
@@ -122,14 +213,25 @@ def boxes_to_mask(boxes: Iterable[Sequence[float]], width: int, height: int, dil
     """
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
-    for x0, y0, x1, y1 in boxes:
-        left = max(int(round(x0)) - dilation, 0)
-        top = max(int(round(y0)) - dilation, 0)
-        right = min(int(round(x1)) + dilation, width)  # exclusive
-        bottom = min(int(round(y1)) + dilation, height)
-        if right > left and bottom > top:
-            draw.rectangle((left, top, right - 1, bottom - 1), fill=255)
+    for box in boxes:
+        rect = _mask_rect(box, width, height, dilation)
+        if rect is not None:
+            draw.rectangle((rect[0], rect[1], rect[2] - 1, rect[3] - 1), fill=255)
     return mask
+
+
+def _mask_rect(box, width: int, height: int, dilation: int):
+    """The pixels ``(left, top, right, bottom)`` (right/bottom exclusive) :func:`boxes_to_mask` fills for one box."""
+    x0, y0, x1, y1 = box
+    left, top = max(int(round(x0)) - dilation, 0), max(int(round(y0)) - dilation, 0)
+    right, bottom = min(int(round(x1)) + dilation, width), min(int(round(y1)) + dilation, height)
+    return (left, top, right, bottom) if right > left and bottom > top else None
+
+
+def region_boxes(boxes: Iterable[Sequence[float]], width: int, height: int, dilation: int = 0) -> list[tuple]:
+    """The pixel rectangles ``(left, top, right, bottom)`` that :func:`boxes_to_mask` fills for ``boxes``
+    (rounded, dilated, clipped; empty ones left out), without drawing them."""
+    return [r for r in (_mask_rect(b, width, height, dilation) for b in boxes) if r is not None]
 
 
 def binarize_mask_image(mask: Image.Image, size: tuple[int, int], *, column: str, row: int | None) -> Image.Image:
@@ -153,73 +255,197 @@ def binarize_mask_image(mask: Image.Image, size: tuple[int, int], *, column: str
 # ---------------------------------------------------------------------------------------------
 
 
+def bucket_granularity(vae_block_out_channels: Sequence[int], unet_block_out_channels: Sequence[int]) -> int:
+    """The pixel step of a model's image sides: VAE factor x UNet downsampling.
+
+    ``2 ** (len(vae block_out_channels) - 1)`` pixels per latent cell times ``2 ** (len(unet
+    block_out_channels) - 1)`` for the UNet's downsamplings: 8 x 8 = 64 px for SD 1.x/2.x and SDXL, 2 x 2 = 4 px
+    for the tiny test models. Sides that are multiples of it give latents every UNet level can halve.
+    """
+    return 2 ** (len(vae_block_out_channels) - 1) * 2 ** (len(unet_block_out_channels) - 1)
+
+
+def make_buckets(resolution: int, step: int, max_aspect_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets ``(width, height)`` of about ``resolution ** 2`` pixels, sides multiples of ``step``.
+
+    For every short side ``s = k * step`` up to ``resolution`` the long side is the multiple of ``step``
+    closest to ``resolution ** 2 / s``, and for every long side ``l = k * step`` from ``resolution`` the
+    short side is the multiple closest to ``resolution ** 2 / l`` (both ways, so the aspect ratios are as
+    fine as the step allows); both orientations ``(s, l)`` and ``(l, s)`` are buckets unless the long
+    side exceeds ``max_aspect_ratio`` times the short one (4 = the extreme buckets of SDXL's training).
+    Sorted from the tallest to the widest; the square bucket is in it whenever ``resolution`` is a
+    multiple of ``step``. At 1024 px and step 64: 512x2048, 576x1856, 576x1792, 576x1728, ..., 960x1088,
+    1024x1024 and their transposes (areas within about 10 % of 1024^2).
+    """
+    if resolution < step:
+        raise ValueError(f"resolution {resolution} is below the bucket step {step}")
+    area = resolution * resolution
+    pairs = set()
+    for short in range(step, resolution + 1, step):
+        pairs.add((short, max(short, round(area / short / step) * step)))
+    for long in range(math.ceil(resolution / step) * step, int(max_aspect_ratio * resolution) + step, step):
+        short = max(step, round(area / long / step) * step)
+        if short <= long:
+            pairs.add((short, long))
+    buckets = set()
+    for short, long in pairs:
+        if long <= max_aspect_ratio * short + 1e-9:
+            buckets.update({(short, long), (long, short)})
+    if not buckets:  # max_aspect_ratio below what the step allows: the squarest bucket
+        side = max(step, round(resolution / step) * step)
+        buckets.add((side, side))
+    return sorted(buckets, key=lambda b: b[0] / b[1])
+
+
+def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio is closest to the image's, ``|log(w/h) - log(bw/bh)|``
+    (so 2:1 and 1:2 are equally far from 1:1). Ties go to the larger bucket."""
+    ratio = math.log(size[0] / size[1])
+    return min(range(len(buckets)),
+               key=lambda i: (round(abs(ratio - math.log(buckets[i][0] / buckets[i][1])), 12),
+                              -buckets[i][0] * buckets[i][1]))
+
+
+@dataclass
+class ResizeCrop:
+    """Where an image of ``original_size`` lands in a ``target`` = ``(width, height)`` training example."""
+
+    resized: tuple[int, int]  # (width, height) after resizing to cover the target
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image (before any flip)
+    target: tuple[int, int]  # (width, height)
+
+
+def resize_crop_plan(
+    size: tuple[int, int],
+    target: tuple[int, int],
+    *,
+    keep: Sequence[Sequence[float]] | None = None,
+    center_crop: bool = False,
+    rng: random.Random | None = None,
+) -> ResizeCrop:
+    """Resize ``size = (w, h)`` to cover ``target = (tw, th)`` and choose the crop of what is left over.
+
+    The scale is ``max(tw / w, th / h)``: the image is kept whole up to the rounding to the target
+    (the leftover is the pixels of the aspect-ratio difference; for a square target this is the
+    diffusers examples' resize of the short side). The crop offset on each axis (top, then left) is
+    drawn uniformly from ``rng``, or the middle one with ``center_crop``, among:
+
+    * all offsets, when ``keep`` is ``None`` (the diffusers square crop);
+    * with ``keep``, a list of boxes ``(x0, y0, x1, y1)`` in original pixels (the hand and face
+      regions), the offsets that maximise ``sum_box kept length / box length`` on that axis: the
+      offsets whose window holds every box when there are any, otherwise those that keep the most
+      regions (each box counts alike, so a small hand weighs as much as a large face).
+    """
+    rng = rng if rng is not None else random.Random()
+    width, height = size
+    tw, th = target
+    scale = max(tw / width, th / height)
+    new_w, new_h = max(tw, round(width * scale)), max(th, round(height * scale))
+    offsets = []
+    for axis, (new, t, old) in enumerate(((new_h, th, height), (new_w, tw, width))):  # top first, then left
+        candidates = np.arange(0, new - t + 1)
+        if keep and len(candidates) > 1:
+            score = np.zeros(len(candidates))
+            for box in keep:
+                a, b = box[1 - axis] * new / old, box[3 - axis] * new / old
+                if b > a:
+                    score += np.clip(np.minimum(b, candidates + t) - np.maximum(a, candidates), 0, None) / (b - a)
+            candidates = candidates[score >= score.max() - 1e-9]
+        offsets.append(int(candidates[(len(candidates) - 1) // 2] if center_crop else
+                           candidates[rng.randint(0, len(candidates) - 1)]))
+    return ResizeCrop((new_w, new_h), (offsets[0], offsets[1]), (tw, th))
+
+
+def box_area_kept(boxes: Iterable[Sequence[float]], size: tuple[int, int], plan: ResizeCrop) -> tuple[float, float]:
+    """``(kept, total)`` box area, in resized pixels, of pixel boxes ``(x0, y0, x1, y1)`` of an image of
+    ``size`` under ``plan``: how much of the boxes the crop keeps (flips change nothing)."""
+    sx, sy = plan.resized[0] / size[0], plan.resized[1] / size[1]
+    top, left = plan.crop_top_left
+    right, bottom = left + plan.target[0], top + plan.target[1]
+    kept = total = 0.0
+    for x0, y0, x1, y1 in boxes:
+        x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+        total += (x1 - x0) * (y1 - y0)
+        kept += max(0.0, min(x1, right) - max(x0, left)) * max(0.0, min(y1, bottom) - max(y0, top))
+    return kept, total
+
+
 @dataclass
 class TransformedExample:
-    pixel_values: torch.Tensor  # (3, R, R) in [-1, 1]
-    masks: torch.Tensor  # (M, R, R) in [0, 1], same geometry as pixel_values
+    pixel_values: torch.Tensor  # (3, H, W) in [-1, 1]
+    masks: torch.Tensor  # (M, H, W) in [0, 1], same geometry as pixel_values
     original_size: tuple[int, int]  # (height, width) before any transform (SDXL micro-conditioning)
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized (and flipped) image
+    target_size: tuple[int, int] = (0, 0)  # (height, width) of the example (SDXL micro-conditioning)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: RGBA, LA, P (with transparency) onto white; 16/32-bit gray scaled to its peak."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = max(float(array.max()), 1.0)
+        return Image.fromarray((array * (255.0 / peak)).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def paired_transform(
     image: Image.Image,
     masks: Sequence[Image.Image],
-    resolution: int,
+    resolution: int | tuple[int, int],
     *,
     center_crop: bool = False,
     random_flip: bool = False,
     rng: random.Random | None = None,
+    keep: Sequence[Sequence[float]] | None = None,
 ) -> TransformedExample:
     """Resize, crop and flip an image and its masks with ONE draw of the random parameters.
 
-    1. resize so the shorter side is ``resolution`` (bilinear, image and masks alike);
-    2. crop a ``resolution x resolution`` square: centred, or at offsets drawn once from ``rng``;
+    ``resolution`` is the example's ``(width, height)`` (an aspect-ratio bucket), or an int for a
+    ``resolution x resolution`` square.
+
+    1. resize to cover the target (bilinear, image and masks alike), see :func:`resize_crop_plan`;
+    2. crop the target: centred, or at offsets drawn once from ``rng``; with ``keep`` (the hand and
+       face boxes, original pixels) only among the offsets that keep them inside, or as much of them as
+       possible (:func:`resize_crop_plan`);
     3. with ``random_flip``, mirror left-right with probability 1/2, drawn once from ``rng``.
 
     The same offsets and the same flip are applied to every mask (the authors' code drew them
     separately, so masks could land on the wrong side). ``crop_top_left`` is reported in the frame of
-    the returned image, so after a flip ``left = resized_width - left - resolution``.
+    the returned image, so after a flip ``left = resized_width - left - width``.
     """
     rng = rng if rng is not None else random.Random()
-    if image.mode != "RGB":
-        # RGBA, LA, P (with transparency), L, CMYK, I;16 ... all become RGB; transparency onto white.
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba).convert("RGB")
-        elif image.mode.startswith("I"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = max(float(array.max()), 1.0)
-            image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8)).convert("RGB")
-        else:
-            image = image.convert("RGB")
+    target = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    image = to_rgb(image)
+    masks = [m.convert("L") for m in masks]
     for m in masks:
         if m.size != image.size:
             raise ValueError(f"mask size {m.size} differs from image size {image.size}")
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    plan = resize_crop_plan((width, height), target, keep=keep, center_crop=center_crop, rng=rng)
+    new_w, new_h = plan.resized
     image = image.resize((new_w, new_h), Image.BILINEAR)
-    masks = [m.convert("L").resize((new_w, new_h), Image.BILINEAR) for m in masks]
-
-    if center_crop:
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    else:
-        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
-    crop = (left, top, left + resolution, top + resolution)
+    masks = [m.resize((new_w, new_h), Image.BILINEAR) for m in masks]
+    top, left = plan.crop_top_left
+    crop = (left, top, left + target[0], top + target[1])
     image = image.crop(crop)
     masks = [m.crop(crop) for m in masks]
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         masks = [m.transpose(Image.FLIP_LEFT_RIGHT) for m in masks]
-        left = new_w - left - resolution
+        left = new_w - left - target[0]
 
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
     if masks:
         mask_tensor = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) / 255.0 for m in masks]))
     else:
-        mask_tensor = torch.zeros(0, resolution, resolution)
-    return TransformedExample(pixels, mask_tensor, (height, width), (top, left))
+        mask_tensor = torch.zeros(0, target[1], target[0])
+    return TransformedExample(pixels, mask_tensor, (height, width), (top, left), (target[1], target[0]))
 
 
 def masks_to_latent(masks: torch.Tensor, latent_size: tuple[int, int], mode: str = "hard") -> torch.Tensor:
@@ -829,3 +1055,57 @@ def _loss_scale(accelerator) -> float:
     """The fp16 loss scale of ``accelerator`` (its ``GradScaler``), or 1."""
     scaler = getattr(accelerator, "scaler", None)
     return scaler.get_scale() if scaler is not None else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI / AUTOMATIC1111 / Forge (kohya format)
+# ---------------------------------------------------------------------------------------------
+
+KOHYA_KEY = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+"""A kohya-format LoRA key: ``{prefix}_{module path with '.' -> '_'}.{lora_down.weight | lora_up.weight | alpha}``."""
+
+
+def lora_to_kohya(
+    state_dict: dict[str, torch.Tensor], alpha: float, *, prefix: str = "lora_unet", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """One model's peft LoRA state dict in the kohya format (what ComfyUI, A1111 and Forge load).
+
+    ``state_dict`` is what ``peft.get_peft_model_state_dict(model)`` returns: per LoRA module
+    ``{path}.lora_A.weight`` (down: ``(r, in)``, or ``(r, in, k, k)`` for a conv) and
+    ``{path}.lora_B.weight`` (up: ``(out, r)`` or ``(out, r, 1, 1)``). Each module becomes
+
+        {prefix}_{path with '.' -> '_'}.lora_down.weight = lora_A
+        {prefix}_{path with '.' -> '_'}.lora_up.weight   = lora_B
+        {prefix}_{path with '.' -> '_'}.alpha            = alpha   (0-d float32)
+
+    and a loader computes ``W + (alpha / r) * up @ down`` with ``r`` = the rows of ``down``: peft's
+    own scale ``lora_alpha / r``, so ``alpha`` must be the LoRA alpha, not the rank (diffusers'
+    ``convert_state_dict_to_kohya`` writes the rank, wrong whenever they differ). ``dtype`` casts
+    the weights (the ``.alpha`` scalars stay float32, so ``alpha / r`` is exact; every loader reads
+    them with ``.item()``). Raises ``ValueError`` for a key that is not a LoRA A/B weight, a module
+    with only one of the two, or two module paths that give the same kohya name.
+    """
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        path, dot, kind = key.rpartition(".lora_")
+        if not dot or kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"not a LoRA A/B weight of a peft state dict: {key!r}")
+        modules.setdefault(path, {})[kind[0]] = tensor
+    out: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    for path, pair in modules.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"module {path!r} has lora_{''.join(pair)} but not lora_{'B' if 'A' in pair else 'A'}")
+        name = f"{prefix}_{path.replace('.', '_')}"
+        if name in names:
+            raise ValueError(f"modules {names[name]!r} and {path!r} both become {name!r}")
+        names[name] = path
+        down, up = pair["A"], pair["B"]
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"module {path!r}: lora_B has {up.shape[1]} columns but lora_A {down.shape[0]} rows")
+        out[f"{name}.lora_down.weight"] = down.detach().to(dtype or down.dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out

@@ -31,17 +31,20 @@ write the result as a ``datasets.Dataset``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import math
 import os
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 import fairhuman_utils as fh
@@ -278,6 +281,50 @@ def _set_calculator_options(graph_config, calculator_params, options_types):
         raise ValueError(f"MediaPipe graph has no node(s) {sorted(set(wanted) - found)}")
 
 
+MEDIAPIPE_LOG_NOISE = (
+    "inference_feedback_manager.cc",  # W0000 ... Feedback manager requires a model with a single signature ...
+    "object has no attribute 'GetPrototype'",  # protobuf >= 5 at import; harmless (see requirements-prepare.txt)
+    "Created TensorFlow Lite XNNPACK delegate",
+    "All log messages before absl::InitializeLog() is called",
+)
+"""Substrings of the lines MediaPipe's native code prints on every run; :func:`filtered_stderr` drops them."""
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise=MEDIAPIPE_LOG_NOISE):
+    """Hold back what is written to standard error inside the block; afterwards print it, less known noise.
+
+    MediaPipe's C++ code (glog/absl, TensorFlow Lite) writes to file descriptor 2 directly, so
+    replacing ``sys.stderr`` would not catch it: the descriptor itself is pointed at a temporary
+    file while the block runs (``sys.stderr`` too, for messages printed through Python). When the
+    block ends, every line that contains none of the ``noise`` substrings is written to
+    ``sys.stderr``: real warnings and errors are delayed, never lost. Where descriptor 2 cannot be
+    duplicated, nothing is filtered.
+    """
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        saved_fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as held, contextlib.redirect_stderr(io.StringIO()) as python_err:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            held.seek(0)
+            text = held.read().decode("utf-8", errors="replace") + python_err.getvalue()
+    kept = [line for line in text.splitlines(keepends=True) if line.strip() and not any(n in line for n in noise)]
+    if kept:
+        sys.stderr.write("".join(line if line.endswith("\n") else line + "\n" for line in kept))
+        sys.stderr.flush()
+
+
 @dataclass
 class Detections:
     """Pixel ``xyxy`` boxes and scores found in one image."""
@@ -315,8 +362,9 @@ class MediaPipeDetector:
         face_padding=0.0,
     ):
         try:
-            from mediapipe.python import solution_base
-            from mediapipe.python.solutions import face_detection, hands
+            with filtered_stderr():  # the import prints protobuf's GetPrototype message
+                from mediapipe.python import solution_base
+                from mediapipe.python.solutions import face_detection, hands
         except ImportError as error:
             raise ImportError(f"the MediaPipe detector cannot be imported ({error}).\n{REQUIREMENTS_HINT}") from error
 
@@ -327,22 +375,30 @@ class MediaPipeDetector:
         self.min_confidence = min_confidence
         self.hand_padding = hand_padding
         self.face_padding = face_padding
-        self._faces = face_detection.FaceDetection(
-            model_selection=1 if face_model == "full" else 0, min_detection_confidence=min_confidence
-        )
-        self._hands = _Hands(
-            static_image_mode=True,
-            max_num_hands=max_num_hands,
-            model_complexity=hand_model_complexity,
-            min_detection_confidence=min_confidence,
-            min_tracking_confidence=min_confidence,
-        )
+        with filtered_stderr():
+            self._faces = face_detection.FaceDetection(
+                model_selection=1 if face_model == "full" else 0, min_detection_confidence=min_confidence
+            )
+            self._hands = _Hands(
+                static_image_mode=True,
+                max_num_hands=max_num_hands,
+                model_complexity=hand_model_complexity,
+                min_detection_confidence=min_confidence,
+                min_tracking_confidence=min_confidence,
+            )
+            # The graphs open their models on their own threads and log while doing so; one blank image
+            # through each waits until they are open, so nothing they print escapes the filter.
+            blank = np.zeros((64, 64, 3), dtype=np.uint8)
+            self._faces.process(blank)
+            self._hands.process(blank)
 
     def __call__(self, image: Image.Image) -> Detections:
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
         height, width = rgb.shape[:2]
         out = Detections()
-        for detection in self._faces.process(rgb).detections or []:
+        with filtered_stderr():  # the graphs log to file descriptor 2 on their first images
+            faces, result = self._faces.process(rgb), self._hands.process(rgb)
+        for detection in faces.detections or []:
             if detection.score[0] < self.min_confidence:  # the legacy face graph ignores its threshold option
                 continue
             rel = detection.location_data.relative_bounding_box
@@ -356,7 +412,6 @@ class MediaPipeDetector:
             if box is not None:
                 out.face_boxes.append(box)
                 out.face_scores.append(float(detection.score[0]))
-        result = self._hands.process(rgb)
         for landmarks, handedness in zip(
             result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
         ):
@@ -368,8 +423,9 @@ class MediaPipeDetector:
         return out
 
     def close(self):
-        self._faces.close()
-        self._hands.close()
+        with filtered_stderr():
+            self._faces.close()
+            self._hands.close()
 
     def __enter__(self):
         return self
@@ -414,27 +470,15 @@ class Record:
 
 
 def open_image(source) -> tuple[Image.Image, bool]:
-    """Open and fully decode an image (a path or bytes); apply its EXIF orientation.
-
-    Returns the image and whether it was rotated or flipped. Raises ``OSError`` / ``ValueError``
-    style errors for unreadable files.
-    """
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    image.load()
-    if image.getexif().get(0x0112, 1) not in (0, 1):  # 0x0112: the EXIF orientation tag
-        transposed = ImageOps.exif_transpose(image)
-        transposed.format = image.format
-        return transposed, True
-    return image, False
+    """Open an image (a path or bytes) upright, as the training script reads it (:func:`fairhuman_utils.open_image`:
+    EXIF orientation applied); also return whether it was rotated or flipped (then it is written re-encoded)."""
+    image = fh.open_image(source)
+    return image, image.info["exif_orientation"] != 1
 
 
 def upright_size(path: str) -> tuple[int, int]:
-    """``(width, height)`` of an image as loaders show it (EXIF rotation applied), without decoding it."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
-            width, height = height, width
-    return width, height
+    """``(width, height)`` of an image as the training script reads it (EXIF rotation applied), without decoding it."""
+    return fh.image_size(path)
 
 
 def write_image(source, image: Image.Image, reencode: bool, output_dir: str, file_name: str) -> str:

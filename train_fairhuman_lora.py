@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import io
+import hashlib
+import importlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ import fairhuman_utils as fh
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "fairhuman_state.json"
+RUN_SETTINGS_FILE = "fairhuman_run_settings.json"  # in each checkpoint: the settings it was trained with
 # Exact MPD every step (the authors' method). The cheap interval mode (8, prediction weights, diagonal
 # calibration) matched exact's per-objective weights within 15 % on the effect benchmark, but its share
 # of exact's region gains could not be shown to reach 90 % there (benchmarks/RESULTS.md, issue 9).
@@ -44,12 +47,15 @@ DEFAULT_FAIR_UPDATE_INTERVAL = 1
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-class UsageError(ValueError):
-    """Bad input found before training starts; the message names the flag, column or row."""
+UsageError = fh.UsageError  # bad input found before training starts; the message names the flag, column or row
 
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says what to try."""
+
+
+class HubError(RuntimeError):
+    """The Hub could not be reached or refused a call; the message says what is saved and how to push it later."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +101,26 @@ def parse_args(input_args=None):
                    help="Train on the first N rows only (for debugging or quick runs).")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training resolution; default: the model's own (unet sample_size x VAE factor: 512 for SD 1.5, 1024 for SDXL).")
-    g.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Take the centred crop instead of a random one (with buckets: the middle of the offsets that "
+                        "keep the hand and face regions inside).")
+    g.add_argument("--square_crop", action="store_true",
+                   help="The diffusers examples' behaviour: resize the short side to --resolution and crop a square "
+                        "(random, or centred with --center_crop), which can cut hands and faces off portrait and "
+                        "landscape photos. Default: aspect-ratio buckets (each image whole, see README).")
+    g.add_argument("--bucket_reso_steps", type=int, default=None,
+                   help="Bucket sides are multiples of this many pixels. Default: the model's granularity, VAE "
+                        "factor x UNet downsampling read from its config.json files (64 for SD 1.x/2.x and SDXL).")
+    g.add_argument("--max_bucket_aspect_ratio", type=float, default=4.0,
+                   help="Longest bucket side / shortest, at most (4 = SDXL's own extreme buckets); lower it to "
+                        "crop very long images more instead.")
     g.add_argument("--random_flip", action="store_true", help="Mirror image AND masks left-right with probability 1/2.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Worker processes for data loading (also for decoding every image once before training).")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="Rows whose image (or mask image) cannot be decoded -- truncated or corrupt files, images "
+                        "above PIL's decompression-bomb limit -- are left out with a warning that counts them, "
+                        "instead of stopping the run before training (the default).")
 
     g = parser.add_argument_group("FairHuman: region masks and objectives")
     g.add_argument("--mask_dilation", type=int, default=8,
@@ -153,6 +176,17 @@ def parse_args(input_args=None):
     g.add_argument("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
                    help="Comma-separated UNet module names that get LoRA adapters.")
 
+    g = parser.add_argument_group("Saving the LoRA")
+    g.add_argument("--save_lora_format", type=str, default="both", choices=["diffusers", "kohya", "both"],
+                   help="diffusers: pytorch_lora_weights.safetensors (diffusers load_lora_weights); kohya: "
+                        "{output_name}.safetensors (ComfyUI models/loras/, A1111/Forge models/Lora/); both.")
+    g.add_argument("--save_precision", type=str, default="fp16", choices=["fp32", "fp16", "bf16"],
+                   help="Precision of the final LoRA files and of the kohya file in checkpoints. The diffusers file "
+                        "in a checkpoint (what --resume_from_checkpoint reads) is always fp32.")
+    g.add_argument("--output_name", type=str, default=None,
+                   help="Base name of the kohya-format file ({output_name}.safetensors; {output_name}-step{N} in "
+                        "checkpoints), the name the UIs show; default: the --output_dir folder's name.")
+
     g = parser.add_argument_group("Training")
     g.add_argument("--output_dir", type=str, default="fairhuman-lora", help="Where the LoRA, checkpoints and card go.")
     g.add_argument("--seed", type=int, default=None,
@@ -197,6 +231,11 @@ def parse_args(input_args=None):
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=500, help="Sample every N optimizer steps.")
     g.add_argument("--validation_inference_steps", type=int, default=30, help="UniPC steps per validation image.")
+    g.add_argument("--evaluate_prompts_file", type=str, default=None,
+                   help="After training, run evaluate_fairhuman.py on the saved LoRA: these prompts (one per line), "
+                        "--num_validation_images per prompt, base model vs LoRA from the same seeds, MediaPipe hand and "
+                        "face scores (needs requirements-prepare.txt); writes OUTPUT_DIR/evaluation/ and puts the "
+                        "table in the model card.")
 
     g = parser.add_argument_group("Logging and Hub")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
@@ -209,6 +248,8 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.output_name is None:
+        args.output_name = Path(os.path.abspath(args.output_dir)).name
     return args
 
 
@@ -223,7 +264,8 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval"]:
+    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval",
+                 "bucket_reso_steps"]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
@@ -238,6 +280,11 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number, got {value}")
+    if not (math.isfinite(args.max_bucket_aspect_ratio) and args.max_bucket_aspect_ratio >= 1):
+        raise UsageError(f"--max_bucket_aspect_ratio must be a number of at least 1, got {args.max_bucket_aspect_ratio}")
+    if args.square_crop and (args.bucket_reso_steps is not None or args.max_bucket_aspect_ratio != 4.0):
+        raise UsageError("--bucket_reso_steps and --max_bucket_aspect_ratio set the aspect-ratio buckets, which "
+                         "--square_crop turns off; give one or the other")
     if args.fair_alpha <= 0:
         raise UsageError(f"--fair_alpha must be positive, got {args.fair_alpha}")
     if args.local_loss_scale <= 0:
@@ -266,8 +313,61 @@ def check_args(args) -> None:
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     if not targets:
         raise UsageError("--lora_target_modules is empty")
+    if args.evaluate_prompts_file is not None:  # checked now, not after hours of training
+        import evaluate_fairhuman
+
+        evaluate_fairhuman.read_prompts(args.evaluate_prompts_file, flag="--evaluate_prompts_file")
+        evaluate_fairhuman.check_detector_available()
+    if (not args.output_name or args.output_name != Path(args.output_name).name or args.output_name.startswith(".")
+            or args.output_name.lower().endswith("pytorch_lora_weights")):
+        raise UsageError(f"--output_name must be a plain file name (no folder, not hidden, not ending in "
+                         f"pytorch_lora_weights), got {args.output_name!r}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
+
+
+def check_trackers(args) -> None:
+    """Every tracker of ``--report_to`` must be importable: a missing one would log nothing, silently."""
+    wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(args.report_to, [])
+    missing = []
+    for name in wanted:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UsageError(f"--report_to {args.report_to} needs {' and '.join(missing)}, which is not installed: "
+                         f"pip install {' '.join(missing)} (or choose another --report_to, e.g. none)")
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Write (and remove) a file in ``path``, or in its nearest existing parent when ``path`` does not exist yet.
+
+    Writing is the only reliable test: as root ``os.access`` says yes on a read-only mount.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"lies under {existing!r}, which is a file"
+        raise UsageError(f"{flag}: {path!r} {where}, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fairhuman-write-test-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot write into {existing!r} ({error.strerror or error}); "
+                         "choose a writable folder") from None
+
+
+def check_output_dir(args) -> None:
+    """Every folder the run writes -- the output folder (LoRA, checkpoints, card, samples), the logs, the
+    mask previews -- must be writable, tested by writing a file before any model is loaded."""
+    _check_writable(args.output_dir, "--output_dir")
+    if args.report_to != "none":
+        _check_writable(os.path.join(args.output_dir, args.logging_dir), "--logging_dir")
+    if args.save_mask_previews:
+        _check_writable(os.path.join(args.output_dir, "mask_previews"), "--save_mask_previews (OUTPUT_DIR/mask_previews)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,20 +407,6 @@ def load_training_dataset(args):
     return dataset
 
 
-def open_image(cell) -> Image.Image:
-    """Open an image cell as stored by ``datasets``: a PIL image, a {path, bytes} dict or a path."""
-    if isinstance(cell, Image.Image):
-        return cell
-    if isinstance(cell, dict):
-        if cell.get("bytes"):
-            return Image.open(io.BytesIO(cell["bytes"]))
-        if cell.get("path"):
-            return Image.open(cell["path"])
-    if isinstance(cell, (str, os.PathLike)):
-        return Image.open(cell)
-    raise TypeError(f"not an image: {type(cell).__name__}")
-
-
 def _region_sources(args):
     """(region, 'boxes' | 'mask', column) for hand and face."""
     return [
@@ -329,12 +415,15 @@ def _region_sources(args):
     ]
 
 
-def check_dataset(dataset, args) -> dict:
-    """Check every row before any long work; return what the torch dataset needs.
+def _image_columns(args) -> list[str]:
+    return [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
 
-    Reads only image headers (sizes), parses every box cell (clipping and dropping as
-    :func:`fairhuman_utils.parse_boxes` documents) and checks mask images open with the image's
-    size. Raises :class:`UsageError` naming the column and row of the first problem.
+
+def recipe_columns(dataset, args):
+    """The dataset narrowed to the columns the recipe reads, image columns left undecoded.
+
+    Raises :class:`UsageError` naming the flag of a column that is missing. Other columns (possibly
+    other images) are never read.
     """
     import datasets
 
@@ -345,19 +434,121 @@ def check_dataset(dataset, args) -> dict:
     for flag, column in needed:
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
-    # only the columns the recipe reads (other image columns would be decoded for nothing), images undecoded
     dataset = dataset.select_columns(list(dict.fromkeys(column for _, column in needed)))
-    image_columns = [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
-    for column in image_columns:
+    for column in _image_columns(args):
         if isinstance(dataset.features.get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
+
+def _image_file(cell) -> str:
+    """The file name of an image cell, for messages ('' when it has none)."""
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, (str, os.PathLike)) else None
+    return f" {os.path.basename(str(path))!r}" if path else ""
+
+
+class _ImageDecoder(torch.utils.data.Dataset):
+    """Row ``i`` -> ``(i, problem, regions)``: every image cell of the row fully decoded; ``problem`` is
+    ``None`` or a message naming column, row and file; ``regions`` says, per mask column, whether the
+    mask has any region pixel."""
+
+    def __init__(self, dataset, args):
+        self.dataset, self.columns = dataset, _image_columns(args)
+        self.masks = self.columns[1:]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, row):
+        example = self.dataset[row]
+        regions = []
+        for column in self.columns:
+            cell = example[column]
+            try:
+                with fh.open_image(cell) as image:
+                    image.load()
+                    if column in self.masks:
+                        regions.append(fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox()
+                                       is not None)
+            except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
+                what = "mask image" if column in self.masks else "image"
+                return row, (f"column '{column}', row {row}: cannot read the {what}{_image_file(cell)} "
+                             f"({type(error).__name__}: {error})"), ()
+        return row, None, tuple(regions)
+
+
+def _as_list(batch):
+    return batch
+
+
+def verify_images(dataset, args):
+    """Decode every image (and mask image) of the dataset once, fully, before any model is loaded.
+
+    Reading headers is not enough: a truncated JPEG opens fine and fails only when its pixels are
+    decoded, i.e. at the training step that reaches it. Images above PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS`` x 2, about 179 M pixels) count as unreadable too. Runs in a torch
+    ``DataLoader`` with ``--dataloader_num_workers`` workers, with a progress bar; with several processes
+    each decodes its share of the rows and the problems are gathered.
+
+    Policy: any unreadable row stops the run with a :class:`UsageError` naming row, column and file
+    (how many there are, the first few listed); with ``--skip_bad_images`` those rows are left out
+    with a warning that counts them. Returns the dataset (without the bad rows) and, per region given
+    as mask images, whether each of its rows has a region pixel (for :func:`report_regions`).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    decoder = _ImageDecoder(recipe_columns(dataset, args), args)
+    share = list(range(state.process_index, len(decoder), state.num_processes))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(decoder, share), batch_size=16, collate_fn=_as_list,
+                                         num_workers=args.dataloader_num_workers)
+    results = []
+    with tqdm(total=len(dataset), desc="Decoding images", unit="img", disable=not state.is_local_main_process) as bar:
+        for batch in loader:
+            results.extend(batch)
+            bar.update(len(batch) * state.num_processes)
+    if state.num_processes > 1:
+        results = gather_object(results)
+    results.sort(key=lambda result: result[0])
+    bad = [(row, problem) for row, problem, _ in results if problem is not None]
+    mask_regions = [region for region, kind, _ in _region_sources(args) if kind == "mask"]
+    kept = [regions for _, problem, regions in results if problem is None]
+    regions = {region: [flags[k] for flags in kept] for k, region in enumerate(mask_regions)}
+    if not bad:
+        return dataset, regions
+    listed = "; ".join(problem for _, problem in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    if not args.skip_bad_images:
+        raise UsageError(f"{len(bad)} of {len(dataset)} rows {'has' if len(bad) == 1 else 'have'} an image that "
+                         f"cannot be decoded: {listed}. "
+                         "Fix or remove them (downscale images above the decompression-bomb limit: training resizes "
+                         "to --resolution anyway), or pass --skip_bad_images to train without these rows")
+    if len(bad) == len(dataset):
+        raise UsageError(f"--skip_bad_images: every one of the {len(dataset)} rows has an image that cannot be "
+                         f"decoded, nothing is left to train on: {listed}")
+    logger.warning(f"--skip_bad_images: leaving out {len(bad)} of {len(dataset)} rows whose image cannot be decoded "
+                   f"({listed}); rows are numbered without them from here on")
+    skipped = {row for row, _ in bad}
+    return dataset.select([row for row in range(len(dataset)) if row not in skipped]), regions
+
+
+def check_dataset(dataset, args) -> dict:
+    """Check every row before any long work; return what the torch dataset needs.
+
+    Reads only image headers (sizes, in the upright frame: EXIF orientation applied; :func:`verify_images`
+    decodes every image), parses every box cell (clipping and dropping as
+    :func:`fairhuman_utils.parse_boxes` documents), checks each box column's numbers are in the unit
+    ``--relative_boxes`` says (:func:`fairhuman_utils.box_units_problem`) and that mask images open with
+    the image's size. Raises :class:`UsageError` naming the column and row of the first problem.
+    """
+    dataset = recipe_columns(dataset, args)
     sizes, boxes, captions = [], {"hand": [], "face": []}, []
     counts = {"hand": 0, "face": 0}
+    ranges = {}  # box column -> [smallest, largest] number over all its boxes
     for row, example in enumerate(dataset):
         try:
-            with open_image(example[args.image_column]) as image:
-                size = image.size
+            size = fh.image_size(example[args.image_column])
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{args.image_column}', row {row}: cannot read the image ({error})") from None
         sizes.append(size)
@@ -377,87 +568,289 @@ def check_dataset(dataset, args) -> dict:
                     raise UsageError(str(error)) from None
                 boxes[region].append(parsed)
                 counts[region] += bool(parsed)
+                numbers = [float(v) for box in (example[column] or []) for v in box]
+                if numbers:
+                    low, high = ranges.setdefault(column, [math.inf, -math.inf])
+                    ranges[column] = [min(low, min(numbers)), max(high, max(numbers))]
             else:
                 try:
-                    with open_image(example[column]) as mask:
-                        mask_size = mask.size
+                    mask_size = fh.image_size(example[column])
                 except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
                     raise UsageError(f"column '{column}', row {row}: cannot read the mask image ({error})") from None
                 if mask_size != size:
                     raise UsageError(f"column '{column}', row {row}: mask size {mask_size[0]}x{mask_size[1]} differs "
                                      f"from the image size {size[0]}x{size[1]}")
                 boxes[region].append(None)
+    for column, (low, high) in ranges.items():
+        problem = fh.box_units_problem(low, high, args.relative_boxes)
+        if problem:
+            raise UsageError(f"column '{column}': {problem}")
     return {"dataset": dataset, "sizes": sizes, "boxes": boxes, "captions": captions, "counts": counts}
+
+
+def report_regions(checked: dict, args, mask_regions: dict | None = None) -> list[str]:
+    """Warn, with counts, where hand/face regions vanish: boxes dropped by clipping (entirely outside
+    their image, or no area), images without any region (they train the global objective only), and
+    an objective absent from the whole dataset (then ``--weighting fair`` has nothing to balance for
+    it). Regions given as mask images count through ``mask_regions`` (region -> per row, whether the
+    mask has a region pixel; from :func:`verify_images`). Returns the warnings, each also logged."""
+    warnings, total = [], len(checked["sizes"])
+    present, columns = {}, {}
+    for region, kind, column in _region_sources(args):
+        columns[region] = column
+        if kind == "boxes":
+            given = sum(len(cell) for cell in checked["dataset"][column] if isinstance(cell, (list, tuple)))
+            kept = sum(len(boxes) for boxes in checked["boxes"][region])
+            if kept < given:
+                warnings.append(f"column '{column}': {given - kept} of {given} {region} boxes were dropped (outside "
+                                "their image or no area left after clipping); check --box_format and --relative_boxes")
+            present[region] = [bool(boxes) for boxes in checked["boxes"][region]]
+        elif mask_regions is not None and region in mask_regions:
+            present[region] = list(mask_regions[region])
+    if args.weighting == "global":  # plain LoRA training: the regions are not used
+        present = {}
+    if len(present) == 2:
+        empty = sum(1 for hand, face in zip(present["hand"], present["face"]) if not hand and not face)
+        if 0 < empty < total:
+            warnings.append(f"{empty} of {total} images have no hand or face region: they train the global objective only")
+    absent = [region for region, flags in present.items() if not any(flags)]
+    for region in absent:
+        balance = (" --weighting fair has nothing to balance for it" if args.weighting == "fair"
+                   else " --weighting equal adds nothing for it")
+        warnings.append(f"no image has a {region} region (column '{columns[region]}'): the {region} objective is zero "
+                        f"for the whole run;{balance}")
+    if len(absent) == 2:
+        warnings.append(f"no image has any region: --weighting {args.weighting} trains exactly as plain LoRA "
+                        "(--weighting global) on this dataset")
+    for message in warnings:
+        logger.warning(message)
+    return warnings
+
+
+def dataset_fingerprint(checked: dict) -> str:
+    """A short hash of what the run reads from the dataset: image sizes, boxes and captions of every row."""
+    content = json.dumps([checked["sizes"], checked["boxes"], checked["captions"]], sort_keys=True, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 class FairHumanDataset(torch.utils.data.Dataset):
     """Training examples: image and hand/face masks moved by one transform, plus caption and seed.
 
-    Keys are ``(epoch, row)`` pairs (see :class:`EpochShuffleSampler`), so every random draw of an
-    example is made from ``fairhuman_utils.item_seed(seed, epoch, row)``.
+    ``targets`` is each row's example size ``(width, height)`` (its aspect-ratio bucket), or one int for
+    the ``--square_crop`` square. Keys are ``(epoch, row)`` or ``(epoch, row, copy)`` (see
+    :class:`BucketBatchSampler`), so every random draw of an example is made from
+    ``fairhuman_utils.item_seed(seed, epoch, row)`` (a repeat ``copy`` > 0 of a row in the same epoch
+    gets its own stream). Images and mask images are read upright (:func:`fairhuman_utils.open_image`).
     """
 
-    def __init__(self, checked: dict, args, seed: int, resolution: int):
+    def __init__(self, checked: dict, args, seed: int, targets, keep_regions: bool = True):
         self.dataset = checked["dataset"]
         self.boxes = checked["boxes"]
         self.captions = checked["captions"]
         self.sources = _region_sources(args)
         self.args = args
         self.seed = seed
-        self.resolution = resolution
+        self.targets = targets
+        self.keep_regions = keep_regions
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, row = key if isinstance(key, tuple) else (0, key)
-        seed = fh.item_seed(self.seed, epoch, row)
+        epoch, row, copy = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (0, key, 0)
+        seed = fh.item_seed(self.seed, epoch, row, stream=0 if copy == 0 else 2 + copy)
         rng = random.Random(seed)
         example = self.dataset[row]
         try:
-            image = open_image(example[self.args.image_column])
-            image.load()
+            image = fh.open_image(example[self.args.image_column])
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{self.args.image_column}', row {row}: cannot read the image ({error})") from None
-        masks = []
+        masks, keep = [], []
         for region, kind, column in self.sources:
             if kind == "boxes":
                 masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, self.args.mask_dilation))
+                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, self.args.mask_dilation)
             else:
                 try:
-                    mask = open_image(example[column])
+                    mask = fh.open_image(example[column])
                     masks.append(fh.binarize_mask_image(mask, image.size, column=column, row=row))
                 except fh.AnnotationError as error:
                     raise UsageError(str(error)) from None
-        out = fh.paired_transform(image, masks, self.resolution, center_crop=self.args.center_crop,
-                                  random_flip=self.args.random_flip, rng=rng)
+                if masks[-1].getbbox() is not None:
+                    keep.append(masks[-1].getbbox())
+        target = self.targets if isinstance(self.targets, int) else self.targets[row]
+        out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
+                                  rng=rng, keep=keep if self.keep_regions else None)
         return {
             "pixel_values": out.pixel_values,
             "masks": out.masks,
             "original_size": out.original_size,
             "crop_top_left": out.crop_top_left,
+            "target_size": out.target_size,
             "caption": rng.choice(self.captions[row]),
             "seed": seed,
             "row": row,
         }
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Yields ``(epoch, row)`` keys in a permutation that depends only on (seed, epoch)."""
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Per-device batches of ``(epoch, row, copy)`` keys; every optimizer step's GLOBAL batch from one bucket.
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+    ``bucket_rows[b]`` lists the rows of bucket ``b``. Per epoch, each bucket's rows are shuffled and cut
+    into global batches of ``G = batch_size * group`` rows (``group`` = processes x accumulation steps);
+    a bucket's last, short global batch is FILLED with repeats of rows of the same bucket (drawn from
+    (seed, epoch), rows not already in that batch first; a repeat is key ``copy`` > 0 with its own random
+    draws), so no image is ever dropped and no batch mixes sizes. The global batches are then shuffled,
+    and each is yielded as ``group`` batches of ``batch_size`` keys: accelerate hands them to the
+    processes round-robin and each process accumulates its consecutive ones, so every optimizer step
+    sees exactly one global batch. Everything depends only on (seed, epoch) and ``G``: the same seed gives
+    the same global batches however they are split over processes and micro-batches.
+    """
+
+    def __init__(self, bucket_rows, batch_size: int, group: int, seed: int):
+        self.bucket_rows = [list(rows) for rows in bucket_rows]
+        self.batch_size, self.group, self.seed, self.epoch = batch_size, group, seed, 0
+        self.global_batch = batch_size * group
+        self.sampler = self  # accelerate's DataLoaderShard.set_epoch looks for batch_sampler.sampler.set_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def repeats_needed(num_rows: int, global_batch: int) -> int:
+        """How many repeats fill the last global batch of a bucket of ``num_rows`` images (every epoch)."""
+        return -num_rows % global_batch
+
+    @property
+    def global_batches_per_epoch(self) -> int:
+        return sum(math.ceil(len(rows) / self.global_batch) for rows in self.bucket_rows)
+
+    def global_batches(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """The epoch's global batches in training order."""
+        batches = []
+        for b, rows in enumerate(self.bucket_rows):
+            if not rows:
+                continue
+            generator = torch.Generator().manual_seed(fh.item_seed(self.seed, epoch, b, stream=2))
+            order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+            keys = [(epoch, row, 0) for row in order]
+            short = self.repeats_needed(len(rows), self.global_batch)
+            if short:
+                in_last = set(order[len(order) - len(order) % self.global_batch:])
+                candidates = [r for r in order if r not in in_last] + [r for r in order if r in in_last]
+                copies = {}
+                for i in range(short):
+                    row = candidates[i % len(candidates)]
+                    copies[row] = copies.get(row, 0) + 1
+                    keys.append((epoch, row, copies[row]))
+            batches += [keys[i:i + self.global_batch] for i in range(0, len(keys), self.global_batch)]
+        generator = torch.Generator().manual_seed(fh.item_seed(self.seed, epoch, 0, stream=1))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     def __len__(self):
-        return self.num_rows
+        return self.global_batches_per_epoch * self.group
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(fh.item_seed(self.seed, self.epoch, 0, stream=1))
-        for row in torch.randperm(self.num_rows, generator=generator).tolist():
-            yield (self.epoch, row)
+        for keys in self.global_batches(self.epoch):
+            for i in range(self.group):
+                yield keys[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def plan_buckets(checked: dict, args, step: int):
+    """The example size of every row and the rows of each bucket.
+
+    Aspect-ratio buckets (:func:`fairhuman_utils.make_buckets` at ``--resolution`` with sides multiples of
+    ``step``, each row in the bucket of the closest aspect ratio), or with ``--square_crop`` one
+    ``resolution x resolution`` bucket. Returns ``(buckets, targets, bucket_rows)``.
+    """
+    if args.square_crop:
+        return [(args.resolution, args.resolution)], args.resolution, [list(range(len(checked["sizes"])))]
+    buckets = fh.make_buckets(args.resolution, step, args.max_bucket_aspect_ratio)
+    assigned = [fh.assign_bucket(size, buckets) for size in checked["sizes"]]
+    bucket_rows = [[row for row, b in enumerate(assigned) if b == i] for i in range(len(buckets))]
+    return buckets, [buckets[b] for b in assigned], bucket_rows
+
+
+def bucket_table(buckets, bucket_rows, repeats) -> str:
+    """The bucket table logged before training: size, images, repeats filling its last global batch."""
+    lines = ["  bucket (w x h) | images | repeats per epoch to fill the last global batch"]
+    for (w, h), rows, extra in zip(buckets, bucket_rows, repeats):
+        if rows:
+            lines.append(f"  {w:>5} x {h:<5}    | {len(rows):>6} | {extra}")
+    return "\n".join(lines)
+
+
+def crop_loss(checked: dict, args, targets, seed: int) -> dict:
+    """How much hand/face box area the crops of epoch 0 cut away (box columns only; flips change nothing).
+
+    Replays each row's epoch-0 crop (:func:`fairhuman_utils.resize_crop_plan` with the same random
+    draws and the same ``keep`` boxes as the dataset) from the image size and boxes alone, without
+    decoding an image. Regions given as mask images are not decoded here, so they are left out. Returns counts: images with boxes, images losing more than 1 % of their box
+    area, images losing a whole region (all their hand or all their face box area), and the fraction of
+    all box area lost.
+    """
+    regions = [region for region, kind, _ in _region_sources(args) if kind == "boxes"]
+    with_boxes = lose_some = lose_region = 0
+    kept_all = total_all = 0.0
+    for row, size in enumerate(checked["sizes"]):
+        boxes = {region: checked["boxes"][region][row] for region in regions}
+        if not any(boxes.values()):
+            continue
+        keep = None
+        if not args.square_crop:
+            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1], args.mask_dilation)
+        target = targets if isinstance(targets, int) else targets[row]
+        target = (target, target) if isinstance(target, int) else target
+        plan = fh.resize_crop_plan(size, target, keep=keep, center_crop=args.center_crop,
+                                   rng=random.Random(fh.item_seed(seed, 0, row)))
+        with_boxes += 1
+        kept_row = total_row = 0.0
+        whole_region = False
+        for region in regions:
+            if boxes[region]:
+                kept, total = fh.box_area_kept(boxes[region], size, plan)
+                kept_row, total_row = kept_row + kept, total_row + total
+                whole_region = whole_region or kept <= 0.01 * total
+        lose_some += kept_row < 0.99 * total_row
+        lose_region += whole_region
+        kept_all, total_all = kept_all + kept_row, total_all + total_row
+    return {"with_boxes": with_boxes, "lose_some": lose_some, "lose_region": lose_region,
+            "lost_fraction": 1.0 - kept_all / total_all if total_all > 0 else 0.0}
+
+
+CROP_LOSS_WARNING = 0.05
+"""Warn when more than this fraction of the images with boxes lose box area to the crop."""
+
+
+def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
+    """Log the bucket table, the rule for short buckets and how much box area the crops cut away."""
+    repeats = [BucketBatchSampler.repeats_needed(len(rows), global_batch) for rows in bucket_rows]
+    if args.square_crop:
+        logger.info(f"Square crop (--square_crop): every image resized to {args.resolution}px on its short side and "
+                    f"cropped {'in the centre' if args.center_crop else 'at random'} to {args.resolution}x{args.resolution}")
+    else:
+        used = sum(bool(rows) for rows in bucket_rows)
+        logger.info(f"Aspect-ratio buckets: {used} of {len(buckets)} used (about {args.resolution}^2 pixels, sides "
+                    f"multiples of {step}, aspect ratio up to {args.max_bucket_aspect_ratio:g}:1):\n"
+                    + bucket_table(buckets, bucket_rows, repeats))
+    if any(repeats):
+        logger.info(f"Every optimizer step trains on one bucket (global batch {global_batch}); a bucket's last, "
+                    f"short global batch is filled with repeats of its own images, drawn anew every epoch: "
+                    f"{sum(repeats)} repeated examples per epoch")
+    loss = crop_loss(checked, args, targets, args.seed)
+    if loss["with_boxes"]:
+        message = (f"{loss['lose_some']} of {loss['with_boxes']} images with boxes lose hand/face box area to the "
+                   f"crop, {loss['lose_region']} a whole region (all their hand or all their face boxes); "
+                   f"{100 * loss['lost_fraction']:.1f} % of all box area is cut away (epoch 0's crops)")
+        if loss["lose_some"] > CROP_LOSS_WARNING * loss["with_boxes"]:
+            advice = ("; aspect-ratio buckets keep every image whole: drop --square_crop" if args.square_crop else
+                      "; their aspect ratios fall between two buckets (or beyond --max_bucket_aspect_ratio) and "
+                      "their hands or faces reach the edges that are cut: a larger --resolution or a smaller "
+                      "--bucket_reso_steps cuts less")
+            logger.warning(message + advice)
+        else:
+            logger.info(message)
+    return loss
 
 
 def collate_fn(examples):
@@ -466,6 +859,7 @@ def collate_fn(examples):
         "masks": torch.stack([e["masks"] for e in examples]),
         "original_sizes": [e["original_size"] for e in examples],
         "crop_top_lefts": [e["crop_top_left"] for e in examples],
+        "target_sizes": [e["target_size"] for e in examples],
         "captions": [e["caption"] for e in examples],
         "seeds": [e["seed"] for e in examples],
         "rows": [e["row"] for e in examples],
@@ -473,7 +867,7 @@ def collate_fn(examples):
 
 
 def save_mask_previews(dataset: FairHumanDataset, keys, folder: str) -> None:
-    """Write image, hand mask, face mask and an overlay per example, all at the training resolution."""
+    """Write image, hand mask, face mask and an overlay per example, as trained (each at its bucket's size)."""
     os.makedirs(folder, exist_ok=True)
     for i, key in enumerate(keys):
         example = dataset[key]
@@ -503,6 +897,55 @@ def is_sdxl_model(path: str, revision: str | None, cache_dir: str | None) -> boo
     return "text_encoder_2" in config
 
 
+def model_geometry(args) -> tuple[int, int, int]:
+    """``(vae_factor, granularity, native_resolution)`` read from the model's config.json files (no weights).
+
+    ``vae_factor = 2 ** (len(vae block_out_channels) - 1)`` (8 for SD/SDXL), ``granularity`` = that times the
+    UNet's downsampling ``2 ** (len(unet block_out_channels) - 1)`` (64 for SD/SDXL; see
+    :func:`fairhuman_utils.bucket_granularity`), ``native_resolution = unet sample_size * vae_factor``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = args.pretrained_model_name_or_path
+    try:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision,
+                                                       cache_dir=args.cache_dir)
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                                   cache_dir=args.cache_dir)
+        else:
+            vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+    except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable diffusers model
+        raise UsageError(f"--pretrained_model_name_or_path: cannot read the UNet/VAE config.json of {path!r} ({error})") from None
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
+    return vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
+
+
+def unmatched_target_modules(module_names, targets) -> list[str]:
+    """The ``targets`` that name no module, matched as peft matches a list of names: a module ``name``
+    is targeted by ``t`` when ``name == t`` or ``name`` ends with ``"." + t``."""
+    names = list(module_names)
+    return [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+
+
+def check_lora_target_modules(args) -> None:
+    """Every ``--lora_target_modules`` entry must name at least one UNet module. Checked on the UNet built
+    from its config on the meta device (no weights loaded), before the models are loaded."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet",
+                                              revision=args.revision, cache_dir=args.cache_dir)
+    with init_empty_weights():
+        names = [name for name, _ in UNet2DConditionModel.from_config(config).named_modules()]
+    unmatched = unmatched_target_modules(names, lora_targets(args))
+    if unmatched:
+        examples = sorted({name.split("attn1.", 1)[1] for name in names if "attn1." in name})
+        raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the UNet (names in its "
+                         f"attention blocks: {', '.join(examples)})")
+
+
 def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
     """Text conditioning: SD -> (hidden states, None); SDXL -> (both encoders' penultimate hidden
     states concatenated, pooled embedding of the second encoder)."""
@@ -518,9 +961,10 @@ def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
     return torch.cat(embeds, dim=-1), pooled
 
 
-def sdxl_time_ids(original_sizes, crop_top_lefts, resolution, device, dtype):
-    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example."""
-    rows = [list(o) + list(c) + [resolution, resolution] for o, c in zip(original_sizes, crop_top_lefts)]
+def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes, device, dtype):
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example; the target is the
+    example's own size (its bucket)."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)]
     return torch.tensor(rows, device=device, dtype=dtype)
 
 
@@ -579,7 +1023,7 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
     if sdxl:
         added_cond_kwargs = {"text_embeds": pooled,
                              "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                       args.resolution, device, prompt_embeds.dtype)}
+                                                       batch["target_sizes"], device, prompt_embeds.dtype)}
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
@@ -600,31 +1044,141 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
                       latent_masks[:, 1:2], present, sample_weights)
 
 
-def unet_lora_state_dict(unet):
-    from diffusers.utils import convert_state_dict_to_diffusers
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffusers_dtype=None,
+              kohya_file: str | None = None, kohya_dtype=None, kohya_metadata: dict | None = None) -> list[str]:
+    """Write the UNet's LoRA into ``folder``; returns the paths written. A dtype of None keeps the
+    parameters' own (fp32: the script keeps the trainable LoRA weights in fp32).
+
+    * ``pytorch_lora_weights.safetensors`` (with ``diffusers``): the diffusers format,
+      ``unet.{module}.lora_A.weight`` / ``lora_B.weight`` for EVERY module plus the LoRA config as
+      adapter metadata. The keys are peft's as they are: diffusers' ``convert_state_dict_to_diffusers``
+      renames only to_q/to_k/to_v/to_out.0 (to ``lora.down``/``lora.up``), and a file mixing the two
+      spellings loses the renamed half in ``load_lora_weights``, which decides on the first key alone.
+    * ``kohya_file`` (when given): the kohya format of :func:`fairhuman_utils.lora_to_kohya` with
+      ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
+    """
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
+    written = []
+    if diffusers:
+        pipeline_cls.save_lora_weights(
+            folder,
+            unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
+        written.append(os.path.join(folder, LORA_WEIGHT_NAME))
+    if kohya_file is not None:  # the script's LoraConfig: one rank and alpha for every module, plain LoRA
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, kohya_file)
+        alpha = unet.peft_config["default"].lora_alpha
+        save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
+        written.append(path)
+    return written
 
 
-def save_lora(pipeline_cls, unet, folder: str) -> None:
-    """Write {folder}/pytorch_lora_weights.safetensors in the diffusers format (with the LoRA config)."""
-    pipeline_cls.save_lora_weights(
-        folder,
-        unet_lora_layers=unet_lora_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
+def training_settings(args, global_step: int) -> dict:
+    """The settings a LoRA was trained with: the model card's table and the kohya file's metadata."""
+    return {
+        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
+        "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
+        "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
+                                      and args.fair_interval_weights == "prediction" else "-"),
+        "local_loss_scale": args.local_loss_scale,
+        "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
+        "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
+        "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
+        "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
+        "crop": ("square (--square_crop)" if args.square_crop else
+                 f"aspect-ratio buckets (steps {args.bucket_reso_steps or 'of the model'}, up to "
+                 f"{args.max_bucket_aspect_ratio:g}:1)"),
+        "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,
+        "max_grad_norm": args.max_grad_norm, "use_8bit_adam": args.use_8bit_adam,
+        "mixed_precision": args.mixed_precision, "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset,
+        "prediction_type": args.prediction_type or "model default", "seed": args.seed,
+    }
+
+
+def base_model_version(unet_config, sdxl: bool) -> str:
+    """kohya's ``ss_base_model_version``: sdxl_base_v1-0, sd_v2 (1024-wide cross-attention, OpenCLIP-H) or
+    sd_v1. A1111 shows a LoRA for models of this version."""
+    if sdxl:
+        return "sdxl_base_v1-0"
+    return "sd_v2" if unet_config.cross_attention_dim == 1024 else "sd_v1"
+
+
+def kohya_metadata(args, unet_config, sdxl: bool, prediction_type: str, global_step: int) -> dict[str, str]:
+    """Safetensors metadata of the kohya file: kohya's ``ss_*`` keys (what A1111 / Forge / ComfyUI
+    metadata viewers show), a ``modelspec`` header and every FairHuman setting as ``fairhuman_settings``."""
+    version = base_model_version(unet_config, sdxl)
+    architecture = {"sdxl_base_v1-0": "stable-diffusion-xl-v1-base", "sd_v2": "stable-diffusion-v2",
+                    "sd_v1": "stable-diffusion-v1"}[version]
+    metadata = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.lora_alpha),
+        "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_sd_model_name": args.pretrained_model_name_or_path, "ss_output_name": args.output_name,
+        "ss_resolution": f"({args.resolution}, {args.resolution})", "ss_steps": str(global_step),
+        "ss_learning_rate": str(args.learning_rate), "ss_lr_scheduler": args.lr_scheduler,
+        "ss_seed": str(args.seed), "ss_mixed_precision": str(args.mixed_precision),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_max_grad_norm": str(args.max_grad_norm), "ss_noise_offset": str(args.noise_offset),
+        "ss_min_snr_gamma": str(args.snr_gamma), "ss_dataset_dirs": str(args.dataset_name or args.train_data_dir),
+        "ss_training_comment": "FairHuman LoRA (arXiv 2507.02714): global + hand + face objectives with "
+                               "Minimum Potential Delay weights; authors' inference: LoRA scale 0.3, 30 UniPC steps, "
+                               "CFG 7.5",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": args.output_name,
+        "modelspec.resolution": f"{args.resolution}x{args.resolution}",
+        "fairhuman_settings": json.dumps(training_settings(args, global_step)),
+    }
+    if args.pretrained_vae_model_name_or_path:
+        metadata["ss_vae_name"] = args.pretrained_vae_model_name_or_path
+    return metadata
+
+
+def save_lora_files(args, pipeline_cls, unet, folder: str, sdxl: bool, prediction_type: str, global_step: int,
+                    checkpoint: bool = False) -> list[str]:
+    """The LoRA files --save_lora_format asks for.
+
+    At the end of training (``checkpoint=False``): ``pytorch_lora_weights.safetensors`` and/or
+    ``{output_name}.safetensors``, both in --save_precision. In a checkpoint: the diffusers file always,
+    as trained (fp32; what --resume_from_checkpoint reads, so resuming is exact), and with kohya or both
+    ``{output_name}-step{N}.safetensors`` in --save_precision, to try the intermediate LoRA in a UI.
+    """
+    dtype = SAVE_DTYPES[args.save_precision]
+    kohya = args.save_lora_format in ("kohya", "both")
+    if checkpoint:
+        diffusers, diffusers_dtype, name = True, None, f"{args.output_name}-step{global_step}"
+    else:
+        diffusers, diffusers_dtype, name = args.save_lora_format in ("diffusers", "both"), dtype, args.output_name
+    return save_lora(pipeline_cls, unet, folder, diffusers=diffusers, diffusers_dtype=diffusers_dtype,
+                     kohya_file=f"{name}.safetensors" if kohya else None, kohya_dtype=dtype,
+                     kohya_metadata=kohya_metadata(args, unet.config, sdxl, prediction_type, global_step) if kohya else None)
 
 
 def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state = pipeline_cls.lora_state_dict(folder)
+    state = pipeline_cls.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)  # the fp32 file, not the kohya one
     state = state[0] if isinstance(state, tuple) else state
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    try:
+        incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state),
+                                                 adapter_name="default")
+    except RuntimeError as error:  # size mismatch: another --rank (checkpoints without their settings file)
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error)[:300])
+        raise UsageError(f"--resume_from_checkpoint: the LoRA in {folder} does not fit this run's adapters ({first}): "
+                         "was it written with another --rank or --lora_target_modules?") from None
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
         raise UsageError(f"--resume_from_checkpoint: {folder} has LoRA keys this model does not have "
@@ -719,7 +1273,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, args, global_step: int) -> str:
+def save_checkpoint(accelerator, args, global_step: int, settings: dict | None = None) -> str:
     """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
 
     ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler, RNG states and the
@@ -735,6 +1289,9 @@ def save_checkpoint(accelerator, args, global_step: int) -> str:
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
     if accelerator.is_main_process:
+        if settings is not None:
+            with open(os.path.join(partial, RUN_SETTINGS_FILE), "w") as f:
+                json.dump(settings, f, indent=1)
         with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
             json.dump({"global_step": global_step, "seed": args.seed}, f)
         if os.path.exists(final):
@@ -777,6 +1334,83 @@ def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
     return marker["global_step"]
 
 
+# Settings that change what a checkpoint's weights mean: resuming with other values is refused.
+RESUME_MUST_MATCH = ("pretrained_model_name_or_path", "rank", "lora_alpha", "lora_target_modules")
+# Settings whose change is allowed on resume, with a warning naming it.
+RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_path", "weighting", "fair_alpha",
+                          "fair_update_interval", "fair_interval_weights", "local_loss_scale",
+                          "local_loss_normalization", "mask_dilation", "latent_mask_mode", "resolution",
+                          "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed",
+                          "dataset", "dataset_rows", "dataset_fingerprint")
+
+
+def lora_targets(args) -> list[str]:
+    return [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+
+
+def run_settings(args, checked: dict) -> dict:
+    """The settings a checkpoint is written with (``fairhuman_run_settings.json``), to check a resume against."""
+    names = [n for n in RESUME_MUST_MATCH + RESUME_WARN_IF_CHANGED if hasattr(args, n)]
+    settings = {name: getattr(args, name) for name in names}
+    def where(source):  # a local folder by its absolute path, so ./model and /abs/model compare equal
+        return os.path.abspath(source) if source is not None and os.path.isdir(source) else source
+
+    settings["pretrained_model_name_or_path"] = where(args.pretrained_model_name_or_path)
+    settings["lora_alpha"] = float(args.lora_alpha)
+    settings["lora_target_modules"] = sorted(set(lora_targets(args)))
+    settings["dataset"] = where(args.dataset_name or args.train_data_dir)
+    settings["dataset_rows"] = len(checked["sizes"])
+    settings["dataset_fingerprint"] = dataset_fingerprint(checked)
+    return settings
+
+
+def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]:
+    """Compare this run's ``settings`` with those the checkpoint was written with.
+
+    A change of base model, ``--rank``, ``--lora_alpha`` or ``--lora_target_modules`` changes what the
+    saved weights mean (other shapes, another scale, other layers): :class:`UsageError` naming the
+    flags. Other changes (weighting, resolution, data...) are allowed with a warning naming each. When
+    ``--resolution`` is not given, the checkpoint's is used. A checkpoint written before the settings
+    were stored resumes with a warning that nothing could be checked. Returns the warnings.
+    """
+    name = os.path.basename(os.path.normpath(resume_path))
+    path = os.path.join(resume_path, RUN_SETTINGS_FILE)
+    if not os.path.isfile(path):
+        message = (f"{name} has no {RUN_SETTINGS_FILE} (written by an earlier version of this script): its settings "
+                   "could not be checked against this run's (base model, --rank, --lora_alpha, --lora_target_modules "
+                   "must be the ones it was trained with)")
+        logger.warning(message)
+        return [message]
+    with open(path) as f:
+        saved = json.load(f)
+    if args.resolution is None and saved.get("resolution") is not None:
+        args.resolution = settings["resolution"] = saved["resolution"]
+
+    def flag(key):
+        return f"--{key}" if key not in ("dataset", "dataset_rows", "dataset_fingerprint") else key.replace("_", " ")
+
+    def show(value):
+        return ",".join(value) if isinstance(value, list) else value
+
+    refused = [f"{flag(k)} {show(settings[k])} (the checkpoint has {show(saved[k])})"
+               for k in RESUME_MUST_MATCH if k in saved and saved[k] != settings.get(k)]
+    if refused:
+        raise UsageError(f"--resume_from_checkpoint: {name} was trained with other settings that change what its "
+                         f"weights mean: {'; '.join(refused)}. Resume with the checkpoint's values, or start a new run "
+                         "in another --output_dir")
+    fair_only = {"fair_alpha", "fair_update_interval", "fair_interval_weights"}  # not compared unless both are fair
+    both_fair = saved.get("weighting") == settings.get("weighting") == "fair"
+    changed = [f"{flag(k)} {show(saved[k])} -> {show(settings[k])}" for k in RESUME_WARN_IF_CHANGED
+               if k in saved and settings.get(k) is not None and saved[k] != settings[k]
+               and (both_fair or k not in fair_only)]
+    if changed:
+        message = (f"resuming {name} with changed settings: {'; '.join(changed)}. The steps already trained used the "
+                   "old ones")
+        logger.warning(message)
+        return [message]
+    return []
+
+
 def resolve_resume(args) -> str | None:
     if args.resume_from_checkpoint is None:
         return None
@@ -792,6 +1426,56 @@ def resolve_resume(args) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Validation, model card, Hub
 # ---------------------------------------------------------------------------------------------
+
+
+def hub_errors() -> tuple:
+    """The exceptions a Hub call raises for network and server failures: ``OSError`` (``HfHubHTTPError``,
+    ``OfflineModeIsEnabled``, connection errors) and the HTTP client's own errors (httpx, httpx2 or requests)."""
+    errors = [OSError]
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*", "evaluation/images/*"]
+
+
+def upload_command(args, repo_id: str) -> str:
+    """The command that pushes the output folder by hand, as the script would."""
+    excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"])
+    return f"hf upload {repo_id} {args.output_dir} {excludes}"
+
+
+def create_hub_repo(args) -> str:
+    """Create (or find) the Hub repository at the start; a network or Hub failure is one clear :class:`HubError`."""
+    from huggingface_hub import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    except hub_errors() as error:
+        raise HubError(f"--push_to_hub: cannot create the Hub repository {repo_id!r} ({type(error).__name__}: "
+                       f"{error}). Nothing was trained. Check the network and your token (`hf auth login`), or train "
+                       f"without --push_to_hub and push the output folder afterwards with: "
+                       f"{upload_command(args, repo_id)}") from None
+
+
+def push_output_folder(args, repo_id: str) -> str | None:
+    """Upload the output folder (the LoRA and card are on disk already); on failure return a message that
+    says where they are and how to push them later, else ``None``."""
+    from huggingface_hub import upload_folder
+
+    try:
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                      token=args.hub_token, ignore_patterns=HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"])
+    except hub_errors() as error:
+        return (f"--push_to_hub: the upload to {repo_id!r} failed ({type(error).__name__}: {error}). Nothing is lost: "
+                f"the LoRA ({LORA_WEIGHT_NAME}) and its model card are saved in {args.output_dir!r}. Push them later "
+                f"with: {upload_command(args, repo_id)}")
+    return None
 
 
 def run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler, weight_dtype, step, tag):
@@ -820,32 +1504,69 @@ def run_validation(args, accelerator, pipeline_cls, components, unet, noise_sche
     return images
 
 
-def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int) -> str:
-    """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it."""
+def lora_usage(args, repo_id: str, pipeline_cls: str) -> str:
+    """The model card's "How to use": which file goes where, with the authors' inference setting
+    (LoRA scale 0.3, 30 UniPC steps, CFG 7.5)."""
+    kohya_file = f"{args.output_name}.safetensors"
+    files = []
+    if args.save_lora_format in ("diffusers", "both"):
+        files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | diffusers `load_lora_weights` |")
+    if args.save_lora_format in ("kohya", "both"):
+        files.append(f"| `{kohya_file}` | kohya format | ComfyUI: `models/loras/`; AUTOMATIC1111 / Forge: "
+                     f"`models/Lora/` (diffusers `load_lora_weights` reads it too) |")
+    weight_name = "" if args.save_lora_format != "kohya" else f', weight_name="{kohya_file}"'
+    text = f"""## How to use
+
+Weights in {args.save_precision}, UNet only, rank {args.rank}, alpha {args.lora_alpha}:
+
+| file | format | where it goes |
+| --- | --- | --- |
+""" + "\n".join(files) + f"""
+
+The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5.
+
+```python
+import torch
+from diffusers import {pipeline_cls}, UniPCMultistepScheduler
+
+pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights("{repo_id}"{weight_name})
+pipe.fuse_lora(lora_scale=0.3)
+image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
+```
+"""
+    if args.save_lora_format in ("kohya", "both"):
+        text += f"""
+- ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
+  `strength_model` 0.3 (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: 30 steps,
+  cfg 7.5, sampler `uni_pc`.
+- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:0.3>` to the
+  prompt; sampler UniPC, 30 steps, CFG scale 7.5.
+"""
+    return text
+
+
+def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int, evaluation=None) -> str:
+    """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it, and
+    with ``evaluation`` (the report of ``evaluate_fairhuman.py``) the hand and face scores."""
     for i, image in enumerate(images):
         image.save(os.path.join(folder, f"image_{i}.png"))
     dataset = args.dataset_name or args.train_data_dir
     gallery = "\n".join(f"![sample {i}](./image_{i}.png)" for i in range(len(images)))
     pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    settings = {
-        "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
-        "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
-        "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
-                                      and args.fair_interval_weights == "prediction" else "-"),
-        "local_loss_scale": args.local_loss_scale,
-        "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
-        "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
-        "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
-        "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
-        "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
-        "center_crop": args.center_crop, "random_flip": args.random_flip, "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer steps": global_step,
-        "max_grad_norm": args.max_grad_norm, "use_8bit_adam": args.use_8bit_adam,
-        "mixed_precision": args.mixed_precision, "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset,
-        "prediction_type": args.prediction_type or "model default", "seed": args.seed,
-    }
+    settings = training_settings(args, global_step)
+    usage = lora_usage(args, repo_id, pipeline_cls)
     table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    scores = ""
+    if evaluation is not None:
+        import evaluate_fairhuman
+
+        settings_used = evaluation["settings"]
+        scores = (f"\n## Did it work?\n\nBase model vs this LoRA (scale {settings_used['lora_scale']}) on the prompts of "
+                  f"`{args.evaluate_prompts_file}`, {settings_used['num_images_per_prompt']} image(s) per prompt from the "
+                  f"same seeds, scored with MediaPipe (`evaluation/` has the images, grids and report.json):\n\n"
+                  + evaluate_fairhuman.report_markdown(evaluation))
     fair_note = ""
     if args.weighting == "fair":
         fair_note = ("\nFair weights: exact MPD solved every optimizer step (the authors' method; about 1.3-2.1x the "
@@ -882,18 +1603,8 @@ Training data: `{dataset}`.
 | setting | value |
 | --- | --- |
 {table}
-
-## How to use
-
-```python
-import torch
-from diffusers import {pipeline_cls}
-
-pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{repo_id}")
-pipe.fuse_lora(lora_scale=0.3)  # the authors sampled with LoRA scale 0.3, 30 UniPC steps, CFG 7.5
-image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
-```
+{scores}
+{usage}
 """
     path = os.path.join(folder, "README.md")
     with open(path, "w") as f:
@@ -913,13 +1624,14 @@ def main(args):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from huggingface_hub import create_repo, upload_folder
     from peft import LoraConfig
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     global logger
     check_args(args)
+    check_trackers(args)
+    check_output_dir(args)
     resume_path = resolve_resume(args)
     if resume_path is not None and args.seed is None:
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
@@ -956,17 +1668,36 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                              token=args.hub_token).repo_id
+        repo_id = create_hub_repo(args)
 
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
-    checked = check_dataset(load_training_dataset(args), args)
+    dataset, mask_regions = verify_images(load_training_dataset(args), args)
+    checked = check_dataset(dataset, args)
     logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
                 f"with face boxes: {checked['counts']['face']}")
+    report_regions(checked, args, mask_regions)
+    settings = run_settings(args, checked)
+    if resume_path is not None:
+        check_resume_compatible(resume_path, settings, args)
 
-    # ---- Models --------------------------------------------------------------------------------
+    # ---- Models (configs first: resolution and buckets are known before any weights load) -------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     sdxl = is_sdxl_model(path, rev, args.cache_dir)
+    vae_scale, granularity, native_resolution = model_geometry(args)
+    if args.resolution is None:
+        args.resolution = native_resolution
+    settings["resolution"] = args.resolution
+    if args.square_crop and args.resolution % vae_scale:
+        raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
+    bucket_step = args.bucket_reso_steps or granularity
+    if bucket_step % vae_scale:
+        raise UsageError(f"--bucket_reso_steps must be a multiple of the VAE factor {vae_scale}, got {bucket_step}")
+    if not args.square_crop and args.resolution < bucket_step:
+        raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
+    buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
+    log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step,
+                global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    check_lora_target_modules(args)
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     if args.prediction_type is not None:
@@ -982,11 +1713,6 @@ def main(args):
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution is None:
-        args.resolution = int(unet.config.sample_size) * vae_scale
-    if args.resolution % vae_scale:
-        raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
@@ -999,12 +1725,20 @@ def main(args):
         text_encoder.to(accelerator.device, dtype=weight_dtype)
 
     # ---- LoRA ----------------------------------------------------------------------------------
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    targets = lora_targets(args)
     try:
         unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=targets))
     except ValueError as error:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {error}") from None
+    if args.save_lora_format in ("kohya", "both"):  # a module the kohya format cannot name fails now, not after training
+        from peft.utils import get_peft_model_state_dict
+
+        try:
+            fh.lora_to_kohya(get_peft_model_state_dict(unet), args.lora_alpha)
+        except ValueError as error:
+            raise UsageError(f"--lora_target_modules {args.lora_target_modules!r} with --save_lora_format "
+                             f"{args.save_lora_format}: {error}") from None
     cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32 under fp16/bf16
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1014,8 +1748,9 @@ def main(args):
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                save_lora(pipeline_cls, accelerator.unwrap_model(model), output_dir)
+            for model in models:  # global_step: main's, read when the checkpoint is saved
+                save_lora_files(args, pipeline_cls, accelerator.unwrap_model(model), output_dir, sdxl,
+                                noise_scheduler.config.prediction_type, global_step, checkpoint=True)
         while weights:  # the full UNet is not saved: the LoRA is all that changes
             weights.pop()
 
@@ -1038,18 +1773,17 @@ def main(args):
                                 batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check)
 
     # ---- Data ----------------------------------------------------------------------------------
-    train_dataset = FairHumanDataset(checked, args, args.seed, args.resolution)
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(train_dataset, sampler=sampler, collate_fn=collate_fn,
-                                                   batch_size=args.train_batch_size,
+    train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
+    batch_sampler = BucketBatchSampler(bucket_rows, args.train_batch_size,
+                                       accelerator.num_processes * args.gradient_accumulation_steps, args.seed)
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
                                                    num_workers=args.dataloader_num_workers)
     if args.save_mask_previews and accelerator.is_main_process:
-        keys = list(iter(sampler))[: args.save_mask_previews]
+        keys = [key for batch in batch_sampler.global_batches(0) for key in batch][: args.save_mask_previews]
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
 
-    batches_per_epoch = math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    steps_per_epoch = batch_sampler.global_batches_per_epoch  # one global batch per optimizer step
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -1088,11 +1822,17 @@ def main(args):
     skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
     last_step_time = time.perf_counter()
     unet.train()
+    if global_step >= args.max_train_steps:
+        logger.info(f"{resume_path} is at optimizer step {global_step}, --max_train_steps is {args.max_train_steps}: "
+                    "no training step; saving the LoRA and finishing what was left (card, samples, push)")
     for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
         dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        dataloader.set_epoch(epoch)  # reaches EpochShuffleSampler; accelerate would count from 0 after a resume
+        dataloader.set_epoch(epoch)  # accelerate would count from 0 after a resume
+        batch_sampler.set_epoch(epoch)  # directly: not every accelerate wrapper (skip + shard) passes it on
         for batch in dataloader:
             # FairHuman: on per-objective steps DDP must not reduce .grad (the fair update averages the rows)
             with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):
@@ -1130,38 +1870,44 @@ def main(args):
                 last_step_time, step_losses = now, torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
+                    save_checkpoint(accelerator, args, global_step, settings)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
                     run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
                                    weight_dtype, global_step, "validation")
             if global_step >= args.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
-            break
 
     # ---- Save, card, push ----------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    push_error = None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
-        save_lora(pipeline_cls, unwrapped, args.output_dir)
-        logger.info(f"Saved the LoRA to {os.path.join(args.output_dir, LORA_WEIGHT_NAME)}")
+        written = save_lora_files(args, pipeline_cls, unwrapped, args.output_dir, sdxl,
+                                  noise_scheduler.config.prediction_type, global_step)
+        logger.info(f"Saved the LoRA ({args.save_precision}) to {', '.join(written)}")
         if args.validation_prompt and args.num_validation_images > 0:
             images = run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
                                     weight_dtype, global_step, "test")
-        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step)
+        evaluation = None
+        if args.evaluate_prompts_file is not None:
+            import evaluate_fairhuman
+
+            evaluation = evaluate_fairhuman.evaluate_trained_lora(args, written[0])  # either format loads
+        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step,
+                         evaluation)
         if args.push_to_hub:
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                          token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*", "step_*", "epoch_*"])
+            push_error = push_output_folder(args, repo_id)
     accelerator.end_training()
+    if push_error is not None:
+        raise HubError(push_error)
 
 
 def cli(input_args=None):
     args = parse_args(input_args)
     try:
         main(args)
-    except (UsageError, TrainingStopped) as error:
+    except (UsageError, TrainingStopped, HubError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

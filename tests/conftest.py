@@ -95,3 +95,64 @@ def write_imagefolder(folder, rows, images):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(folder)
+
+
+# EXIF orientation -> the transpose that stores an upright picture so that a viewer (and
+# PIL.ImageOps.exif_transpose) shows it upright again: 6 = "rotate 90 degrees clockwise to display".
+STORE_SIDEWAYS = {1: None, 3: "ROTATE_180", 6: "ROTATE_90", 8: "ROTATE_270"}
+
+
+def marked_photo(path, size, face, hands, orientation=1):
+    """Write a JPEG whose UPRIGHT view is grey with the face box filled red and the hand boxes green.
+
+    ``size``, ``face`` and ``hands`` (xyxy pixels) are in the upright frame; the pixels are stored
+    sideways (or upside down) with the EXIF ``orientation`` tag that turns them upright, as phones do.
+    Returns the upright image.
+    """
+    from PIL import Image, ImageDraw
+
+    upright = Image.new("RGB", size, (128, 128, 128))
+    draw = ImageDraw.Draw(upright)
+    draw.rectangle((face[0], face[1], face[2] - 1, face[3] - 1), fill=(230, 20, 20))
+    for hand in hands:
+        draw.rectangle((hand[0], hand[1], hand[2] - 1, hand[3] - 1), fill=(20, 200, 20))
+    stored = upright if STORE_SIDEWAYS[orientation] is None else upright.transpose(
+        getattr(Image.Transpose, STORE_SIDEWAYS[orientation]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return upright
+
+
+def preview_ious(preview_dir, i):
+    """(face IoU, hand IoU) of mask preview ``i``: red pixels of ``{i}_image.png`` against ``{i}_face.png`` and
+    green pixels against ``{i}_hand.png`` (1.0 where the masks sit exactly on the drawn regions)."""
+    import numpy as np
+    from PIL import Image
+
+    image = np.asarray(Image.open(os.path.join(preview_dir, f"{i}_image.png")), dtype=np.int32)
+    red = (image[..., 0] > 170) & (image[..., 1] < 90)
+    green = (image[..., 1] > 150) & (image[..., 0] < 90)
+    ious = []
+    for drawn, name in ((red, "face"), (green, "hand")):
+        mask = np.asarray(Image.open(os.path.join(preview_dir, f"{i}_{name}.png"))) > 127
+        union = (drawn | mask).sum()
+        ious.append(float((drawn & mask).sum() / union) if union else 1.0)
+    return tuple(ious)
+
+
+def edge_photos(folder, orientations=(1,)):
+    """A 2:3 portrait (face at the top edge, hands at the bottom edge) and a 3:2 landscape (face at the
+    left edge, hand at the right edge), boxes in the upright frame. (A square crop keeps one end only.)"""
+    os.makedirs(folder, exist_ok=True)
+    layouts = {"portrait.jpg": ((64, 96), [22, 0, 42, 16], [[4, 80, 18, 96], [44, 80, 58, 96]]),
+               "landscape.jpg": ((96, 64), [0, 20, 16, 40], [[80, 24, 96, 40]])}
+    rows = []
+    for orientation in orientations:  # one portrait and one landscape per EXIF orientation
+        for name, (size, face, hands) in layouts.items():
+            name = f"o{orientation}_{name}"
+            marked_photo(os.path.join(folder, name), size, face, hands, orientation=orientation)
+            rows.append({"file_name": name, "text": "a person", "face_boxes": [face], "hand_boxes": hands})
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(folder), {size: (face, hands) for size, face, hands in layouts.values()}

@@ -1,5 +1,6 @@
 """Unit tests of the FairHuman pieces in fairhuman_utils.py."""
 
+import os
 import random
 
 import numpy as np
@@ -334,3 +335,204 @@ def test_fair_step_fidelity():
     half = fh.FairStep(torch.tensor([1.0, 0.25, 0.0], dtype=torch.float64), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), gram)
     ratios = half.weight_ratios()
     assert ratios[:2] == pytest.approx([1.0, 0.5]) and np.isnan(ratios[2])  # absent objective: no ratio
+
+
+# ---- images upright, aspect-ratio buckets, region-safe crops (issue 10) --------------------------------
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_open_image_applies_the_exif_orientation(orientation, tmp_path):
+    from conftest import marked_photo
+
+    path = tmp_path / "photo.jpg"
+    upright = marked_photo(path, (30, 50), face=(5, 2, 25, 14), hands=[(0, 40, 8, 50)], orientation=orientation)
+    with Image.open(path) as raw:
+        assert raw.size == (50, 30)  # stored sideways
+    image = fh.open_image(str(path))
+    assert image.size == (30, 50) and image.info["exif_orientation"] == orientation
+    assert np.abs(np.asarray(image, np.int32) - np.asarray(upright, np.int32)).mean() < 4  # JPEG noise only
+    assert fh.image_size(str(path)) == (30, 50)
+    assert fh.image_size({"path": None, "bytes": path.read_bytes()}) == (30, 50)
+    again = fh.open_image(image)  # already upright (as datasets decodes it): not rotated twice
+    assert again.size == (30, 50)
+
+
+def test_bucket_granularity_and_sdxl_buckets():
+    assert fh.bucket_granularity((128, 256, 512, 512), (320, 640, 1280, 1280)) == 64  # SD 1.5 / SDXL-like
+    assert fh.bucket_granularity((32, 64), (32, 64)) == 4  # the tiny test models
+    buckets = fh.make_buckets(1024, 64)
+    assert {(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (512, 2048), (2048, 512)} <= set(buckets)
+    assert buckets == sorted(buckets, key=lambda b: b[0] / b[1])
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and max(w, h) <= 4 * min(w, h)
+        assert abs(w * h - 1024**2) <= 64 * max(w, h) / 2 and abs(w * h / 1024**2 - 1) < 0.1  # about 1024^2 pixels
+        assert (h, w) in buckets  # portrait and landscape alike
+    narrow = fh.make_buckets(1024, 64, max_aspect_ratio=2.0)
+    assert max(max(w, h) / min(w, h) for w, h in narrow) <= 2 and (512, 2048) not in narrow
+
+
+def test_assign_bucket_takes_the_closest_aspect_ratio():
+    buckets = fh.make_buckets(1024, 64)
+    assert buckets[fh.assign_bucket((300, 900), buckets)] == (576, 1728)  # 1:3
+    assert buckets[fh.assign_bucket((900, 300), buckets)] == (1728, 576)
+    assert buckets[fh.assign_bucket((3000, 4000), buckets)] == (896, 1152)  # 3:4 photo
+    assert buckets[fh.assign_bucket((500, 500), buckets)] == (1024, 1024)
+    assert buckets[fh.assign_bucket((100, 1000), buckets)] == (512, 2048)  # beyond 4:1: the extreme bucket
+
+
+def test_resize_crop_plan_covers_the_target_and_keeps_the_regions_inside():
+    # 2:3 portrait into 832x1280: resized 853x1280, 21 columns left over
+    plan = fh.resize_crop_plan((400, 600), (832, 1280), rng=random.Random(0))
+    assert plan.resized == (853, 1280) and plan.crop_top_left[0] == 0 and 0 <= plan.crop_top_left[1] <= 21
+    lefts = {fh.resize_crop_plan((400, 600), (832, 1280), rng=random.Random(seed)).crop_top_left[1] for seed in range(40)}
+    assert len(lefts) > 10  # without regions: any offset
+    # a region touching the left edge: every draw keeps it (offset 0); touching the right edge: offset 21
+    edge_boxes = [(0, 10, 50, 60), (350, 10, 400, 60)]
+    for seed in range(20):
+        left = fh.resize_crop_plan((400, 600), (832, 1280), keep=edge_boxes[:1], rng=random.Random(seed))
+        right = fh.resize_crop_plan((400, 600), (832, 1280), keep=edge_boxes[1:], rng=random.Random(seed))
+        assert left.crop_top_left == (0, 0) and right.crop_top_left == (0, 21)
+        kept, total = fh.box_area_kept(edge_boxes, (400, 600), left)
+        assert kept < total  # one plan cannot keep both edges of this image ...
+        assert fh.box_area_kept(edge_boxes[:1], (400, 600), left) == pytest.approx((total / 2, total / 2))  # ... its own
+        inner = fh.resize_crop_plan((400, 600), (832, 1280), keep=[(100, 10, 300, 60)], rng=random.Random(seed))
+        assert fh.box_area_kept([(100, 10, 300, 60)], (400, 600), inner)[0] == pytest.approx(
+            fh.box_area_kept([(100, 10, 300, 60)], (400, 600), inner)[1])
+    # when the regions cannot all be kept, as many as possible (each box alike): the small hand at the
+    # bottom is kept whole rather than cutting both ends
+    face, hand = (100, 0, 200, 130), (150, 840, 190, 900)
+    plan = fh.resize_crop_plan((300, 900), (320, 896), keep=[face, hand], rng=random.Random(0))
+    assert plan.resized == (320, 960)
+    kept_face = fh.box_area_kept([face], (300, 900), plan)
+    kept_hand = fh.box_area_kept([hand], (300, 900), plan)
+    assert kept_hand[0] == pytest.approx(kept_hand[1]) and kept_face[0] >= 0.5 * kept_face[1]
+    # the diffusers square crop of the same portrait ignores the regions: the centre loses both
+    centred = fh.resize_crop_plan((300, 900), (512, 512), center_crop=True)
+    assert centred.resized == (512, 1536) and centred.crop_top_left == (512, 0)
+    assert fh.box_area_kept([face, hand], (300, 900), centred)[0] == 0
+
+
+def test_paired_transform_into_a_bucket_keeps_edge_boxes_and_their_masks():
+    image, mask = _marked_image(64, 96, (0, 0, 20, 12))  # a region in the top-left corner
+    other = fh.boxes_to_mask([(50, 84, 64, 96)], 64, 96)  # and one in the bottom-right corner
+    for seed in range(10):
+        out = fh.paired_transform(image, [mask, other], (52, 80), random_flip=True, rng=random.Random(seed),
+                                  keep=[(0, 0, 20, 12), (50, 84, 64, 96)])
+        assert out.pixel_values.shape == (3, 80, 52) and out.masks.shape == (2, 80, 52)
+        assert out.target_size == (80, 52) and out.original_size == (96, 64)
+        red = (out.pixel_values[0] > 0.0) & (out.pixel_values[1] < 0.0)
+        assert torch.equal(red, out.masks[0] > 0.5)
+        # both corner regions fully in view: their area is the original's times the scale squared
+        scale = 80 / 96
+        assert float(out.masks[0].sum()) == pytest.approx(20 * 12 * scale**2, rel=0.1)
+        assert float(out.masks[1].sum()) == pytest.approx(14 * 12 * scale**2, rel=0.1)
+
+
+def test_box_units_problem():
+    assert fh.box_units_problem(0.0, 0.9, relative=True) is None
+    assert fh.box_units_problem(0.1, 1.03, relative=True) is None  # a detector's overshoot
+    assert "drop --relative_boxes" in fh.box_units_problem(3.0, 412.0, relative=True)
+    assert "pass --relative_boxes" in fh.box_units_problem(0.05, 0.95, relative=False)
+    assert fh.box_units_problem(0.0, 88.0, relative=False) is None
+
+
+# ---- the kohya-format LoRA file -------------------------------------------------------------------
+
+
+def _peft_toy(rank=2, alpha=5.0):
+    """A linear layer and a 3x3 conv with peft LoRA adapters whose up weights are not zero."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"block": torch.nn.ModuleDict({"to_q": torch.nn.Linear(6, 5),
+                                                               "conv1": torch.nn.Conv2d(3, 4, 3, padding=1)})})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "conv1"]), model)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()
+    return model
+
+
+def test_lora_to_kohya_keys_and_alpha():
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft_toy(rank=2, alpha=5.0)
+    state = get_peft_model_state_dict(model)
+    kohya = fh.lora_to_kohya(state, 5.0)
+    assert sorted(kohya) == sorted(f"lora_unet_block_{m}.{k}" for m in ("to_q", "conv1")
+                                   for k in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    assert kohya["lora_unet_block_to_q.alpha"].item() == 5.0  # the LoRA alpha, not the rank (2)
+    assert torch.equal(kohya["lora_unet_block_conv1.lora_down.weight"], state["block.conv1.lora_A.weight"])
+    assert kohya["lora_unet_block_conv1.lora_up.weight"].shape == (4, 2, 1, 1)
+    half = fh.lora_to_kohya(state, 5.0, dtype=torch.float16)
+    assert half["lora_unet_block_to_q.lora_up.weight"].dtype == torch.float16
+    assert half["lora_unet_block_to_q.alpha"].dtype == torch.float32  # alpha / rank stays exact
+
+
+def test_lora_to_kohya_hand_merge_reproduces_the_lora_module():
+    """W + (alpha / rank) * up @ down, from the kohya tensors alone, gives the peft module's output."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = _peft_toy(rank=2, alpha=5.0)
+    kohya = fh.lora_to_kohya(get_peft_model_state_dict(model), 5.0)
+    x_lin, x_conv = torch.randn(7, 6), torch.randn(2, 3, 8, 8)
+    for name, x in (("to_q", x_lin), ("conv1", x_conv)):
+        layer = model["block"][name]
+        down, up = kohya[f"lora_unet_block_{name}.lora_down.weight"], kohya[f"lora_unet_block_{name}.lora_up.weight"]
+        scale = kohya[f"lora_unet_block_{name}.alpha"].item() / down.shape[0]
+        base = layer.base_layer
+        if name == "to_q":
+            merged = torch.nn.functional.linear(x, base.weight + scale * up @ down, base.bias)
+        else:
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+            merged = torch.nn.functional.conv2d(x, base.weight + scale * delta, base.bias, padding=1)
+        with torch.no_grad():
+            lora_out, base_out = layer(x), base(x)
+        assert (lora_out - base_out).abs().max() > 0.1  # the LoRA does something
+        torch.testing.assert_close(merged, lora_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"a.lora_A.weight": torch.zeros(2, 3)}, "has lora_A but not lora_B"),
+        ({"a.weight": torch.zeros(2, 3)}, "not a LoRA A/B weight"),
+        ({"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(4, 3)}, "lora_B has 3 columns"),
+        ({"a_b.lora_A.weight": torch.zeros(2, 3), "a_b.lora_B.weight": torch.zeros(4, 2),
+          "a.b.lora_A.weight": torch.zeros(2, 3), "a.b.lora_B.weight": torch.zeros(4, 2)}, "both become 'lora_unet_a_b'"),
+    ],
+)
+def test_lora_to_kohya_refuses_what_it_cannot_write(state, message):
+    with pytest.raises(ValueError, match=message):
+        fh.lora_to_kohya(state, 4.0)
+
+
+@pytest.mark.parametrize("which", ["sd15", "sdxl"])
+def test_kohya_names_of_public_size_unets_map_back_through_diffusers(which):
+    """Every LoRA module of the real SD 1.5 / SDXL UNet layouts (built on the meta device: no weights) gets a
+    kohya name that diffusers' own kohya converter maps back to exactly that module, with alpha intact."""
+    import sys
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from common import PUBLIC_UNETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**PUBLIC_UNETS[which])
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1",
+                                                                       "conv2", "proj_in", "ff.net.2"]))
+    modules = {name for name, module in unet.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)}
+    kohya = fh.lora_to_kohya({k: torch.zeros(v.shape) for k, v in get_peft_model_state_dict(unet).items()}, 2.0)
+    assert len(kohya) == 3 * len(modules) and all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    pipeline_cls = StableDiffusionXLPipeline if which == "sdxl" else StableDiffusionPipeline
+    state, alphas = pipeline_cls.lora_state_dict(kohya)
+    peft_state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in peft_state} == modules
+    assert len(alphas) == len(modules) and set(alphas.values()) == {2.0}

@@ -862,3 +862,48 @@ def test_end_to_end_on_bundled_photos_and_made_up_images(tmp_path):
     assert loaded.features["face_boxes"] == FLOAT_BOXES and loaded.features["hand_boxes"] == FLOAT_BOXES
     assert (tmp_path / "dataset_preview" / "contact_sheet.png").is_file()
     assert datasets.load_from_disk(str(tmp_path / "saved")).features == prep.dataset_features()
+
+
+# ---------------------------------------------------------------------------------------------
+# EXIF-rotated photos: prepared images and boxes agree with what the training script reads (issue 10)
+# ---------------------------------------------------------------------------------------------
+
+
+class ColourDetector:
+    """Stand-in detector for ``conftest.marked_photo`` pictures: red regions are faces, green ones hands.
+    Like the real detector it sees the image it is given (the upright one) and answers in its frame."""
+
+    def __call__(self, image):
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
+        red = (pixels[..., 0] > 170) & (pixels[..., 1] < 90)
+        green = (pixels[..., 1] > 150) & (pixels[..., 0] < 90)
+        faces, _ = prep.mask_to_boxes(red, min_area=4)
+        hands, _ = prep.mask_to_boxes(green, min_area=4)
+        return prep.Detections(face_boxes=[list(map(float, b)) for b in faces], face_scores=[1.0] * len(faces),
+                               hand_boxes=[list(map(float, b)) for b in hands], hand_scores=[1.0] * len(hands))
+
+    def close(self):
+        pass
+
+
+def test_exif_rotated_photos_prepared_then_trained_keep_masks_on_hands_and_faces(tmp_path, tiny_sd):
+    from conftest import edge_photos, preview_ious, run_main
+
+    photos, layouts = edge_photos(tmp_path / "photos", orientations=(6, 8))
+    out = tmp_path / "prepared"
+    run(["--input_dir", photos, "--output_dir", out], ColourDetector())
+    rows = read_metadata(out)
+    assert len(rows) == 4
+    for row in rows:
+        with Image.open(out / row["file_name"]) as written:  # written upright, without the tag
+            assert written.getexif().get(0x0112) in (None, 1)
+            face, hands = layouts[written.size]
+        assert row["face_boxes"] == [pytest.approx(face, abs=1)]  # the boxes of the upright photo
+        assert sorted(row["hand_boxes"]) == [pytest.approx(h, abs=1) for h in sorted(hands)]
+
+    train_out = tmp_path / "trained"
+    run_main("--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", out, "--output_dir", train_out,
+             "--resolution", 64, "--mask_dilation", 0, "--save_mask_previews", 4, "--max_train_steps", 1,
+             "--report_to", "none", "--weighting", "global")
+    for i in range(4):
+        assert min(preview_ious(train_out / "mask_previews", i)) > 0.8

@@ -1,0 +1,732 @@
+#!/usr/bin/env python
+"""Did the FairHuman LoRA work? Score the hands and faces of generated images, the paper's way and honestly.
+
+Two modes:
+
+* generation: ``--pretrained_model_name_or_path`` and one or more ``--lora_paths``. Every prompt is
+  sampled with the base model and with each LoRA from the SAME seeds (UniPC, as the authors
+  sampled), so image ``j`` of prompt ``i`` pairs up across models. Writes the images, one
+  comparison grid per prompt and the report.
+* scoring: ``--images_dir A [B ...]`` scores folders of existing images (made in ComfyUI, say);
+  with two or more folders the first is the reference and images pair by file name.
+
+Each image is scored with MediaPipe's face detector and hand landmark model (the optional extra of
+``requirements-prepare.txt``, through the same detector ``prepare_fairhuman_dataset.py`` uses), and
+optionally with CLIP score. For each model the report gives, with ``d_i`` = 1 when image ``i`` has
+at least one detection and ``c_i`` = the mean confidence of its detections (0 when it has none):
+
+    detection_rate       = mean_i d_i
+    confidence_mean      = mean_i c_i                      (a miss counts as 0: the honest number)
+    confidence_detected  = sum_i c_i / sum_i d_i           (over images with a detection: the authors')
+
+so ``confidence_mean = detection_rate * confidence_detected``. The authors reported only the last
+one, which rises when a model draws FEWER but cleaner hands. Each LoRA's difference to the
+reference is paired (same prompt and seed, or same file name) with a bootstrap interval.
+
+    python evaluate_fairhuman.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+      --lora_paths fairhuman-sdxl --output_dir eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import prepare_fairhuman_dataset as prep
+from fairhuman_utils import UsageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "a photo of a woman waving at the camera with her right hand, face in view",
+    "a photo of a man giving a thumbs up, smiling, upper body",
+    "a close-up photo of a person holding a cup of coffee with both hands, looking at the camera",
+    "a photo of a young girl clapping her hands, full face visible",
+    "a portrait of an old man with his hands folded under his chin",
+    "a photo of a chef holding a knife and cutting vegetables, face and hands visible",
+    "a photo of a woman typing on a laptop keyboard, looking at the camera",
+    "a photo of two friends shaking hands and smiling",
+    "a photo of a man playing the guitar, fingers on the strings, face visible",
+    "a photo of a teacher pointing at a blackboard, turned towards the camera",
+    "a photo of a woman holding a smartphone in front of her face",
+    "a photo of a boy showing five fingers, open palm towards the camera",
+    "a photo of a businessman adjusting his tie, upper body, front view",
+    "a photo of a woman with her hands on her cheeks, surprised face",
+    "a photo of a man holding a book open with both hands, reading, face visible",
+    "a photo of a person making a peace sign next to the face",
+)
+"""The prompts used without ``--prompts_file``: one person, face and hands in view, varied hand poses."""
+
+REPORT_METRICS = (
+    "face_detection_rate",
+    "face_confidence_mean",
+    "face_confidence_detected",
+    "hand_detection_rate",
+    "hand_confidence_mean",
+    "hand_confidence_detected",
+    "hands_per_image",
+)
+"""The per-model metrics of ``report.json`` / ``report.md`` (plus ``clip_score`` with a CLIP model)."""
+
+REPORT_HEADINGS = {
+    "face_detection_rate": "face rate",
+    "face_confidence_mean": "face conf. (miss = 0)",
+    "face_confidence_detected": "face conf. (detected)",
+    "hand_detection_rate": "hand rate",
+    "hand_confidence_mean": "hand conf. (miss = 0)",
+    "hand_confidence_detected": "hand conf. (detected)",
+    "hands_per_image": "hands / image",
+    "clip_score": "CLIP score",
+}
+
+GRID_PAD, GRID_LABEL, GRID_HEADER = 4, 30, 40  # pixels around a cell, under it (scores), above the grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------
+
+
+def image_record(detections, clip_score: float | None = None) -> dict:
+    """The per-image scores of one image from its :class:`prepare_fairhuman_dataset.Detections`.
+
+    ``face_confidence`` / ``hand_confidence`` are the mean score of the image's detections, 0 when
+    there is none (a hand's score is MediaPipe's handedness confidence, as in the authors' scripts).
+    """
+    faces, hands = list(detections.face_scores), list(detections.hand_scores)
+    return {
+        "faces": len(faces),
+        "face_scores": [round(float(s), 6) for s in faces],
+        "face_confidence": float(np.mean(faces)) if faces else 0.0,
+        "hands": len(hands),
+        "hand_scores": [round(float(s), 6) for s in hands],
+        "hand_confidence": float(np.mean(hands)) if hands else 0.0,
+        "clip_score": clip_score,
+    }
+
+
+def score_arrays(records) -> dict[str, np.ndarray]:
+    """Per-image arrays of a list of image records (what :func:`metric_values` reads)."""
+    arrays = {
+        "face_found": np.array([r["faces"] > 0 for r in records], dtype=np.float64),
+        "face_confidence": np.array([r["face_confidence"] for r in records], dtype=np.float64),
+        "hand_found": np.array([r["hands"] > 0 for r in records], dtype=np.float64),
+        "hand_confidence": np.array([r["hand_confidence"] for r in records], dtype=np.float64),
+        "hands": np.array([r["hands"] for r in records], dtype=np.float64),
+    }
+    if records and all(r.get("clip_score") is not None for r in records):
+        arrays["clip_score"] = np.array([r["clip_score"] for r in records], dtype=np.float64)
+    return arrays
+
+
+def metric_values(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The report's metrics from per-image arrays (the last axis is the image; leading axes are kept).
+
+    With ``d`` = 1 if the image has a detection, ``c`` = its mean confidence (0 without one):
+    ``*_detection_rate = mean(d)``, ``*_confidence_mean = mean(c)``, ``*_confidence_detected =
+    sum(c) / sum(d)`` (NaN when nothing was detected), ``hands_per_image = mean(number of hands)``,
+    ``clip_score = mean(CLIP score)``.
+    """
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for kind in ("face", "hand"):
+            found, confidence = arrays[f"{kind}_found"], arrays[f"{kind}_confidence"]
+            detected = found.sum(axis=-1)
+            out[f"{kind}_detection_rate"] = found.mean(axis=-1)
+            out[f"{kind}_confidence_mean"] = confidence.mean(axis=-1)
+            out[f"{kind}_confidence_detected"] = np.where(detected > 0, confidence.sum(axis=-1) / detected, np.nan)
+    out["hands_per_image"] = arrays["hands"].mean(axis=-1)
+    if "clip_score" in arrays:
+        out["clip_score"] = arrays["clip_score"].mean(axis=-1)
+    return out
+
+
+def _number(value):
+    value = float(value)
+    return None if math.isnan(value) else round(value, 6)
+
+
+def paired_bootstrap(reference: dict, other: dict, num_samples: int = 2000, confidence: float = 0.95, seed: int = 0):
+    """Paired difference ``metric(other) - metric(reference)`` with a percentile bootstrap interval.
+
+    ``reference`` and ``other`` are :func:`score_arrays` of the SAME images in the same order (same
+    prompt and seed, or same file name). Pairs are resampled with replacement ``num_samples`` times;
+    the interval is the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the
+    resampled differences (resamples where a conditional mean is undefined are left out). Returns
+    ``{metric: {"difference", "ci_low", "ci_high"}}``; ``None`` where undefined.
+    """
+    n = len(reference["hands"])
+    if n != len(other["hands"]):
+        raise ValueError(f"paired samples differ in length: {n} and {len(other['hands'])}")
+    reference_values = metric_values(reference)
+    point = {k: v - reference_values[k] for k, v in metric_values(other).items() if k in reference_values}
+    index = np.random.default_rng(seed).integers(0, n, size=(num_samples, n))
+    resampled_other = metric_values({k: v[index] for k, v in other.items()})
+    resampled_reference = metric_values({k: v[index] for k, v in reference.items()})
+    tail = 100 * (1 - confidence) / 2
+    out = {}
+    for metric, difference in point.items():
+        samples = resampled_other[metric] - resampled_reference[metric]
+        samples = samples[~np.isnan(samples)]
+        low, high = np.percentile(samples, [tail, 100 - tail]) if len(samples) else (np.nan, np.nan)
+        out[metric] = {"difference": _number(difference), "ci_low": _number(low), "ci_high": _number(high)}
+    return out
+
+
+class ClipScorer:
+    """CLIP score of an image and its prompt: ``100 * max(cos(image embedding, text embedding), 0)``.
+
+    The model is read from a LOCAL folder (``CLIPModel`` + ``CLIPProcessor`` files, e.g. a copy of
+    openai/clip-vit-large-patch14); nothing is downloaded.
+    """
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise UsageError(f"--clip_model_name_or_path {path!r}: cannot load a CLIP model and processor ({error})") from None
+        self.device = device
+
+    def __call__(self, image: Image.Image, text: str) -> float:
+        import torch
+
+        inputs = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
+                                truncation=True).to(self.device)
+        with torch.no_grad():
+            out = self.model(**inputs)
+        cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
+        return 100.0 * max(cosine, 0.0)
+
+
+def make_detector(args):
+    """The MediaPipe detector of ``prepare_fairhuman_dataset.py``; a clear error when the extra is missing."""
+    try:
+        return prep.MediaPipeDetector(min_confidence=args.min_confidence, max_num_hands=args.max_num_hands,
+                                      face_model=args.face_model)
+    except ImportError as error:
+        raise UsageError(f"scoring needs the MediaPipe detector: {error}") from None
+
+
+def check_detector_available() -> None:
+    """Raise :class:`UsageError` naming requirements-prepare.txt when MediaPipe cannot be imported."""
+    try:
+        with prep.filtered_stderr():  # the import prints protobuf's GetPrototype message
+            for module in ("mediapipe.python.solutions.face_detection", "mediapipe.python.solutions.hands"):
+                importlib.import_module(module)
+    except ImportError as error:
+        raise UsageError(f"scoring needs the MediaPipe detector ({error}).\n{prep.REQUIREMENTS_HINT}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders of images
+# ---------------------------------------------------------------------------------------------
+
+
+def read_folder(folder: str) -> list[dict]:
+    """The images at the top level of ``folder`` (sorted by name), with their prompt and seed when a
+    ``metadata.jsonl`` (``file_name``, ``text``, optional ``seed`` and ``prompt_index``) names them."""
+    metadata = {}
+    path = os.path.join(folder, "metadata.jsonl")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        metadata[row["file_name"]] = row
+                    except (ValueError, KeyError, TypeError) as error:
+                        raise UsageError(f"{path}, line {number}: expected a JSON object with 'file_name' ({error})") from None
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
+                   and os.path.splitext(n)[1].lower() in prep.IMAGE_EXTENSIONS)
+    return [{"file": name, "path": os.path.join(folder, name), "prompt": metadata.get(name, {}).get("text"),
+             "prompt_index": metadata.get(name, {}).get("prompt_index"), "seed": metadata.get(name, {}).get("seed")}
+            for name in names]
+
+
+def score_images(entries, detector, clip=None, desc="Scoring", disable_progress_bar=False) -> list[dict]:
+    """Score every image entry of :func:`read_folder`; unreadable files stop the run naming the file."""
+    from tqdm.auto import tqdm
+
+    records = []
+    for entry in tqdm(entries, desc=desc, disable=disable_progress_bar):
+        try:
+            image, _ = prep.open_image(entry["path"])
+            image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise UsageError(f"cannot read the image {entry['path']} ({error})") from None
+        clip_score = clip(image, entry["prompt"]) if clip is not None and entry["prompt"] is not None else None
+        records.append({**entry, **image_record(detector(image), clip_score)})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def build_report(models, settings: dict, num_bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """``report.json``: one row per model (``models`` = ``[{"name", "source", "records"}]``, the first
+    is the reference) with :data:`REPORT_METRICS`, and for every other model ``paired_difference``
+    to the reference over the images both have (paired by file name)."""
+    rows = []
+    reference = models[0]
+    for position, model in enumerate(models):
+        arrays = score_arrays(model["records"])
+        row = {"model": model["name"], "source": model["source"], "images": len(model["records"])}
+        row.update({k: _number(v) for k, v in metric_values(arrays).items()})
+        if position == 0 or not model["records"]:
+            row["paired_difference"] = None
+        else:
+            by_file = {r["file"]: r for r in reference["records"]}
+            paired = [r for r in model["records"] if r["file"] in by_file]
+            if not paired:
+                raise UsageError(f"no image of {model['source']} has the file name of an image of {reference['source']}: "
+                                 "nothing to pair")
+            ref_arrays = score_arrays([by_file[r["file"]] for r in paired])
+            row["paired_pairs"] = len(paired)
+            row["paired_difference"] = paired_bootstrap(ref_arrays, score_arrays(paired), num_bootstrap, confidence, seed)
+        rows.append(row)
+    images = [{"model": m["name"], **{k: v for k, v in r.items() if k != "path"}} for m in models for r in m["records"]]
+    return {"reference": reference["name"], "settings": settings, "metrics": list(REPORT_METRICS), "models": rows,
+            "images": images}
+
+
+def _format(value, signed=False):
+    if value is None:
+        return "-"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def report_markdown(report: dict) -> str:
+    """The report as Markdown tables: the scores of every model, then the paired differences."""
+    metrics = [m for m in list(REPORT_METRICS) + ["clip_score"] if any(m in row for row in report["models"])]
+    head = "| model | images | " + " | ".join(REPORT_HEADINGS[m] for m in metrics) + " |"
+    rule = "| --- " * (len(metrics) + 2) + "|"
+    lines = [head, rule]
+    for row in report["models"]:
+        lines.append(f"| {row['model']} | {row['images']} | " + " | ".join(_format(row.get(m)) for m in metrics) + " |")
+    others = [row for row in report["models"] if row.get("paired_difference")]
+    if others:
+        level = report["settings"].get("confidence_level", 0.95)
+        lines += ["", f"Paired difference to `{report['reference']}` (same prompt and seed / file name), "
+                      f"with a {100 * level:.0f} % bootstrap interval:", "",
+                  "| model | pairs | " + " | ".join(REPORT_HEADINGS[m] for m in metrics) + " |",
+                  "| --- " * (len(metrics) + 2) + "|"]
+        for row in others:
+            cells = []
+            for m in metrics:
+                d = row["paired_difference"].get(m)
+                cells.append("-" if d is None or d["difference"] is None else
+                             f"{_format(d['difference'], True)} [{_format(d['ci_low'], True)}, {_format(d['ci_high'], True)}]")
+            lines.append(f"| {row['model']} | {row['paired_pairs']} | " + " | ".join(cells) + " |")
+    lines += ["", "rate: share of images with at least one detection; conf. (miss = 0): mean detection confidence "
+                  "per image, 0 without a detection; conf. (detected): the same over images with a detection only "
+                  "(what the FairHuman authors reported; it rewards drawing fewer hands)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, output_dir: str) -> tuple[str, str]:
+    json_path, md_path = os.path.join(output_dir, "report.json"), os.path.join(output_dir, "report.md")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("# FairHuman evaluation\n\n" + report_markdown(report))
+    return json_path, md_path
+
+
+def grid_cell_box(row: int, column: int, cell_size: int) -> tuple[int, int]:
+    """Top-left pixel of the image of ``row`` (seed) and ``column`` (model) in a grid."""
+    return column * (cell_size + 2 * GRID_PAD) + GRID_PAD, GRID_HEADER + row * (cell_size + GRID_LABEL + 2 * GRID_PAD) + GRID_PAD
+
+
+def cell_label(record: dict) -> str:
+    """The scores written under an image in a grid: face confidence, hands found (their confidence), CLIP."""
+    label = f"face {record['face_confidence']:.2f}" if record["faces"] else "no face"
+    label += f"  hands {record['hands']}"
+    if record["hands"]:
+        label += f" ({record['hand_confidence']:.2f})"
+    if record.get("clip_score") is not None:
+        label += f"  CLIP {record['clip_score']:.1f}"
+    return label
+
+
+def draw_grid(prompt: str, columns, cell_size: int, path: str) -> str:
+    """Save a comparison grid: one column per model (``columns`` = ``[(name, records)]``, records in
+    seed order), one row per seed, each image resized to ``cell_size`` pixels wide with its scores under it."""
+    rows = max(len(records) for _, records in columns)
+    width = len(columns) * (cell_size + 2 * GRID_PAD)
+    height = GRID_HEADER + rows * (cell_size + GRID_LABEL + 2 * GRID_PAD)
+    sheet = Image.new("RGB", (width, height), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((GRID_PAD, 4), textwrap.shorten(prompt, max(20, width // 6)), fill=(230, 230, 230), font=font)
+    for column, (name, records) in enumerate(columns):
+        x, _ = grid_cell_box(0, column, cell_size)
+        faces, hands = sum(r["faces"] > 0 for r in records), sum(r["hands"] > 0 for r in records)
+        title = f"{name}: faces {faces}/{len(records)}, hands {hands}/{len(records)}"
+        draw.text((x, 22), title[: max(12, cell_size // 6)], fill=(255, 200, 80), font=font)
+        for row, record in enumerate(records):
+            x, y = grid_cell_box(row, column, cell_size)
+            image, _ = prep.open_image(record["path"])
+            scale = cell_size / image.width
+            sheet.paste(image.convert("RGB").resize((cell_size, max(1, round(image.height * scale))), Image.BICUBIC), (x, y))
+            label_y = y + min(cell_size, round(image.height * scale)) + 2
+            draw.text((x, label_y), cell_label(record), fill=(230, 230, 230), font=font)
+            if record.get("seed") is not None:
+                draw.text((x, label_y + 12), f"seed {record['seed']}", fill=(150, 150, 150), font=font)
+    sheet.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | None, flag: str = "--prompts_file") -> list[str]:
+    """One prompt per non-empty line of ``path`` (``#`` lines are comments); the default list without a file."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{flag}: cannot read {path!r} ({error})") from None
+    if not prompts:
+        raise UsageError(f"{flag}: {path!r} holds no prompt (one per line)")
+    return prompts
+
+
+def model_names(paths, taken=("base",)) -> list[str]:
+    """Short unique names for LoRA paths: the file's stem, or the folder's name for a folder or for
+    the default file name ``pytorch_lora_weights.safetensors``; ``-2``, ``-3`` ... on clashes."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+    used, names = set(taken), []
+    for path in paths:
+        path = os.path.normpath(os.path.abspath(path))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if os.path.isdir(path) or os.path.basename(path) == LORA_WEIGHT_NAME_SAFE:
+            stem = os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "lora"
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def load_pipeline(args):
+    """The base pipeline with a UniPC scheduler on ``args.device`` in ``args.dtype``."""
+    import torch
+    from diffusers import AutoencoderKL, DiffusionPipeline, UniPCMultistepScheduler
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    kwargs = {"torch_dtype": dtype, "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    try:
+        if args.pretrained_vae_model_name_or_path:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
+                                                          cache_dir=args.cache_dir)
+        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: cannot load "
+                         f"the pipeline ({error})") from None
+    if not hasattr(pipe, "load_lora_weights"):
+        raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device)
+
+
+def load_loras(pipe, paths, names) -> None:
+    """Load every LoRA (diffusers or kohya format; a folder or a file) as a named adapter, checking each matches."""
+    for path, name in zip(paths, names):
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except Exception as error:  # noqa: BLE001 - diffusers/peft raise many kinds for a file that does not fit
+            detail = " ".join(str(error).split())
+            detail = detail if len(detail) < 400 else detail[:400] + " ..."
+            raise UsageError(f"--lora_paths {path!r}: cannot load it into {args_model(pipe)} (a LoRA for another base "
+                             f"model?): {type(error).__name__}: {detail}") from None
+        if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
+            raise UsageError(f"--lora_paths {path!r}: no LoRA key of this file matches the model "
+                             f"{args_model(pipe)} (a LoRA for another base model?)")
+
+
+def args_model(pipe) -> str:
+    return getattr(pipe, "name_or_path", None) or type(pipe).__name__
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int, num_images_per_prompt: int) -> int:
+    """The seed of image ``image_index`` of prompt ``prompt_index``: the same for every model."""
+    return seed + prompt_index * num_images_per_prompt + image_index
+
+
+def generate(args, prompts, lora_names) -> list[dict]:
+    """Sample every prompt with the base model and each LoRA from the same seeds; return the model folders."""
+    import torch
+    from tqdm.auto import tqdm
+
+    pipe = load_pipeline(args)
+    load_loras(pipe, args.lora_paths, lora_names)
+    if args.resolution is None:
+        args.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.resolution % pipe.vae_scale_factor:
+        raise UsageError(f"--resolution must be a multiple of {pipe.vae_scale_factor}, got {args.resolution}")
+    models = [("base", args.pretrained_model_name_or_path, None)]
+    models += [(name, path, args.lora_scale) for name, path in zip(lora_names, args.lora_paths)]
+    n = args.num_images_per_prompt
+    progress = tqdm(total=len(models) * len(prompts) * n, desc="Generating", disable=args.disable_progress_bar)
+    folders = []
+    for name, source, scale in models:
+        if scale is None:
+            if lora_names:
+                pipe.disable_lora()
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters([name], adapter_weights=[scale])
+        folder = os.path.join(args.output_dir, "images", name)
+        os.makedirs(folder, exist_ok=True)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
+            for start in range(0, n, args.batch_size):
+                chunk = seeds[start:start + args.batch_size]
+                generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+                with torch.no_grad():
+                    images = pipe(prompt=[prompt] * len(chunk), negative_prompt=(
+                        [args.negative_prompt] * len(chunk) if args.negative_prompt else None),
+                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        height=args.resolution, width=args.resolution, generator=generators).images
+                for s, image in zip(chunk, images):
+                    file_name = f"{i:03d}_{s}.png"
+                    image.save(os.path.join(folder, file_name))
+                    rows.append({"file_name": file_name, "text": prompt, "prompt_index": i, "seed": s})
+                progress.update(len(chunk))
+        with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        folders.append({"name": name, "source": source, "folder": folder, "lora_scale": scale})
+    progress.close()
+    del pipe
+    return folders
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Score hands and faces of a FairHuman LoRA against its base model (MediaPipe detection rate and "
+                    "confidence, paired by seed), or of existing folders of images.")
+
+    g = parser.add_argument_group("Generation mode: the base model and the LoRAs")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="Hub id or local folder of the diffusers SD 1.x/2.x or SDXL base model the LoRAs were trained on.")
+    g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                   help="A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
+    g.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
+    g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+    g.add_argument("--lora_paths", type=str, nargs="+", default=[],
+                   help="One or more LoRAs: a folder with pytorch_lora_weights.safetensors or a .safetensors file, in "
+                        "diffusers or kohya format (A1111/ComfyUI files). Each becomes a column next to the base model.")
+    g.add_argument("--lora_scale", type=float, default=0.3,
+                   help="Strength of every LoRA (0.3 = what the FairHuman authors sampled with; 1 = full strength).")
+
+    g = parser.add_argument_group("Generation mode: sampling")
+    g.add_argument("--prompts_file", type=str, default=None,
+                   help="A text file, one prompt per line ('#' lines ignored). Default: a built-in list of 16 prompts of "
+                        "one person with face and hands in view.")
+    g.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt for every image.")
+    g.add_argument("--num_images_per_prompt", type=int, default=4,
+                   help="Images per prompt and model; image j of prompt i has the same seed for every model.")
+    g.add_argument("--seed", type=int, default=0,
+                   help="Image j of prompt i is drawn from seed + i * num_images_per_prompt + j (a CPU generator, so "
+                        "the seeds give the same noise on any device).")
+    g.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
+    g.add_argument("--num_inference_steps", type=int, default=30, help="UniPC steps (the authors: 30).")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the authors: 7.5).")
+    g.add_argument("--batch_size", type=int, default=4, help="Images generated per pipeline call.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")
+    g.add_argument("--device", type=str, default=None, help="Torch device; default cuda when available, else cpu.")
+
+    g = parser.add_argument_group("Scoring mode: existing images")
+    g.add_argument("--images_dir", type=str, nargs="+", default=None,
+                   help="Score the images at the top level of these folders instead of generating. With two or more, "
+                        "the FIRST is the reference (e.g. the base model's images) and images pair by file name. A "
+                        "metadata.jsonl with file_name and text (the prompt) enables the CLIP score.")
+
+    g = parser.add_argument_group("Scores")
+    g.add_argument("--min_confidence", type=float, default=0.5,
+                   help="A face or hand counts as detected at this MediaPipe confidence or above.")
+    g.add_argument("--max_num_hands", type=int, default=4, help="At most this many hands per image.")
+    g.add_argument("--face_model", type=str, default="full", choices=["full", "short"],
+                   help="MediaPipe face detector: 'full' range (small faces too) or 'short' range (faces within ~2 m).")
+    g.add_argument("--clip_model_name_or_path", type=str, default=None,
+                   help="A LOCAL folder with a CLIP model (CLIPModel + CLIPProcessor) for the CLIP score of image and "
+                        "prompt; never downloaded. Without it no CLIP score is computed.")
+    g.add_argument("--num_bootstrap", type=int, default=2000, help="Bootstrap resamples for the paired intervals.")
+    g.add_argument("--confidence_level", type=float, default=0.95, help="Coverage of the bootstrap intervals.")
+
+    g = parser.add_argument_group("Output")
+    g.add_argument("--output_dir", type=str, default="fairhuman-evaluation",
+                   help="Where images/<model>/, grid_<prompt index>.png, report.json and report.md go.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Write into a non-empty --output_dir (replacing this script's own outputs there).")
+    g.add_argument("--grid_cell_size", type=int, default=256, help="Width in pixels of each image in the grids.")
+    g.add_argument("--disable_progress_bar", action="store_true", help="Do not show progress bars.")
+
+    return parser.parse_args(input_args)
+
+
+def check_args(args) -> None:
+    """Refuse impossible flags before any model is loaded, naming the flag."""
+    generation = args.pretrained_model_name_or_path is not None
+    if generation == (args.images_dir is not None):
+        raise UsageError("give --pretrained_model_name_or_path (generation mode) or --images_dir (scoring mode), one of them")
+    if generation:
+        for path in args.lora_paths:
+            if not os.path.exists(path):
+                raise UsageError(f"--lora_paths: no such file or folder {path!r}")
+            if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+                raise UsageError(f"--lora_paths: the folder {path!r} holds no .safetensors file")
+        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if args.resolution is not None and args.resolution < 8:
+            raise UsageError(f"--resolution must be at least 8, got {args.resolution}")
+        if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale):
+            raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
+    else:
+        ignored = [f"--{n}" for n in ("lora_paths", "prompts_file") if getattr(args, n)]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} only apply to generation mode (--pretrained_model_name_or_path)")
+        for folder in args.images_dir:
+            if not os.path.isdir(folder):
+                raise UsageError(f"--images_dir: no such folder {folder!r}")
+            if not read_folder(folder):
+                raise UsageError(f"--images_dir: {folder!r} holds no image file")
+    clip = args.clip_model_name_or_path
+    if clip is not None and not os.path.isfile(os.path.join(clip, "config.json")):
+        raise UsageError(f"--clip_model_name_or_path {clip!r} is not a local model folder (with config.json); "
+                         "the CLIP score only uses a local copy and never downloads one")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise UsageError(f"--min_confidence must be in [0, 1], got {args.min_confidence}")
+    if args.max_num_hands < 1 or args.num_bootstrap < 1 or args.grid_cell_size < 8:
+        raise UsageError("--max_num_hands and --num_bootstrap must be at least 1, --grid_cell_size at least 8")
+    if not 0.0 < args.confidence_level < 1.0:
+        raise UsageError(f"--confidence_level must be in (0, 1), got {args.confidence_level}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir!r} is a file")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+        raise UsageError(f"--output_dir {args.output_dir!r} exists and is not empty (pass --overwrite_output_dir)")
+
+
+def clear_outputs(output_dir: str, generation: bool) -> None:
+    """Remove what an earlier run of this script wrote into ``output_dir`` (and nothing else); the
+    ``images`` folder only in generation mode, the only mode that writes one."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if generation and name == "images" and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif re.fullmatch(r"grid_\d+\.png|report\.json|report\.md", name):
+            os.remove(path)
+
+
+def main(args) -> dict:
+    """Run the evaluation; returns the report (also written to ``--output_dir``)."""
+    import torch
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    check_args(args)
+    generation = args.pretrained_model_name_or_path is not None
+    prompts = read_prompts(args.prompts_file) if generation else None
+    lora_names = model_names(args.lora_paths) if generation else []
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.mixed_precision is None:
+        args.mixed_precision = "fp16" if args.device.startswith("cuda") else "no"
+    if args.mixed_precision == "fp16" and args.device == "cpu":
+        logger.warning("fp16 on the CPU is slow and imprecise; generating in fp32")
+        args.mixed_precision = "no"
+    check_detector_available()  # the optional extra, before any model is loaded
+    clip = ClipScorer(args.clip_model_name_or_path, args.device) if args.clip_model_name_or_path else None
+    if args.overwrite_output_dir:
+        clear_outputs(args.output_dir, generation)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if generation:
+        folders = generate(args, prompts, lora_names)
+    else:
+        names = model_names(args.images_dir, taken=())
+        folders = [{"name": name, "source": folder, "folder": folder, "lora_scale": None}
+                   for name, folder in zip(names, args.images_dir)]
+        if clip is not None and not all(e["prompt"] for f in folders for e in read_folder(f["folder"])):
+            logger.warning("--clip_model_name_or_path: some images have no prompt (metadata.jsonl 'text'); no CLIP score")
+            clip = None
+
+    with make_detector(args) as detector:
+        for folder in folders:
+            folder["records"] = score_images(read_folder(folder["folder"]), detector, clip, f"Scoring {folder['name']}",
+                                             args.disable_progress_bar)
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+    report = build_report(folders, settings, args.num_bootstrap, args.confidence_level, args.seed if generation else 0)
+    for row, folder in zip(report["models"], folders):
+        row["lora_scale"] = folder["lora_scale"]
+    if generation:
+        for i, prompt in enumerate(prompts):
+            columns = [(f["name"], sorted((r for r in f["records"] if r["prompt_index"] == i), key=lambda r: r["seed"]))
+                       for f in folders]
+            draw_grid(prompt, columns, args.grid_cell_size, os.path.join(args.output_dir, f"grid_{i}.png"))
+    json_path, md_path = write_report(report, args.output_dir)
+    logger.info("Scores:\n" + report_markdown(report))
+    logger.info(f"Wrote {json_path} and {md_path}" + (f" and {len(prompts)} grid(s)" if generation else ""))
+    return report
+
+
+def evaluate_trained_lora(train_args, lora_file: str) -> dict:
+    """Run the evaluation for ``train_fairhuman_lora.py --evaluate_prompts_file``: its base model and
+    sampling settings, the LoRA just saved, ``--num_validation_images`` per prompt, into OUTPUT_DIR/evaluation."""
+    argv = ["--pretrained_model_name_or_path", train_args.pretrained_model_name_or_path,
+            "--lora_paths", lora_file, "--prompts_file", train_args.evaluate_prompts_file,
+            "--output_dir", os.path.join(train_args.output_dir, "evaluation"), "--overwrite_output_dir",
+            "--num_images_per_prompt", str(max(1, train_args.num_validation_images)),
+            "--num_inference_steps", str(train_args.validation_inference_steps), "--seed", str(train_args.seed)]
+    for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution"):
+        if getattr(train_args, flag, None) is not None:
+            argv += [f"--{flag}", str(getattr(train_args, flag))]
+    if train_args.mixed_precision in ("no", "fp16", "bf16"):  # the precision the run resolved to
+        argv += ["--mixed_precision", train_args.mixed_precision]
+    return main(parse_args(argv))
+
+
+def cli(input_args=None):
+    args = parse_args(input_args)
+    try:
+        main(args)
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()
