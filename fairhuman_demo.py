@@ -52,6 +52,8 @@ def write_tiny_tokenizer(folder: str, model_max_length: int = 77) -> None:
 MODEL_SIZES = {
     # UNet levels, layers per level, text width; VAE levels (the VAE factor is 2 ** (levels - 1))
     "tiny": dict(unet_channels=(32, 64), layers_per_block=1, text_width=32, vae_channels=(32, 64)),
+    # the effect benchmark: the tiny UNet on a 3-level VAE (latents at 1/4 of the pixels)
+    "tiny-vae4": dict(unet_channels=(32, 64), layers_per_block=1, text_width=32, vae_channels=(32, 64, 64)),
     "mid": dict(unet_channels=(96, 192, 384), layers_per_block=2, text_width=256, vae_channels=(32, 32, 64, 64)),
 }
 
@@ -63,7 +65,9 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
     (latents at 1/2 of the pixels), CLIP text encoders of width 32. ``size="mid"`` (benchmarks): UNet
     of 3 levels (128/256/512, tens of millions of parameters), a 4-level VAE (latents at 1/8, like
     Stable Diffusion), text width 256. ``sample_size`` is the latent size, so the native resolution
-    is ``sample_size`` times the VAE factor.
+    is ``sample_size`` times the VAE factor. ``size="tiny-vae4"`` (effect benchmark): the tiny UNet on a
+    3-level VAE (latents at 1/4). The random VAE is made near-deterministic with unit-spread latents
+    (:func:`make_latents_carry_the_image`), so what is trained on its latents is the image, not noise.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -92,9 +96,48 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
                         down_block_types=("DownEncoderBlock2D",) * vae_levels,
                         up_block_types=("UpDecoderBlock2D",) * vae_levels, latent_channels=4,
                         sample_size=sample_size * 2 ** (vae_levels - 1), norm_num_groups=32)
+    make_latents_carry_the_image(vae, resolution=sample_size * 2 ** (vae_levels - 1))
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config)) if sdxl else None
     return save_pipeline(folder, unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+
+
+VAE_LOGVAR = -14.0  # sampling std exp(-7) ~ 1e-3 of the latent mean's spread
+
+
+def make_latents_carry_the_image(vae, resolution: int, num_images: int = 32, seed: int = 1) -> dict[str, float]:
+    """Make a randomly initialised ``AutoencoderKL`` usable for training on its latents.
+
+    A random VAE's encoder predicts a log-variance near 0, so its latent SAMPLES are mostly its own
+    noise (sampling std ~1.06 against a spread of the means of ~0.26 on drawn people). Here the
+    log-variance half of ``quant_conv`` is set to the constant ``VAE_LOGVAR`` (sampling std
+    ``exp(VAE_LOGVAR / 2)``) and ``scaling_factor`` to ``1 / std(mean)`` over ``num_images`` drawn
+    people at ``resolution`` (per-channel centred), so ``latents = sample * scaling_factor`` have unit
+    spread, as Stable Diffusion's do. Returns the spread of the means and the sampling std before and
+    after (scaled latents), for the record.
+    """
+    import numpy as np
+    import torch
+
+    rng = random.Random(seed)
+    pixels = np.stack([np.asarray(draw_person(resolution, resolution, rng)[0]) for _ in range(num_images)])
+    pixels = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def stats():
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+        spread = float((dist.mean - dist.mean.mean(dim=(0, 2, 3), keepdim=True)).std())
+        return spread, float(dist.std.mean())
+
+    spread_before, std_before = stats()
+    latent_channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[latent_channels:] = 0
+        vae.quant_conv.bias[latent_channels:] = VAE_LOGVAR
+    spread, std = stats()
+    vae.register_to_config(scaling_factor=1.0 / spread)
+    return {"mean_spread_before": spread_before, "sample_std_before": std_before,
+            "mean_spread_after": 1.0, "sample_std_after": std / spread}
 
 
 def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) -> str:
@@ -122,8 +165,14 @@ def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) 
     return folder
 
 
-def draw_person(width: int, height: int, rng: random.Random):
-    """A drawn 'person': a skin-coloured face ellipse and 0-2 hands; returns (image, face boxes, hand boxes)."""
+def draw_person(width: int, height: int, rng: random.Random, detailed: bool = False):
+    """A drawn 'person': a skin-coloured face ellipse and 0-2 hands; returns (image, face boxes, hand boxes).
+
+    ``detailed=False``: hands and face are plain ellipses. ``detailed=True`` (the same people from the
+    same ``rng`` state, with detail drawn on top): each hand is a palm with 3-5 finger strokes and
+    background between the fingers, each face has two eyes and a mouth. The effect benchmark pretrains
+    a base model on the plain version and fine-tunes on the detailed one.
+    """
     bg = tuple(rng.randint(40, 200) for _ in range(3))
     image = Image.new("RGB", (width, height), bg)
     draw = ImageDraw.Draw(image)
@@ -139,19 +188,57 @@ def draw_person(width: int, height: int, rng: random.Random):
         hw = max(4, fw // 2)
         hx, hy = rng.randint(0, width - hw), rng.randint(height // 3, height - hw)
         hands.append([hx, hy, hx + hw, hy + hw])
-        draw.ellipse(hands[-1], fill=skin)
+        if not detailed:
+            draw.ellipse(hands[-1], fill=skin)
+    if detailed:  # after every draw of the plain version, so both versions show the same people
+        for hand in hands:
+            draw_detailed_hand(draw, hand, skin, rng)
+        draw_detailed_face(draw, face, rng)
     return image, [face], hands
 
 
-def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: int = 1) -> str:
-    """An imagefolder of drawn people at mixed sizes and aspect ratios (times ``scale``), boxes in pixel xyxy."""
+def draw_detailed_hand(draw, box, skin, rng: random.Random) -> None:
+    """A palm in the lower half of ``box`` and 3-5 finger strokes up to its top edge, fanned out, with
+    what lies behind visible between them (the detail a plain ellipse lacks)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    palm_top = y0 + h // 2
+    draw.ellipse([x0 + w // 6, palm_top - 1, x1 - w // 6, y1], fill=skin)
+    fingers = max(3, min(5, w // 2))
+    stroke = max(1, w // 10)
+    for k in range(fingers):
+        base_x = x0 + w // 6 + (k + 0.5) * (w - 2 * (w // 6)) / fingers
+        tip_x = x0 + (k + 0.5) * w / fingers + rng.uniform(-0.5, 0.5)
+        tip_y = y0 + rng.randint(0, max(0, h // 6))
+        draw.line([(base_x, palm_top + 1), (tip_x, tip_y)], fill=skin, width=stroke)
+
+
+def draw_detailed_face(draw, face, rng: random.Random) -> None:
+    """Two dark eyes and a mouth inside the face ellipse ``face``."""
+    x0, y0, x1, y1 = face
+    w, h = x1 - x0, y1 - y0
+    dark = tuple(rng.randint(10, 70) for _ in range(3))
+    r = max(1, w // 10)
+    for cx in (x0 + w * 0.32, x0 + w * 0.68):
+        cy = y0 + h * 0.4
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=dark)
+    mouth_y = y0 + h * rng.uniform(0.66, 0.76)
+    draw.line([(x0 + w * 0.3, mouth_y), (x0 + w * 0.7, mouth_y)], fill=(150, 30, 40), width=max(1, w // 12))
+
+
+def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: int = 1, detailed: bool = False,
+                       size: int | None = None) -> str:
+    """An imagefolder of drawn people at mixed sizes and aspect ratios (times ``scale``; all ``size`` x
+    ``size`` when given), boxes in pixel xyxy; ``detailed`` draws fingers, eyes and mouths (``draw_person``)."""
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
     sizes = [(96 * scale, 64 * scale), (64 * scale, 96 * scale), (80 * scale, 80 * scale), (120 * scale, 72 * scale)]
+    if size is not None:
+        sizes = [(size, size)]
     rows = []
     for i in range(num_images):
         w, h = sizes[i % len(sizes)]
-        image, faces, hands = draw_person(w, h, rng)
+        image, faces, hands = draw_person(w, h, rng, detailed=detailed)
         name = f"person_{i:03d}.png"
         image.save(os.path.join(folder, name))
         n = len(hands)

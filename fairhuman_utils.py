@@ -776,10 +776,47 @@ def prediction_space_gram(losses_fn, model_pred: torch.Tensor) -> torch.Tensor:
     return v @ v.T
 
 
-def fair_scale(gram: torch.Tensor, approx_gram: torch.Tensor) -> float:
-    """``c = trace(gram) / trace(approx_gram)``: the scalar that maps an approximate Gram onto an exact one."""
-    denominator = float(torch.trace(approx_gram))
-    return float(torch.trace(gram)) / denominator if denominator > 0 else 1.0
+GRAM_CALIBRATIONS = ("diagonal", "trace")
+
+
+def prediction_gram_calibration(gram: torch.Tensor, prediction_gram: torch.Tensor, mode: str = "diagonal",
+                                previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-objective scales ``c`` that map the prediction-space Gram ``V V^T`` onto the exact ``G^T G``.
+
+    ``g_i = J^T v_i``, so ``||g_i||^2 = c_i ||v_i||^2`` with ``c_i = v_i^T J J^T v_i / ||v_i||^2``: how
+    strongly the model's parameters reach the direction ``v_i`` in prediction space. A localized
+    objective (a hand region) and the global one have DIFFERENT ``c_i``, so:
+
+    - ``"diagonal"``: ``c_i = (G^T G)_ii / (V V^T)_ii`` per objective, used as
+      ``G^T G ~ D^(1/2) V V^T D^(1/2)`` with ``D = diag(c)`` (:func:`calibrated_gram`): exact on the
+      diagonal at the calibration step, correlations taken from ``V``.
+    - ``"trace"``: one scalar ``c_i = trace(G^T G) / trace(V V^T)`` for every objective (the direction
+      of the fair update does not depend on a common scale, so this only fixes the norms' ratio ...
+      wrongly for the regions when the ``c_i`` differ).
+
+    An objective absent at this solve (``(V V^T)_ii = 0``) keeps its ``previous`` scale (the trace
+    ratio when there is none).
+    """
+    gram, prediction_gram = gram.double(), prediction_gram.double()
+    denominator = float(torch.trace(prediction_gram))
+    trace_ratio = float(torch.trace(gram)) / denominator if denominator > 0 else 1.0
+    scales = torch.full((gram.shape[0],), trace_ratio, dtype=torch.float64)
+    if mode == "trace":
+        return scales
+    if mode != "diagonal":
+        raise ValueError(f"unknown calibration {mode!r}; known: {GRAM_CALIBRATIONS}")
+    if previous is not None:
+        scales = previous.double().clone()
+    present = (prediction_gram.diagonal() > 0) & (gram.diagonal() > 0)
+    scales[present] = gram.diagonal()[present] / prediction_gram.diagonal()[present]
+    return scales
+
+
+def calibrated_gram(prediction_gram: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``D^(1/2) V V^T D^(1/2)`` with ``D = diag(scales)``: the estimate of ``G^T G`` between exact solves
+    (scales from :func:`prediction_gram_calibration`)."""
+    root = scales.double().sqrt()
+    return prediction_gram.double() * root[:, None] * root[None, :]
 
 
 @dataclass
@@ -794,10 +831,18 @@ class FairStep:
     def fidelity(self) -> tuple[float, float]:
         """``(cosine, relative error)`` of the applied update and weights against the exact ones:
         ``cos = a^T Gram e / sqrt(a^T Gram a * e^T Gram e)`` (the cosine of ``G a`` and ``G e``) and
-        ``||a - e|| / ||e||``. Both are 1 and 0 when the applied coefficients are the exact ones."""
+        ``||a - e|| / ||e||``. Both are 1 and 0 when the applied coefficients are the exact ones.
+        The cosine is dominated by the largest gradient (the global one): see :meth:`weight_ratios`."""
         a, e, g = self.applied.double(), self.exact.double(), self.gram.double()
         cosine = float(a @ g @ e / torch.sqrt((a @ g @ a) * (e @ g @ e)).clamp_min(1e-300))
         return cosine, float((a - e).norm() / e.norm().clamp_min(1e-300))
+
+    def weight_ratios(self) -> list[float]:
+        """``a_i / e_i`` per objective: the applied weight over the exact one (NaN where the exact weight
+        is 0, i.e. the objective is absent). 1 everywhere for exact weights; the measure that shows
+        whether a cheap mode gives the hand and face regions the weight MPD would."""
+        a, e = self.applied.double(), self.exact.double()
+        return [float(x / y) if y != 0 else float("nan") for x, y in zip(a, e)]
 
 
 def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -845,19 +890,24 @@ class FairUpdate:
       on gradients unscaled by the fp16 loss scale), then ``.grad = K G w``. On the steps in between,
       one backward pass of ``sum_i c_i L_i`` with ``c`` from ``interval_weights``:
 
-      - ``"prediction"``: ``c = K w`` solved on ``s * V V^T``, the Gram of ``v_i = dL_i/dpred`` (no
-        backward through the model, :func:`prediction_space_gram`), with the calibration
-        ``s = trace(G^T G) / trace(V V^T)`` taken at the last exact step (:func:`fair_scale`);
+      - ``"prediction"``: ``c = K w`` solved on ``D^(1/2) V V^T D^(1/2)`` (:func:`calibrated_gram`),
+        ``V V^T`` the Gram of ``v_i = dL_i/dpred`` (no backward through the model,
+        :func:`prediction_space_gram`), ``D = diag(s)`` the calibration taken at the last exact step
+        (:func:`prediction_gram_calibration`): with ``calibration="diagonal"`` (default) one scale per
+        objective, ``s_i = (G^T G)_ii / (V V^T)_ii``, since the model reaches a localized (hand, face)
+        direction differently from the global one; with ``"trace"`` one scale
+        ``trace(G^T G) / trace(V V^T)`` for all, which measurably mis-weights the regions;
       - ``"reuse"``: the ``c`` of the last exact step.
 
       An objective absent at an exact step (zero gradient, ``w_i = 0``) keeps its previous
       coefficient for the steps until the next exact one. With ``fidelity_check`` the steps in
       between also take the exact per-objective gradients (costing an exact step's time) to log how
-      far the applied update is from exact MPD (:meth:`FairStep.fidelity`).
+      far the applied update is from exact MPD (:meth:`FairStep.fidelity`, and per objective
+      applied / exact weight, :meth:`FairStep.weight_ratios`).
 
     State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, registered with
     ``accelerator.register_for_checkpointing``): the number of updates written (which fixes the
-    schedule), the last coefficients and the calibration ``s``.
+    schedule), the last coefficients and the calibration ``s`` (one scale per objective).
     """
 
     def __init__(
@@ -868,6 +918,7 @@ class FairUpdate:
         alpha: float = 2.0,
         update_interval: int = 1,
         interval_weights: str = "prediction",
+        calibration: str = "diagonal",
         batched_backward: bool = False,
         fidelity_check: bool = False,
     ):
@@ -877,6 +928,9 @@ class FairUpdate:
             raise ValueError(f"unknown interval_weights {interval_weights!r}; expected 'prediction' or 'reuse'")
         if update_interval < 1:
             raise ValueError(f"update_interval must be at least 1, got {update_interval}")
+        if calibration not in GRAM_CALIBRATIONS:
+            raise ValueError(f"unknown calibration {calibration!r}; expected one of {GRAM_CALIBRATIONS}")
+        self.calibration = calibration
         self.weighting = weighting
         self.fair = weighting == "fair"
         self.alpha = alpha
@@ -887,7 +941,7 @@ class FairUpdate:
         self.gradients = ObjectiveGradients(params) if self.fair else None
         self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
         self.coefficients = None if self.fair else torch.tensor(FIXED_COEFFICIENTS[weighting], dtype=torch.float64)
-        self.gram_scale = 1.0  # s: exact Gram / prediction-space Gram at the last exact step
+        self.gram_scale = None  # s_i: exact / prediction-space Gram per objective, from the last exact step
         self._prediction_gram_sum = torch.zeros(len(OBJECTIVES), len(OBJECTIVES), dtype=torch.float64)
 
     # -- the schedule -------------------------------------------------------------------------
@@ -895,8 +949,10 @@ class FairUpdate:
     @property
     def exact_step(self) -> bool:
         """Whether this optimizer step solves the exact fair weights (every ``update_interval``-th, and
-        the first: ``step % update_interval == 0``, or no coefficients yet)."""
-        return self.fair and (self.coefficients is None or self.step % self.update_interval == 0)
+        the first: ``step % update_interval == 0``, or no coefficients yet, or prediction-space weights
+        without a calibration yet, e.g. resumed from a ``reuse`` checkpoint)."""
+        return self.fair and (self.coefficients is None or self.step % self.update_interval == 0
+                              or (self.prediction_weights and self.gram_scale is None))
 
     @property
     def per_objective(self) -> bool:
@@ -930,7 +986,7 @@ class FairUpdate:
             if self.exact_step:
                 self._prediction_gram_sum += prediction_gram
             else:
-                estimate = self.gram_scale * accumulation * prediction_gram
+                estimate = calibrated_gram(accumulation * prediction_gram, self.gram_scale)
                 self.coefficients = (fair_coefficients(estimate, self.alpha)[1] if torch.isfinite(estimate).all()
                                      else torch.full((len(OBJECTIVES),), float("nan"), dtype=torch.float64))
         if self.per_objective:
@@ -949,7 +1005,8 @@ class FairUpdate:
         ``GradScaler`` unscales and checks it as a plain backward pass; non-finite rows give NaN
         coefficients and the step is skipped downstream. Other steps already hold their update.
         Returns ``weight/<objective>`` (the ``c_i`` applied) and, on fidelity-check steps,
-        ``fidelity/update_cosine`` and ``fidelity/weight_rel_error``.
+        ``fidelity/update_cosine``, ``fidelity/weight_rel_error`` and ``fidelity/weight_ratio_<objective>``
+        (applied / exact weight; NaN for an absent objective).
         """
         logs = {}
         if self.per_objective:
@@ -959,7 +1016,8 @@ class FairUpdate:
             if exact_step:
                 exact = step.exact
                 if self.prediction_weights:
-                    self.gram_scale = fair_scale(step.gram, self._prediction_gram_sum)
+                    self.gram_scale = prediction_gram_calibration(step.gram, self._prediction_gram_sum,
+                                                                  self.calibration, previous=self.gram_scale)
                     self._prediction_gram_sum.zero_()
                 if self.coefficients is not None and self.update_interval > 1:
                     # an objective absent at this solve keeps its last weight for the steps until the next
@@ -968,6 +1026,7 @@ class FairUpdate:
                     self.coefficients = exact
             else:
                 logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = step.fidelity()
+                logs.update({f"fidelity/weight_ratio_{name}": r for name, r in zip(OBJECTIVES, step.weight_ratios())})
             applied = step.applied
         else:
             applied = self.coefficients
@@ -981,7 +1040,7 @@ class FairUpdate:
         """What a resumed run needs: updates written, last coefficients, calibration (plain Python)."""
         coefficients = None if self.coefficients is None else [float(c) for c in self.coefficients]
         return {"weighting": self.weighting, "step": self.step, "coefficients": coefficients,
-                "gram_scale": self.gram_scale}
+                "gram_scale": None if self.gram_scale is None else [float(s) for s in self.gram_scale]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`. The fair coefficients and calibration are only taken when both the
@@ -989,7 +1048,9 @@ class FairUpdate:
         self.step = int(state["step"])
         if self.fair and state.get("weighting") == "fair" and state.get("coefficients") is not None:
             self.coefficients = torch.tensor(state["coefficients"], dtype=torch.float64)
-            self.gram_scale = float(state["gram_scale"])
+            if state.get("gram_scale") is not None:  # a list; one float in checkpoints before per-objective scales
+                scale = torch.as_tensor(state["gram_scale"], dtype=torch.float64)
+                self.gram_scale = scale.expand(len(OBJECTIVES)).clone()
 
 
 def _loss_scale(accelerator) -> float:

@@ -6,8 +6,9 @@
 Each cheap mode (--fair_update_interval N with --fair_interval_weights prediction or reuse) trains
 with --fair_fidelity_check: on every step between exact solves the script also computes the exact
 per-objective gradients of that same batch and logs the cosine between the update it applied and
-the exact MPD update (`fidelity/update_cosine`) and the relative error of its coefficients
-(`fidelity/weight_rel_error`). The trajectory is the cheap mode's own.
+the exact MPD update (`fidelity/update_cosine`), the relative error of its coefficients
+(`fidelity/weight_rel_error`) and, per objective, applied weight / exact weight
+(`fidelity/weight_ratio_{global,hand,face}`). The trajectory is the cheap mode's own.
 """
 
 from __future__ import annotations
@@ -35,20 +36,24 @@ def main(input_args=None):
     print(f"# {args.config}, {resolution}px, batch {args.batch_size}, {args.steps} steps, lr {args.learning_rate}, "
           f"random flip; machine: {machine()}")
     print("| interval | weights between solves | steps compared | update cosine: mean | p10 | min | "
-          "weight rel. error: median | mean |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "weight rel. error: median | mean | weight ratio global / hand / face: median |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    variants = [("prediction", "diagonal"), ("prediction", "trace"), ("reuse", None)]
     for interval in [int(i) for i in args.intervals.split(",")]:
-        for weights in ("prediction", "reuse"):
-            out = os.path.join(args.work_dir, "runs", f"fidelity-{args.config}-{interval}-{weights}")
+        for weights, calibration in variants:
+            name = weights + (f", {calibration} calibration" if calibration else "")
+            out = os.path.join(args.work_dir, "runs", f"fidelity-{args.config}-{interval}-{weights}-{calibration}")
             run_training(model, data, out, resolution, [
                 "--weighting", "fair", "--fair_update_interval", str(interval), "--fair_interval_weights", weights,
+                *(["--fair_interval_calibration", calibration] if calibration else []),
                 "--fair_fidelity_check", "--max_train_steps", str(args.steps), "--random_flip",
                 "--learning_rate", str(args.learning_rate), "--train_batch_size", str(args.batch_size)])
             scalars = read_scalars(out)
             cos = np.array(scalars["fidelity/update_cosine"])
             err = np.array(scalars["fidelity/weight_rel_error"])
-            print(f"| {interval} | {weights} | {len(cos)} | {cos.mean():.4f} | {np.percentile(cos, 10):.4f} | "
-                  f"{cos.min():.4f} | {np.median(err):.3f} | {err.mean():.3f} |")
+            ratios = " / ".join(f"{np.nanmedian(scalars[f'fidelity/weight_ratio_{o}']):.3f}" for o in ("global", "hand", "face"))
+            print(f"| {interval} | {name} | {len(cos)} | {cos.mean():.4f} | {np.percentile(cos, 10):.4f} | "
+                  f"{cos.min():.4f} | {np.median(err):.3f} | {err.mean():.3f} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

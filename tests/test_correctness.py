@@ -275,6 +275,9 @@ def test_fidelity_check_logs_cosine_and_error(tiny_sd, mixed_dataset, tmp_path):
     cosine, error = scalars["fidelity/update_cosine"], scalars["fidelity/weight_rel_error"]
     assert len(cosine) == 6 and all(-1 <= c <= 1 + 1e-9 for c in cosine) and all(e >= 0 for e in error)
     assert sum(c > 0.5 for c in cosine) >= 4
+    ratios = [scalars[f"fidelity/weight_ratio_{name}"] for name in ("global", "hand", "face")]
+    assert all(len(r) == 6 for r in ratios)
+    assert all(r > 0 for r in ratios[0])  # the global objective is always present
 
 
 # ---- bucketed batching through accelerate's own wrappers (issue 10) -------------------------------------

@@ -168,3 +168,33 @@ def test_accumulation_sums_micro_batches_before_the_solve():
     assert logs_two == pytest.approx(logs_one, rel=1e-6)
     for a, b in zip(grads_one, two.grads()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("calibration", ["diagonal", "trace"])
+def test_interval_steps_solve_on_the_calibrated_prediction_gram(calibration):
+    """Exact step 0 sets one scale per objective, (G^T G)_ii / (V V^T)_ii ('diagonal') or the trace ratio
+    for all ('trace'); step 1 solves on D^(1/2) V V^T D^(1/2) of its own batch; the fidelity check logs
+    applied / exact weight per objective."""
+    model = PredictionModel()
+    update = fh.FairUpdate(model.params, "fair", update_interval=4, calibration=calibration, fidelity_check=True)
+    history = run_steps(update, model, accelerator(), 2)
+    pred, loss_fn = model.batch(0)
+    losses = loss_fn(pred)
+    rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], model.params,
+                                                                             retain_graph=True)])
+                        for i in range(3)]).double()
+    exact, approx = rows @ rows.T, fh.prediction_space_gram(loss_fn, pred)
+    if calibration == "diagonal":
+        expected_scales = exact.diagonal() / approx.diagonal()
+        assert expected_scales.max() > 1.05 * expected_scales.min()  # the objectives really differ here
+    else:
+        expected_scales = torch.full((3,), float(exact.trace() / approx.trace()), dtype=torch.float64)
+    torch.testing.assert_close(update.gram_scale, expected_scales, rtol=1e-6, atol=0)
+    pred1, loss_fn1 = model.batch(1)
+    expected = fh.fair_coefficients(fh.calibrated_gram(fh.prediction_space_gram(loss_fn1, pred1), expected_scales))[1]
+    logs = history[1][0]
+    assert [logs[f"weight/{n}"] for n in fh.OBJECTIVES] == pytest.approx(expected.tolist(), rel=1e-6)
+    ratios = [logs[f"fidelity/weight_ratio_{n}"] for n in fh.OBJECTIVES]
+    assert all(r > 0 for r in ratios) and ratios != pytest.approx([1.0, 1.0, 1.0], abs=1e-9)
+    with pytest.raises(ValueError, match="calibration"):
+        fh.FairUpdate(model.params, "fair", calibration="nope")

@@ -289,8 +289,37 @@ def test_prediction_space_gram_is_exact_when_the_model_is_the_prediction():
     exact = grads.gram()
     approx = fh.prediction_space_gram(loss_fn, theta)
     torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-12)
-    assert fh.fair_scale(exact, approx) == pytest.approx(1.0, rel=1e-5)
-    assert fh.fair_scale(4 * exact, approx) == pytest.approx(4.0, rel=1e-5)
+    for mode in fh.GRAM_CALIBRATIONS:
+        torch.testing.assert_close(fh.prediction_gram_calibration(exact, approx, mode), torch.ones(3, dtype=torch.float64))
+        torch.testing.assert_close(fh.prediction_gram_calibration(4 * exact, approx, mode), torch.full((3,), 4.0, dtype=torch.float64))
+
+
+def test_diagonal_calibration_recovers_per_objective_reach():
+    """p = J theta with J J^T = diag(a) reaching the hand pixels 9x more strongly: the diagonal
+    calibration gives the exact Gram (and weights) when the objectives live on disjoint pixels;
+    the trace calibration gives the region objective the wrong weight."""
+    n = 12
+    reach = torch.ones(n, dtype=torch.float64)
+    reach[:4] = 9.0  # the 'hand' pixels
+    v = torch.zeros(2, n, dtype=torch.float64)
+    v[0, 4:] = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)  # 'global' objective on the other pixels
+    v[1, :4] = 0.3  # 'hand' objective
+    exact = v @ torch.diag(reach) @ v.T  # G^T G = V J J^T V^T
+    approx = v @ v.T
+    diagonal = fh.prediction_gram_calibration(exact, approx, "diagonal")
+    torch.testing.assert_close(diagonal, torch.tensor([1.0, 9.0], dtype=torch.float64))
+    torch.testing.assert_close(fh.calibrated_gram(approx, diagonal), exact)
+    w_exact = fh.solve_fair_weights(exact)
+    w_trace = fh.solve_fair_weights(fh.calibrated_gram(approx, fh.prediction_gram_calibration(exact, approx, "trace")))
+    # the scalar calibration's bias: the hand/global weight ratio is off by more than 20 %
+    assert abs((w_trace[1] / w_trace[0]) / (w_exact[1] / w_exact[0]) - 1) > 0.2
+    # an objective absent at the solve keeps its previous scale
+    absent = approx.clone()
+    absent[1, :] = absent[:, 1] = 0
+    kept = fh.prediction_gram_calibration(exact * (absent != 0), absent, "diagonal", previous=diagonal)
+    torch.testing.assert_close(kept, diagonal)
+    with pytest.raises(ValueError, match="unknown calibration"):
+        fh.prediction_gram_calibration(exact, approx, "nope")
 
 
 def test_fair_step_fidelity():
@@ -302,6 +331,10 @@ def test_fair_step_fidelity():
     cosine, error = off.fidelity()
     # G a = (1, 0, 0) scaled; G e components sqrt(diag) * e = (1, 1, 0.6): cos = 1 / sqrt(1 + 1 + 0.36)
     assert cosine == pytest.approx(1 / np.sqrt(2.36)) and error == pytest.approx(np.sqrt(0.29) / np.sqrt(1.29))
+    assert same.weight_ratios() == pytest.approx([1.0, 1.0, 1.0])
+    half = fh.FairStep(torch.tensor([1.0, 0.25, 0.0], dtype=torch.float64), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), gram)
+    ratios = half.weight_ratios()
+    assert ratios[:2] == pytest.approx([1.0, 0.5]) and np.isnan(ratios[2])  # absent objective: no ratio
 
 
 # ---- images upright, aspect-ratio buckets, region-safe crops (issue 10) --------------------------------
