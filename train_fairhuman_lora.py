@@ -144,7 +144,7 @@ def parse_args(input_args=None):
                         "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
                         "the cost of plain training. Default 1 (exact). 8: measured ~1.1x plain training, per-objective "
                         "weights within 15-20%% of exact MPD; its share of exact's hand/face gains is unproven "
-                        "(README: 'Does it work?').")
+                        "(README: 'What the fair weighting does').")
     g.add_argument("--fair_interval_weights", type=str, default="prediction", choices=["prediction", "reuse"],
                    help="With --fair_update_interval > 1, the weights on the steps between exact solves: 'prediction' "
                         "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
