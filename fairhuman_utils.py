@@ -213,10 +213,8 @@ def boxes_to_mask(boxes: Iterable[Sequence[float]], width: int, height: int, dil
     """
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
-    for box in boxes:
-        rect = _mask_rect(box, width, height, dilation)
-        if rect is not None:
-            draw.rectangle((rect[0], rect[1], rect[2] - 1, rect[3] - 1), fill=255)
+    for left, top, right, bottom in region_boxes(boxes, width, height, dilation):
+        draw.rectangle((left, top, right - 1, bottom - 1), fill=255)
     return mask
 
 

@@ -311,8 +311,7 @@ def check_args(args) -> None:
                          "log in with `hf auth login` instead")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-    if not targets:
+    if not lora_targets(args):
         raise UsageError("--lora_target_modules is empty")
     if args.evaluate_prompts_file is not None:  # checked now, not after hours of training
         import evaluate_fairhuman
@@ -677,8 +676,9 @@ class FairHumanDataset(torch.utils.data.Dataset):
                     masks.append(fh.binarize_mask_image(mask, image.size, column=column, row=row))
                 except fh.AnnotationError as error:
                     raise UsageError(str(error)) from None
-                if masks[-1].getbbox() is not None:
-                    keep.append(masks[-1].getbbox())
+                region = masks[-1].getbbox()
+                if region is not None:
+                    keep.append(region)
         target = self.targets if isinstance(self.targets, int) else self.targets[row]
         out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
                                   rng=rng, keep=keep if self.keep_regions else None)
@@ -1670,6 +1670,7 @@ def main(args):
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = create_hub_repo(args)
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
     dataset, mask_regions = verify_images(load_training_dataset(args), args)
@@ -1696,8 +1697,7 @@ def main(args):
     if not args.square_crop and args.resolution < bucket_step:
         raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
     buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
-    log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step,
-                global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step, global_batch=total_batch)
     check_lora_target_modules(args)
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
@@ -1811,7 +1811,6 @@ def main(args):
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running FairHuman training *****")
     logger.info(f"  Model = {'SDXL' if sdxl else 'SD'} at {args.resolution}px, weighting = {args.weighting}"
                 f"{f' (alpha {args.fair_alpha}, solved every {args.fair_update_interval} steps)' if fair_update.fair else ''}")
