@@ -54,6 +54,8 @@ MODEL_SIZES = {
     "tiny": dict(unet_channels=(32, 64), layers_per_block=1, text_width=32, vae_channels=(32, 64)),
     # the effect benchmark: the tiny UNet on a 3-level VAE (latents at 1/4 of the pixels)
     "tiny-vae4": dict(unet_channels=(32, 64), layers_per_block=1, text_width=32, vae_channels=(32, 64, 64)),
+    # the effect benchmark's larger check: 5.5x the tiny UNet's parameters (2 layers per level, 64/128 channels)
+    "small-vae4": dict(unet_channels=(64, 128), layers_per_block=2, text_width=32, vae_channels=(32, 64, 64)),
     "mid": dict(unet_channels=(96, 192, 384), layers_per_block=2, text_width=256, vae_channels=(32, 32, 64, 64)),
 }
 
@@ -165,19 +167,22 @@ def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) 
     return folder
 
 
-def draw_person(width: int, height: int, rng: random.Random, detailed: bool = False):
+def draw_person(width: int, height: int, rng: random.Random, detailed: bool = False, person_scale: float = 1.0,
+                hand_scale: float = 0.5):
     """A drawn 'person': a skin-coloured face ellipse and 0-2 hands; returns (image, face boxes, hand boxes).
 
     ``detailed=False``: hands and face are plain ellipses. ``detailed=True`` (the same people from the
     same ``rng`` state, with detail drawn on top): each hand is a palm with 3-5 finger strokes and
-    background between the fingers, each face has two eyes and a mouth. The effect benchmark pretrains
-    a base model on the plain version and fine-tunes on the detailed one.
+    background between the fingers, each face has hair, two eyes and a mouth. The effect benchmark
+    pretrains a base model on the plain version and fine-tunes on the detailed one. The face is
+    ``person_scale`` x (1/6 to 1/3) of ``width`` wide, a hand ``hand_scale`` x the face's width (the
+    defaults draw the demo dataset; the effect benchmark draws larger people).
     """
     bg = tuple(rng.randint(40, 200) for _ in range(3))
     image = Image.new("RGB", (width, height), bg)
     draw = ImageDraw.Draw(image)
     skin = (rng.randint(170, 240), rng.randint(120, 190), rng.randint(90, 160))
-    fw = rng.randint(width // 6, width // 3)
+    fw = rng.randint(int(width * person_scale / 6), int(width * person_scale / 3))
     fx, fy = rng.randint(0, width - fw), rng.randint(0, height // 2)
     face = [fx, fy, fx + fw, min(height, fy + int(fw * 1.3))]
     body = (fx - fw // 2, face[3], fx + fw + fw // 2, height)
@@ -185,7 +190,7 @@ def draw_person(width: int, height: int, rng: random.Random, detailed: bool = Fa
     draw.ellipse(face, fill=skin)
     hands = []
     for _ in range(rng.randint(0, 2)):
-        hw = max(4, fw // 2)
+        hw = max(4, int(fw * hand_scale))
         hx, hy = rng.randint(0, width - hw), rng.randint(height // 3, height - hw)
         hands.append([hx, hy, hx + hw, hy + hw])
         if not detailed:
@@ -205,7 +210,7 @@ def draw_detailed_hand(draw, box, skin, rng: random.Random) -> None:
     palm_top = y0 + h // 2
     draw.ellipse([x0 + w // 6, palm_top - 1, x1 - w // 6, y1], fill=skin)
     fingers = max(3, min(5, w // 2))
-    stroke = max(1, w // 10)
+    stroke = max(1, w // 8)
     for k in range(fingers):
         base_x = x0 + w // 6 + (k + 0.5) * (w - 2 * (w // 6)) / fingers
         tip_x = x0 + (k + 0.5) * w / fingers + rng.uniform(-0.5, 0.5)
@@ -213,23 +218,30 @@ def draw_detailed_hand(draw, box, skin, rng: random.Random) -> None:
         draw.line([(base_x, palm_top + 1), (tip_x, tip_y)], fill=skin, width=stroke)
 
 
+HAIR = [(40, 25, 15), (90, 55, 25), (20, 20, 20), (200, 170, 90)]
+
+
 def draw_detailed_face(draw, face, rng: random.Random) -> None:
-    """Two dark eyes and a mouth inside the face ellipse ``face``."""
+    """Hair over the top of the face ellipse ``face``, two dark eyes and a mouth inside it: detail that
+    covers about a third of the face box and sits where a face predicts it (what a model that has only
+    seen plain ellipses gets wrong, and can learn)."""
     x0, y0, x1, y1 = face
     w, h = x1 - x0, y1 - y0
+    draw.chord([x0, y0, x1, y1], 200, 340, fill=rng.choice(HAIR))
     dark = tuple(rng.randint(10, 70) for _ in range(3))
-    r = max(1, w // 10)
+    r = max(1, w // 8)
     for cx in (x0 + w * 0.32, x0 + w * 0.68):
-        cy = y0 + h * 0.4
+        cy = y0 + h * 0.45
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=dark)
-    mouth_y = y0 + h * rng.uniform(0.66, 0.76)
-    draw.line([(x0 + w * 0.3, mouth_y), (x0 + w * 0.7, mouth_y)], fill=(150, 30, 40), width=max(1, w // 12))
+    mouth_y = y0 + h * rng.uniform(0.68, 0.76)
+    draw.line([(x0 + w * 0.28, mouth_y), (x0 + w * 0.72, mouth_y)], fill=(150, 30, 40), width=max(1, w // 8))
 
 
 def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: int = 1, detailed: bool = False,
-                       size: int | None = None) -> str:
+                       size: int | None = None, **person) -> str:
     """An imagefolder of drawn people at mixed sizes and aspect ratios (times ``scale``; all ``size`` x
-    ``size`` when given), boxes in pixel xyxy; ``detailed`` draws fingers, eyes and mouths (``draw_person``)."""
+    ``size`` when given), boxes in pixel xyxy; ``detailed`` draws hair, eyes, mouths and fingers, and
+    ``person`` (``person_scale``, ``hand_scale``) sizes them (``draw_person``)."""
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
     sizes = [(96 * scale, 64 * scale), (64 * scale, 96 * scale), (80 * scale, 80 * scale), (120 * scale, 72 * scale)]
@@ -238,7 +250,7 @@ def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: 
     rows = []
     for i in range(num_images):
         w, h = sizes[i % len(sizes)]
-        image, faces, hands = draw_person(w, h, rng, detailed=detailed)
+        image, faces, hands = draw_person(w, h, rng, detailed=detailed, **person)
         name = f"person_{i:03d}.png"
         image.save(os.path.join(folder, name))
         n = len(hands)

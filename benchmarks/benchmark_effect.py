@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Does the FairHuman weighting change hands and faces? A controlled experiment on the CPU.
 
-    nice -n 10 python benchmarks/benchmark_effect.py            # full: 3 seeds x 9 modes (~33 min as 3 processes, --only_seed)
-    nice -n 10 python benchmarks/benchmark_effect.py --quick    # ~4 min: 1 seed, 80 steps, 5 modes
+    nice -n 10 python benchmarks/benchmark_effect.py            # full: 5 seeds x 9 modes (~20 min on 2 cores as 2 processes, --only_seed)
+    nice -n 10 python benchmarks/benchmark_effect.py --quick    # a few minutes: 1 seed, 80 steps, 5 modes
 
-1. A base model that denoises COARSE drawn people (hands and faces are plain ellipses): the tiny demo
-   SD model (``fairhuman_demo.build_tiny_pipeline``, VAE made near-deterministic with unit-spread
-   latents) whose whole UNet is pretrained here on coarse people. Cached under ``--cache_dir``
-   (gitignored): reruns skip it.
+1. A base model that denoises COARSE drawn people (hands and faces are plain ellipses, larger than the
+   demo's: ``PERSON``): the tiny demo SD model (``fairhuman_demo.build_tiny_pipeline``, VAE made
+   near-deterministic with unit-spread latents) whose whole UNet is pretrained here on coarse people.
+   Cached under ``--cache_dir`` (gitignored): reruns skip it. The same UNet trained with the same budget on
+   DETAILED people gives the ceiling: the most any fine-tune of this model size can lower the errors.
 2. Fine-tunes with the recipe, ``train_fairhuman_lora.py``'s ``main`` run in this process exactly as
-   from the command line (only flags), on DETAILED people (finger strokes, eyes, mouth) that the base
+   from the command line (only flags), on DETAILED people (finger strokes, hair, eyes, mouth) that the base
    has never seen: one run per (mode, seed).
 3. Held-out denoising error of every LoRA on other detailed people with fixed (noise, timestep)
    draws: global (whole latent), hand region and face region (mean squared error inside the boxes),
@@ -41,6 +42,9 @@ import fairhuman_utils as fh  # noqa: E402
 
 RESOLUTION = 64  # the "tiny-vae4" VAE quarters it: 16x16 latents
 MODEL_SIZE, VAE_FACTOR = "tiny-vae4", 4
+# larger people than the demo's (faces 17-34 px wide on 64 px, hands 3/4 of the face): 4-8 latent cells
+PERSON = dict(person_scale=1.6, hand_scale=0.75)
+DATA_VERSION = 2  # 1: demo-sized people, detail without hair (the first measurement); part of every cache key
 CAPTIONS = [f"a photo of a person{' waving ' + str(n) + ' hands' if n else ''}" for n in range(3)]
 BANDS = [(0, 333), (333, 667), (667, 1000)]
 # mode name -> flags of train_fairhuman_lora.py (on top of the common ones)
@@ -73,13 +77,13 @@ STATIC_CURVE = ["equal s=0.5", "equal s=1", "equal s=2", "equal s=5"]
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 80 steps, 5 modes (a few minutes).")
-    parser.add_argument("--seeds", type=int, default=3, help="Fine-tune seeds per mode (paired across modes).")
+    parser.add_argument("--seeds", type=int, default=5, help="Fine-tune seeds per mode (paired across modes).")
     parser.add_argument("--modes", type=str, default=None, help="Comma-separated subset of the modes (default: all).")
-    parser.add_argument("--max_train_steps", type=int, default=150, help="LoRA fine-tune steps.")
+    parser.add_argument("--max_train_steps", type=int, default=300, help="LoRA fine-tune steps.")
     parser.add_argument("--train_images", type=int, default=200, help="Detailed people in the fine-tune set.")
     parser.add_argument("--eval_images", type=int, default=64, help="Held-out detailed people.")
     parser.add_argument("--eval_draws", type=int, default=8, help="Fixed (noise, timestep) draws per held-out image.")
-    parser.add_argument("--pretrain_steps", type=int, default=800, help="Base-model pretraining steps on coarse people.")
+    parser.add_argument("--pretrain_steps", type=int, default=1500, help="Base-model pretraining steps on coarse people.")
     parser.add_argument("--cache_dir", type=str, default=os.path.join(REPO, "benchmarks", ".effect_cache"),
                         help="The pretrained base, the datasets and finished runs (gitignored; reruns reuse them).")
     parser.add_argument("--output_dir", type=str, default=os.path.join(REPO, "benchmarks", "effect"),
@@ -90,10 +94,16 @@ def parse_args(input_args=None):
     parser.add_argument("--only_seed", type=int, default=None,
                         help="Run (and cache) this seed's runs only, no summary: start one process per seed to use "
                              "several cores, then run again without it to summarise.")
+    parser.add_argument("--model_size", type=str, default=MODEL_SIZE, choices=["tiny-vae4", "small-vae4"],
+                        help="The base UNet: the tiny demo UNet (1.0M parameters) or one with 2 layers per level and "
+                             "64/128 channels (5.5M; ~4x the time). Both on the same 3-level VAE.")
+    parser.add_argument("--skip_ceiling", action="store_true",
+                        help="Do not train (once, cached) the same UNet on DETAILED people with the base's budget, whose "
+                             "held-out errors bound what any fine-tune of this model size can reach (skipped by --quick).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU).")
     args = parser.parse_args(input_args)
     if args.quick:
-        args.seeds, args.max_train_steps = 1, 80
+        args.seeds, args.max_train_steps, args.skip_ceiling = 1, 80, True
         args.modes = args.modes or ",".join(QUICK_MODES)
         args.output_dir = args.output_dir + "_quick"
     args.modes = [m.strip() for m in args.modes.split(",")] if args.modes else list(MODES)
@@ -111,8 +121,8 @@ def parse_args(input_args=None):
 
 def draw_people(n: int, seed: int, detailed: bool):
     """``n`` people, each from its own generator: the coarse and detailed versions show the same people."""
-    return [fairhuman_demo.draw_person(RESOLUTION, RESOLUTION, random.Random(seed * 1_000_003 + i), detailed=detailed)
-            for i in range(n)]
+    return [fairhuman_demo.draw_person(RESOLUTION, RESOLUTION, random.Random(seed * 1_000_003 + i), detailed=detailed,
+                                       **PERSON) for i in range(n)]
 
 
 def encode(vae, images, batch: int = 64):
@@ -140,16 +150,18 @@ def text_embeddings(pipe, captions):
 # ---- the base model ----------------------------------------------------------------------------
 
 
-def pretrain_base(folder: str, steps: int, num_images: int = 2000, batch: int = 16, lr: float = 2e-3) -> dict:
-    """The tiny demo SD model with its WHOLE UNet trained to denoise coarse people (epsilon loss)."""
+def pretrain_base(folder: str, steps: int, num_images: int = 2000, batch: int = 16, lr: float = 2e-3,
+                  detailed: bool = False, model_size: str = MODEL_SIZE) -> dict:
+    """The tiny demo SD model (UNet ``model_size``) with its WHOLE UNet trained to denoise coarse people (epsilon loss); with
+    ``detailed`` on detailed people instead (the ceiling: what a model of this size can reach on them)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     start = time.perf_counter()
     raw = folder + "-random"
-    fairhuman_demo.build_tiny_pipeline(raw, sample_size=RESOLUTION // VAE_FACTOR, size=MODEL_SIZE)
+    fairhuman_demo.build_tiny_pipeline(raw, sample_size=RESOLUTION // VAE_FACTOR, size=model_size)
     pipe = StableDiffusionPipeline.from_pretrained(raw, safety_checker=None)
-    people = draw_people(num_images, seed=1000, detailed=False)
+    people = draw_people(num_images, seed=1000, detailed=detailed)
     latents = encode(pipe.vae, [p[0] for p in people])
     embeds = text_embeddings(pipe, CAPTIONS)
     caption_index = torch.tensor([len(p[2]) for p in people])
@@ -251,8 +263,9 @@ def mode_flags(mode: str, seed: int) -> list[str]:
 
 
 def run_key(args, mode: str, seed: int) -> str:
-    text = json.dumps([mode_flags(mode, seed), args.train_args, args.max_train_steps, args.train_images,
-                       args.pretrain_steps, seed])
+    key = [mode_flags(mode, seed), args.train_args, args.max_train_steps, args.train_images, args.pretrain_steps,
+           seed, DATA_VERSION]
+    text = json.dumps(key if args.model_size == MODEL_SIZE else key + [args.model_size])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -307,15 +320,17 @@ def main(args):
     experiment_start = time.perf_counter()
     os.makedirs(args.cache_dir, exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    base = os.path.join(args.cache_dir, f"base-{args.pretrain_steps}")
+    size = "" if args.model_size == MODEL_SIZE else f"{args.model_size}-"
+    base = os.path.join(args.cache_dir, f"base-v{DATA_VERSION}-{size}{args.pretrain_steps}")
     if not os.path.exists(os.path.join(base, "pretrain.json")):
         print(f"pretraining the base model on coarse people ({args.pretrain_steps} steps; cached in {base})", flush=True)
-        pretrain_base(base, args.pretrain_steps)
+        pretrain_base(base, args.pretrain_steps, model_size=args.model_size)
     with open(os.path.join(base, "pretrain.json")) as f:
         pretrain = json.load(f)
-    data = os.path.join(args.cache_dir, f"detailed-{args.train_images}")
+    data = os.path.join(args.cache_dir, f"detailed-v{DATA_VERSION}-{args.train_images}")
     if not os.path.exists(os.path.join(data, "metadata.jsonl")):
-        fairhuman_demo.build_demo_dataset(data, num_images=args.train_images, seed=7, detailed=True, size=RESOLUTION)
+        fairhuman_demo.build_demo_dataset(data, num_images=args.train_images, seed=7, detailed=True, size=RESOLUTION,
+                                          **PERSON)
 
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     pipe.unet.eval()
@@ -326,6 +341,18 @@ def main(args):
     print(f"base model: detailed held-out {base_errors['global']:.4f} / {base_errors['hand']:.4f} / "
           f"{base_errors['face']:.4f} (global/hand/face); coarse {base_coarse['global']:.4f} / "
           f"{base_coarse['hand']:.4f} / {base_coarse['face']:.4f}", flush=True)
+    ceiling = None
+    if not args.skip_ceiling:
+        ceiling_dir = base + "-detailed"
+        if not os.path.exists(os.path.join(ceiling_dir, "pretrain.json")):
+            print(f"training the ceiling model on detailed people ({args.pretrain_steps} steps; cached in {ceiling_dir})",
+                  flush=True)
+            pretrain_base(ceiling_dir, args.pretrain_steps, detailed=True, model_size=args.model_size)
+        ceiling_unet = StableDiffusionPipeline.from_pretrained(ceiling_dir, safety_checker=None).unet.eval()
+        ceiling = held_out.summary(held_out.errors(ceiling_unet, pipe.scheduler))
+        del ceiling_unet
+        print("ceiling (the same UNet trained on detailed people) vs the base: " + ", ".join(
+            f"{n} {100 * (ceiling[n] / base_errors[n] - 1):+.2f} %" for n in ("global", "hand", "face")), flush=True)
 
     runs = {}
     for seed in range(args.seeds) if args.only_seed is None else [args.only_seed]:
@@ -390,7 +417,8 @@ def main(args):
 
     elapsed = time.perf_counter() - experiment_start
     result = {"machine": machine(), "seconds": elapsed, "args": {k: v for k, v in vars(args).items()},
-              "pretrain": pretrain, "base_detailed": base_errors, "base_coarse": base_coarse, "table": table}
+              "pretrain": pretrain, "base_detailed": base_errors, "base_coarse": base_coarse, "ceiling": ceiling,
+              "table": table}
     with open(os.path.join(args.output_dir, "effect.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(table, base_errors, os.path.join(args.output_dir, "effect.png"), args.seeds)
@@ -407,7 +435,10 @@ def markdown(result) -> str:
              f"drawn coarse: {result['base_coarse']['global']:.4f}, {result['base_coarse']['hand']:.4f}, "
              f"{result['base_coarse']['face']:.4f}). Global-only fine-tune vs the base: " + ", ".join(
                  f"{n} {100 * (table['global'][n] / result['base_detailed'][n] - 1):+.2f} %" for n in ("global", "hand", "face"))
-             + ".", "",
+             + "." + ("" if not result.get("ceiling") else " Ceiling (the same UNet trained on detailed people with the "
+                      "base's budget) vs the base: " + ", ".join(
+                          f"{n} {100 * (result['ceiling'][n] / result['base_detailed'][n] - 1):+.2f} %"
+                          for n in ("global", "hand", "face")) + "."), "",
              "| mode | global err | hand err | face err | global vs global-only % | hand % | face % | "
              "coef. global / hand / face (K w, mean) | hand/global, face/global coef. vs exact | "
              "per-step weight ratio global / hand / face (applied / exact) | step cost |",

@@ -9,16 +9,29 @@ import torch
 import fairhuman_demo
 
 
-def test_detailed_people_are_the_plain_people_with_detail_inside_the_boxes():
+@pytest.mark.parametrize("person", [{}, {"person_scale": 1.6, "hand_scale": 0.75}])  # demo / effect benchmark
+def test_detailed_people_are_the_plain_people_with_detail_inside_the_boxes(person):
     for seed in range(6):
-        plain, faces, hands = fairhuman_demo.draw_person(64, 64, random.Random(seed))
-        detailed, faces_d, hands_d = fairhuman_demo.draw_person(64, 64, random.Random(seed), detailed=True)
+        plain, faces, hands = fairhuman_demo.draw_person(64, 64, random.Random(seed), **person)
+        detailed, faces_d, hands_d = fairhuman_demo.draw_person(64, 64, random.Random(seed), detailed=True, **person)
         assert (faces, hands) == (faces_d, hands_d)  # the same person, the same boxes
         differs = np.any(np.asarray(plain) != np.asarray(detailed), axis=-1)
         inside = np.zeros_like(differs)
         for x0, y0, x1, y1 in faces + hands:
             inside[y0 : y1 + 1, x0 : x1 + 1] = True
         assert differs[inside].any() and not differs[~inside].any()  # detail only in the hand/face boxes
+
+
+def test_person_and_hand_scale_size_the_boxes():
+    def widths(seed, **person):
+        _, faces, hands = fairhuman_demo.draw_person(64, 64, random.Random(seed), **person)
+        return faces[0][2] - faces[0][0], [h[2] - h[0] for h in hands]
+
+    for seed in range(20):
+        face, hands = widths(seed)
+        assert 64 // 6 <= face <= 64 // 3 and all(h == max(4, face // 2) for h in hands)  # the demo's people
+        face, hands = widths(seed, person_scale=1.6, hand_scale=0.75)
+        assert 17 <= face <= 34 and all(h == int(face * 0.75) for h in hands)
 
 
 def test_demo_dataset_size_and_detail(tmp_path):
