@@ -861,7 +861,8 @@ def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float 
 # ---------------------------------------------------------------------------------------------
 
 FIXED_COEFFICIENTS = {"global": (1.0, 0.0, 0.0), "equal": (1.0, 1.0, 1.0)}
-"""The coefficients ``c`` of the non-fair modes: the update is ``sum_i c_i g_i``."""
+"""The coefficients ``c`` of the non-fair modes: the update is ``sum_i c_i g_i`` (``equal``'s region
+weights can be changed: ``FairUpdate(region_weights=...)``)."""
 
 
 class FairUpdate:
@@ -879,8 +880,10 @@ class FairUpdate:
 
     Modes (``weighting``):
 
-    * ``"global"``: ``c = (1, 0, 0)``, ``"equal"``: ``c = (1, 1, 1)``; one backward pass of
-      ``sum_i c_i L_i`` through ``accelerator.backward``, exactly the plain diffusers update.
+    * ``"global"``: ``c = (1, 0, 0)``, ``"equal"``: ``c = (1, w_hand, w_face)`` with the static
+      ``region_weights = (w_hand, w_face)`` (``(1, 1)``: the plain sum of the three losses); one
+      backward pass of ``sum_i c_i L_i`` through ``accelerator.backward``, exactly the plain diffusers
+      update.
     * ``"fair"``: ``c = K w`` with the alpha-fair weights ``w`` solving ``(G^T G w)_i w_i^(1/alpha) = 1``
       (:func:`solve_fair_weights`). Every ``update_interval``-th optimizer step (and the first) is an
       EXACT step: one backward pass per present objective into the rows of
@@ -919,6 +922,7 @@ class FairUpdate:
         calibration: str = "diagonal",
         batched_backward: bool = False,
         fidelity_check: bool = False,
+        region_weights: tuple[float, float] = (1.0, 1.0),
     ):
         if weighting not in ("fair", *FIXED_COEFFICIENTS):
             raise ValueError(f"unknown weighting {weighting!r}; expected 'fair', 'equal' or 'global'")
@@ -938,7 +942,10 @@ class FairUpdate:
         self.prediction_weights = self.fair and update_interval > 1 and interval_weights == "prediction"
         self.gradients = ObjectiveGradients(params) if self.fair else None
         self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
-        self.coefficients = None if self.fair else torch.tensor(FIXED_COEFFICIENTS[weighting], dtype=torch.float64)
+        if weighting != "equal" and tuple(region_weights) != (1.0, 1.0):
+            raise ValueError(f"region_weights are the static weights of weighting 'equal', not of {weighting!r}")
+        fixed = (1.0, *map(float, region_weights)) if weighting == "equal" else FIXED_COEFFICIENTS.get(weighting)
+        self.coefficients = None if self.fair else torch.tensor(fixed, dtype=torch.float64)
         self.gram_scale = None  # s_i: exact / prediction-space Gram per objective, from the last exact step
         self._prediction_gram_sum = torch.zeros(len(OBJECTIVES), len(OBJECTIVES), dtype=torch.float64)
 

@@ -135,6 +135,11 @@ def parse_args(input_args=None):
     g.add_argument("--weighting", type=str, default="fair", choices=["fair", "equal", "global"],
                    help="fair: alpha-fair (MPD) weights on the three objective gradients (FairHuman); equal: plain sum "
                         "of the three losses; global: plain diffusers LoRA training (the baseline).")
+    g.add_argument("--hand_loss_weight", type=float, default=1.0,
+                   help="With --weighting equal: the static weight of the hand loss, the update being that of L_global "
+                        "+ hand_loss_weight * L_hand + face_loss_weight * L_face (a tuned static baseline for MPD).")
+    g.add_argument("--face_loss_weight", type=float, default=1.0,
+                   help="With --weighting equal: the static weight of the face loss (see --hand_loss_weight).")
     g.add_argument("--fair_alpha", type=float, default=2.0,
                    help="alpha of the alpha-fair weights: 2 = Minimum Potential Delay (the paper), 1 = proportional fairness.")
     g.add_argument("--fair_update_interval", type=int, default=None,
@@ -275,7 +280,8 @@ def check_args(args) -> None:
                  "dataloader_num_workers"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ["fair_alpha", "local_loss_scale", "learning_rate", "snr_gamma", "noise_offset", "max_grad_norm",
+    for name in ["hand_loss_weight", "face_loss_weight", "fair_alpha", "local_loss_scale", "learning_rate",
+                 "snr_gamma", "noise_offset", "max_grad_norm",
                  "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"]:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -287,6 +293,12 @@ def check_args(args) -> None:
                          "--square_crop turns off; give one or the other")
     if args.fair_alpha <= 0:
         raise UsageError(f"--fair_alpha must be positive, got {args.fair_alpha}")
+    for name in ("hand_loss_weight", "face_loss_weight"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
+        if args.weighting != "equal" and getattr(args, name) != 1.0:
+            raise UsageError(f"--{name} is the static weight of --weighting equal; --weighting {args.weighting} "
+                             + ("chooses the weights itself" if args.weighting == "fair" else "does not use the regions"))
     if args.local_loss_scale <= 0:
         raise UsageError(f"--local_loss_scale must be positive, got {args.local_loss_scale}")
     if args.learning_rate <= 0:
@@ -1089,6 +1101,8 @@ def training_settings(args, global_step: int) -> dict:
         "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
         "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
                                       and args.fair_interval_weights == "prediction" else "-"),
+        "region loss weights (hand, face)": ((args.hand_loss_weight, args.face_loss_weight) if args.weighting == "equal"
+                                             else "-"),
         "local_loss_scale": args.local_loss_scale,
         "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
         "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
@@ -1337,7 +1351,8 @@ def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
 # Settings that change what a checkpoint's weights mean: resuming with other values is refused.
 RESUME_MUST_MATCH = ("pretrained_model_name_or_path", "rank", "lora_alpha", "lora_target_modules")
 # Settings whose change is allowed on resume, with a warning naming it.
-RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_path", "weighting", "fair_alpha",
+RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_path", "weighting", "hand_loss_weight",
+                          "face_loss_weight", "fair_alpha",
                           "fair_update_interval", "fair_interval_weights", "local_loss_scale",
                           "local_loss_normalization", "mask_dilation", "latent_mask_mode", "resolution",
                           "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed",
@@ -1770,7 +1785,8 @@ def main(args):
     fair_update = fh.FairUpdate(lora_params, args.weighting, alpha=args.fair_alpha,
                                 update_interval=args.fair_update_interval, interval_weights=args.fair_interval_weights,
                                 calibration=args.fair_interval_calibration,
-                                batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check)
+                                batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check,
+                                region_weights=(args.hand_loss_weight, args.face_loss_weight))
 
     # ---- Data ----------------------------------------------------------------------------------
     train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the FairHuman weighting change hands and faces? A controlled experiment on the CPU.
 
-    nice -n 10 python benchmarks/benchmark_effect.py            # full: 5 seeds x 9 modes (~20 min on 2 cores as 2 processes, --only_seed)
+    nice -n 10 python benchmarks/benchmark_effect.py            # full: 5 seeds x 10 modes (~20 min on 2 cores as 2 processes, --only_seed)
     nice -n 10 python benchmarks/benchmark_effect.py --quick    # a few minutes: 1 seed, 80 steps, 5 modes
 
 1. A base model that denoises COARSE drawn people (hands and faces are plain ellipses, larger than the
@@ -47,6 +47,7 @@ PERSON = dict(person_scale=1.6, hand_scale=0.75)
 DATA_VERSION = 2  # 1: demo-sized people, detail without hair (the first measurement); part of every cache key
 CAPTIONS = [f"a photo of a person{' waving ' + str(n) + ' hands' if n else ''}" for n in range(3)]
 BANDS = [(0, 333), (333, 667), (667, 1000)]
+STATIC_AT_MPD = "static at MPD's mean balance"
 # mode name -> flags of train_fairhuman_lora.py (on top of the common ones)
 MODES = {
     "global": ["--weighting", "global"],
@@ -59,6 +60,10 @@ MODES = {
                                            "--fair_interval_calibration", "trace"],
     "fair exact alpha=1": ["--weighting", "fair", "--fair_update_interval", "1", "--fair_alpha", "1"],
     "fair exact alpha=8": ["--weighting", "fair", "--fair_update_interval", "1", "--fair_alpha", "8"],
+    # a STATIC weighting at exact MPD's mean balance (its mean coefficients K w on this experiment, global 371,
+    # hand 24.8, face 4.37, divided by the global one; same s = 5): does MPD's per-batch adaptivity add anything?
+    STATIC_AT_MPD: ["--weighting", "equal", "--local_loss_scale", "5", "--hand_loss_weight", "0.0668",
+                                     "--face_loss_weight", "0.0118"],
 }
 # optional (--modes): the other cheap variants
 EXTRA_MODES = {
@@ -415,10 +420,16 @@ def main(args):
             if exact_gain:
                 row[f"{name} share of exact's gain"] = row[f"{name} vs global %"] / exact_gain
 
+    # the question of item 3: does MPD beat a static weighting with its own mean balance? (paired per seed)
+    static_vs_fair = None
+    if STATIC_AT_MPD in table and "fair exact" in table:
+        static_vs_fair = {name: t_interval([100 * (runs[(STATIC_AT_MPD, s)]["errors"][name]
+                                                   / runs[("fair exact", s)]["errors"][name] - 1) for s in seeds])
+                          for name in ("global", "hand", "face")}
     elapsed = time.perf_counter() - experiment_start
     result = {"machine": machine(), "seconds": elapsed, "args": {k: v for k, v in vars(args).items()},
               "pretrain": pretrain, "base_detailed": base_errors, "base_coarse": base_coarse, "ceiling": ceiling,
-              "table": table}
+              "table": table, "static_vs_fair_exact": static_vs_fair}
     with open(os.path.join(args.output_dir, "effect.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(table, base_errors, os.path.join(args.output_dir, "effect.png"), args.seeds)
@@ -457,6 +468,9 @@ def markdown(result) -> str:
         lines.append(f"| {mode} | {row['global']:.4f} | {row['hand']:.4f} | {row['face']:.4f} | {pm(row, 'global')} | "
                      f"{pm(row, 'hand')} | {pm(row, 'face')} | {coefficients} | {balance} | {ratios} | "
                      f"{row['cost vs global']:.2f}x |")
+    if result.get("static_vs_fair_exact"):
+        lines += ["", f"{STATIC_AT_MPD} vs fair exact, paired per seed (%, negative = the static weighting is better): "
+                  + ", ".join(f"{n} {m:+.2f} ± {ci:.2f}" for n, (m, ci) in result["static_vs_fair_exact"].items())]
     lines += ["", "By timestep band (mean paired change vs global-only training, %; global / hand / face):", "",
               "| mode | " + " | ".join(f"t in [{lo}, {hi})" for lo, hi in BANDS) + " |",
               "| --- |" + " --- |" * len(BANDS)]

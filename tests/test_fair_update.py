@@ -74,6 +74,21 @@ def test_global_and_equal_write_exactly_the_plain_gradients():
         assert [logs[f"weight/{n}"] for n in fh.OBJECTIVES] == coefficients
 
 
+def test_equal_with_static_region_weights_writes_the_weighted_sum():
+    acc = accelerator()
+    model = PredictionModel()
+    update = fh.FairUpdate(model.params, "equal", region_weights=(0.07, 0.012))
+    (logs, written), = run_steps(update, model, acc, 1)
+    pred, loss_fn = model.batch(0)
+    losses = loss_fn(pred)
+    weighted = torch.autograd.grad(losses[0] + 0.07 * losses[1] + 0.012 * losses[2], model.params)
+    for a, b in zip(written, weighted):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    assert [logs[f"weight/{n}"] for n in fh.OBJECTIVES] == pytest.approx([1.0, 0.07, 0.012])
+    with pytest.raises(ValueError, match="static weights of weighting 'equal'"):
+        fh.FairUpdate(model.params, "fair", region_weights=(2.0, 1.0))
+
+
 def test_schedule_solves_every_interval_th_step():
     model = PredictionModel()
     update = fh.FairUpdate(model.params, "fair", update_interval=3)

@@ -222,7 +222,7 @@ def test_every_mode_logs_losses_and_weights(weighting, save_format, tiny_sd, dem
     out = str(tmp_path / weighting)
     run_main("--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", demo_dataset, "--output_dir", out,
              "--max_train_steps", 3, "--weighting", weighting, "--seed", 0, "--report_to", "tensorboard",
-             "--save_lora_format", save_format)
+             "--save_lora_format", save_format, *(["--hand_loss_weight", 0.5] if weighting == "equal" else []))
     files = {f for f in os.listdir(out) if f.endswith(".safetensors")}
     assert files == {"diffusers": {"pytorch_lora_weights.safetensors"}, "kohya": {f"{weighting}.safetensors"},
                      "both": {"pytorch_lora_weights.safetensors", f"{weighting}.safetensors"}}[save_format]
@@ -232,7 +232,8 @@ def test_every_mode_logs_losses_and_weights(weighting, save_format, tiny_sd, dem
     if weighting == "global":
         assert scalars["weight/hand"] == [0.0] * 3 and scalars["weight/global"] == [1.0] * 3
     elif weighting == "equal":
-        assert scalars["weight/face"] == [1.0] * 3
+        assert scalars["weight/face"] == [1.0] * 3 and scalars["weight/hand"] == [0.5] * 3  # static region weights
+        assert "(0.5, 1.0)" in open(os.path.join(out, "README.md")).read()  # and the model card says so
     else:
         assert all(w > 0 for w in scalars["weight/global"]) and all(w > 0 for w in scalars["weight/face"])
     assert all(v > 0 for v in scalars["loss/global"])
@@ -380,6 +381,8 @@ def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
         (["--fair_update_interval", "0"], "--fair_update_interval must be at least 1"),
         (["--weighting", "global", "--fair_batched_backward"], "need --weighting fair"),
         (["--output_name", "loras/mine"], "--output_name must be a plain file name"),
+        (["--hand_loss_weight", "0.5"], "--hand_loss_weight is the static weight of --weighting equal"),
+        (["--weighting", "equal", "--face_loss_weight", "-1"], "--face_loss_weight must not be negative"),
     ],
 )
 def test_impossible_flag_combinations(extra, expected, tmp_path):
