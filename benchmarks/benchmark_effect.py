@@ -62,8 +62,7 @@ MODES = {
     "fair exact alpha=8": ["--weighting", "fair", "--fair_update_interval", "1", "--fair_alpha", "8"],
     # a STATIC weighting at exact MPD's mean balance (its mean coefficients K w on this experiment, global 371,
     # hand 24.8, face 4.37, divided by the global one; same s = 5): does MPD's per-batch adaptivity add anything?
-    STATIC_AT_MPD: ["--weighting", "equal", "--local_loss_scale", "5", "--hand_loss_weight", "0.0668",
-                                     "--face_loss_weight", "0.0118"],
+    STATIC_AT_MPD: [],  # set from --static_weights
 }
 # optional (--modes): the other cheap variants
 EXTRA_MODES = {
@@ -102,6 +101,9 @@ def parse_args(input_args=None):
     parser.add_argument("--model_size", type=str, default=MODEL_SIZE, choices=["tiny-vae4", "small-vae4"],
                         help="The base UNet: the tiny demo UNet (1.0M parameters) or one with 2 layers per level and "
                              "64/128 channels (5.5M; ~4x the time). Both on the same 3-level VAE.")
+    parser.add_argument("--static_weights", type=str, default="0.0668,0.0118",
+                        help=f"hand,face weights of the mode {STATIC_AT_MPD!r}: exact MPD's mean coefficients divided by "
+                             "the global one, read off the 'fair exact' runs (the default: this experiment's tiny model).")
     parser.add_argument("--skip_ceiling", action="store_true",
                         help="Do not train (once, cached) the same UNet on DETAILED people with the base's budget, whose "
                              "held-out errors bound what any fine-tune of this model size can reach (skipped by --quick).")
@@ -113,6 +115,9 @@ def parse_args(input_args=None):
         args.output_dir = args.output_dir + "_quick"
     args.modes = [m.strip() for m in args.modes.split(",")] if args.modes else list(MODES)
     MODES.update(EXTRA_MODES)
+    hand, face = args.static_weights.split(",")
+    MODES[STATIC_AT_MPD] = ["--weighting", "equal", "--local_loss_scale", "5", "--hand_loss_weight", hand.strip(),
+                            "--face_loss_weight", face.strip()]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; known: {list(MODES)}")
