@@ -861,8 +861,8 @@ def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float 
 # ---------------------------------------------------------------------------------------------
 
 FIXED_COEFFICIENTS = {"global": (1.0, 0.0, 0.0), "equal": (1.0, 1.0, 1.0)}
-"""The coefficients ``c`` of the non-fair modes: the update is ``sum_i c_i g_i`` (``equal``'s region
-weights can be changed: ``FairUpdate(region_weights=...)``)."""
+"""The coefficients ``c`` of the non-fair modes: the update is ``sum_i c_i g_i``, the region entries
+times ``FairUpdate(region_weights=...)``."""
 
 
 class FairUpdate:
@@ -944,8 +944,8 @@ class FairUpdate:
         self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
         if weighting != "equal" and tuple(region_weights) != (1.0, 1.0):
             raise ValueError(f"region_weights are the static weights of weighting 'equal', not of {weighting!r}")
-        fixed = (1.0, *map(float, region_weights)) if weighting == "equal" else FIXED_COEFFICIENTS.get(weighting)
-        self.coefficients = None if self.fair else torch.tensor(fixed, dtype=torch.float64)
+        self.coefficients = None if self.fair else (torch.tensor(FIXED_COEFFICIENTS[weighting], dtype=torch.float64)
+                                                    * torch.tensor((1.0, *region_weights), dtype=torch.float64))
         self.gram_scale = None  # s_i: exact / prediction-space Gram per objective, from the last exact step
         self._prediction_gram_sum = torch.zeros(len(OBJECTIVES), len(OBJECTIVES), dtype=torch.float64)
 

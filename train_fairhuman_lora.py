@@ -146,9 +146,9 @@ def parse_args(input_args=None):
                    help="Solve the exact fair weights (one backward pass per objective) every N optimizer steps; "
                         "1 = exact MPD every step, the authors' method, about 2x the cost of plain LoRA training. In "
                         "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
-                        "the cost of plain training. Default 1 (exact). 8: measured ~1.1x plain training, per-objective "
-                        "weights within 15-20%% of exact MPD; its share of exact's hand/face gains is unproven "
-                        "(README: 'What the fair weighting does').")
+                        "the cost of plain training. Default 1 (exact). 8: measured ~1.0-1.1x plain training, "
+                        "per-objective weights within 12-20%% of exact MPD, 97%% of exact's hand and 85%% of its face "
+                        "gains on our benchmark (README: 'What the fair weighting does').")
     g.add_argument("--fair_interval_weights", type=str, default="prediction", choices=["prediction", "reuse"],
                    help="With --fair_update_interval > 1, the weights on the steps between exact solves: 'prediction' "
                         "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
