@@ -78,7 +78,7 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
     torch.manual_seed(seed)
     spec = MODEL_SIZES[size]
     width, levels = spec["text_width"], len(spec["unet_channels"])
-    text_config = dict(bos_token_id=514, eos_token_id=515, pad_token_id=515, hidden_size=width, intermediate_size=37,
+    text_config = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=width, intermediate_size=37,
                        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=516,
                        max_position_embeddings=77, hidden_act="gelu", projection_dim=width)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
