@@ -1332,6 +1332,11 @@ def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]
     def show(value):
         return ",".join(value) if isinstance(value, list) else value
 
+    if saved.get("model_family", settings.get("model_family")) != settings.get("model_family"):
+        raise UsageError(f"--resume_from_checkpoint: {name} is a LoRA of a {saved['model_family']} model and "
+                         f"--pretrained_model_name_or_path is a {settings['model_family']} model; a LoRA cannot move "
+                         "between model families. Resume with the checkpoint's base model, or start a new run in "
+                         "another --output_dir")
     refused = [f"{flag(k)} {show(settings[k])} (the checkpoint has {show(saved[k])})"
                for k in RESUME_MUST_MATCH if k in saved and saved[k] != settings.get(k)]
     if refused:
@@ -1624,6 +1629,7 @@ def main(args):
                 f"with face boxes: {checked['counts']['face']}")
     report_regions(checked, args, mask_regions)
     settings = run_settings(args, checked)
+    settings["model_family"] = family.label
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)
 
