@@ -447,7 +447,10 @@ def load_pipeline(args):
                          f"the pipeline ({error})") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":  # FLUX.1 / SD3 keep their flow sampler
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    if args.guidance_scale is None:  # SD/SDXL: the authors' CFG 7.5; FLUX.1-dev's distilled guidance 3.5; SD3 4.5
+        args.guidance_scale = {"FluxPipeline": 3.5, "StableDiffusion3Pipeline": 4.5}.get(type(pipe).__name__, 7.5)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
@@ -561,7 +564,9 @@ def parse_args(input_args=None):
                         "the seeds give the same noise on any device).")
     g.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
     g.add_argument("--num_inference_steps", type=int, default=30, help="UniPC steps (the authors: 30).")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the authors: 7.5).")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="Guidance scale; default: 7.5 for SD/SDXL (the authors'), 3.5 for FLUX.1 (distilled guidance), "
+                        "4.5 for SD3.")
     g.add_argument("--batch_size", type=int, default=4, help="Images generated per pipeline call.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")
@@ -612,7 +617,7 @@ def check_args(args) -> None:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.resolution is not None and args.resolution < 8:
             raise UsageError(f"--resolution must be at least 8, got {args.resolution}")
-        if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale):
+        if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale or 0.0):
             raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
     else:
         ignored = [f"--{n}" for n in ("lora_paths", "prompts_file") if getattr(args, n)]
