@@ -400,6 +400,8 @@ class FlowMatchingFamily(ModelFamily):
             model.requires_grad_(False)
         if quantization is None:
             self.denoiser.to(device, dtype=weight_dtype)
+        else:
+            keep_4bit_layers_trainable_on_cpu(self.denoiser)
         self.vae.to(device, dtype=weight_dtype)
         for text_encoder in self.text_encoders:
             text_encoder.to(device, dtype=weight_dtype)
@@ -654,6 +656,20 @@ def quantization_config(mode: str | None):
     if mode == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def keep_4bit_layers_trainable_on_cpu(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 CPU inference path on every ``Linear4bit`` of ``model``: it repacks the
+    NF4 weights in place on an eval/no-grad forward (validation images), which fails for layers whose sizes are
+    not multiples of 64/32 and breaks every later training forward. No effect on a GPU. Returns the count."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def check_quantize_available(mode: str | None) -> None:

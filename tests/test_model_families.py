@@ -222,3 +222,57 @@ def test_flow_step_masks_on_the_latent_cells_and_per_objective_gradients_differ(
 
 def fh_targets(family):
     return [t for t in family.default_lora_targets.split(",")]
+
+
+def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
+    """The peft-on-NF4 part of --quantize_base nf4 (diffusers refuses to quantize without a GPU, so the base's
+    block Linears are swapped for bitsandbytes Linear4bit by hand, as diffusers' quantizer would)."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from peft import LoraConfig
+
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_flux, "--train_data_dir", "x",
+                             "--max_sequence_length", "16"])
+    family = mf.family_for_model(args)
+    family.check_args(args)
+    family.load("cpu", torch.float32)
+    transformer = family.denoiser
+    swapped = 0
+    for name, module in list(transformer.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and "blocks" in f"{name}.{child_name}":
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=torch.float32, quant_type="nf4")
+                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                try:
+                    quantized.to("cpu")  # quantizes on the CPU
+                except Exception as error:  # noqa: BLE001 - a bitsandbytes build without a CPU backend
+                    pytest.skip(f"bitsandbytes cannot quantize on this CPU: {error}")
+                setattr(module, child_name, quantized)
+                swapped += 1
+    transformer.is_loaded_in_4bit = True
+    assert swapped and mf.keep_4bit_layers_trainable_on_cpu(transformer) == swapped
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=fh_targets(family)))
+    assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in transformer.modules())  # LoRA over Linear4bit
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)  # the LoRA stays full precision
+    frozen = {n: p.detach().clone() for n, p in transformer.named_parameters() if p.dtype == torch.uint8}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "masks": torch.ones(2, 2, 32, 32), "seeds": [1, 2],
+             "rows": [0, 0], "captions": ["a person"] * 2}
+    conditioning = family.caption_conditioning([["a person"]], "cpu")
+    for step in range(2):  # after one step lora_B != 0 and every LoRA matrix gets gradient
+        transformer.train()
+        inputs = train.prepare_inputs(batch, args, family, conditioning, torch.float32, "cpu")
+        losses = fh.fairhuman_losses(family.predict(transformer, inputs), inputs.target, inputs.hand_mask,
+                                     inputs.face_mask)
+        losses.sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        optimizer.step()
+        optimizer.zero_grad()
+        transformer.eval()
+        with torch.no_grad():  # a validation-style forward between steps must not break the next training step
+            family.predict(transformer, inputs)
+    assert all(torch.equal(p, frozen[n]) for n, p in transformer.named_parameters() if n in frozen)
