@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# The embedded default: set up .venv (if missing), build a tiny SD model and a small drawn-people
-# dataset offline, and train a FairHuman LoRA on it on the CPU. Output: demo_output/ (LoRA,
-# checkpoints, mask previews, model card, a sample image). Extra arguments go to the script.
+# The embedded default: set up .venv (if missing), build tiny SD, SDXL, FLUX.1 and SD3 models and a small
+# drawn-people dataset offline, and train a FairHuman LoRA on one of them on the CPU.
+#   bash demo.sh                 # tiny SD (default)
+#   FAMILY=flux bash demo.sh     # or: bash demo.sh --family flux ; families: sd, sdxl, flux, sd3
+# Output: demo_output/ (LoRA, checkpoints, mask previews, model card, a sample image). Other arguments go to the
+# training script.
 set -euo pipefail
 cd "$(dirname "$0")"
+FAMILY="${FAMILY:-sd}"
+if [ "${1:-}" = "--family" ]; then FAMILY="$2"; shift 2; fi
+case "$FAMILY" in
+  sd|sdxl) extra=() ;;
+  flux|sd3) extra=(--max_sequence_length 32) ;;  # the tiny T5 reads characters: 32 tokens hold the demo captions
+  *) echo "error: FAMILY must be sd, sdxl, flux or sd3, got '$FAMILY'" >&2; exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-[ -d demo_assets/tiny-sd ] || .venv/bin/python fairhuman_demo.py --output_dir demo_assets
+[ -d "demo_assets/tiny-$FAMILY" ] || .venv/bin/python fairhuman_demo.py --output_dir demo_assets --families "$FAMILY"
 .venv/bin/accelerate launch --config_file accelerate_config.yaml train_fairhuman_lora.py \
-  --pretrained_model_name_or_path demo_assets/tiny-sd \
+  --pretrained_model_name_or_path "demo_assets/tiny-$FAMILY" \
   --train_data_dir demo_assets/demo_dataset \
   --output_dir demo_output \
   --resolution 64 --mask_dilation 2 --random_flip \
@@ -19,5 +29,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   --checkpointing_steps 20 --checkpoints_total_limit 2 \
   --use_8bit_adam --seed 42 --save_mask_previews 4 \
   --validation_prompt "a photo of a person waving 2 hands" --num_validation_images 1 \
-  --validation_steps 20 --validation_inference_steps 10 "$@"
-echo "LoRA: demo_output/pytorch_lora_weights.safetensors (diffusers), demo_output/demo_output.safetensors (ComfyUI/A1111/Forge), card: demo_output/README.md, previews: demo_output/mask_previews/"
+  --validation_steps 20 --validation_inference_steps 10 ${extra[@]+"${extra[@]}"} "$@"
+echo "LoRA ($FAMILY): demo_output/pytorch_lora_weights.safetensors (diffusers), demo_output/demo_output.safetensors (ComfyUI/A1111/Forge), card: demo_output/README.md, previews: demo_output/mask_previews/"
