@@ -67,6 +67,7 @@ class ModelFamily:
     default_lora_targets = "to_q,to_k,to_v,to_out.0"
     kohya_prefix = "lora_unet"
     flow_matching = False
+    diffusers_reads_kohya_file = True  # the pipeline's load_lora_weights converts the kohya file
     tags = ("stable-diffusion",)
 
     def __init__(self, args):
@@ -204,6 +205,13 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_class_names = ("StableDiffusionPipeline",)
     pipeline_class_name = "StableDiffusionPipeline"
     sdxl = False
+
+    def check_args(self, args):
+        flow_only = [f"--{name}" for name in ("weighting_scheme", "max_sequence_length") if getattr(args, name) is not None]
+        flow_only += ["--quantize_base"] if args.quantize_base not in (None, "none") else []
+        if flow_only:
+            raise UsageError(f"{', '.join(flow_only)} {'is' if len(flow_only) == 1 else 'are'} for FLUX.1/SD3; "
+                             f"{args.pretrained_model_name_or_path!r} is an {self.label} model")
 
     def geometry(self):
         vae_config, unet_config = self.vae_config(), self.denoiser_config()
@@ -471,7 +479,9 @@ class FlowMatchingFamily(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
-        components = {k: v for k, v in self.text_pipeline().components.items()}
+        # the prompt embeddings were computed with the captions' (text encoders now off the device), so the
+        # pipeline gets no text encoder: its execution device is the denoiser's
+        components = {k: (None if k.startswith("text_encoder") else v) for k, v in self.text_pipeline().components.items()}
         components.update(vae=self.vae, scheduler=scheduler, **{self.denoiser_name: denoiser})
         pipeline = self.pipeline_class()(**components)
         embeds, negative = self.validation_embeds
@@ -570,6 +580,7 @@ class SD3Family(FlowMatchingFamily):
     denoiser_class_name = "SD3Transformer2DModel"
     default_weighting_scheme = "logit_normal"  # train_dreambooth_lora_sd3.py's default
     default_max_sequence_length = 77  # train_dreambooth_lora_sd3.py's default
+    diffusers_reads_kohya_file = False  # StableDiffusion3Pipeline.load_lora_weights finds no key in lora_transformer_*
     tags = ("sd3", "sd3-diffusers")
 
     def patch_size(self):

@@ -1460,7 +1460,10 @@ def lora_usage(args, repo_id: str, family) -> str:
     if args.save_lora_format in ("kohya", "both"):
         files.append(f"| `{kohya_file}` | kohya format (`{family.kohya_prefix}_*` keys) | ComfyUI: `models/loras/`; "
                      + ("AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too) |"
-                        if not family.flow_matching else "Forge: `models/Lora/` |"))
+                        if not family.flow_matching else
+                        ("ComfyUI also reads the diffusers file; diffusers `load_lora_weights` reads this one too |"
+                         if family.diffusers_reads_kohya_file else
+                         "ComfyUI also reads the diffusers file; diffusers does not read this one |")))
     weight_name = "" if args.save_lora_format != "kohya" else f', weight_name="{kohya_file}"'
     text = f"""## How to use
 
@@ -1489,8 +1492,10 @@ image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}
 - ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
   `strength_model` {advice['scale']} (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler:
   {advice['steps']} steps, {"cfg " + str(advice['guidance']) if not isinstance(family, mf.FluxFamily) else "cfg 1.0 with a FluxGuidance node at " + str(advice['guidance'])}, sampler `{advice['comfy_sampler']}`.
-- {"AUTOMATIC1111 / " if not family.flow_matching else ""}Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:{advice['scale']}>` to
-  the prompt; {advice['sampler']}, {advice['steps']} steps, {"CFG scale" if not isinstance(family, mf.FluxFamily) else "distilled CFG"} {advice['guidance']}.
+"""
+        if not family.flow_matching:
+            text += f"""- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:{advice['scale']}>` to
+  the prompt; {advice['sampler']}, {advice['steps']} steps, CFG scale {advice['guidance']}.
 """
     return text
 
@@ -1577,12 +1582,6 @@ def main(args):
     check_args(args)
     check_trackers(args)
     check_output_dir(args)
-    # The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, before any weight loads
-    family = mf.family_for_model(args)
-    family.check_args(args)
-    mf.check_quantize_available(args.quantize_base)
-    if args.lora_target_modules is None:
-        args.lora_target_modules = family.default_lora_targets
     resume_path = resolve_resume(args)
     if resume_path is not None and args.seed is None:
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
@@ -1628,6 +1627,13 @@ def main(args):
     logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
                 f"with face boxes: {checked['counts']['face']}")
     report_regions(checked, args, mask_regions)
+
+    # ---- The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, read before any weight loads
+    family = mf.family_for_model(args)
+    family.check_args(args)
+    mf.check_quantize_available(args.quantize_base)
+    if args.lora_target_modules is None:
+        args.lora_target_modules = family.default_lora_targets
     settings = run_settings(args, checked)
     settings["model_family"] = family.label
     if resume_path is not None:

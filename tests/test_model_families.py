@@ -1,6 +1,7 @@
 """FLUX.1 and SD3 behind the model-family seam (model_families.py): tiny pipelines built offline, trained end to
 end on the CPU, their LoRA files read by diffusers and checked against ComfyUI's key map."""
 
+import importlib.util
 import json
 import os
 import types
@@ -8,6 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -100,6 +102,22 @@ def test_flow_family_trains_saves_and_its_lora_loads_and_changes_the_image(famil
                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
     base = image()
+    if importlib.util.find_spec("mediapipe") is not None:  # evaluate_fairhuman generates with the family's pipeline
+        import evaluate_fairhuman as ev
+
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a photo of a person waving\n")
+        # diffusers reads FLUX's lora_transformer_* file too; for SD3 it is ComfyUI's file only
+        loras = [os.path.join(out, "pytorch_lora_weights.safetensors")] + ([kohya_path] if family == "flux" else [])
+        report = ev.main(ev.parse_args([
+            "--pretrained_model_name_or_path", model, "--lora_paths", *loras, "--lora_scale", "1", "--prompts_file", str(prompts), "--resolution", "32",
+            "--num_inference_steps", "2", "--seed", "1", "--output_dir", str(tmp_path / "eval"), "--disable_progress_bar"]))
+        assert report["settings"]["guidance_scale"] == {"flux": 3.5, "sd3": 4.5}[family]
+        columns = [row["model"] for row in report["models"]]
+        images = [np.asarray(Image.open(tmp_path / "eval" / "images" / c / "000_1.png"), dtype=np.int16) for c in columns]
+        assert len(images) == len(loras) + 1
+        if family == "flux":
+            assert np.abs(images[2] - images[1]).max() <= 1  # the kohya file = the diffusers file
     pipe.load_lora_weights(os.path.join(out, "pytorch_lora_weights.safetensors"), adapter_name="fh")
     from peft.utils import get_peft_model_state_dict
 
