@@ -377,9 +377,9 @@ class FlowMatchingFamily(ModelFamily):
             raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5), got {args.max_sequence_length}")
 
     def attention_module_examples(self, names):
-        return sorted({name.split(".", 2)[2] for name in names
-                       if name.count(".") >= 3 and ".attn." in name and name.split(".")[-1] not in ("attn",)
-                       and name.split(".", 2)[2].startswith("attn.")})
+        """``attn.to_q``, ``attn.add_q_proj``, ... : the block-relative names of the attention layers."""
+        return sorted({name.split(".", 2)[2] for name in names if name.count(".") >= 3
+                       and name.split(".", 2)[2].startswith(("attn.to_", "attn.add_", "attn2.to_"))})
 
     def geometry(self):
         vae_config = self.vae_config()
@@ -696,14 +696,3 @@ def check_quantize_available(mode: str | None) -> None:
     if not (torch.cuda.is_available() or has_xpu):
         raise UsageError(f"--quantize_base {mode}: diffusers' bitsandbytes quantization needs a CUDA (or XPU) GPU and "
                          "none is available here; train without --quantize_base (--quantize_base none)")
-
-
-def model_index_class(path: str) -> str | None:
-    """``_class_name`` of a local model folder's model_index.json (None when absent)."""
-    try:
-        with open(os.path.join(path, "model_index.json")) as f:
-            return json.load(f).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-

@@ -304,7 +304,8 @@ def check_args(args) -> None:
             raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
     for name in ["hand_loss_weight", "face_loss_weight", "fair_alpha", "local_loss_scale", "learning_rate",
                  "snr_gamma", "noise_offset", "max_grad_norm",
-                 "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"]:
+                 "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "guidance_scale",
+                 "logit_mean", "logit_std", "mode_scale"]:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number, got {value}")
