@@ -945,7 +945,7 @@ def check_lora_target_modules(args, family) -> None:
     if unmatched:
         examples = family.attention_module_examples(names)
         raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the "
-                         f"{family.denoiser_name.upper() if family.denoiser_name == 'unet' else family.denoiser_name} "
+                         f"{'UNet' if family.denoiser_name == 'unet' else family.denoiser_name} "
                          f"(names in its attention blocks: {', '.join(examples)})")
 
 
@@ -1298,7 +1298,7 @@ def run_settings(args, checked: dict) -> dict:
 
     settings["pretrained_model_name_or_path"] = where(args.pretrained_model_name_or_path)
     settings["lora_alpha"] = float(args.lora_alpha)
-    settings["lora_target_modules"] = sorted(set(lora_targets(args)))
+    settings["lora_target_modules"] = sorted(set(lora_targets(args))) if args.lora_target_modules is not None else None
     settings["dataset"] = where(args.dataset_name or args.train_data_dir)
     settings["dataset_rows"] = len(checked["sizes"])
     settings["dataset_fingerprint"] = dataset_fingerprint(checked)
@@ -1333,13 +1333,13 @@ def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]
     def show(value):
         return ",".join(value) if isinstance(value, list) else value
 
-    if saved.get("model_family", settings.get("model_family")) != settings.get("model_family"):
+    if saved.get("model_family") and settings.get("model_family") and saved["model_family"] != settings["model_family"]:
         raise UsageError(f"--resume_from_checkpoint: {name} is a LoRA of a {saved['model_family']} model and "
                          f"--pretrained_model_name_or_path is a {settings['model_family']} model; a LoRA cannot move "
                          "between model families. Resume with the checkpoint's base model, or start a new run in "
                          "another --output_dir")
     refused = [f"{flag(k)} {show(settings[k])} (the checkpoint has {show(saved[k])})"
-               for k in RESUME_MUST_MATCH if k in saved and saved[k] != settings.get(k)]
+               for k in RESUME_MUST_MATCH if k in saved and settings.get(k) is not None and saved[k] != settings[k]]
     if refused:
         raise UsageError(f"--resume_from_checkpoint: {name} was trained with other settings that change what its "
                          f"weights mean: {'; '.join(refused)}. Resume with the checkpoint's values, or start a new run "
@@ -1630,15 +1630,22 @@ def main(args):
     report_regions(checked, args, mask_regions)
 
     # ---- The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, read before any weight loads
-    family = mf.family_for_model(args)
-    family.check_args(args)
-    mf.check_quantize_available(args.quantize_base)
-    if args.lora_target_modules is None:
-        args.lora_target_modules = family.default_lora_targets
+    family, family_error = None, None
+    try:
+        family = mf.family_for_model(args)
+    except UsageError as error:  # a resume with another base model is named as such first
+        family_error = error
+    if family is not None:
+        family.check_args(args)
+        if args.lora_target_modules is None:
+            args.lora_target_modules = family.default_lora_targets
     settings = run_settings(args, checked)
-    settings["model_family"] = family.label
+    settings["model_family"] = family.label if family is not None else None
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)
+    if family_error is not None:
+        raise family_error
+    mf.check_quantize_available(args.quantize_base)
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
     vae_scale, size_step, granularity, native_resolution = model_geometry(family)
