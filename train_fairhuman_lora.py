@@ -1031,7 +1031,12 @@ def save_lora(family, denoiser, folder: str, *, diffusers: bool = True, diffuser
 
 def training_settings(args, global_step: int) -> dict:
     """The settings a LoRA was trained with: the model card's table and the kohya file's metadata."""
-    return {
+    flow = {}
+    if args.weighting_scheme is not None:  # FLUX.1 / SD3 (set by the family's check_args)
+        flow = {"weighting_scheme": args.weighting_scheme, "guidance_scale (FLUX.1)": args.guidance_scale,
+                "precondition_outputs (SD3)": args.precondition_outputs, "max_sequence_length": args.max_sequence_length,
+                "quantize_base": args.quantize_base}
+    return flow | {
         "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
         "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
         "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1

@@ -294,3 +294,23 @@ def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
         with torch.no_grad():  # a validation-style forward between steps must not break the next training step
             family.predict(transformer, inputs)
     assert all(torch.equal(p, frozen[n]) for n, p in transformer.named_parameters() if n in frozen)
+
+
+def test_flux_two_processes_equal_one_process(tiny_flux, demo_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE_ENV, REPO
+
+    common = flow_args(tiny_flux, demo_dataset, tmp_path / "one", 3, "--save_precision", "fp32",
+                       "--fair_update_interval", "1")
+    run_main(*common, "--train_batch_size", "2")
+    two = [str(a) for a in flow_args(tiny_flux, demo_dataset, tmp_path / "two", 3, "--save_precision", "fp32",
+                                     "--fair_update_interval", "1", "--train_batch_size", "1")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "train_fairhuman_lora.py"), *two]
+    proc = subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_lora(str(tmp_path / "one"), str(tmp_path / "two"), atol=1e-5)
