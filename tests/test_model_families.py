@@ -314,3 +314,18 @@ def test_flux_two_processes_equal_one_process(tiny_flux, demo_dataset, tmp_path)
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_lora(str(tmp_path / "one"), str(tmp_path / "two"), atol=1e-5)
+
+
+def test_tiny_clip_pools_at_the_end_token_so_prompts_differ(tiny_sdxl):
+    """The tiny CLIP's eos_token_id is its tokenizer's <|endoftext|> (513): the pooled embedding (SDXL's text_embeds,
+    FLUX.1's only CLIP input) depends on the prompt. With the old 515, CLIP pooled the BOS position: all equal."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer_2")
+    encoder = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")
+    assert encoder.config.eos_token_id == tokenizer.eos_token_id == 513
+    ids = tokenizer(["a photo of a person", "a close-up of a hand"], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = encoder(ids).text_embeds
+    assert (pooled[0] - pooled[1]).abs().max() > 1e-3
