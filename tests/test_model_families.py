@@ -329,3 +329,40 @@ def test_tiny_clip_pools_at_the_end_token_so_prompts_differ(tiny_sdxl):
     with torch.no_grad():
         pooled = encoder(ids).text_embeds
     assert (pooled[0] - pooled[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family_name, scheme", [("flux", "sigma_sqrt"), ("sd3", "logit_normal")])
+def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name, scheme, request):
+    """noisy = (1 - s) x0 + s noise with s = scheduler.sigmas[int(u * 1000)], u from
+    compute_density_for_timestep_sampling; target noise - x0 (FLUX) or x0 with the prediction preconditioned to
+    pred * (-s) + noisy (SD3); weights compute_loss_weighting_for_sd3. Every draw from the example's generator."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    model = request.getfixturevalue(f"tiny_{family_name}")
+    args = train.parse_args(["--pretrained_model_name_or_path", model, "--train_data_dir", "x",
+                             "--max_sequence_length", "16", "--weighting_scheme", scheme])
+    family = mf.family_for_model(args)
+    family.check_args(args)
+    family.load("cpu", torch.float32)
+    batch = {"pixel_values": torch.rand(2, 3, 16, 24) * 2 - 1, "seeds": [11, 12]}
+    got = family.noisy_inputs(batch, {}, "cpu", torch.float32)
+    for i, seed in enumerate(batch["seeds"]):
+        g = torch.Generator().manual_seed(seed)
+        latents = family.latents({"pixel_values": batch["pixel_values"][i:i + 1]}, [g], "cpu", torch.float32)[0]
+        noise = torch.randn(latents.shape, generator=g)
+        u = compute_density_for_timestep_sampling(scheme, 1, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                                  generator=g)
+        index = int(u * 1000)
+        sigma = family.noise_scheduler.sigmas[index]
+        assert got.timesteps[i] == family.noise_scheduler.timesteps[index]
+        torch.testing.assert_close(got.model_input[i], (1 - sigma) * latents + sigma * noise)
+        expected_target = latents if family_name == "sd3" else noise - latents
+        torch.testing.assert_close(got.target[i], expected_target)
+        weight = compute_loss_weighting_for_sd3(scheme, sigmas=sigma.view(1, 1, 1, 1)).view(-1)
+        torch.testing.assert_close(got.sample_weights[i:i + 1], weight.float())
+    if family_name == "sd3":  # the SD3 scheduler's static shift 3 is in the training sigmas
+        assert family.noise_scheduler.sigmas[500] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5), abs=2e-3)
+        velocity = torch.randn_like(got.model_input)
+        got.conditioning = {"encoder_hidden_states": None, "pooled_projections": None}
+        pred = family.predict(lambda **kwargs: (velocity,), got)  # preconditioned: x0 estimate = noisy - s v
+        torch.testing.assert_close(pred, got.model_input - got.extras["sigmas"] * velocity)
