@@ -906,9 +906,9 @@ class FairUpdate:
       far the applied update is from exact MPD (:meth:`FairStep.fidelity`, and per objective
       applied / exact weight, :meth:`FairStep.weight_ratios`).
 
-    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, registered with
-    ``accelerator.register_for_checkpointing``): the number of updates written (which fixes the
-    schedule), the last coefficients and the calibration ``s`` (one scale per objective).
+    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, plain JSON-able Python that
+    the training script writes into each checkpoint as JSON): the number of updates written (which
+    fixes the schedule), the last coefficients and the calibration ``s`` (one scale per objective).
     """
 
     def __init__(

@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "fairhuman_state.json"
 RUN_SETTINGS_FILE = "fairhuman_run_settings.json"  # in each checkpoint: the settings it was trained with
+FAIR_STATE_FILE = "fair_update_state.json"  # in each checkpoint: FairUpdate.state_dict() as JSON (never a pickle)
 # Exact MPD every step (the authors' method). The cheap interval mode (8, prediction weights, diagonal
 # calibration) kept 97 % of exact's hand gain but 85 % of its face gain on the effect benchmark (5 seeds),
 # per-objective weights 1.01 / 1.16 / 0.88 of exact's (benchmarks/RESULTS.md, issue 9).
@@ -1287,14 +1289,16 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, args, global_step: int, settings: dict | None = None) -> str:
+def save_checkpoint(accelerator, args, global_step: int, settings: dict | None = None, fair_update=None) -> str:
     """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
 
-    ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler, RNG states and the
-    registered :class:`fairhuman_utils.FairUpdate`; the marker file, written last, marks the checkpoint
-    complete and holds its step and the run's seed. A kill while writing leaves only
+    ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler and RNG states; the
+    :class:`fairhuman_utils.FairUpdate`'s state goes into ``fair_update_state.json`` (JSON, never a
+    pickle: a checkpoint someone hands you cannot run code); the marker file, written last, marks the
+    checkpoint complete and holds its step and the run's seed. A kill while writing leaves only
     ``.checkpoint-N.partial``, which ``latest`` never picks. Older checkpoints beyond
-    ``--checkpoints_total_limit`` are removed only after the new one is complete.
+    ``--checkpoints_total_limit`` are removed only after the new one is complete, and only checkpoints
+    of an EARLIER step: the one just written is never removed (:func:`rotate_checkpoints`).
     """
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
@@ -1306,17 +1310,76 @@ def save_checkpoint(accelerator, args, global_step: int, settings: dict | None =
         if settings is not None:
             with open(os.path.join(partial, RUN_SETTINGS_FILE), "w") as f:
                 json.dump(settings, f, indent=1)
+        if fair_update is not None:
+            with open(os.path.join(partial, FAIR_STATE_FILE), "w") as f:
+                json.dump(fair_update.state_dict(), f)
         with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
             json.dump({"global_step": global_step, "seed": args.seed}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
         if args.checkpoints_total_limit is not None:
-            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+            rotate_checkpoints(args.output_dir, global_step, args.checkpoints_total_limit)
         logger.info(f"Saved state to {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def rotate_checkpoints(output_dir: str, global_step: int, limit: int) -> list[str]:
+    """Keep ``checkpoint-{global_step}`` (just written) and the newest ``limit - 1`` complete checkpoints of
+    earlier steps; remove the older ones. A checkpoint of a LATER step (another run's, which
+    :func:`settle_checkpoint_branch` moves aside before training) is never touched. Returns the removed."""
+    earlier = [path for step, path in list_checkpoints(output_dir) if step < global_step]
+    removed = earlier[: max(0, len(earlier) - (limit - 1))]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+SUPERSEDED = ".superseded"
+"""Suffix of checkpoints moved aside because a run resumed from an earlier one (``latest`` ignores them)."""
+
+
+def settle_checkpoint_branch(args, resume_path: str | None, move: bool = True) -> list[str]:
+    """Make sure ``latest`` and the rotation only ever see THIS run's checkpoints; returns what it did.
+
+    * A new run (no ``--resume_from_checkpoint``, or ``latest`` with nothing complete) in an output folder
+      that holds complete checkpoints is REFUSED (:class:`UsageError` naming them): its first checkpoint
+      would overwrite theirs, the rotation would delete it, and ``latest`` would resume the other run.
+      The way out: ``--resume_from_checkpoint latest`` to continue that run, or another ``--output_dir``.
+    * A run resumed from ``checkpoint-N`` while checkpoints of later steps exist (the earlier run went on
+      past N) branches off: with ``move`` those later checkpoints are renamed ``checkpoint-M.superseded``
+      (``.superseded-2`` ... when taken), which ``latest`` and the rotation ignore, with a warning naming
+      each. Nothing is deleted.
+    """
+    found = list_checkpoints(args.output_dir)
+    if resume_path is None:
+        if found:
+            names = ", ".join(os.path.basename(path) for _, path in found)
+            raise UsageError(f"--output_dir {args.output_dir!r} holds the checkpoints of another run ({names}): a new "
+                             "run would overwrite or rotate them away and --resume_from_checkpoint latest would then "
+                             "resume the other run. Continue that run with --resume_from_checkpoint latest, or start "
+                             "this one in another --output_dir (or move those checkpoints away)")
+        return []
+    step = read_marker(resume_path)["global_step"]
+    later = [(s, path) for s, path in found if s > step]
+    if not later:
+        return []
+    messages = []
+    for _, path in later:
+        target, n = path + SUPERSEDED, 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}{SUPERSEDED}-{n}"
+        if move:
+            os.replace(path, target)
+        messages.append(f"{os.path.basename(path)} -> {os.path.basename(target)}")
+    message = (f"resuming from {os.path.basename(os.path.normpath(resume_path))} (step {step}) while --output_dir holds "
+               f"checkpoints of later steps from the run that went on past it; moved aside so that "
+               f"--resume_from_checkpoint latest and --checkpoints_total_limit only see this run's: {'; '.join(messages)}")
+    if move:
+        logger.warning(message)
+    return [message]
 
 
 def read_marker(checkpoint: str) -> dict:
@@ -1326,26 +1389,99 @@ def read_marker(checkpoint: str) -> dict:
 
 
 def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
-    """Restore LoRA, optimizer, scheduler, RNG states and the fair update, and register the fair update
-    for the checkpoints still to come; returns the checkpoint's optimizer step.
+    """Restore LoRA, optimizer, scheduler and RNG states (accelerate) and the fair update (from JSON);
+    returns the checkpoint's optimizer step.
 
-    The fair update is restored by accelerate (``register_for_checkpointing`` before ``load_state``).
-    Checkpoints written before it had a state of its own (their marker holds ``fair_state``) have no
-    state file for it: they are loaded first, the update registered afterwards and its state taken
-    from the marker.
+    The fair update's state is read from ``fair_update_state.json``. Older checkpoints are read too:
+    those of the previous format hold it in ``custom_checkpoint_0.pkl`` (accelerate's custom state),
+    read here with ``torch.load(weights_only=True)`` (plain lists and numbers; a file that needs more
+    is refused, nothing in it runs); those of the format before hold it in the marker (``fair_state``).
     """
     marker = read_marker(checkpoint)
-    if "fair_state" not in marker:
-        accelerator.register_for_checkpointing(fair_update)
-        accelerator.load_state(checkpoint)
-        return marker["global_step"]
-    accelerator.load_state(checkpoint)
-    accelerator.register_for_checkpointing(fair_update)
-    fair_state = marker["fair_state"] or {}
-    fair_update.load_state_dict({"weighting": "fair" if fair_state else None, "step": marker["global_step"],
-                                 "coefficients": fair_state.get("coefficients"),
-                                 "gram_scale": fair_state.get("gram_scale", 1.0)})
+    json_path, pickle_path = os.path.join(checkpoint, FAIR_STATE_FILE), os.path.join(checkpoint, LEGACY_FAIR_STATE_FILE)
+    if os.path.isfile(pickle_path):  # accelerate would unpickle it (weights_only=False): load a view without it
+        with tempfile.TemporaryDirectory(prefix=".fairhuman-resume-") as view:
+            for name in os.listdir(checkpoint):
+                if name != LEGACY_FAIR_STATE_FILE:
+                    os.symlink(os.path.abspath(os.path.join(checkpoint, name)), os.path.join(view, name))
+            accelerator.load_state(view)
+    else:
+        accelerator.load_state(checkpoint)  # the fair update is not registered with accelerate: nothing is unpickled
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            fair_update.load_state_dict(json.load(f))
+    elif os.path.isfile(pickle_path):
+        try:
+            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - the unpickler refuses anything but plain data
+            raise UsageError(f"--resume_from_checkpoint: {pickle_path} holds more than the fair update's plain state "
+                             f"and is not loaded ({type(error).__name__})") from None
+        fair_update.load_state_dict(state)
+    else:
+        fair_state = marker.get("fair_state") or {}
+        fair_update.load_state_dict({"weighting": "fair" if fair_state else None, "step": marker["global_step"],
+                                     "coefficients": fair_state.get("coefficients"),
+                                     "gram_scale": fair_state.get("gram_scale", 1.0)})
     return marker["global_step"]
+
+
+LEGACY_FAIR_STATE_FILE = "custom_checkpoint_0.pkl"  # where checkpoints of the previous format kept the fair update
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """What is missing or damaged in a complete-looking checkpoint, or ``None``: its files are checked
+    without loading any model (LoRA file: safetensors header and size; optimizer and scheduler: a torch
+    zip archive with every member's CRC; the fair update's JSON)."""
+    from safetensors import safe_open
+
+    problems = []
+    lora = os.path.join(checkpoint, LORA_WEIGHT_NAME)
+    if not os.path.isfile(lora):
+        problems.append(f"{LORA_WEIGHT_NAME} is missing")
+    else:
+        try:
+            with safe_open(lora, "pt") as f:  # checks the header covers exactly the file (truncation)
+                keys = list(f.keys())
+            if not keys:
+                problems.append(f"{LORA_WEIGHT_NAME} holds no tensor")
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error kinds
+            problems.append(f"{LORA_WEIGHT_NAME} is damaged ({error})")
+    for name in ("optimizer.bin", "scheduler.bin"):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            if name == "optimizer.bin" and os.path.isfile(os.path.join(checkpoint, "optimizer.safetensors")):
+                continue
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                problems.append(f"{name} is damaged ({bad} fails its checksum)")
+        except (zipfile.BadZipFile, OSError) as error:
+            problems.append(f"{name} is damaged ({error})")
+    fair = os.path.join(checkpoint, FAIR_STATE_FILE)
+    if os.path.isfile(fair):
+        try:
+            with open(fair) as f:
+                json.load(f)
+        except ValueError as error:
+            problems.append(f"{FAIR_STATE_FILE} is damaged ({error})")
+    return "; ".join(problems) or None
+
+
+def check_checkpoint(checkpoint: str, output_dir: str) -> None:
+    """Refuse a damaged checkpoint before any model loads, naming what is wrong and the newest complete,
+    undamaged checkpoint of an earlier step to resume from instead."""
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        return
+    step = read_marker(checkpoint)["global_step"]
+    folder = os.path.dirname(os.path.normpath(checkpoint)) or "."
+    previous = [path for s, path in list_checkpoints(folder) if s < step and checkpoint_problem(path) is None]
+    way_out = (f"resume from the previous complete checkpoint: --resume_from_checkpoint {previous[-1]}" if previous
+               else "no earlier complete checkpoint is there; start a new run in another --output_dir")
+    raise UsageError(f"--resume_from_checkpoint: {checkpoint} is damaged: {problem}. Move it away and {way_out}")
 
 
 # Settings that change what a checkpoint's weights mean: resuming with other values is refused.
@@ -1648,6 +1784,9 @@ def main(args):
     check_trackers(args)
     check_output_dir(args)
     resume_path = resolve_resume(args)
+    if resume_path is not None:
+        check_checkpoint(resume_path, args.output_dir)
+    settle_checkpoint_branch(args, resume_path, move=False)  # a new run over another run's checkpoints: refused now
     if resume_path is not None and args.seed is None:
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
     if args.seed is None:
@@ -1695,6 +1834,9 @@ def main(args):
     settings = run_settings(args, checked)
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)
+        if accelerator.is_main_process:  # later checkpoints of the run that went on past this one: moved aside
+            settle_checkpoint_branch(args, resume_path)
+        accelerator.wait_for_everyone()
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
@@ -1815,13 +1957,12 @@ def main(args):
 
     # ---- Training loop -------------------------------------------------------------------------
     global_step = 0
+    # FairHuman: the fair update's state (schedule, coefficients, calibration) goes into every checkpoint, as JSON
     if resume_path is None:
-        # FairHuman: the fair update's state (schedule, coefficients, calibration) goes into every checkpoint
-        accelerator.register_for_checkpointing(fair_update)
         if args.resume_from_checkpoint == "latest":
             logger.info("No complete checkpoint in --output_dir; starting a new run.")
     else:
-        global_step = load_checkpoint(accelerator, resume_path, fair_update)  # registers fair_update too
+        global_step = load_checkpoint(accelerator, resume_path, fair_update)
         logger.info(f"Resumed from {resume_path} at optimizer step {global_step}")
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -1885,7 +2026,7 @@ def main(args):
                 last_step_time, step_losses = now, torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step, settings)
+                    save_checkpoint(accelerator, args, global_step, settings, fair_update)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
                     run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,

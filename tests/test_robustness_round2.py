@@ -1,0 +1,123 @@
+"""Nothing a user runs is lost, round 2 (issue 20): checkpoints, overwrites, tokens, files, and every
+flag's domain checked before any model loads.
+
+Messages checked "before any model loads" are given with a model path that does not exist: had the
+check come later, the error would name the model instead.
+"""
+
+import json
+import logging
+import os
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+import train_fairhuman_lora as train
+from conftest import lora_tensors, run_main
+from test_train import _argv, _dataset, _error, common
+
+
+def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=False):
+    """A checkpoint folder with the files save_checkpoint writes (tiny contents, no model needed)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    if lora:
+        path = os.path.join(folder, train.LORA_WEIGHT_NAME)
+        save_file({"unet.a.lora_A.weight": torch.zeros(4, 8)}, path)
+        if truncate_lora:
+            payload = open(path, "rb").read()
+            open(path, "wb").write(payload[: len(payload) - 40])
+    if optimizer:
+        torch.save({"state": {}}, os.path.join(folder, "optimizer.bin"))
+    torch.save({"last_epoch": step}, os.path.join(folder, "scheduler.bin"))
+    with open(os.path.join(folder, train.CHECKPOINT_MARKER), "w") as f:
+        json.dump({"global_step": step, "seed": 1}, f)
+    return str(folder)
+
+
+# ---- 1. checkpoint rotation never deletes what was just written; latest never picks another branch -----
+
+
+def test_resume_from_an_older_checkpoint_moves_later_ones_aside(tiny_sd, demo_dataset, tmp_path, caplog):
+    out = tmp_path / "run"
+    run_main(*common(tiny_sd, demo_dataset, out, 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    with caplog.at_level(logging.WARNING):
+        run_main(*common(tiny_sd, demo_dataset, out, 3, "--checkpointing_steps", 1, "--checkpoints_total_limit", 1,
+                         "--resume_from_checkpoint", out / "checkpoint-2"))
+    # the checkpoint just written is kept; the other branch's later one is moved aside, not deleted
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4.superseded"]
+    assert "checkpoint-4 -> checkpoint-4.superseded" in caplog.text
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(out),
+                             "--resume_from_checkpoint", "latest"])
+    assert train.resolve_resume(args) == str(out / "checkpoint-3")  # the new work, not the old branch
+    assert lora_tensors(out / "checkpoint-4.superseded")  # still whole
+
+
+def test_new_run_over_another_runs_checkpoints_is_refused(tmp_path):
+    data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [], "face_boxes": []}])
+    out = tmp_path / "o"
+    _fake_checkpoint(out / "checkpoint-4", 4)
+    message = _error(_argv(data, out))
+    assert "holds the checkpoints of another run (checkpoint-4)" in message
+    assert "--resume_from_checkpoint latest" in message and "another --output_dir" in message
+
+
+def test_rotation_keeps_the_checkpoint_just_written(tmp_path):
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
+    removed = train.rotate_checkpoints(str(tmp_path), 4, 1)  # another run's checkpoint-6 is newer
+    assert removed == [str(tmp_path / "checkpoint-2")]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
+
+
+# ---- 4. a damaged checkpoint is named before the models load, with the previous complete one -------------
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (dict(optimizer=False), "optimizer.bin is missing"),
+    (dict(lora=False), "pytorch_lora_weights.safetensors is missing"),
+    (dict(truncate_lora=True), "pytorch_lora_weights.safetensors is damaged"),
+])
+def test_damaged_checkpoint_named_with_the_previous_one(damage, expected, tmp_path):
+    data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [], "face_boxes": []}])
+    out = tmp_path / "o"
+    _fake_checkpoint(out / "checkpoint-2", 2)
+    _fake_checkpoint(out / "checkpoint-4", 4, **damage)
+    message = _error(_argv(data, out, "--resume_from_checkpoint", "latest"))
+    assert f"checkpoint-4 is damaged: {expected}" in message
+    assert f"--resume_from_checkpoint {out / 'checkpoint-2'}" in message
+
+
+# ---- 8. the fair update's state is JSON; an old pickle is read without running anything -----------------
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/fairhuman-pwned",))
+
+
+def test_fair_update_state_is_never_unpickled_with_code(tmp_path):
+    import fairhuman_utils as fh
+
+    class FakeAccelerator:
+        def load_state(self, folder):
+            self.loaded = sorted(os.listdir(folder))
+
+    checkpoint = _fake_checkpoint(tmp_path / "checkpoint-3", 3)
+    torch.save({"step": 3, "weighting": "fair", "coefficients": [1.0, 2.0, 3.0], "gram_scale": None, "x": _Boom()},
+               os.path.join(checkpoint, "custom_checkpoint_0.pkl"))
+    update = fh.FairUpdate([torch.nn.Parameter(torch.zeros(2))], "fair")
+    accelerator = FakeAccelerator()
+    with pytest.raises(train.UsageError, match="holds more than the fair update's plain state"):
+        train.load_checkpoint(accelerator, checkpoint, update)
+    assert "custom_checkpoint_0.pkl" not in accelerator.loaded  # accelerate never sees (unpickles) it
+    assert not os.path.exists("/tmp/fairhuman-pwned")
+    # a plain old-format state loads
+    torch.save({"step": 3, "weighting": "fair", "coefficients": [1.0, 2.0, 3.0], "gram_scale": None},
+               os.path.join(checkpoint, "custom_checkpoint_0.pkl"))
+    assert train.load_checkpoint(accelerator, checkpoint, update) == 3
+    assert update.step == 3 and update.coefficients.tolist() == [1.0, 2.0, 3.0]
