@@ -513,7 +513,7 @@ def generate(args, prompts, lora_names) -> list[dict]:
                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         height=args.resolution, width=args.resolution, generator=generators).images
                 for s, image in zip(chunk, images):
-                    file_name = f"{i:03d}_{s}.png"
+                    file_name = image_file_name(i, s)
                     image.save(os.path.join(folder, file_name))
                     rows.append({"file_name": file_name, "text": prompt, "prompt_index": i, "seed": s})
                 progress.update(len(chunk))
@@ -589,7 +589,9 @@ def parse_args(input_args=None):
     g.add_argument("--output_dir", type=str, default="fairhuman-evaluation",
                    help="Where images/<model>/, grid_<prompt index>.png, report.json and report.md go.")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Write into a non-empty --output_dir (replacing this script's own outputs there).")
+                   help="Write into a non-empty --output_dir: the files an earlier run of this script wrote there "
+                        "(listed in its .fairhuman_evaluation_outputs.json) are replaced; nothing else is touched, "
+                        "and a file of yours with the name of an output stops the run.")
     g.add_argument("--grid_cell_size", type=int, default=256, help="Width in pixels of each image in the grids.")
     g.add_argument("--disable_progress_bar", action="store_true", help="Do not show progress bars.")
 
@@ -639,17 +641,74 @@ def check_args(args) -> None:
         raise UsageError(f"--output_dir {args.output_dir!r} exists and is not empty (pass --overwrite_output_dir)")
 
 
-def clear_outputs(output_dir: str, generation: bool) -> None:
-    """Remove what an earlier run of this script wrote into ``output_dir`` (and nothing else); the
-    ``images`` folder only in generation mode, the only mode that writes one."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if generation and name == "images" and os.path.isdir(path):
-            shutil.rmtree(path)
-        elif re.fullmatch(r"grid_\d+\.png|report\.json|report\.md", name):
-            os.remove(path)
+OUTPUTS_MANIFEST = ".fairhuman_evaluation_outputs.json"
+"""In --output_dir: every file this script writes there (relative paths), listed BEFORE they are written,
+so that --overwrite_output_dir removes those and nothing else, even after a run that was interrupted."""
+
+
+def image_file_name(prompt_index: int, seed: int) -> str:
+    """The file name of a generated image: ``{prompt index:03d}_{seed}.png``."""
+    return f"{prompt_index:03d}_{seed}.png"
+
+
+def planned_outputs(args, prompts, lora_names) -> list[str]:
+    """The files (relative to --output_dir) this run will write: the report, and in generation mode every
+    image and metadata.jsonl under images/<model>/ and one grid per prompt."""
+    files = ["report.json", "report.md"]
+    if prompts is not None:
+        n = args.num_images_per_prompt
+        for name in ["base", *lora_names]:
+            files.append(f"images/{name}/metadata.jsonl")
+            files += [f"images/{name}/{image_file_name(i, image_seed(args.seed, i, j, n))}"
+                      for i in range(len(prompts)) for j in range(n)]
+        files += [f"grid_{i}.png" for i in range(len(prompts))]
+    return files
+
+
+def _read_manifest(output_dir: str) -> list[str]:
+    path = os.path.join(output_dir, OUTPUTS_MANIFEST)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [f for f in files if isinstance(f, str)]
+
+
+def clear_outputs(output_dir: str) -> list[str]:
+    """Remove what an earlier run of this script wrote into ``output_dir`` and nothing else: the files its
+    manifest (:data:`OUTPUTS_MANIFEST`) lists, then the folders that leaves empty. Returns the removed."""
+    root = os.path.realpath(output_dir)
+    removed = []
+    for relative in _read_manifest(output_dir):
+        path = os.path.realpath(os.path.join(root, relative))
+        if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+            continue  # never outside the output folder, never a folder
+        os.remove(path)
+        removed.append(relative)
+        folder = os.path.dirname(path)
+        while folder != root and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
+    manifest = os.path.join(output_dir, OUTPUTS_MANIFEST)
+    if os.path.isfile(manifest):
+        os.remove(manifest)
+    return removed
+
+
+def claim_outputs(output_dir: str, files: list[str]) -> None:
+    """Refuse when a file this run would write is already there and is not this script's (a user's file of
+    the same name); otherwise list ``files`` in the manifest before writing any of them."""
+    taken = [f for f in files if os.path.lexists(os.path.join(output_dir, f))]
+    if taken:
+        raise UsageError(f"--output_dir {output_dir!r}: {len(taken)} file(s) this run would write are already there "
+                         f"and were not written by this script, e.g. {', '.join(taken[:3])}; they are left alone: "
+                         "choose another --output_dir")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, OUTPUTS_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=0)
 
 
 def main(args) -> dict:
@@ -672,8 +731,8 @@ def main(args) -> dict:
     check_detector_available()  # the optional extra, before any model is loaded
     clip = ClipScorer(args.clip_model_name_or_path, args.device) if args.clip_model_name_or_path else None
     if args.overwrite_output_dir:
-        clear_outputs(args.output_dir, generation)
-    os.makedirs(args.output_dir, exist_ok=True)
+        clear_outputs(args.output_dir)
+    claim_outputs(args.output_dir, planned_outputs(args, prompts, lora_names))
 
     if generation:
         folders = generate(args, prompts, lora_names)

@@ -1307,12 +1307,18 @@ def parse_args(input_args=None):
         if args.output_dir is None:
             parser.error("--output_dir is required")
         dataset_dir = args.output_dir
-        if args.input_dir is not None:  # checked first: --overwrite_output_dir must never delete the input
-            if not os.path.isdir(args.input_dir):
-                parser.error(f"--input_dir {args.input_dir} is not a folder")
-            inside = os.path.commonpath([os.path.abspath(args.input_dir), os.path.abspath(args.output_dir)])
-            if inside == os.path.abspath(args.output_dir):
-                parser.error("--output_dir must not be --input_dir or a folder containing it")
+        if args.input_dir is not None and not os.path.isdir(args.input_dir):
+            parser.error(f"--input_dir {args.input_dir} is not a folder")
+        # checked first: --overwrite_output_dir must never delete the input, whatever kind it is
+        inputs = [("--input_dir", args.input_dir)]
+        if args.dataset_name is not None and os.path.exists(args.dataset_name):  # a local dataset, not a Hub id
+            inputs.append(("--dataset_name", args.dataset_name))
+        for out_flag, out_path in (("--output_dir", args.output_dir), ("--save_to_disk", args.save_to_disk)):
+            for in_flag, in_path in inputs:
+                relation = path_relation(out_path, in_path) if in_path and out_path else None
+                if relation:
+                    parser.error(f"{out_flag} {out_path} {relation} {in_flag} {in_path}: writing there would replace "
+                                 f"or mix with the input; choose a folder outside it")
         if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
             parser.error(
                 f"--output_dir {args.output_dir} exists and is not empty (pass --overwrite_output_dir to replace it)"
@@ -1341,6 +1347,16 @@ def parse_args(input_args=None):
     if args.push_to_hub and args.hub_dataset_id is None:
         args.hub_dataset_id = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
     return args
+
+
+def path_relation(path: str, other: str) -> str | None:
+    """How folder ``path`` relates to folder ``other`` (symbolic links resolved): 'is', 'contains', 'is inside'
+    or ``None`` when they are apart."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b:
+        return "is"
+    common = os.path.commonpath([a, b])
+    return "contains" if common == a else "is inside" if common == b else None
 
 
 def main(args, detector=None):

@@ -121,3 +121,74 @@ def test_fair_update_state_is_never_unpickled_with_code(tmp_path):
                os.path.join(checkpoint, "custom_checkpoint_0.pkl"))
     assert train.load_checkpoint(accelerator, checkpoint, update) == 3
     assert update.step == 3 and update.coefficients.tolist() == [1.0, 2.0, 3.0]
+
+
+# ---- 2. evaluate_fairhuman.py --overwrite_output_dir removes only its own outputs -----------------------
+
+
+def test_evaluation_overwrite_removes_only_its_own_files(tmp_path):
+    import argparse
+
+    import evaluate_fairhuman as ev
+
+    out = tmp_path / "eval"
+    args = argparse.Namespace(num_images_per_prompt=2, seed=7)
+    planned = ev.planned_outputs(args, ["a", "b"], ["lora"])
+    assert "images/base/000_7.png" in planned and "images/lora/001_10.png" in planned and "grid_1.png" in planned
+    ev.claim_outputs(str(out), planned)
+    for relative in planned[:5]:  # an interrupted earlier run wrote some of them
+        os.makedirs(os.path.dirname(out / relative), exist_ok=True)
+        (out / relative).write_text("ours")
+    (out / "images" / "mine.png").write_text("the user's")
+    (out / "images" / "base" / "notes.txt").write_text("the user's")
+    (out / "grid_7.png").write_text("the user's")
+    assert ev.clear_outputs(str(out)) == planned[:5]
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["grid_7.png", "images/base/notes.txt", "images/mine.png"]
+    # a file of the user's with an output's name is never overwritten: the run stops naming it
+    (out / "report.md").write_text("the user's")
+    with pytest.raises(ev.UsageError, match="report.md"):
+        ev.claim_outputs(str(out), planned)
+
+
+def test_scoring_mode_keeps_a_users_grid_0_png(tmp_path):
+    pytest.importorskip("mediapipe")
+    import evaluate_fairhuman as ev
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("grid_0.png", "a.png"):
+        Image.new("RGB", (32, 32), (200, 180, 160)).save(photos / name)
+    argv = ["--images_dir", str(photos), "--output_dir", str(photos), "--overwrite_output_dir",
+            "--disable_progress_bar", "--num_bootstrap", "10"]
+    for _ in range(2):
+        report = ev.main(ev.parse_args(argv))
+        assert report["models"][0]["images"] == 2
+    assert sorted(os.listdir(photos)) == [".fairhuman_evaluation_outputs.json", "a.png", "grid_0.png", "report.json",
+                                          "report.md"]
+
+
+# ---- 3. prepare_fairhuman_dataset.py never writes over (into, around) its input -------------------------
+
+
+@pytest.mark.parametrize("where, relation", [("same", "is"), ("parent", "contains"), ("child", "is inside")])
+def test_prepare_refuses_an_output_over_a_local_dataset(where, relation, tmp_path, capsys):
+    import prepare_fairhuman_dataset as prep
+    from datasets import Dataset
+
+    source = tmp_path / "src"
+    Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "o": [[]]}).save_to_disk(str(source))
+    out = {"same": source, "parent": tmp_path, "child": source / "out"}[where]
+    argv = ["--dataset_name", str(source), "--objects_column", "o", "--hand_categories", "h",
+            "--output_dir", str(out), "--overwrite_output_dir"]
+    with pytest.raises(SystemExit):
+        prep.parse_args(argv)
+    assert f"--output_dir {out} {relation} --dataset_name {source}" in capsys.readouterr().err
+    assert os.path.isfile(source / "dataset_info.json")  # nothing deleted
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with pytest.raises(SystemExit):  # also an output inside an --input_dir, and --save_to_disk
+        prep.parse_args(["--input_dir", str(photos), "--output_dir", str(photos / "o")])
+    with pytest.raises(SystemExit):
+        prep.parse_args(["--input_dir", str(photos), "--output_dir", str(tmp_path / "x"), "--save_to_disk", str(photos)])
+    assert "--save_to_disk" in capsys.readouterr().err
