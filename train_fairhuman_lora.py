@@ -49,6 +49,8 @@ DEFAULT_FAIR_UPDATE_INTERVAL = 1
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+TRACKERS_RECORDING_ARGV = ("wandb", "all")  # --report_to values whose tracker records sys.argv (wandb does)
+
 UsageError = fh.UsageError  # bad input found before training starts; the message names the flag, column or row
 
 
@@ -250,7 +252,10 @@ def parse_args(input_args=None):
                    help='"tensorboard", "wandb", "all" or "none".')
     g.add_argument("--push_to_hub", action="store_true", help="Push the LoRA and its model card to the Hub.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: the output folder's name.")
-    g.add_argument("--hub_token", type=str, default=None, help="Hub token (not with --report_to wandb).")
+    g.add_argument("--hub_token", type=str, default=None,
+                   help="Hub token. Prefer `hf auth login`: a token on the command line is seen in the process list "
+                        "and shell history, and accelerate launch prints the whole command line when a run fails. "
+                        "Refused with --report_to wandb or all (wandb records the command line).")
 
     args = parser.parse_args(input_args)
     if args.lora_alpha is None:
@@ -319,9 +324,10 @@ def check_args(args) -> None:
     if args.fair_fidelity_check and args.fair_update_interval == 1:
         raise UsageError("--fair_fidelity_check compares a --fair_update_interval above 1 with the exact update; "
                          "with --fair_update_interval 1 every step is exact")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise UsageError("--report_to wandb and --hub_token cannot be used together (the token would be logged); "
-                         "log in with `hf auth login` instead")
+    if args.report_to in TRACKERS_RECORDING_ARGV and args.hub_token is not None:
+        raise UsageError(f"--report_to {args.report_to} and --hub_token cannot be used together: wandb records the "
+                         "command line, token included (and accelerate launch prints it when a run fails); log in "
+                         "with `hf auth login` instead and drop --hub_token")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
     if not lora_targets(args):
@@ -1093,7 +1099,23 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         alpha = unet.peft_config["default"].lora_alpha
         save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
         written.append(path)
+    for path in written:  # safetensors writes 0600: give the user's umask (a UI running as another user reads them)
+        os.chmod(path, 0o666 & ~current_umask())
     return written
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def training_settings(args, global_step: int) -> dict:
@@ -1665,7 +1687,7 @@ def lora_usage(args, repo_id: str, pipeline_cls: str) -> str:
     if args.save_lora_format in ("kohya", "both"):
         files.append(f"| `{kohya_file}` | kohya format | ComfyUI: `models/loras/`; AUTOMATIC1111 / Forge: "
                      f"`models/Lora/` (diffusers `load_lora_weights` reads it too) |")
-    weight_name = "" if args.save_lora_format != "kohya" else f', weight_name="{kohya_file}"'
+    weight_name = "" if args.save_lora_format != "kohya" else f", weight_name={kohya_file!r}"
     text = f"""## How to use
 
 Weights in {args.save_precision}, UNet only, rank {args.rank}, alpha {args.lora_alpha}:
@@ -1680,9 +1702,9 @@ The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5.
 import torch
 from diffusers import {pipeline_cls}, UniPCMultistepScheduler
 
-pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.float16).to("cuda")
 pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-pipe.load_lora_weights("{repo_id}"{weight_name})
+pipe.load_lora_weights({repo_id!r}{weight_name})
 pipe.fuse_lora(lora_scale=0.3)
 image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
 ```
@@ -1696,6 +1718,34 @@ image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scal
   prompt; sampler UniPC, 30 steps, CFG scale 7.5.
 """
     return text
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` when it is a Hub model id (``owner/name`` or ``name``, valid by the Hub's rules, not a
+    local path), else ``None``: a model card's ``base_model`` must name a model on the Hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name_or_path or os.path.exists(name_or_path) or name_or_path.count("/") > 1:
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def card_metadata(args, sdxl: bool) -> str:
+    """The model card's YAML front matter, written by huggingface_hub's serializer (``ModelCardData``), so
+    no value can add or change keys; ``base_model`` only when the base model is a Hub id."""
+    from huggingface_hub import ModelCardData
+
+    fields = dict(library_name="diffusers", license="other", inference=True,
+                  tags=["stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image", "diffusers", "lora",
+                        "fairhuman"])
+    base_model = hub_model_id(args.pretrained_model_name_or_path)
+    if base_model is not None:
+        fields["base_model"] = base_model
+    return ModelCardData(**fields).to_yaml()
 
 
 def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int, evaluation=None) -> str:
@@ -1726,16 +1776,7 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
                      "between (about 1.0-1.2x the cost of plain LoRA training; per-objective weights measured within "
                      "12-20 % of exact MPD; it kept 97 % of exact's hand and 85 % of its face gains on our benchmark).")
     card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-license: other
-tags:
-- {"stable-diffusion-xl" if sdxl else "stable-diffusion"}
-- text-to-image
-- diffusers
-- lora
-- fairhuman
-inference: true
+{card_metadata(args, sdxl)}
 ---
 
 # FairHuman LoRA: {repo_id}

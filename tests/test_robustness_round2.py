@@ -55,6 +55,11 @@ def test_resume_from_an_older_checkpoint_moves_later_ones_aside(tiny_sd, demo_da
                              "--resume_from_checkpoint", "latest"])
     assert train.resolve_resume(args) == str(out / "checkpoint-3")  # the new work, not the old branch
     assert lora_tensors(out / "checkpoint-4.superseded")  # still whole
+    # 7. the LoRA files get the permissions of the user's umask (safetensors alone writes 0600)
+    mode = 0o666 & ~train.current_umask()
+    for path in [out / "pytorch_lora_weights.safetensors", out / "run.safetensors",
+                 out / "checkpoint-3" / "pytorch_lora_weights.safetensors"]:
+        assert os.stat(path).st_mode & 0o777 == mode, path
 
 
 def test_new_run_over_another_runs_checkpoints_is_refused(tmp_path):
@@ -192,3 +197,50 @@ def test_prepare_refuses_an_output_over_a_local_dataset(where, relation, tmp_pat
     with pytest.raises(SystemExit):
         prep.parse_args(["--input_dir", str(photos), "--output_dir", str(tmp_path / "x"), "--save_to_disk", str(photos)])
     assert "--save_to_disk" in capsys.readouterr().err
+
+
+# ---- 5. the Hub token never reaches a tracker that records the command line ------------------------------
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "all"])
+def test_hub_token_refused_with_trackers_recording_the_command_line(tracker, tmp_path):
+    message = _error(_argv(str(tmp_path), tmp_path / "o", "--report_to", tracker, "--hub_token", "hf_secret"))
+    assert f"--report_to {tracker} and --hub_token cannot be used together" in message and "hf auth login" in message
+    # the flag's help says it too
+    import io
+    from contextlib import redirect_stdout
+
+    help_text = io.StringIO()
+    with redirect_stdout(help_text), pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "Prefer `hf auth login`" in " ".join(help_text.getvalue().split())
+
+
+# ---- 6. the model card's YAML is serialized; only Hub ids are base_model ---------------------------------
+
+
+def _card(tmp_path, model, **extra):
+    import ast
+
+    import yaml
+
+    args = train.parse_args(["--pretrained_model_name_or_path", model, "--train_data_dir", "d", "--output_dir",
+                             str(tmp_path / "o"), "--resolution", "64", *extra])
+    train.check_args(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    text = open(train.write_model_card(args, args.output_dir, "me/lora", False, [], 1)).read()
+    front = yaml.safe_load(text.split("---\n")[1])
+    code = text.split("```python\n")[1].split("```")[0]
+    ast.parse(code)  # the usage code stays valid Python whatever the path holds
+    return front, code
+
+
+def test_model_card_front_matter_cannot_be_injected(tmp_path):
+    front, code = _card(tmp_path, 'evil"\nlicense: mit\ntags: [x] # "')
+    assert set(front) == {"library_name", "license", "inference", "tags"} and front["license"] == "other"
+    assert "lora" in front["tags"] and "x" not in front["tags"]
+    front, _ = _card(tmp_path, str(tmp_path))  # a local folder: not a Hub base_model
+    assert "base_model" not in front
+    front, code = _card(tmp_path, "stabilityai/stable-diffusion-xl-base-1.0")
+    assert front["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert "from_pretrained('stabilityai/stable-diffusion-xl-base-1.0'" in code
