@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -220,7 +221,12 @@ def parse_args(input_args=None):
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x processes.")
     g.add_argument("--lr_scheduler", type=str, default="constant",
-                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", '
+                        '"piecewise_constant" (with --lr_step_rules).')
+    g.add_argument("--lr_step_rules", type=str, default=None,
+                   help='The rules of --lr_scheduler piecewise_constant (diffusers\' step_rules): "multiple:step,...,'
+                        'last_multiple", e.g. "1:100,0.1:200,0.01" = the full rate to step 100, a tenth to 200, then a '
+                        'hundredth.')
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -261,8 +267,22 @@ def parse_args(input_args=None):
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.output_name is None:
-        args.output_name = Path(os.path.abspath(args.output_dir)).name
+        args.output_name = default_output_name(args.output_dir, args.save_lora_format)
+    elif args.output_name.lower().endswith(".safetensors"):  # the extension is added when the file is written
+        args.output_name = args.output_name[: -len(".safetensors")]
     return args
+
+
+def default_output_name(output_dir: str, save_lora_format: str) -> str:
+    """The kohya file's base name when --output_name is not given: the output folder's name, without leading
+    dots (a hidden file would not show in a UI's LoRA list), and not the diffusers file's name when both
+    formats are written into the same folder."""
+    name = Path(os.path.abspath(output_dir)).name.lstrip(".") or "fairhuman-lora"
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")] or "fairhuman-lora"
+    if save_lora_format == "both" and name.lower() == Path(LORA_WEIGHT_NAME).stem:
+        name += "_kohya"
+    return name
 
 
 def check_args(args) -> None:
@@ -337,12 +357,109 @@ def check_args(args) -> None:
 
         evaluate_fairhuman.read_prompts(args.evaluate_prompts_file, flag="--evaluate_prompts_file")
         evaluate_fairhuman.check_detector_available()
-    if (not args.output_name or args.output_name != Path(args.output_name).name or args.output_name.startswith(".")
-            or args.output_name.lower().endswith("pytorch_lora_weights")):
-        raise UsageError(f"--output_name must be a plain file name (no folder, not hidden, not ending in "
-                         f"pytorch_lora_weights), got {args.output_name!r}")
+    if not args.output_name or args.output_name != Path(args.output_name).name or args.output_name.startswith("."):
+        raise UsageError(f"--output_name must be a plain file name (no folder, not hidden), got {args.output_name!r}")
+    if args.save_lora_format == "both" and args.output_name.lower() == Path(LORA_WEIGHT_NAME).stem:
+        raise UsageError(f"--output_name {args.output_name!r} with --save_lora_format both: the kohya file would "
+                         f"overwrite the diffusers file {LORA_WEIGHT_NAME}; choose another name")
+    check_value_domains(args)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
+
+
+SEED_MAX = 2**32 - 1
+"""The largest seed: ``set_seed`` seeds numpy's legacy generator, which takes 0 .. 2**32 - 1."""
+
+
+def lr_scheduler_names() -> list[str]:
+    from diffusers.optimization import SchedulerType
+
+    return [t.value for t in SchedulerType]
+
+
+def parse_step_rules(rules: str) -> list[tuple[float, int | None]]:
+    """diffusers' piecewise_constant rules ``"m1:s1,m2:s2,...,m_last"`` as ``[(m1, s1), ..., (m_last, None)]``;
+    raises ``ValueError`` saying what is wrong: every multiple a finite number >= 0, every step a positive
+    integer, the steps increasing, the last rule a multiple alone."""
+    parts = [p.strip() for p in rules.split(",")]
+    parsed = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        pieces = part.split(":")
+        if len(pieces) != (1 if last else 2):
+            raise ValueError(f"rule {part!r}: expected " + ("the last multiple alone, e.g. 0.01" if last
+                                                           else "multiple:step, e.g. 0.1:200"))
+        try:
+            multiple = float(pieces[0])
+            step = None if last else int(pieces[1])
+        except ValueError:
+            raise ValueError(f"rule {part!r}: not numbers") from None
+        if not (math.isfinite(multiple) and multiple >= 0):
+            raise ValueError(f"rule {part!r}: the multiple must be a finite number of at least 0")
+        if step is not None and (step < 1 or (parsed and step <= parsed[-1][1])):
+            raise ValueError(f"rule {part!r}: steps must be positive and increasing")
+        parsed.append((multiple, step))
+    return parsed
+
+
+def check_value_domains(args) -> None:
+    """Every value flag within its domain, as the optimizer, scheduler, clipping and seeding functions that
+    take it would require -- checked here, before any model loads, naming the flag."""
+    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1, numpy's limit), got {args.seed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if not args.adam_epsilon > 0:
+        raise UsageError(f"--adam_epsilon must be positive, got {args.adam_epsilon}")
+    if not args.adam_weight_decay >= 0:
+        raise UsageError(f"--adam_weight_decay must not be negative, got {args.adam_weight_decay}")
+    if not args.lora_alpha > 0:
+        raise UsageError(f"--lora_alpha must be positive (the LoRA is scaled by lora_alpha / rank; 0 trains a LoRA "
+                         f"that does nothing), got {args.lora_alpha}")
+    if args.noise_offset < 0:
+        raise UsageError(f"--noise_offset must not be negative, got {args.noise_offset}")
+    names = lr_scheduler_names()
+    if args.lr_scheduler not in names:
+        raise UsageError(f"--lr_scheduler must be one of {', '.join(names)}, got {args.lr_scheduler!r}")
+    if args.lr_scheduler == "piecewise_constant":
+        if args.lr_step_rules is None:
+            raise UsageError('--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. "1:100,0.1:200,0.01"')
+        try:
+            parse_step_rules(args.lr_step_rules)
+        except ValueError as error:
+            raise UsageError(f"--lr_step_rules {args.lr_step_rules!r}: {error}") from None
+    elif args.lr_step_rules is not None:
+        raise UsageError("--lr_step_rules only applies to --lr_scheduler piecewise_constant")
+    if args.validation_prompt is not None and args.num_validation_images < 1:
+        raise UsageError(f"--validation_prompt samples --num_validation_images images: give at least 1, got "
+                         f"{args.num_validation_images}")
+    if not args.pretrained_model_name_or_path:
+        raise UsageError("--pretrained_model_name_or_path is empty")
+    for flag in ("image_column", "caption_column", "hand_box_column", "face_box_column", "logging_dir"):
+        if not getattr(args, flag):
+            raise UsageError(f"--{flag} is empty")
+    (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
+    if hand == face:
+        raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
+                         f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
+                         f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
+    for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
+        if column is not None and column in (args.image_column, args.caption_column):
+            raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            where = "--hub_model_id" if args.hub_model_id else "--hub_model_id (default: the --output_dir folder's name)"
+            raise UsageError(f"{where} {repo_id!r} is not a valid Hub repository id ({error})") from None
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.cache_dir is not None and os.path.isfile(args.cache_dir):
+        raise UsageError(f"--cache_dir {args.cache_dir!r} is a file, not a folder")
 
 
 def check_trackers(args) -> None:
@@ -926,17 +1043,20 @@ def model_geometry(args) -> tuple[int, int, int]:
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    path = args.pretrained_model_name_or_path
+    path, vae_path = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision,
                                                        cache_dir=args.cache_dir)
-        if args.pretrained_vae_model_name_or_path is not None:
-            vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, revision=args.revision,
-                                                   cache_dir=args.cache_dir)
-        else:
+        if vae_path is None:
             vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
     except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable diffusers model
         raise UsageError(f"--pretrained_model_name_or_path: cannot read the UNet/VAE config.json of {path!r} ({error})") from None
+    if vae_path is not None:
+        try:
+            vae_config = AutoencoderKL.load_config(vae_path, revision=args.revision, cache_dir=args.cache_dir)
+        except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable VAE
+            raise UsageError(f"--pretrained_vae_model_name_or_path: cannot read the VAE config.json of {vae_path!r} "
+                             f"({error})") from None
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
     return vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
@@ -1986,7 +2106,7 @@ def main(args):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, step_rules=args.lr_step_rules,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)

@@ -244,3 +244,69 @@ def test_model_card_front_matter_cannot_be_injected(tmp_path):
     front, code = _card(tmp_path, "stabilityai/stable-diffusion-xl-base-1.0")
     assert front["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert "from_pretrained('stabilityai/stable-diffusion-xl-base-1.0'" in code
+
+
+# ---- 9. every value flag checked for its domain before any model loads ----------------------------------
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--seed", "-5"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", "99999999999"], "--seed must be an integer from 0 to 4294967295"),
+    (["--lr_scheduler", "foo"], "--lr_scheduler must be one of linear, cosine"),
+    (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler piecewise_constant needs --lr_step_rules"),
+    (["--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:10,0.1:5,0.01"], "steps must be positive and increasing"),
+    (["--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:10,0.1"], None),
+    (["--lr_step_rules", "1:10,0.1"], "--lr_step_rules only applies to --lr_scheduler piecewise_constant"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1)"),
+    (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
+    (["--adam_epsilon", "-1"], "--adam_epsilon must be positive"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be positive"),
+    (["--adam_weight_decay", "-1"], "--adam_weight_decay must not be negative"),
+    (["--lora_alpha", "0"], "--lora_alpha must be positive"),
+    (["--lora_alpha", "-2", "--save_lora_format", "diffusers"], "--lora_alpha must be positive"),
+    (["--noise_offset", "-0.1"], "--noise_offset must not be negative"),
+    (["--validation_prompt", "a person", "--num_validation_images", "0"], "give at least 1, got 0"),
+    (["--hand_box_column", "boxes", "--face_box_column", "boxes"], "read from the same column 'boxes'"),
+    (["--hand_mask_column", "m", "--face_mask_column", "m"], "read from the same column 'm'"),
+    (["--hand_mask_column", "image"], "--hand_mask_column 'image' is also --image_column"),
+    (["--push_to_hub", "--hub_model_id", "my lora"], "--hub_model_id 'my lora' is not a valid Hub repository id"),
+    (["--caption_column", ""], "--caption_column is empty"),
+])
+def test_every_value_is_checked_before_models_load(extra, expected, tmp_path):
+    data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [], "face_boxes": []}])
+    message = _error(_argv(data, tmp_path / "o", *extra))
+    if expected is None:  # accepted: the run goes on to the model, which does not exist
+        assert "--pretrained_model_name_or_path" in message
+    else:
+        assert expected in message
+
+
+def test_piecewise_constant_trains_with_its_rules(tiny_sd, demo_dataset, tmp_path):
+    from fairhuman_demo import read_scalars
+
+    out = tmp_path / "o"
+    run_main(*common(tiny_sd, demo_dataset, out, 3, "--lr_scheduler", "piecewise_constant", "--lr_step_rules",
+                     "1:1,0.1:2,0.01", "--report_to", "tensorboard"))
+    assert read_scalars(str(out))["lr"] == pytest.approx([1e-4, 1e-5, 1e-5])  # logged after each step
+
+
+# ---- 10. the right flag or file is named ----------------------------------------------------------------
+
+
+def test_missing_vae_is_named_as_the_vae_flag(tiny_sd, demo_dataset, tmp_path):
+    message = _error(common(tiny_sd, demo_dataset, tmp_path / "o", 1, "--pretrained_vae_model_name_or_path",
+                            tmp_path / "no-vae"))
+    assert message.startswith("--pretrained_vae_model_name_or_path: cannot read the VAE config.json")
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["--output_dir", "{tmp}/.lora_out"], "lora_out"),
+    (["--output_dir", "{tmp}/pytorch_lora_weights"], "pytorch_lora_weights_kohya"),
+    (["--output_dir", "{tmp}/pytorch_lora_weights", "--save_lora_format", "diffusers"], "pytorch_lora_weights"),
+    (["--output_dir", "{tmp}/o", "--output_name", "x.safetensors"], "x"),
+])
+def test_output_name_is_derived_or_cleaned_not_refused(argv, name, tmp_path):
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                             *[a.format(tmp=tmp_path) for a in argv]])
+    train.check_args(args)
+    assert args.output_name == name
