@@ -447,9 +447,35 @@ def load_pipeline(args):
                          f"the pipeline ({error})") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    overrides = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
+
+
+def lora_prediction_type(paths) -> str | None:
+    """The prediction type the LoRAs were trained with, from kohya-format metadata (``ss_v_parameterization``,
+    which the training script writes): ``"v_prediction"``, ``"epsilon"`` or ``None`` when no file says.
+    LoRAs that disagree raise :class:`UsageError`."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        for file in files:
+            try:
+                with safe_open(file, "pt") as f:
+                    metadata = f.metadata() or {}
+            except Exception:  # noqa: BLE001 - unreadable here: load_loras names it
+                continue
+            if "ss_v_parameterization" in metadata:
+                found[path] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
+                break
+    if len(set(found.values())) > 1:
+        raise UsageError(f"--lora_paths: the LoRAs were trained with different prediction types ({found}); "
+                         "evaluate them in separate runs")
+    return next(iter(found.values()), None)
 
 
 def load_loras(pipe, paths, names) -> None:
@@ -566,6 +592,10 @@ def parse_args(input_args=None):
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")
     g.add_argument("--device", type=str, default=None, help="Torch device; default cuda when available, else cpu.")
+    g.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                   help="Sample with this prediction type (a LoRA trained with --prediction_type v_prediction needs "
+                        "v_prediction). Default: what a kohya-format LoRA's metadata says (ss_v_parameterization), "
+                        "else the model's own.")
 
     g = parser.add_argument_group("Scoring mode: existing images")
     g.add_argument("--images_dir", type=str, nargs="+", default=None,
@@ -612,10 +642,17 @@ def check_args(args) -> None:
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-        if args.resolution is not None and args.resolution < 8:
-            raise UsageError(f"--resolution must be at least 8, got {args.resolution}")
+        if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+            raise UsageError(f"--resolution must be a multiple of 8 of at least 8, got {args.resolution}")
         if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale):
             raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
+        if args.guidance_scale < 0:
+            raise UsageError(f"--guidance_scale must not be negative (1 or below turns guidance off), got {args.guidance_scale}")
+        if not 0 <= args.seed <= SEED_MAX:
+            raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {args.seed}")
+        check_device(args.device)
+    elif args.prediction_type is not None:
+        raise UsageError("--prediction_type only applies to generation mode (--pretrained_model_name_or_path)")
     else:
         ignored = [f"--{n}" for n in ("lora_paths", "prompts_file") if getattr(args, n)]
         if ignored:
@@ -677,6 +714,30 @@ def _read_manifest(output_dir: str) -> list[str]:
     return [f for f in files if isinstance(f, str)]
 
 
+SEED_MAX = 2**32 - 1
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` must name a torch device this machine has (checked before any model loads)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device {device!r} is not a torch device ({error})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise UsageError(f"--device {device}: {'no CUDA device is available' if count == 0 else f'only {count} CUDA device(s)'} "
+                             "on this machine; use --device cpu or leave --device out")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {device!r}: use cpu, cuda[:N] or mps")
+
+
 def clear_outputs(output_dir: str) -> list[str]:
     """Remove what an earlier run of this script wrote into ``output_dir`` and nothing else: the files its
     manifest (:data:`OUTPUTS_MANIFEST`) lists, then the folders that leaves empty. Returns the removed."""
@@ -728,6 +789,10 @@ def main(args) -> dict:
     if args.mixed_precision == "fp16" and args.device == "cpu":
         logger.warning("fp16 on the CPU is slow and imprecise; generating in fp32")
         args.mixed_precision = "no"
+    if generation and args.prediction_type is None:
+        args.prediction_type = lora_prediction_type(args.lora_paths)
+        if args.prediction_type is not None:
+            logger.info(f"Sampling with prediction type {args.prediction_type} (the LoRAs' metadata)")
     check_detector_available()  # the optional extra, before any model is loaded
     clip = ClipScorer(args.clip_model_name_or_path, args.device) if args.clip_model_name_or_path else None
     if args.overwrite_output_dir:
@@ -771,7 +836,8 @@ def evaluate_trained_lora(train_args, lora_file: str) -> dict:
             "--output_dir", os.path.join(train_args.output_dir, "evaluation"), "--overwrite_output_dir",
             "--num_images_per_prompt", str(max(1, train_args.num_validation_images)),
             "--num_inference_steps", str(train_args.validation_inference_steps), "--seed", str(train_args.seed)]
-    for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution"):
+    for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution",
+                 "prediction_type"):
         if getattr(train_args, flag, None) is not None:
             argv += [f"--{flag}", str(getattr(train_args, flag))]
     if train_args.mixed_precision in ("no", "fp16", "bf16"):  # the precision the run resolved to

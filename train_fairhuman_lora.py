@@ -1808,6 +1808,8 @@ def lora_usage(args, repo_id: str, pipeline_cls: str) -> str:
         files.append(f"| `{kohya_file}` | kohya format | ComfyUI: `models/loras/`; AUTOMATIC1111 / Forge: "
                      f"`models/Lora/` (diffusers `load_lora_weights` reads it too) |")
     weight_name = "" if args.save_lora_format != "kohya" else f", weight_name={kohya_file!r}"
+    # trained with another prediction type than the model's: sampled with it too
+    prediction = f", prediction_type={args.prediction_type!r}" if args.prediction_type else ""
     text = f"""## How to use
 
 Weights in {args.save_precision}, UNet only, rank {args.rank}, alpha {args.lora_alpha}:
@@ -1823,7 +1825,7 @@ import torch
 from diffusers import {pipeline_cls}, UniPCMultistepScheduler
 
 pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.float16).to("cuda")
-pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config{prediction})
 pipe.load_lora_weights({repo_id!r}{weight_name})
 pipe.fuse_lora(lora_scale=0.3)
 image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
@@ -1833,7 +1835,7 @@ image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scal
         text += f"""
 - ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
   `strength_model` 0.3 (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: 30 steps,
-  cfg 7.5, sampler `uni_pc`.
+  cfg 7.5, sampler `uni_pc`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
 - AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:0.3>` to the
   prompt; sampler UniPC, 30 steps, CFG scale 7.5.
 """

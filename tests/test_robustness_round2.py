@@ -219,7 +219,7 @@ def test_hub_token_refused_with_trackers_recording_the_command_line(tracker, tmp
 # ---- 6. the model card's YAML is serialized; only Hub ids are base_model ---------------------------------
 
 
-def _card(tmp_path, model, **extra):
+def _card(tmp_path, model, *extra):
     import ast
 
     import yaml
@@ -310,3 +310,52 @@ def test_output_name_is_derived_or_cleaned_not_refused(argv, name, tmp_path):
                              *[a.format(tmp=tmp_path) for a in argv]])
     train.check_args(args)
     assert args.output_name == name
+
+
+# ---- 14. a v-prediction LoRA is sampled with v-prediction everywhere ------------------------------------
+
+
+def test_v_prediction_lora_is_sampled_with_v_prediction(tiny_sd, demo_dataset, tmp_path, monkeypatch):
+    import evaluate_fairhuman as ev
+
+    _, code = _card(tmp_path, "owner/model", "--prediction_type", "v_prediction")
+    assert "UniPCMultistepScheduler.from_config(pipe.scheduler.config, prediction_type='v_prediction')" in code
+    out = tmp_path / "v"
+    run_main(*common(tiny_sd, demo_dataset, out, 1, "--prediction_type", "v_prediction", "--save_lora_format", "kohya"))
+    assert ev.lora_prediction_type([str(out / "v.safetensors")]) == "v_prediction"
+    assert ev.lora_prediction_type([str(out)]) == "v_prediction"
+    args = ev.parse_args(["--pretrained_model_name_or_path", tiny_sd, "--prediction_type", "v_prediction",
+                          "--device", "cpu", "--mixed_precision", "no"])
+    assert ev.load_pipeline(args).scheduler.config.prediction_type == "v_prediction"
+    # the training script's --evaluate_prompts_file passes its prediction type on
+    train_args = train.parse_args(["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", "d", "--seed", "1",
+                                   "--output_dir", str(out), "--prediction_type", "v_prediction",
+                                   "--evaluate_prompts_file", "p.txt"])
+    seen = {}
+    monkeypatch.setattr(ev, "main", lambda parsed: seen.setdefault("args", parsed))
+    ev.evaluate_trained_lora(train_args, str(out / "v.safetensors"))
+    assert seen["args"].prediction_type == "v_prediction"
+
+
+# ---- 9. evaluate_fairhuman.py checks its values before generating anything ------------------------------
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--seed", "-5"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", "99999999999"], "--seed must be an integer from 0 to 4294967295"),
+    (["--resolution", "100"], "--resolution must be a multiple of 8"),
+    (["--guidance_scale", "-1"], "--guidance_scale must not be negative"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available"),
+    (["--device", "banana"], "--device 'banana' is not a torch device"),
+])
+def test_evaluation_values_checked_before_generation(extra, expected, tmp_path):
+    import torch
+
+    import evaluate_fairhuman as ev
+
+    if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = ev.parse_args(["--pretrained_model_name_or_path", "/nonexistent", "--output_dir", str(tmp_path / "o"), *extra])
+    with pytest.raises(ev.UsageError) as info:
+        ev.check_args(args)
+    assert expected in str(info.value)
