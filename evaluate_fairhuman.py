@@ -42,6 +42,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import fairhuman_utils as fh
 import prepare_fairhuman_dataset as prep
 from fairhuman_utils import UsageError
 
@@ -203,7 +204,7 @@ class ClipScorer:
     def __call__(self, image: Image.Image, text: str) -> float:
         import torch
 
-        inputs = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
+        inputs = self.processor(text=[text], images=[fh.to_rgb(image)], return_tensors="pt", padding=True,
                                 truncation=True).to(self.device)
         with torch.no_grad():
             out = self.model(**inputs)
@@ -241,14 +242,17 @@ def read_folder(folder: str) -> list[dict]:
     metadata = {}
     path = os.path.join(folder, "metadata.jsonl")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        metadata[row["file_name"]] = row
-                    except (ValueError, KeyError, TypeError) as error:
-                        raise UsageError(f"{path}, line {number}: expected a JSON object with 'file_name' ({error})") from None
+        try:
+            lines = list(prep.utf8_lines(path, "--images_dir"))
+        except prep.PrepareError as error:
+            raise UsageError(str(error)) from None
+        for number, line in lines:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    metadata[row["file_name"]] = row
+                except (ValueError, KeyError, TypeError) as error:
+                    raise UsageError(f"{path}, line {number}: expected a JSON object with 'file_name' ({error})") from None
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
                    and os.path.splitext(n)[1].lower() in prep.IMAGE_EXTENSIONS)
     return [{"file": name, "path": os.path.join(folder, name), "prompt": metadata.get(name, {}).get("text"),
@@ -264,7 +268,7 @@ def score_images(entries, detector, clip=None, desc="Scoring", disable_progress_
     for entry in tqdm(entries, desc=desc, disable=disable_progress_bar):
         try:
             image, _ = prep.open_image(entry["path"])
-            image = image.convert("RGB")
+            image = fh.to_rgb(image)  # the one reader of every script: 16-bit images scaled, not clipped
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UsageError(f"cannot read the image {entry['path']} ({error})") from None
         clip_score = clip(image, entry["prompt"]) if clip is not None and entry["prompt"] is not None else None
@@ -382,7 +386,7 @@ def draw_grid(prompt: str, columns, cell_size: int, path: str) -> str:
             x, y = grid_cell_box(row, column, cell_size)
             image, _ = prep.open_image(record["path"])
             scale = cell_size / image.width
-            sheet.paste(image.convert("RGB").resize((cell_size, max(1, round(image.height * scale))), Image.BICUBIC), (x, y))
+            sheet.paste(fh.to_rgb(image).resize((cell_size, max(1, round(image.height * scale))), Image.BICUBIC), (x, y))
             label_y = y + min(cell_size, round(image.height * scale)) + 2
             draw.text((x, label_y), cell_label(record), fill=(230, 230, 230), font=font)
             if record.get("seed") is not None:

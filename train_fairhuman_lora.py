@@ -511,6 +511,47 @@ def check_output_dir(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def error_with_causes(error: BaseException) -> str:
+    """``Type: message`` of an exception and of the causes behind it (datasets wraps the real reason in a
+    ``DatasetGenerationError`` that only says "An error occurred while generating the dataset")."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- caused by ".join(parts)
+
+
+def check_imagefolder_metadata(folder: str) -> None:
+    """The top-level metadata.jsonl of an imagefolder, line by line, before ``datasets`` reads it: UTF-8 text,
+    a JSON object per line whose ``file_name`` is a relative path inside the folder. Raises
+    :class:`UsageError` naming the line (datasets would only say that generating the dataset failed)."""
+    path = os.path.join(folder, "metadata.jsonl")
+    if not os.path.isfile(path):
+        return
+    root = os.path.realpath(folder)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"--train_data_dir: {path}, line {number} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise UsageError(f"--train_data_dir: {path}, line {number}: not valid JSON ({error})") from None
+            name = row.get("file_name") if isinstance(row, dict) else None
+            if isinstance(name, str):
+                inside = os.path.realpath(os.path.join(root, name))
+                if os.path.isabs(name) or os.path.commonpath([root, inside]) != root:
+                    raise UsageError(f"--train_data_dir: {path}, line {number}: file_name {name!r} "
+                                     "points outside the data folder; datasets reads only files inside it: copy the "
+                                     "image into the folder and give its relative path")
+
+
 def load_training_dataset(args):
     """The train split as a ``datasets.Dataset``: Hub id, local folder, save_to_disk folder or imagefolder."""
     import datasets
@@ -518,6 +559,8 @@ def load_training_dataset(args):
     flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir: no such folder {args.train_data_dir!r}")
+    if args.train_data_dir is not None:
+        check_imagefolder_metadata(args.train_data_dir)
     saved_to_disk = os.path.isdir(source) and any(
         os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "dataset_dict.json"))
     try:
@@ -530,7 +573,7 @@ def load_training_dataset(args):
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds; the user needs the flag and the cause
         empty = "corresponds to no data" in str(error) or (
             saved_to_disk and isinstance(error, IndexError))  # load_from_disk of a 0-row dataset
-        reason = "the dataset is empty" if empty else f"{type(error).__name__}: {error}"
+        reason = "the dataset is empty" if empty else error_with_causes(error)
         raise UsageError(f"{flag}: cannot load {source!r}: {reason}") from None
     if isinstance(dataset, (datasets.DatasetDict, dict)):
         if "train" not in dataset:

@@ -359,3 +359,84 @@ def test_evaluation_values_checked_before_generation(extra, expected, tmp_path):
     with pytest.raises(ev.UsageError) as info:
         ev.check_args(args)
     assert expected in str(info.value)
+
+
+# ---- 11. silent or unreadable data problems -------------------------------------------------------------
+
+
+def _gray16_face_photo(path):
+    """A 16-bit grayscale PNG of a bundled one-face photo (8-bit gray x 257): convert("RGB") clips it to white."""
+    import numpy as np
+    from test_prepare_dataset import bundled_file
+
+    gray = Image.open(bundled_file("skimage", "data", "camera.png")).convert("L")
+    Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(path)
+    assert Image.open(path).mode == "I;16"
+    return path
+
+
+def test_16_bit_png_faces_are_found_by_prepare_and_evaluate(tmp_path):
+    pytest.importorskip("mediapipe")
+    import evaluate_fairhuman as ev
+    import prepare_fairhuman_dataset as prep
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _gray16_face_photo(photos / "camera16.png")
+    summary = prep.main(prep.parse_args(["--input_dir", str(photos), "--output_dir", str(tmp_path / "prepared"),
+                                         "--disable_progress_bar"]))
+    rows = [json.loads(line) for line in open(tmp_path / "prepared" / "metadata.jsonl")]
+    assert len(rows[0]["face_boxes"]) == 1, summary
+    with prep.MediaPipeDetector() as detector:
+        records = ev.score_images(ev.read_folder(str(photos)), detector, disable_progress_bar=True)
+    assert records[0]["faces"] == 1
+
+
+def test_coco_category_list_matching_nothing_is_refused(tmp_path):
+    import datasets
+    import prepare_fairhuman_dataset as prep
+
+    datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (32, 32))],
+        "objects": [{"bbox": [[1.0, 1.0, 5.0, 5.0], [10.0, 10.0, 8.0, 8.0]], "category": ["hand", "face"]}],
+    }).save_to_disk(str(tmp_path / "src"))
+    with pytest.raises(prep.PrepareError, match=r"--face_categories: none of 'faces' occurs in 'objects.category' "
+                                                r"\(a typo\?\); the values there are \['face', 'hand'\]"):
+        prep.main(prep.parse_args(["--dataset_name", str(tmp_path / "src"), "--objects_column", "objects",
+                                   "--hand_categories", "hand", "--face_categories", "faces",
+                                   "--output_dir", str(tmp_path / "o"), "--disable_progress_bar"]))
+
+
+def test_latin1_metadata_is_named_by_line(tmp_path):
+    import evaluate_fairhuman as ev
+    import prepare_fairhuman_dataset as prep
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "a.png")
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "a caf\xe9"}\n')
+    with pytest.raises(ev.UsageError, match=r"--images_dir: .*metadata.jsonl, line 1 is not UTF-8 text"):
+        ev.read_folder(str(folder))
+    with pytest.raises(prep.PrepareError, match=r"--input_dir: .*metadata.jsonl, line 1 is not UTF-8 text"):
+        prep.read_input_metadata(str(folder), None)
+    message = _error(_argv(str(folder), tmp_path / "o"))
+    assert "--train_data_dir: " in message and "line 1 is not UTF-8 text" in message
+
+
+def test_file_name_outside_the_data_folder_names_the_line(tmp_path):
+    data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [], "face_boxes": []},
+                               {"text": "b", "hand_boxes": [], "face_boxes": [], "file_name": "../x.png"}])
+    message = _error(_argv(data, tmp_path / "o"))
+    assert "line 2: file_name '../x.png' points outside the data folder" in message
+    assert "DatasetGenerationError" not in train.error_with_causes(ValueError("x")) and \
+        "caused by ValueError: inner" in train.error_with_causes(_chained())
+
+
+def _chained():
+    try:
+        try:
+            raise ValueError("inner")
+        except ValueError as inner:
+            raise RuntimeError("An error occurred while generating the dataset") from inner
+    except RuntimeError as outer:
+        return outer
