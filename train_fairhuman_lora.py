@@ -129,7 +129,8 @@ def parse_args(input_args=None):
 
     g = parser.add_argument_group("FairHuman: region masks and objectives")
     g.add_argument("--mask_dilation", type=int, default=8,
-                   help="Grow each box by this many pixels on every side (8 = the authors' 16x16 dilation kernel).")
+                   help="Grow each box by this many TRAINING pixels (at the example's bucket size) on every side "
+                        "(8 = the authors' 16x16 dilation kernel at 1024 px), whatever the photo's own size.")
     g.add_argument("--latent_mask_mode", type=str, default="hard", choices=["hard", "soft"],
                    help="Pixel masks are area-averaged onto the latent grid; 'hard' then thresholds at 0.5 (the "
                         "authors' 0/1 masks), 'soft' keeps the covered fraction.")
@@ -647,8 +648,9 @@ class _ImageDecoder(torch.utils.data.Dataset):
                 with fh.open_image(cell) as image:
                     image.load()
                     if column in self.masks:
-                        regions.append(fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox()
-                                       is not None)
+                        has_region = fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox() is not None
+                        raw = image if image.mode.startswith("I") else image.convert("L")  # the values as stored
+                        regions.append((has_region, 0 if has_region else int(np.asarray(raw).max())))
             except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
                 what = "mask image" if column in self.masks else "image"
                 return row, (f"column '{column}', row {row}: cannot read the {what}{_image_file(cell)} "
@@ -692,9 +694,15 @@ def verify_images(dataset, args):
         results = gather_object(results)
     results.sort(key=lambda result: result[0])
     bad = [(row, problem) for row, problem, _ in results if problem is not None]
-    mask_regions = [region for region, kind, _ in _region_sources(args) if kind == "mask"]
+    mask_sources = [(region, column) for region, kind, column in _region_sources(args) if kind == "mask"]
     kept = [regions for _, problem, regions in results if problem is None]
-    regions = {region: [flags[k] for flags in kept] for k, region in enumerate(mask_regions)}
+    regions = {region: [flags[k][0] for flags in kept] for k, (region, _) in enumerate(mask_sources)}
+    for k, (region, column) in enumerate(mask_sources):  # FairHuman: 0/1 label maps read as masks hold no region
+        peaks = [flags[k][1] for flags in kept if not flags[k][0] and 0 < flags[k][1] <= 127]
+        if peaks:
+            logger.warning(f"column '{column}': {len(peaks)} of {len(kept)} {region} masks have pixels but none above "
+                           f"127 (values up to {max(peaks)}): they look like 0/1 label maps, which read as white-on-black "
+                           "masks hold no region; write them as 0/255 images (e.g. mask * 255)")
     if not bad:
         return dataset, regions
     listed = "; ".join(problem for _, problem in bad[:5]) + ("; ..." if len(bad) > 5 else "")
@@ -845,10 +853,12 @@ class FairHumanDataset(torch.utils.data.Dataset):
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{self.args.image_column}', row {row}: cannot read the image ({error})") from None
         masks, keep = [], []
+        target = self.targets if isinstance(self.targets, int) else self.targets[row]
+        dilation = fh.source_dilation(image.size, target, self.args.mask_dilation)  # --mask_dilation: training px
         for region, kind, column in self.sources:
             if kind == "boxes":
-                masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, self.args.mask_dilation))
-                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, self.args.mask_dilation)
+                masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, dilation))
+                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, dilation)
             else:
                 try:
                     mask = fh.open_image(example[column])
@@ -858,7 +868,6 @@ class FairHumanDataset(torch.utils.data.Dataset):
                 region = masks[-1].getbbox()
                 if region is not None:
                     keep.append(region)
-        target = self.targets if isinstance(self.targets, int) else self.targets[row]
         out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
                                   rng=rng, keep=keep if self.keep_regions else None)
         return {
@@ -977,10 +986,11 @@ def crop_loss(checked: dict, args, targets, seed: int) -> dict:
         if not any(boxes.values()):
             continue
         keep = None
-        if not args.square_crop:
-            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1], args.mask_dilation)
         target = targets if isinstance(targets, int) else targets[row]
         target = (target, target) if isinstance(target, int) else target
+        if not args.square_crop:
+            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1],
+                                   fh.source_dilation(size, target, args.mask_dilation))
         plan = fh.resize_crop_plan(size, target, keep=keep, center_crop=args.center_crop,
                                    rng=random.Random(fh.item_seed(seed, 0, row)))
         with_boxes += 1
@@ -1009,6 +1019,9 @@ def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, g
         logger.info(f"Square crop (--square_crop): every image resized to {args.resolution}px on its short side and "
                     f"cropped {'in the centre' if args.center_crop else 'at random'} to {args.resolution}x{args.resolution}")
     else:
+        area_problem = fh.bucket_area_problem(buckets, args.resolution, step)
+        if area_problem:
+            logger.warning(f"--bucket_reso_steps: {area_problem}; memory and speed follow the largest bucket")
         used = sum(bool(rows) for rows in bucket_rows)
         logger.info(f"Aspect-ratio buckets: {used} of {len(buckets)} used (about {args.resolution}^2 pixels, sides "
                     f"multiples of {step}, aspect ratio up to {args.max_bucket_aspect_ratio:g}:1):\n"
@@ -1142,6 +1155,39 @@ def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
         pooled = out[0]
         embeds.append(out.hidden_states[-2])
     return torch.cat(embeds, dim=-1), pooled
+
+
+def caption_overflow(captions, tokenizer) -> dict:
+    """How many captions (every caption of every row) are longer than the text encoder's limit
+    (``tokenizer.model_max_length`` tokens, 77 for CLIP, start and end tokens included): their count, the
+    number of captions, the tokens cut off in all and the most cut off one caption."""
+    limit = tokenizer.model_max_length
+    lost = []
+    for start in range(0, len(captions), 256):
+        for ids in tokenizer(captions[start:start + 256], truncation=False).input_ids:
+            lost.append(max(0, len(ids) - limit))
+    long = [n for n in lost if n]
+    return {"long": len(long), "captions": len(captions), "tokens_lost": sum(long), "max_lost": max(long, default=0),
+            "limit": limit}
+
+
+def warn_long_captions(checked: dict, tokenizer) -> dict:
+    """Warn once, with numbers, when captions are cut at the text encoder's limit (the end of a long caption
+    is not seen in training)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its own "sequence length is longer than" message: ours says more
+    try:
+        counts = caption_overflow([c for row in checked["captions"] for c in row], tokenizer)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if counts["long"]:
+        logger.warning(f"{counts['long']} of {counts['captions']} captions are longer than the text encoder's "
+                       f"{counts['limit']} tokens: {counts['tokens_lost']} tokens are cut off in all (up to "
+                       f"{counts['max_lost']} in one caption), and training never sees them. Put what matters first, "
+                       "or shorten the captions")
+    return counts
 
 
 def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes, device, dtype):
@@ -2071,6 +2117,7 @@ def main(args):
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, use_fast=False))
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                          revision=rev, variant=var))
+    warn_long_captions(checked, tokenizers[0])
     if args.pretrained_vae_model_name_or_path is not None:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev)
     else:

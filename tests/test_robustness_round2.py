@@ -440,3 +440,75 @@ def _chained():
             raise RuntimeError("An error occurred while generating the dataset") from inner
     except RuntimeError as outer:
         return outer
+
+
+# ---- 12. --mask_dilation is in training pixels; 13. buckets stay near resolution^2 ------------------------
+
+
+def test_mask_dilation_is_in_training_pixels(tmp_path):
+    import fairhuman_utils as fh
+
+    assert fh.source_dilation((4000, 3000), (1024, 768), 8) == 31 and fh.source_dilation((512, 512), 1024, 8) == 4
+    rows = [{"text": "a", "hand_boxes": [[100, 100, 140, 140]], "face_boxes": []}]
+    data = _dataset(tmp_path, rows, sizes={0: (320, 320)})
+    args = train.parse_args([str(a) for a in _argv(data, tmp_path / "o", "--resolution", "32", "--square_crop",
+                                                   "--mask_dilation", "2")])
+    train.check_args(args)
+    checked = train.check_dataset(train.load_training_dataset(args), args)
+    example = train.FairHumanDataset(checked, args, 0, 32, keep_regions=False)[0]
+    # the 40 px box is 4 training pixels wide; grown by 2 on every side: 8 x 8 = 64 pixels of mask
+    assert example["masks"][0].sum().item() == pytest.approx(64, abs=6)
+
+
+def test_buckets_stay_near_the_resolution_area():
+    import fairhuman_utils as fh
+
+    for resolution, step in [(1024, 1024), (1024, 512), (1024, 64), (512, 64), (32, 4)]:
+        areas = [w * h / resolution**2 for w, h in fh.make_buckets(resolution, step)]
+        assert max(areas) <= 1.125, (resolution, step, max(areas))  # was 4.0 at step 1024
+    assert fh.make_buckets(1024, 1024) == [(1024, 1024)]
+    assert fh.bucket_area_problem(fh.make_buckets(1024, 64), 1024, 64) is None
+    problem = fh.bucket_area_problem(fh.make_buckets(1024, 512), 1024, 512)
+    assert "range from 0.75x (512x1536) to 1.00x" in problem and "at most 128 px" in problem
+
+
+# ---- 15. captions past the text encoder's limit are counted; 16. 0/1 label-map masks are named ----------
+
+
+def test_long_captions_counted_and_warned_once(tiny_sd, caplog):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer", use_fast=False)
+    limit = tokenizer.model_max_length
+    long = " ".join(["hand"] * limit)
+    lost = len(tokenizer(long).input_ids) - limit
+    assert lost > 0 and len(tokenizer("a person").input_ids) <= limit
+    checked = {"captions": [["a person"], [long, "short"], [long]]}
+    with caplog.at_level(logging.WARNING):
+        counts = train.warn_long_captions(checked, tokenizer)
+    assert counts == {"long": 2, "captions": 4, "tokens_lost": 2 * lost, "max_lost": lost, "limit": limit}
+    warnings = [r.getMessage() for r in caplog.records if "captions are longer" in r.getMessage()]
+    assert warnings == [f"2 of 4 captions are longer than the text encoder's {limit} tokens: {2 * lost} tokens are cut "
+                        f"off in all (up to {lost} in one caption), and training never sees them. Put what matters "
+                        "first, or shorten the captions"]
+
+
+def test_label_map_masks_are_named_as_such(tmp_path, caplog):
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    label = Image.new("L", (48, 32), 0)
+    label.paste(1, (4, 4, 20, 20))  # a 0/1 label map: the hand is there, at value 1
+    white = Image.new("L", (48, 32), 0)
+    white.paste(255, (24, 4, 40, 20))
+    features = Features({"image": ImageFeature(), "text": Value("string"), "mask_hand": ImageFeature(),
+                         "mask_face": ImageFeature()})
+    Dataset.from_dict({"image": [Image.new("RGB", (48, 32))] * 2, "text": ["a", "b"], "mask_hand": [label, label],
+                       "mask_face": [white, white]}, features=features).save_to_disk(str(tmp_path / "d"))
+    args = train.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", str(tmp_path / "d"),
+                             "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face"])
+    with caplog.at_level(logging.WARNING):
+        _, regions = train.verify_images(train.load_training_dataset(args), args)
+    assert regions == {"hand": [False, False], "face": [True, True]}
+    assert ("column 'mask_hand': 2 of 2 hand masks have pixels but none above 127 (values up to 1): they look like "
+            "0/1 label maps") in caplog.text
+    assert "mask_face" not in caplog.text
