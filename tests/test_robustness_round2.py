@@ -476,7 +476,10 @@ def test_buckets_stay_near_the_resolution_area():
 
 
 def test_long_captions_counted_and_warned_once(tiny_sd, caplog):
+    from accelerate import PartialState
     from transformers import AutoTokenizer
+
+    PartialState()  # main() has made the module's logger accelerate's, as in a run
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer", use_fast=False)
     limit = tokenizer.model_max_length

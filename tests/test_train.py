@@ -295,7 +295,7 @@ def test_missing_columns_named(tmp_path):
     data = _dataset(tmp_path, [{"text": "a", "hand_boxes": []}])
     message = _error(_argv(data, tmp_path / "o"))
     assert "--face_box_column: column 'face_boxes' not found" in message and "hand_boxes" in message
-    message = _error(_argv(data, tmp_path / "o", "--face_box_column", "hand_boxes", "--caption_column", "caption"))
+    message = _error(_argv(data, tmp_path / "o", "--caption_column", "caption"))  # checked before the box columns
     assert "--caption_column: column 'caption' not found" in message
 
 
