@@ -2035,6 +2035,10 @@ def main(args):
     check_args(args)
     check_trackers(args)
     check_output_dir(args)
+    if args.hub_token is not None:
+        logging.getLogger(__name__).warning(
+            "--hub_token on the command line is seen in the process list and shell history, and accelerate launch "
+            "prints the whole command line when a run fails: log in once with `hf auth login` instead")
     resume_path = resolve_resume(args)
     if resume_path is not None:
         check_checkpoint(resume_path, args.output_dir)

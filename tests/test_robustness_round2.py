@@ -515,3 +515,10 @@ def test_label_map_masks_are_named_as_such(tmp_path, caplog):
     assert ("column 'mask_hand': 2 of 2 hand masks have pixels but none above 127 (values up to 1): they look like "
             "0/1 label maps") in caplog.text
     assert "mask_face" not in caplog.text
+
+
+def test_hub_token_on_the_command_line_is_warned_about(tmp_path, caplog):
+    data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [], "face_boxes": []}])
+    with caplog.at_level(logging.WARNING):
+        _error(_argv(data, tmp_path / "o", "--hub_token", "hf_secret"))
+    assert "log in once with `hf auth login` instead" in caplog.text and "hf_secret" not in caplog.text
