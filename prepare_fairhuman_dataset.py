@@ -1395,6 +1395,13 @@ def parse_args(input_args=None):
         )
     if args.push_to_hub and args.hub_dataset_id is None:
         args.hub_dataset_id = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_dataset_id)
+        except HFValidationError as error:
+            parser.error(f"--hub_dataset_id {args.hub_dataset_id!r} is not a valid Hub repository id ({error})")
     return args
 
 

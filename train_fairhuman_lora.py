@@ -432,6 +432,9 @@ def check_value_domains(args) -> None:
             raise UsageError(f"--lr_step_rules {args.lr_step_rules!r}: {error}") from None
     elif args.lr_step_rules is not None:
         raise UsageError("--lr_step_rules only applies to --lr_scheduler piecewise_constant")
+    if args.lr_warmup_steps and args.lr_scheduler in ("constant", "piecewise_constant"):
+        raise UsageError(f"--lr_scheduler {args.lr_scheduler} ignores --lr_warmup_steps (diffusers' schedule has no "
+                         "warm-up): use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps")
     if args.validation_prompt is not None and args.num_validation_images < 1:
         raise UsageError(f"--validation_prompt samples --num_validation_images images: give at least 1, got "
                          f"{args.num_validation_images}")

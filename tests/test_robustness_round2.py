@@ -199,6 +199,25 @@ def test_prepare_refuses_an_output_over_a_local_dataset(where, relation, tmp_pat
     assert "--save_to_disk" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--hand_box_padding", "nan"], "--hand_box_padding must be a finite number"),
+    (["--min_mask_area", "0"], "--min_mask_area must be at least 1"),
+    (["--caption_extension", "txt"], "--caption_extension must be an extension starting with '.'"),
+    (["--push_to_hub", "--hub_dataset_id", "my data"], "--hub_dataset_id 'my data' is not a valid Hub repository id"),
+])
+def test_prepare_checks_every_value(extra, expected, tmp_path, capsys):
+    import prepare_fairhuman_dataset as prep
+
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(SystemExit):
+        prep.parse_args(["--input_dir", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "o"), *extra])
+    assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prep.parse_args(["--dataset_name", "x", "--hand_mask_column", "m", "--face_mask_column", "m",
+                         "--output_dir", str(tmp_path / "o")])
+    assert "--hand_mask_column and --face_mask_column are the same column 'm'" in capsys.readouterr().err
+
+
 # ---- 5. the Hub token never reaches a tracker that records the command line ------------------------------
 
 
@@ -271,6 +290,7 @@ def test_model_card_front_matter_cannot_be_injected(tmp_path):
     (["--hand_mask_column", "image"], "--hand_mask_column 'image' is also --image_column"),
     (["--push_to_hub", "--hub_model_id", "my lora"], "--hub_model_id 'my lora' is not a valid Hub repository id"),
     (["--caption_column", ""], "--caption_column is empty"),
+    (["--lr_warmup_steps", "10"], "--lr_scheduler constant ignores --lr_warmup_steps"),
 ])
 def test_every_value_is_checked_before_models_load(extra, expected, tmp_path):
     data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [], "face_boxes": []}])
