@@ -1071,6 +1071,9 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
       spellings loses the renamed half in ``load_lora_weights``, which decides on the first key alone.
     * ``kohya_file`` (when given): the kohya format of :func:`fairhuman_utils.lora_to_kohya` with
       ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
+
+    Both are byte-reproducible: the adapter metadata lists sets sorted and each header is rewritten in
+    one order (:func:`fairhuman_utils.make_safetensors_reproducible`).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -1081,7 +1084,7 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         pipeline_cls.save_lora_weights(
             folder,
             unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=fh.json_ready_config(unet.peft_config["default"].to_dict()),
             safe_serialization=True,
         )
         written.append(os.path.join(folder, LORA_WEIGHT_NAME))
@@ -1091,6 +1094,8 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         alpha = unet.peft_config["default"].lora_alpha
         save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
         written.append(path)
+    for path in written:  # the same run writes the same bytes (safetensors orders its metadata at random)
+        fh.make_safetensors_reproducible(path)
     return written
 
 
