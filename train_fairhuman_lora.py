@@ -1728,19 +1728,21 @@ def main(args):
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, use_fast=False))
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                          revision=rev, variant=var))
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev)
-    else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
-
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
     vae_dtype = torch.float32 if (sdxl and args.pretrained_vae_model_name_or_path is None) else weight_dtype
+    # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev, torch_dtype=vae_dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, torch_dtype=vae_dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+                                                torch_dtype=weight_dtype)
+
     for model in [vae, unet, *text_encoders]:
         model.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=vae_dtype)
+    unet.to(accelerator.device)
+    vae.to(accelerator.device)
     for text_encoder in text_encoders:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
 
