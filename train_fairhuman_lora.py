@@ -107,7 +107,7 @@ def parse_args(input_args=None):
     g.add_argument("--square_crop", action="store_true",
                    help="The diffusers examples' behaviour: resize the short side to --resolution and crop a square "
                         "(random, or centred with --center_crop), which can cut hands and faces off portrait and "
-                        "landscape photos. Default: aspect-ratio buckets (each image whole, see README).")
+                        "landscape photos. Default: aspect-ratio buckets (each image whole, see docs/buckets_and_crops.md).")
     g.add_argument("--bucket_reso_steps", type=int, default=None,
                    help="Bucket sides are multiples of this many pixels. Default: the model's granularity, VAE "
                         "factor x UNet downsampling read from its config.json files (64 for SD 1.x/2.x and SDXL).")
@@ -148,7 +148,7 @@ def parse_args(input_args=None):
                         "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
                         "the cost of plain training. Default 1 (exact). 8: measured ~1.0-1.1x plain training, "
                         "per-objective weights within 12-20%% of exact MPD, 97%% of exact's hand and 85%% of its face "
-                        "gains on our benchmark (README: 'What the fair weighting does').")
+                        "gains on our benchmark (docs/results.md).")
     g.add_argument("--fair_interval_weights", type=str, default="prediction", choices=["prediction", "reuse"],
                    help="With --fair_update_interval > 1, the weights on the steps between exact solves: 'prediction' "
                         "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
@@ -160,7 +160,7 @@ def parse_args(input_args=None):
                         "'trace': one scale for all (trace ratio), which under-weights the hand and face regions.")
     g.add_argument("--fair_batched_backward", action="store_true",
                    help="Get the per-objective gradients with one vmapped backward pass (is_grads_batched) instead "
-                        "of one pass per objective. Same numbers; see README for when it is faster.")
+                        "of one pass per objective. Same numbers; see docs/results.md for when it is faster.")
     g.add_argument("--fair_fidelity_check", action="store_true",
                    help="Diagnostic for --fair_update_interval > 1: on the steps between solves also compute the "
                         "exact weights and log fidelity/update_cosine, fidelity/weight_rel_error and "
