@@ -1733,11 +1733,11 @@ def main(args):
     vae_dtype = torch.float32 if (sdxl and args.pretrained_vae_model_name_or_path is None) else weight_dtype
     # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
     if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev, torch_dtype=vae_dtype)
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev, dtype=vae_dtype)
     else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, torch_dtype=vae_dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, dtype=vae_dtype)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
-                                                torch_dtype=weight_dtype)
+                                                dtype=weight_dtype)
 
     for model in [vae, unet, *text_encoders]:
         model.requires_grad_(False)
