@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The embedded default: set up .venv (if missing), build a tiny SD model and a small drawn-people
-# dataset offline, and train a FairHuman LoRA on it on the CPU. Output: demo_output/ (LoRA,
+# The embedded default: set up .venv (if missing; and the detector extra if missing), build a tiny SD model and a
+# small drawn-people dataset offline, and train a FairHuman LoRA on it on the CPU. Output: demo_output/ (LoRA,
 # checkpoints, mask previews, model card, a sample image). Extra arguments go to the script.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+fi
+# The detector extra (prepare_fairhuman_dataset.py --input_dir, evaluate_fairhuman.py and their tests), as
+# .ci/run installs it: --no-deps, see requirements-prepare.txt. With it, `pytest tests -q` skips nothing.
+if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("mediapipe") is None)'; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-prepare.txt
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 [ -d demo_assets/tiny-sd ] || .venv/bin/python fairhuman_demo.py --output_dir demo_assets

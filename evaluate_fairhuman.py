@@ -440,10 +440,10 @@ def load_pipeline(args):
     from diffusers import AutoencoderKL, DiffusionPipeline, UniPCMultistepScheduler
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    kwargs = {"torch_dtype": dtype, "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    kwargs = {"dtype": dtype, "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
     try:
         if args.pretrained_vae_model_name_or_path:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
+            kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype,
                                                           cache_dir=args.cache_dir)
         pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:

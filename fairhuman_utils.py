@@ -19,6 +19,7 @@ This module holds everything method-specific, as small functions without global 
 * how the objective gradients become the update, for every weighting mode, with the exact-solve
   schedule and its checkpoint state: :class:`FairUpdate` (what the training loop calls)
 * the LoRA in the kohya format that ComfyUI / A1111 / Forge load: :func:`lora_to_kohya`
+* byte-reproducible files: :func:`json_ready_config`, :func:`make_safetensors_reproducible`
 
 The training script ``train_fairhuman_lora.py`` wires them into a diffusers-style loop.
 """
@@ -1145,3 +1146,68 @@ def lora_to_kohya(
         out[f"{name}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducible files: the same run writes the same bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def json_ready_config(config: dict) -> dict:
+    """A config dict (``LoraConfig.to_dict()``) with every set as a sorted list, so that its JSON is the
+    same in every process: peft keeps ``target_modules`` as a set, and a set's order follows the
+    string hashes, which ``PYTHONHASHSEED`` changes per process (diffusers writes ``list(the set)``)."""
+
+    def ready(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(value, key=str)
+        if isinstance(value, dict):
+            return {k: ready(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [ready(v) for v in value]
+        return value
+
+    return {k: ready(v) for k, v in config.items()}
+
+
+def canonical_safetensors_header(header: bytes) -> bytes:
+    """A safetensors JSON header written in one fixed order, padded with spaces to a multiple of 8 bytes
+    (as the format asks): ``__metadata__`` first with its keys sorted, then the tensors in the order of their
+    data. The safetensors writer emits ``__metadata__`` in the order of a Rust ``HashMap``, which is seeded
+    at random in every process, so the same tensors and metadata give different bytes from run to run. Only
+    the header changes: the data offsets are relative to the end of the header, and readers get the same
+    tensors and the same metadata."""
+    import json
+
+    parsed = json.loads(header)
+    metadata = parsed.pop("__metadata__", None)
+    tensors = sorted(parsed.items(), key=lambda item: (item[1]["data_offsets"], item[0]))
+    ordered = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    ordered.update(tensors)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def make_safetensors_reproducible(path: str) -> None:
+    """Rewrite the header of the safetensors file at ``path`` with :func:`canonical_safetensors_header`
+    (the tensor bytes are copied unchanged; the file is replaced atomically). Two files with the same
+    tensors and metadata are then byte-identical, whatever the process that wrote them."""
+    import shutil
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        canonical = canonical_safetensors_header(header)
+        if canonical == header:
+            return
+        temporary = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(temporary, "wb") as out:
+                out.write(len(canonical).to_bytes(8, "little"))
+                out.write(canonical)
+                shutil.copyfileobj(f, out, 16 << 20)
+            shutil.copymode(path, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)

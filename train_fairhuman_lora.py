@@ -112,7 +112,7 @@ def parse_args(input_args=None):
     g.add_argument("--square_crop", action="store_true",
                    help="The diffusers examples' behaviour: resize the short side to --resolution and crop a square "
                         "(random, or centred with --center_crop), which can cut hands and faces off portrait and "
-                        "landscape photos. Default: aspect-ratio buckets (each image whole, see README).")
+                        "landscape photos. Default: aspect-ratio buckets (each image whole, see docs/buckets_and_crops.md).")
     g.add_argument("--bucket_reso_steps", type=int, default=None,
                    help="Bucket sides are multiples of this many pixels. Default: the model's granularity, VAE "
                         "factor x UNet downsampling read from its config.json files (64 for SD 1.x/2.x and SDXL).")
@@ -154,7 +154,7 @@ def parse_args(input_args=None):
                         "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
                         "the cost of plain training. Default 1 (exact). 8: measured ~1.0-1.1x plain training, "
                         "per-objective weights within 12-20%% of exact MPD, 97%% of exact's hand and 85%% of its face "
-                        "gains on our benchmark (README: 'What the fair weighting does').")
+                        "gains on our benchmark (docs/results.md).")
     g.add_argument("--fair_interval_weights", type=str, default="prediction", choices=["prediction", "reuse"],
                    help="With --fair_update_interval > 1, the weights on the steps between exact solves: 'prediction' "
                         "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
@@ -166,7 +166,7 @@ def parse_args(input_args=None):
                         "'trace': one scale for all (trace ratio), which under-weights the hand and face regions.")
     g.add_argument("--fair_batched_backward", action="store_true",
                    help="Get the per-objective gradients with one vmapped backward pass (is_grads_batched) instead "
-                        "of one pass per objective. Same numbers; see README for when it is faster.")
+                        "of one pass per objective. Same numbers; see docs/results.md for when it is faster.")
     g.add_argument("--fair_fidelity_check", action="store_true",
                    help="Diagnostic for --fair_update_interval > 1: on the steps between solves also compute the "
                         "exact weights and log fidelity/update_cosine, fidelity/weight_rel_error and "
@@ -1291,6 +1291,9 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
       spellings loses the renamed half in ``load_lora_weights``, which decides on the first key alone.
     * ``kohya_file`` (when given): the kohya format of :func:`fairhuman_utils.lora_to_kohya` with
       ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
+
+    Both are byte-reproducible: the adapter metadata lists sets sorted and each header is rewritten in
+    one order (:func:`fairhuman_utils.make_safetensors_reproducible`).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -1301,7 +1304,7 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         pipeline_cls.save_lora_weights(
             folder,
             unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=fh.json_ready_config(unet.peft_config["default"].to_dict()),
             safe_serialization=True,
         )
         written.append(os.path.join(folder, LORA_WEIGHT_NAME))
@@ -1311,7 +1314,9 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         alpha = unet.peft_config["default"].lora_alpha
         save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
         written.append(path)
-    for path in written:  # safetensors writes 0600: give the user's umask (a UI running as another user reads them)
+    for path in written:  # the same run writes the same bytes (safetensors orders its metadata at random)
+        fh.make_safetensors_reproducible(path)
+        # safetensors writes 0600: give the user's umask (a UI running as another user reads them)
         os.chmod(path, 0o666 & ~current_umask())
     return written
 
@@ -2125,19 +2130,21 @@ def main(args):
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                          revision=rev, variant=var))
     warn_long_captions(checked, tokenizers[0])
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev)
-    else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
-
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
     vae_dtype = torch.float32 if (sdxl and args.pretrained_vae_model_name_or_path is None) else weight_dtype
+    # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev, dtype=vae_dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, dtype=vae_dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+                                                dtype=weight_dtype)
+
     for model in [vae, unet, *text_encoders]:
         model.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=vae_dtype)
+    unet.to(accelerator.device)
+    vae.to(accelerator.device)
     for text_encoder in text_encoders:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
 

@@ -16,11 +16,11 @@ from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious,
 from fairhuman_demo import read_scalars
 
 
-def launch(*args, expect_ok=True):
+def launch(*args, expect_ok=True, env=None):
     """`accelerate launch --config_file accelerate_config.yaml train_fairhuman_lora.py ARGS`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(REPO, "accelerate_config.yaml"), os.path.join(REPO, "train_fairhuman_lora.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=600)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
