@@ -24,5 +24,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   --checkpointing_steps 20 --checkpoints_total_limit 2 \
   --use_8bit_adam --seed 42 --save_mask_previews 4 \
   --validation_prompt "a photo of a person waving 2 hands" --num_validation_images 1 \
-  --validation_steps 20 --validation_inference_steps 10 "$@"
+  --validation_steps 20 --validation_inference_steps 10 --resume_from_checkpoint latest "$@"
 echo "LoRA: demo_output/pytorch_lora_weights.safetensors (diffusers), demo_output/demo_output.safetensors (ComfyUI/A1111/Forge), card: demo_output/README.md, previews: demo_output/mask_previews/"

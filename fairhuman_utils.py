@@ -227,6 +227,17 @@ def _mask_rect(box, width: int, height: int, dilation: int):
     return (left, top, right, bottom) if right > left and bottom > top else None
 
 
+def source_dilation(size: tuple[int, int], target: int | tuple[int, int], dilation: int) -> int:
+    """``dilation`` TRAINING pixels in the source pixels of an image of ``size = (w, h)`` that is resized to
+    cover ``target`` (``(tw, th)``, or an int for a square) by :func:`resize_crop_plan`'s scale
+    ``s = max(tw / w, th / h)``: ``round(dilation / s)``. The authors' 16 x 16 kernel (8 px) is meant at
+    the training size: a 4000 px photo trained at 1024 px needs 31 source pixels, not 8 (which would
+    vanish in the resize)."""
+    tw, th = (target, target) if isinstance(target, int) else target
+    scale = max(tw / size[0], th / size[1])
+    return int(round(dilation / scale))
+
+
 def region_boxes(boxes: Iterable[Sequence[float]], width: int, height: int, dilation: int = 0) -> list[tuple]:
     """The pixel rectangles ``(left, top, right, bottom)`` that :func:`boxes_to_mask` fills for ``boxes``
     (rounded, dilated, clipped; empty ones left out), without drawing them."""
@@ -283,8 +294,8 @@ def make_buckets(resolution: int, step: int, max_aspect_ratio: float = 4.0) -> l
     for short in range(step, resolution + 1, step):
         pairs.add((short, max(short, round(area / short / step) * step)))
     for long in range(math.ceil(resolution / step) * step, int(max_aspect_ratio * resolution) + step, step):
-        short = max(step, round(area / long / step) * step)
-        if short <= long:
+        short = round(area / long / step) * step
+        if step <= short <= long:  # a short side rounded to 0 is not raised to one step (up to 4x the area)
             pairs.add((short, long))
     buckets = set()
     for short, long in pairs:
@@ -294,6 +305,24 @@ def make_buckets(resolution: int, step: int, max_aspect_ratio: float = 4.0) -> l
         side = max(step, round(resolution / step) * step)
         buckets.add((side, side))
     return sorted(buckets, key=lambda b: b[0] / b[1])
+
+
+BUCKET_AREA_TOLERANCE = 0.10
+"""Buckets are meant to stay within about this fraction of ``resolution ** 2`` in area."""
+
+
+def bucket_area_problem(buckets: Sequence[tuple[int, int]], resolution: int, step: int) -> str | None:
+    """``None`` when every bucket's area is within :data:`BUCKET_AREA_TOLERANCE` of ``resolution ** 2``, else
+    the numbers: the smallest and largest area as multiples of it, with the bucket, and the step that would
+    keep them close (``resolution / 8``, as 1024 / 128)."""
+    ratios = [(w * h / resolution**2, (w, h)) for w, h in buckets]
+    low, high = min(ratios), max(ratios)
+    if 1 - BUCKET_AREA_TOLERANCE <= low[0] and high[0] <= 1 + BUCKET_AREA_TOLERANCE:
+        return None
+    return (f"with sides in steps of {step} px at {resolution} px the bucket areas range from {low[0]:.2f}x "
+            f"({low[1][0]}x{low[1][1]}) to {high[0]:.2f}x ({high[1][0]}x{high[1][1]}) of {resolution}^2, not within "
+            f"about {100 * BUCKET_AREA_TOLERANCE:.0f} %: the step is coarse for this resolution (a step of at most "
+            f"{max(1, resolution // 8)} px keeps them close)")
 
 
 def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> int:
@@ -907,9 +936,9 @@ class FairUpdate:
       far the applied update is from exact MPD (:meth:`FairStep.fidelity`, and per objective
       applied / exact weight, :meth:`FairStep.weight_ratios`).
 
-    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, registered with
-    ``accelerator.register_for_checkpointing``): the number of updates written (which fixes the
-    schedule), the last coefficients and the calibration ``s`` (one scale per objective).
+    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, plain JSON-able Python that
+    the training script writes into each checkpoint as JSON): the number of updates written (which
+    fixes the schedule), the last coefficients and the calibration ``s`` (one scale per objective).
     """
 
     def __init__(
