@@ -22,8 +22,6 @@ docs/model_families.md.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -94,13 +92,16 @@ class ModelFamily:
     def vae_config(self) -> dict:
         from diffusers import AutoencoderKL
 
+        vae_path = self.args.pretrained_vae_model_name_or_path
         try:
-            if self.args.pretrained_vae_model_name_or_path is not None:
-                return AutoencoderKL.load_config(self.args.pretrained_vae_model_name_or_path, revision=self.revision,
-                                                 cache_dir=self.args.cache_dir)
+            if vae_path is not None:
+                return AutoencoderKL.load_config(vae_path, revision=self.revision, cache_dir=self.args.cache_dir)
             return AutoencoderKL.load_config(self.path, subfolder="vae", revision=self.revision,
                                              cache_dir=self.args.cache_dir)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - the folder is not a usable diffusers model / VAE
+            if vae_path is not None:
+                raise UsageError(f"--pretrained_vae_model_name_or_path: cannot read the VAE config.json of "
+                                 f"{vae_path!r} ({error})") from None
             raise UsageError(f"--pretrained_model_name_or_path: cannot read the VAE config.json of {self.path!r} "
                              f"({error})") from None
 
@@ -127,12 +128,14 @@ class ModelFamily:
     def load(self, device, weight_dtype) -> None:
         raise NotImplementedError
 
-    def load_vae(self):
+    def load_vae(self, dtype):
         from diffusers import AutoencoderKL
 
         if self.args.pretrained_vae_model_name_or_path is not None:
-            return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision)
-        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", revision=self.revision, variant=self.variant)
+            return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision,
+                                                 dtype=dtype)
+        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", revision=self.revision, variant=self.variant,
+                                             dtype=dtype)
 
     def frozen_models(self) -> list:
         return [self.vae, self.denoiser, *self.text_encoders]
@@ -234,14 +237,16 @@ class StableDiffusionFamily(ModelFamily):
                                                                  use_fast=False))
             self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                                   revision=rev, variant=var))
-        self.vae = self.load_vae()
-        self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
         # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
         vae_dtype = torch.float32 if (self.sdxl and self.args.pretrained_vae_model_name_or_path is None) else weight_dtype
+        # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
+        self.vae = self.load_vae(dtype=vae_dtype)
+        self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+                                                             dtype=weight_dtype)
         for model in self.frozen_models():
             model.requires_grad_(False)
-        self.denoiser.to(device, dtype=weight_dtype)
-        self.vae.to(device, dtype=vae_dtype)
+        self.denoiser.to(device)
+        self.vae.to(device)
         for text_encoder in self.text_encoders:
             text_encoder.to(device, dtype=weight_dtype)
 
@@ -399,18 +404,18 @@ class FlowMatchingFamily(ModelFamily):
         path, rev, var = self.path, self.revision, self.variant
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
         self.load_text_models(path, rev, var)
-        self.vae = self.load_vae()
+        self.vae = self.load_vae(dtype=weight_dtype)
         quantization = quantization_config(self.args.quantize_base)
-        kwargs = {} if quantization is None else dict(quantization_config=quantization, torch_dtype=weight_dtype)
+        kwargs = {} if quantization is None else dict(quantization_config=quantization)
         self.denoiser = self.denoiser_class().from_pretrained(path, subfolder="transformer", revision=rev, variant=var,
-                                                              **kwargs)
+                                                              dtype=weight_dtype, **kwargs)
         for model in self.frozen_models():
             model.requires_grad_(False)
         if quantization is None:
-            self.denoiser.to(device, dtype=weight_dtype)
+            self.denoiser.to(device)
         else:
             keep_4bit_layers_trainable_on_cpu(self.denoiser)
-        self.vae.to(device, dtype=weight_dtype)
+        self.vae.to(device)
         for text_encoder in self.text_encoders:
             text_encoder.to(device, dtype=weight_dtype)
 
@@ -689,7 +694,7 @@ def check_quantize_available(mode: str | None) -> None:
     if mode in (None, "none"):
         return
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401 - only whether it imports
     except ImportError:
         raise UsageError(f"--quantize_base {mode} needs bitsandbytes: pip install bitsandbytes") from None
     has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
