@@ -1303,6 +1303,7 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
     """Safetensors metadata of the kohya file: kohya's ``ss_*`` keys (what A1111 / Forge / ComfyUI
     metadata viewers show), a ``modelspec`` header and every FairHuman setting as ``fairhuman_settings``."""
     version, architecture = family.base_model_version(), family.modelspec_architecture()
+    advice = family.inference_advice()
     prediction_type = family.noise_scheduler.config.get("prediction_type", "flow")
     metadata = {
         "ss_network_module": family.network_module(), "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.lora_alpha),
@@ -1316,8 +1317,10 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
         "ss_max_grad_norm": str(args.max_grad_norm), "ss_noise_offset": str(args.noise_offset),
         "ss_min_snr_gamma": str(args.snr_gamma), "ss_dataset_dirs": str(args.dataset_name or args.train_data_dir),
         "ss_training_comment": "FairHuman LoRA (arXiv 2507.02714): global + hand + face objectives with "
-                               "Minimum Potential Delay weights; authors' inference: LoRA scale 0.3, 30 UniPC steps, "
-                               "CFG 7.5 (SD/SDXL)",
+                               "Minimum Potential Delay weights; " + (
+                                   "authors' inference: LoRA scale 0.3, 30 UniPC steps, CFG 7.5" if not family.flow_matching
+                                   else f"{family.label}: try LoRA scale {advice['scale']}, {advice['steps']} steps, "
+                                        f"guidance {advice['guidance']}"),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers", "modelspec.title": args.output_name,
         "modelspec.resolution": f"{args.resolution}x{args.resolution}",
