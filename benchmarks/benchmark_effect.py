@@ -129,10 +129,12 @@ def parse_args(input_args=None):
 # ---- data --------------------------------------------------------------------------------------
 
 
-def draw_people(n: int, seed: int, detailed: bool):
-    """``n`` people, each from its own generator: the coarse and detailed versions show the same people."""
+def draw_people(n: int, seed: int, detailed: bool, shoes: bool = False):
+    """``n`` people, each from its own generator: the coarse and detailed versions show the same people
+    (``(image, faces, hands)``, with ``shoes`` ``(image, faces, hands, shoes)``)."""
+    extra = {"shoes": True} if shoes else {}
     return [fairhuman_demo.draw_person(RESOLUTION, RESOLUTION, random.Random(seed * 1_000_003 + i), detailed=detailed,
-                                       **PERSON) for i in range(n)]
+                                       **PERSON, **extra) for i in range(n)]
 
 
 def encode(vae, images, batch: int = 64):
@@ -161,7 +163,7 @@ def text_embeddings(pipe, captions):
 
 
 def pretrain_base(folder: str, steps: int, num_images: int = 2000, batch: int = 16, lr: float = 2e-3,
-                  detailed: bool = False, model_size: str = MODEL_SIZE) -> dict:
+                  detailed: bool = False, model_size: str = MODEL_SIZE, shoes: bool = False) -> dict:
     """The tiny demo SD model (UNet ``model_size``) with its WHOLE UNet trained to denoise coarse people (epsilon loss); with
     ``detailed`` on detailed people instead (the ceiling: what a model of this size can reach on them)."""
     import torch
@@ -171,7 +173,7 @@ def pretrain_base(folder: str, steps: int, num_images: int = 2000, batch: int = 
     raw = folder + "-random"
     fairhuman_demo.build_tiny_pipeline(raw, sample_size=RESOLUTION // VAE_FACTOR, size=model_size)
     pipe = StableDiffusionPipeline.from_pretrained(raw, safety_checker=None)
-    people = draw_people(num_images, seed=1000, detailed=detailed)
+    people = draw_people(num_images, seed=1000, detailed=detailed, shoes=shoes)
     latents = encode(pipe.vae, [p[0] for p in people])
     embeds = text_embeddings(pipe, CAPTIONS)
     caption_index = torch.tensor([len(p[2]) for p in people])
