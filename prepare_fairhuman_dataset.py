@@ -92,8 +92,9 @@ class PrepareError(ValueError):
     """Bad input found by the script; the message names the flag, column, file or row."""
 
 
-def dataset_features() -> datasets.Features:
-    """The features of a prepared dataset, as ``save_to_disk`` / ``push_to_hub`` write them."""
+def dataset_features(regions=()) -> datasets.Features:
+    """The features of a prepared dataset, as ``save_to_disk`` / ``push_to_hub`` write them; ``regions`` adds a
+    ``{name}_boxes`` column per named region (``--coco_region``)."""
     box_list = datasets.List(datasets.List(datasets.Value("float64")))
     score_list = datasets.List(datasets.Value("float64"))
     return datasets.Features(
@@ -104,6 +105,7 @@ def dataset_features() -> datasets.Features:
             "face_boxes": box_list,
             "hand_scores": score_list,
             "face_scores": score_list,
+            **{f"{name}_boxes": box_list for name in regions},
         }
     )
 
@@ -451,6 +453,7 @@ class Record:
     face_boxes: list = field(default_factory=list)
     hand_scores: list = field(default_factory=list)
     face_scores: list = field(default_factory=list)
+    regions: dict = field(default_factory=dict)  # named region (--coco_region) -> its boxes: column {name}_boxes
 
     def to_json(self) -> dict:
         def boxes(values):
@@ -466,6 +469,7 @@ class Record:
             "face_boxes": boxes(self.face_boxes),
             "hand_scores": scores(self.hand_scores),
             "face_scores": scores(self.face_scores),
+            **{f"{name}_boxes": boxes(values) for name, values in self.regions.items()},
         }
 
 
@@ -523,12 +527,13 @@ def write_metadata(output_dir: str, records) -> str:
 def records_to_dataset(output_dir: str, records) -> datasets.Dataset:
     """The prepared folder as a ``datasets.Dataset`` with the types of :func:`dataset_features`."""
     rows = [record.to_json() for record in records]
+    regions = list(records[0].regions) if records else []
     columns = {
         name: [row[name] for row in rows]
-        for name in ("text", "hand_boxes", "face_boxes", "hand_scores", "face_scores")
+        for name in ("text", "hand_boxes", "face_boxes", "hand_scores", "face_scores", *(f"{r}_boxes" for r in regions))
     }
     columns["image"] = [os.path.join(output_dir, row["file_name"]) for row in rows]
-    return datasets.Dataset.from_dict(columns, features=dataset_features())
+    return datasets.Dataset.from_dict(columns, features=dataset_features(regions))
 
 
 def read_prepared_folder(dataset_dir: str):
@@ -779,15 +784,53 @@ def resolve_categories(args, dataset):
     hand, face = resolve("--hand_categories", args.hand_categories), resolve("--face_categories", args.face_categories)
     if hand & face:
         raise PrepareError(f"--hand_categories and --face_categories share {sorted(hand & face)}")
+    # --coco_region NAME=ids: more named regions, each into its own column NAME_boxes
+    taken = {"--hand_categories": hand, "--face_categories": face}
+    regions = {}
+    for name, tokens in coco_regions(args):
+        values = resolve(f"--coco_region {name}=...", tokens)
+        for flag, other in taken.items():
+            if values & other:
+                raise PrepareError(f"--coco_region {name}=... and {flag} share {sorted(values & other, key=str)}")
+        taken[f"--coco_region {name}=..."] = values
+        regions[name] = values
+    args.coco_region_values = regions
     return hand, face
 
 
-def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
-    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image)."""
+def coco_regions(args) -> list[tuple[str, list[str]]]:
+    """``--coco_region NAME=ID[,ID...]`` as ``[(name, [category token, ...])]`` in the order given; a malformed
+    entry, a name that is not a plain name, a duplicate name, or the names global/hand/face (hands and faces
+    have --hand_categories / --face_categories) raise :class:`PrepareError` naming the flag."""
+    out = []
+    for spec in args.coco_region or []:
+        name, equals, ids = str(spec).partition("=")
+        name = name.strip()
+        tokens = [t.strip() for t in ids.split(",") if t.strip()]
+        if not equals or not name or not tokens:
+            raise PrepareError(f"--coco_region {spec!r}: expected NAME=ID[,ID...], e.g. --coco_region logo=3,7")
+        if not fh.REGION_NAME.fullmatch(name):
+            raise PrepareError(f"--coco_region {spec!r}: the name {name!r} must be letters, digits, '_' or '-', "
+                               "starting with a letter (it names the column NAME_boxes)")
+        if name in ("global", "hand", "face"):
+            raise PrepareError(f"--coco_region {spec!r}: {name!r} is "
+                               + ("the global objective's name" if name == "global"
+                                  else f"taken: use --{name}_categories for {name}s"))
+        if any(name == other for other, _ in out):
+            raise PrepareError(f"--coco_region: the name {name!r} is given twice")
+        out.append((name, tokens))
+    return out
+
+
+def objects_to_boxes(cell, args, hand_values, face_values, width, height, row, regions=None):
+    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image); with
+    ``regions`` (name -> category values, :func:`coco_regions`) the boxes of those categories go into
+    ``regions_out[name]`` too: returns ``(hands, faces)``, or ``(hands, faces, regions_out)`` with ``regions``."""
     where = f"column '{args.objects_column}', row {row}"
     bbox_key, category_key = args.objects_bbox_key, args.objects_category_key
+    named = {name: [] for name in (regions or {})}
     if cell is None:
-        return [], []
+        return ([], []) if regions is None else ([], [], named)
     if isinstance(cell, dict):
         bboxes, categories = cell.get(bbox_key) or [], cell.get(category_key) or []
         if len(bboxes) != len(categories):
@@ -806,14 +849,16 @@ def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
         elif category in face_values:
             target = faces
         else:
-            continue
+            target = next((named[name] for name, values in (regions or {}).items() if category in values), None)
+            if target is None:
+                continue
         try:
             box = fh.parse_box(bbox, width=width, height=height, box_format=args.bbox_format)
         except ValueError as error:
             raise PrepareError(f"{where}, object {index}: '{bbox_key}': {error}") from None
         if box is not None:
             target.append(list(box))
-    return hands, faces
+    return (hands, faces) if regions is None else (hands, faces, named)
 
 
 def prepare_from_dataset(args):
@@ -856,10 +901,11 @@ def prepare_from_dataset(args):
             logger.warning(f"Skipped unreadable image at {where}: {error}")
             continue
         width, height = image.size
-        hands, faces = [], []
+        hands, faces, named = [], [], {}
         if args.objects_column is not None:
-            hands, faces = objects_to_boxes(
-                example[args.objects_column], args, hand_values, face_values, width, height, row
+            hands, faces, named = objects_to_boxes(
+                example[args.objects_column], args, hand_values, face_values, width, height, row,
+                regions=args.coco_region_values,
             )
         for column, target in ((args.hand_mask_column, hands), (args.face_mask_column, faces)):
             if column is not None and example[column] is not None:
@@ -887,10 +933,15 @@ def prepare_from_dataset(args):
                 face_boxes=faces,
                 hand_scores=[1.0] * len(hands),
                 face_scores=[1.0] * len(faces),
+                regions=named,
             )
         )
-    if records and not any(r.hand_boxes or r.face_boxes for r in records):
+    if records and not any(r.hand_boxes or r.face_boxes or any(r.regions.values()) for r in records):
         logger.warning("No hand or face box was found in any row: check the mask columns / categories")
+    for name in getattr(args, "coco_region_values", None) or {}:
+        with_region = sum(1 for r in records if r.regions.get(name))
+        logger.info(f"--coco_region {name}: boxes in {with_region} of {len(records)} images (column {name}_boxes; "
+                    f"train with --region {name}={name}_boxes)")
     return records, skipped
 
 
@@ -1199,6 +1250,15 @@ def parse_args(input_args=None):
         "--face_categories", type=str, nargs="+", default=None, help="Category names or ids that are faces."
     )
     objects.add_argument(
+        "--coco_region",
+        metavar="NAME=ID[,ID...]",
+        action="append",
+        default=None,
+        help="Import these categories (names or ids, as --hand_categories takes them) into a named region column "
+        "NAME_boxes (repeatable; e.g. --coco_region logo=3,7 --coco_region text=sign). Train on it with "
+        "--region NAME=NAME_boxes (docs/regions.md).",
+    )
+    objects.add_argument(
         "--bbox_format",
         type=str,
         default="xywh",
@@ -1278,6 +1338,7 @@ def parse_args(input_args=None):
             ("--objects_column", args.objects_column),
             ("--hand_categories", args.hand_categories),
             ("--face_categories", args.face_categories),
+            ("--coco_region", args.coco_region),
         )
         if v
     ]
@@ -1290,10 +1351,10 @@ def parse_args(input_args=None):
             )
         if not mask_flags and not args.objects_column:
             parser.error("--dataset_name needs --hand_mask_column and/or --face_mask_column, or --objects_column")
-        if args.objects_column and not (args.hand_categories or args.face_categories):
-            parser.error("--objects_column needs --hand_categories and/or --face_categories")
-        if (args.hand_categories or args.face_categories) and not args.objects_column:
-            parser.error("--hand_categories/--face_categories need --objects_column")
+        if args.objects_column and not (args.hand_categories or args.face_categories or args.coco_region):
+            parser.error("--objects_column needs --hand_categories, --face_categories and/or --coco_region")
+        if (args.hand_categories or args.face_categories or args.coco_region) and not args.objects_column:
+            parser.error("--hand_categories/--face_categories/--coco_region need --objects_column")
     if args.preview_dataset is not None:
         if not os.path.isdir(args.preview_dataset):
             parser.error(f"--preview_dataset {args.preview_dataset} is not a folder")
