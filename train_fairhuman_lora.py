@@ -1519,7 +1519,7 @@ def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
 RESUME_MUST_MATCH = ("pretrained_model_name_or_path", "rank", "lora_alpha", "lora_target_modules")
 # Settings whose change is allowed on resume, with a warning naming it.
 RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_path", "weighting", "hand_loss_weight",
-                          "face_loss_weight", "fair_alpha",
+                          "face_loss_weight", "region_loss_weight", "fair_alpha",
                           "fair_update_interval", "fair_interval_weights", "local_loss_scale",
                           "local_loss_normalization", "mask_dilation", "latent_mask_mode", "resolution",
                           "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed",
@@ -1543,6 +1543,8 @@ def run_settings(args, checked: dict) -> dict:
     settings["dataset"] = where(args.dataset_name or args.train_data_dir)
     settings["dataset_rows"] = len(checked["sizes"])
     settings["dataset_fingerprint"] = dataset_fingerprint(checked)
+    if settings.get("region_loss_weight") is None:  # only stored when given
+        settings.pop("region_loss_weight", None)
     if args.region_specs:  # named regions (absent: the default global, hand, face)
         settings["objectives"] = list(run_objectives(args))
     return settings
