@@ -719,7 +719,7 @@ def check_dataset(dataset, args) -> dict:
 
 
 def report_regions(checked: dict, args, mask_regions: dict | None = None) -> list[str]:
-    """Warn, with counts, where hand/face regions vanish: boxes dropped by clipping (entirely outside
+    """Warn, with counts, where the regions (hand, face by default) vanish: boxes dropped by clipping (entirely outside
     their image, or no area), images without any region (they train the global objective only), and
     an objective absent from the whole dataset (then ``--weighting fair`` has nothing to balance for
     it). Regions given as mask images count through ``mask_regions`` (region -> per row, whether the
@@ -742,10 +742,8 @@ def report_regions(checked: dict, args, mask_regions: dict | None = None) -> lis
     if present and len(present) == len(columns):
         empty = sum(1 for flags in zip(*present.values()) if not any(flags))
         if 0 < empty < total:
-            names = list(columns)
-            listed = " or ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " or " + names[-1]
-            if len(names) == 1:
-                listed = names[0]
+            names = list(columns)  # "hand or face"; "text, logo or shoe"
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
             warnings.append(f"{empty} of {total} images have no {listed} region: they train the global objective only")
     absent = [region for region, flags in present.items() if not any(flags)]
     for region in absent:
