@@ -311,6 +311,9 @@ def region_sources(args) -> list[tuple[str, str, str]]:
         if name == fh.GLOBAL_OBJECTIVE:
             raise UsageError(f"{flag} {spec!r}: the region name 'global' clashes with the global objective; "
                              "choose another name")
+        if name in ("image", "overlay"):
+            raise UsageError(f"{flag} {spec!r}: the region name {name!r} is taken by the mask previews' "
+                             f"{{i}}_{name}.png; choose another name")
         if any(name == other for other, _, _ in sources):
             raise UsageError(f"{flag} {spec!r}: region name {name!r} is given twice; every region needs its own name")
         sources.append((name, kind, column))

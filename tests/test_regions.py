@@ -186,6 +186,7 @@ def parsed(*extra):
     (["--region", "text=a", "--region_mask", "text=b"], "--region_mask 'text=b': region name 'text' is given twice"),
     (["--region", "global=g"], "--region 'global=g': the region name 'global' clashes with the global objective"),
     (["--region", "my text=t"], "the region name 'my text' must be letters"),
+    (["--region", "image=t"], "the region name 'image' is taken by the mask previews"),
     (["--region", "text=t", "--hand_box_column", "h"], "--hand_box_column describe the default hand/face regions"),
     (["--region", "text=t", "--weighting", "equal", "--region_loss_weight", "logo=2"],
      "--region_loss_weight 'logo=2': no region named 'logo' (the regions: text)"),
