@@ -990,6 +990,10 @@ def summarize(records) -> dict:
             "under_1_percent_of_image_area": sum(1 for a in rel_area if a < 0.01),
             "scores": _quantiles(scores),
         }
+    regions = list(records[0].regions) if records else []
+    if regions:  # --coco_region: per named region, images with it and boxes
+        summary["regions"] = {name: {"images": sum(1 for r in records if r.regions.get(name)),
+                                     "boxes": sum(len(r.regions.get(name) or []) for r in records)} for name in regions}
     return summary
 
 
@@ -1015,6 +1019,8 @@ def format_summary(summary: dict) -> str:
                 f"  box area / image area: min {a['min']:.4f}, median {a['median']:.4f}, max {a['max']:.4f}; "
                 f"{s['under_1_percent_of_image_area']} box(es) under 1% of the image"
             )
+    for name, counts in summary.get("regions", {}).items():
+        lines.append(f"{name} boxes (column {name}_boxes): {counts['boxes']} in {counts['images']} images")
     return "\n".join(lines)
 
 

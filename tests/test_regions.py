@@ -362,7 +362,10 @@ def test_prepare_imports_coco_categories_into_named_region_columns(tmp_path):
                                           "--disable_progress_bar", *[str(a) for a in extra]]))
 
     out = tmp_path / "out"
-    run("--hand_categories", "hand", "--coco_region", "logo=logo,sign", "--coco_region", "cup=4", "--output_dir", out)
+    run("--hand_categories", "hand", "--coco_region", "logo=logo,sign", "--coco_region", "cup=4", "--output_dir", out,
+        "--preview")
+    with open(str(out) + "_preview/summary.json") as f:
+        assert json.load(f)["regions"] == {"logo": {"images": 1, "boxes": 2}, "cup": {"images": 2, "boxes": 2}}
     with open(out / "metadata.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert rows[0]["hand_boxes"] == [[10.0, 20.0, 25.0, 30.0]]
