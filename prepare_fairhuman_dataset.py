@@ -76,6 +76,8 @@ REQUIREMENTS_HINT = (
 
 HAND_COLOR = (255, 80, 0)
 FACE_COLOR = (0, 170, 255)
+REGION_COLORS = [(80, 220, 80), (240, 220, 40), (230, 80, 230), (40, 220, 220), (255, 150, 150), (160, 120, 255)]
+"""The contact sheet's colours of the named regions (``--coco_region``), in their order."""
 
 # Pillow format name -> (file extension, save format) for images that must be re-encoded.
 _SAVE_FORMATS = {
@@ -1046,7 +1048,13 @@ def draw_contact_sheet(
     font = ImageFont.load_default()
     draw.text((pad, 6), "hand boxes", fill=HAND_COLOR, font=font)
     draw.text((pad + 80, 6), "face boxes", fill=FACE_COLOR, font=font)
-    draw.text((pad + 160, 6), f"{len(shown)} of {len(records)} images", fill=(220, 220, 220), font=font)
+    region_names = list(records[0].regions) if records else []  # --coco_region columns, in their own colours
+    region_colors = {name: REGION_COLORS[k % len(REGION_COLORS)] for k, name in enumerate(region_names)}
+    x = pad + 160
+    for name, color in region_colors.items():
+        draw.text((x, 6), f"{name} boxes", fill=color, font=font)
+        x += 8 + int(draw.textlength(f"{name} boxes", font=font))
+    draw.text((x, 6), f"{len(shown)} of {len(records)} images", fill=(220, 220, 220), font=font)
     for index, record in enumerate(shown):
         left = (index % columns) * cell_w + pad
         top = header_height + (index // columns) * cell_h + pad
@@ -1062,6 +1070,7 @@ def draw_contact_sheet(
         for boxes, scores, color in (
             (record.hand_boxes, record.hand_scores, HAND_COLOR),
             (record.face_boxes, record.face_scores, FACE_COLOR),
+            *((record.regions.get(name) or [], [], color) for name, color in region_colors.items()),
         ):
             for box_index, (x0, y0, x1, y1) in enumerate(boxes):
                 rect = [left + x0 * scale, top + y0 * scale, left + x1 * scale - 1, top + y1 * scale - 1]

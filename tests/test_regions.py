@@ -366,6 +366,9 @@ def test_prepare_imports_coco_categories_into_named_region_columns(tmp_path):
         "--preview")
     with open(str(out) + "_preview/summary.json") as f:
         assert json.load(f)["regions"] == {"logo": {"images": 1, "boxes": 2}, "cup": {"images": 2, "boxes": 2}}
+    sheet = np.asarray(Image.open(str(out) + "_preview/contact_sheet.png").convert("RGB"))
+    for color in prep.REGION_COLORS[:2]:  # the logo and cup boxes are drawn in their own colours
+        assert (sheet == color).all(axis=-1).sum() > 20
     with open(out / "metadata.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert rows[0]["hand_boxes"] == [[10.0, 20.0, 25.0, 30.0]]
