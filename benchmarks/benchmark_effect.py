@@ -3,7 +3,7 @@
 
     nice -n 10 python benchmarks/benchmark_effect.py            # full: 5 seeds x 10 modes (~20 min on 2 cores as 2 processes, --only_seed)
     nice -n 10 python benchmarks/benchmark_effect.py --quick    # a few minutes: 1 seed, 80 steps, 5 modes
-    nice -n 10 python benchmarks/benchmark_effect.py --shoes --seeds 3   # three regions (K = 4): hands, faces, shoes
+    nice -n 10 python benchmarks/benchmark_effect.py --shoes --seeds 5   # three regions (K = 4): hands, faces, shoes
 
 1. A base model that denoises COARSE drawn people (hands and faces are plain ellipses, larger than the
    demo's: ``PERSON``): the tiny demo SD model (``fairhuman_demo.build_tiny_pipeline``, VAE made
