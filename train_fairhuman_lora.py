@@ -569,14 +569,25 @@ def check_value_domains(args) -> None:
     for flag in ("image_column", "caption_column", "hand_box_column", "face_box_column", "logging_dir"):
         if not getattr(args, flag):
             raise UsageError(f"--{flag} is empty")
-    (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
-    if hand == face:
-        raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
-                         f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
-                         f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
-    for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
-        if column is not None and column in (args.image_column, args.caption_column):
-            raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
+    if not args.region_specs:
+        (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
+        if hand == face:
+            raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
+                             f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
+                             f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
+        for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
+            if column is not None and column in (args.image_column, args.caption_column):
+                raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
+    else:  # named regions: the same rules, each region named with its flag
+        readers = {}
+        for name, kind, column in _region_sources(args):
+            flag = f"--{'region' if kind == 'boxes' else 'region_mask'} {name}={column}"
+            if column in readers:
+                raise UsageError(f"{readers[column]} and {flag} read the same column {column!r}: give each region "
+                                 "its own")
+            if column in (args.image_column, args.caption_column):
+                raise UsageError(f"{flag}: {column!r} is also --image_column or --caption_column")
+            readers[column] = flag
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -199,6 +199,8 @@ def parsed(*extra):
     (["--region", "hand=h", "--weighting", "equal", "--hand_loss_weight", "2", "--region_loss_weight", "hand=3"],
      "both weight the hand region"),
     (["--region_mask", "text=t", "--relative_boxes"], "--relative_boxes has no effect when every region"),
+    (["--region", "a=boxes", "--region", "b=boxes"], "--region a=boxes and --region b=boxes read the same column"),
+    (["--region_mask", "a=image"], "--region_mask a=image: 'image' is also --image_column"),
 ])
 def test_region_flag_errors_name_the_flag(extra, message):
     with pytest.raises(train.UsageError) as error:
