@@ -287,8 +287,9 @@ def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) 
 
 
 def draw_person(width: int, height: int, rng: random.Random, detailed: bool = False, person_scale: float = 1.0,
-                hand_scale: float = 0.5):
-    """A drawn 'person': a skin-coloured face ellipse and 0-2 hands; returns (image, face boxes, hand boxes).
+                hand_scale: float = 0.5, shoes: bool = False):
+    """A drawn 'person': a skin-coloured face ellipse and 0-2 hands; returns (image, face boxes, hand boxes),
+    and with ``shoes`` also the shoe boxes: (image, face boxes, hand boxes, shoe boxes).
 
     ``detailed=False``: hands and face are plain ellipses. ``detailed=True`` (the same people from the
     same ``rng`` state, with detail drawn on top): each hand is a palm with 3-5 finger strokes and
@@ -296,6 +297,11 @@ def draw_person(width: int, height: int, rng: random.Random, detailed: bool = Fa
     pretrains a base model on the plain version and fine-tunes on the detailed one. The face is
     ``person_scale`` x (1/6 to 1/3) of ``width`` wide, a hand ``hand_scale`` x the face's width (the
     defaults draw the demo dataset; the effect benchmark draws larger people).
+
+    ``shoes`` (a third kind of detailed region, for named region objectives: ``--region shoe=shoe_boxes``)
+    adds two shoes at the bottom of the body, drawn before the hands: plain dark rounded blocks, or with
+    ``detailed`` a light sole, a toe cap and criss-cross laces. Without ``shoes`` the image and the ``rng``
+    draws are exactly those of a run without the option.
     """
     bg = tuple(rng.randint(40, 200) for _ in range(3))
     image = Image.new("RGB", (width, height), bg)
@@ -312,13 +318,55 @@ def draw_person(width: int, height: int, rng: random.Random, detailed: bool = Fa
         hw = max(4, int(fw * hand_scale))
         hx, hy = rng.randint(0, width - hw), rng.randint(height // 3, height - hw)
         hands.append([hx, hy, hx + hw, hy + hw])
-        if not detailed:
-            draw.ellipse(hands[-1], fill=skin)
+    shoe_boxes, shoe_colour = [], None
+    if shoes:  # under the hands (drawn next), the same in both versions
+        shoe_boxes, shoe_colour = draw_shoes(draw, body, fw, width, height, rng)
+    if not detailed:
+        for hand in hands:
+            draw.ellipse(hand, fill=skin)
     if detailed:  # after every draw of the plain version, so both versions show the same people
+        for shoe in shoe_boxes:  # no rng draw: under the hands, as in the plain version
+            draw_detailed_shoe(draw, shoe, shoe_colour)
         for hand in hands:
             draw_detailed_hand(draw, hand, skin, rng)
         draw_detailed_face(draw, face, rng)
+    if shoes:
+        return image, [face], hands, shoe_boxes
     return image, [face], hands
+
+
+def draw_shoes(draw, body, fw: int, width: int, height: int, rng: random.Random):
+    """Two plain shoes (dark rounded blocks) side by side at the bottom of ``body``; returns their boxes
+    and colour."""
+    sw, sh = max(4, int(fw * 0.8)), max(3, int(fw * 0.45))
+    centre = (body[0] + body[2]) // 2
+    colour = tuple(rng.randint(20, 110) for _ in range(3))
+    boxes = []
+    for side in (-1, 1):
+        x0 = centre + (-sw - 1 if side < 0 else 1) + rng.randint(-2, 2)
+        x0 = max(0, min(width - sw, x0))
+        y0 = height - sh - rng.randint(0, 2)
+        boxes.append([x0, y0, x0 + sw, y0 + sh])
+        draw.rounded_rectangle(boxes[-1], radius=max(1, sh // 3), fill=colour)
+    return boxes, colour
+
+
+def draw_detailed_shoe(draw, box, colour) -> None:
+    """Detail on a plain shoe ``box``: a light sole along the bottom, a toe cap of another shade and
+    criss-cross laces (what a model that has only seen plain shoes gets wrong)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    sole = max(1, h // 4)
+    draw.rectangle([x0, y1 - sole, x1, y1], fill=(235, 235, 225))
+    cap = tuple(min(255, c + 70) for c in colour)
+    toe_left = x0 % 2 == 0  # the toe's side, from the position (no rng draw)
+    draw.chord([x0, y0 + h // 4, x0 + w // 2, y1 - sole] if toe_left else [x1 - w // 2, y0 + h // 4, x1, y1 - sole],
+               90 if toe_left else 270, 270 if toe_left else 90, fill=cap)
+    lace = (250, 250, 250)
+    lx0, lx1 = x0 + w * 0.35, x0 + w * 0.65
+    for k in range(max(2, w // 4)):
+        y = y0 + 1 + k * max(1, (h - sole - 2)) / max(2, w // 4)
+        draw.line([(lx0, y), (lx1, y + 1)], fill=lace, width=1)
 
 
 def draw_detailed_hand(draw, box, skin, rng: random.Random) -> None:
@@ -360,7 +408,8 @@ def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: 
                        size: int | None = None, **person) -> str:
     """An imagefolder of drawn people at mixed sizes and aspect ratios (times ``scale``; all ``size`` x
     ``size`` when given), boxes in pixel xyxy; ``detailed`` draws hair, eyes, mouths and fingers, and
-    ``person`` (``person_scale``, ``hand_scale``) sizes them (``draw_person``)."""
+    ``person`` (``person_scale``, ``hand_scale``) sizes them (``draw_person``); ``shoes=True`` among them adds
+    a ``shoe_boxes`` column (a third region)."""
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
     sizes = [(96 * scale, 64 * scale), (64 * scale, 96 * scale), (80 * scale, 80 * scale), (120 * scale, 72 * scale)]
@@ -369,12 +418,14 @@ def build_demo_dataset(folder: str, num_images: int = 12, seed: int = 0, scale: 
     rows = []
     for i in range(num_images):
         w, h = sizes[i % len(sizes)]
-        image, faces, hands = draw_person(w, h, rng, detailed=detailed, **person)
+        image, faces, hands, *shoes = draw_person(w, h, rng, detailed=detailed, **person)
         name = f"person_{i:03d}.png"
         image.save(os.path.join(folder, name))
         n = len(hands)
         caption = f"a photo of a person{' waving ' + str(n) + ' hands' if n else ''}"
         rows.append({"file_name": name, "text": caption, "hand_boxes": hands, "face_boxes": faces})
+        if shoes:  # person["shoes"]: a third region column (--region shoe=shoe_boxes)
+            rows[-1]["shoe_boxes"] = shoes[0]
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -402,13 +453,17 @@ def main(input_args=None):
                         help="Folder for tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3 and demo_dataset.")
     parser.add_argument("--families", default="sd,sdxl,flux,sd3", help="Which tiny models to build (comma-separated).")
     parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
+    parser.add_argument("--shoes", action="store_true",
+                        help="Draw shoes too and write a third region column, shoe_boxes (train with "
+                             "--region hand=hand_boxes --region face=face_boxes --region shoe=shoe_boxes).")
     args = parser.parse_args(input_args)
     written = []
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
         if family not in FAMILY_BUILDERS:
             raise SystemExit(f"error: --families: unknown {family!r}; known: {', '.join(FAMILY_BUILDERS)}")
         written.append(FAMILY_BUILDERS[family](os.path.join(args.output_dir, f"tiny-{family}")))
-    written.append(build_demo_dataset(os.path.join(args.output_dir, "demo_dataset"), num_images=args.num_images))
+    written.append(build_demo_dataset(os.path.join(args.output_dir, "demo_dataset"), num_images=args.num_images,
+                                      **({"shoes": True} if args.shoes else {})))
     print(f"wrote {', '.join(written)}")
 
 

@@ -13,7 +13,7 @@ This module holds everything method-specific, as small functions without global 
 * the transform that moves image and masks together: :func:`resize_crop_plan`, :func:`paired_transform`,
   :func:`region_boxes`, :func:`box_area_kept`
 * pixel masks -> latent masks: :func:`masks_to_latent`
-* the three objectives: :func:`fairhuman_losses`
+* the objectives (global + one per region; default hand and face): :func:`objective_names`, :func:`fairhuman_losses`
 * the alpha-fair solver: :func:`solve_fair_weights`
 * per-objective gradients and their combination: :class:`ObjectiveGradients`
 * how the objective gradients become the update, for every weighting mode, with the exact-solve
@@ -41,7 +41,35 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 OBJECTIVES = ("global", "hand", "face")
-"""The objectives in the order used everywhere: losses, gradient rows, weights and logs."""
+"""The default objectives (FairHuman's), in the order used everywhere: losses, gradient rows, weights and
+logs. A run with named regions (``--region NAME=COLUMN``) has its own list, ``("global", *region names)``
+(:func:`objective_names`), passed to the pieces that need it (:class:`FairUpdate`)."""
+
+GLOBAL_OBJECTIVE = "global"
+"""The whole-latent objective, always first; no region may take its name."""
+
+REGION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+"""What a region name may look like: it becomes a log tag (``loss/NAME``), a file name (mask previews)
+and a JSON key."""
+
+
+def objective_names(regions: Sequence[str]) -> tuple[str, ...]:
+    """``("global", *regions)``: the objectives of a run whose region objectives are ``regions`` (K = 1 +
+    the number of regions). Raises ``ValueError`` for no region, a duplicate name, the name "global" or a
+    name that is not a plain identifier (letters, digits, ``_``, ``-``; starting with a letter)."""
+    regions = list(regions)
+    if not regions:
+        raise ValueError("at least one region objective is needed")
+    for name in regions:
+        if not isinstance(name, str) or not REGION_NAME.fullmatch(name):
+            raise ValueError(f"region name {name!r} is not a plain name (letters, digits, '_' or '-', starting with "
+                             "a letter)")
+        if name == GLOBAL_OBJECTIVE:
+            raise ValueError(f"region name {name!r} clashes with the global objective")
+    duplicates = sorted({name for name in regions if regions.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"region name(s) given twice: {', '.join(duplicates)}")
+    return (GLOBAL_OBJECTIVE, *regions)
 
 
 class UsageError(ValueError):
@@ -505,21 +533,21 @@ def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The three objectives
+# The objectives: global + one per region
 # ---------------------------------------------------------------------------------------------
 
 
 def fairhuman_losses(
     model_pred: torch.Tensor,
     target: torch.Tensor,
-    hand_mask: torch.Tensor,
-    face_mask: torch.Tensor,
-    *,
+    *region_masks: torch.Tensor,
     local_loss_scale: float = 5.0,
     normalization: str = "latent",
     sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The three FairHuman objectives on one prediction, as a tensor ``[L_g, L_h, L_f]``.
+    """The FairHuman objectives on one prediction, as a tensor ``[L_g, L_R1, ..., L_RK-1]``: the global loss
+    and one loss per region mask given, in order (FairHuman's: ``region_masks = (hand_mask, face_mask)``,
+    ``[L_g, L_h, L_f]``).
 
     With the residual ``r = model_pred - target`` (computed in fp32), masks ``M`` of shape
     ``(B, 1, h, w)`` broadcast over the latent channels, ``s = local_loss_scale`` and optional
@@ -538,7 +566,7 @@ def fairhuman_losses(
     batch, channels = residual.shape[:2]
     weights = torch.ones(batch, device=residual.device) if sample_weights is None else sample_weights.float()
     losses = [(residual.pow(2).mean(dim=(1, 2, 3)) * weights).mean()]
-    for mask in (hand_mask, face_mask):
+    for mask in region_masks:
         mask = mask.to(residual.device, torch.float32)
         squared = (local_loss_scale * mask * residual).pow(2)
         if normalization == "latent":
@@ -890,9 +918,17 @@ def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float 
 # The update: how the three objective gradients become .grad, for every --weighting mode
 # ---------------------------------------------------------------------------------------------
 
-FIXED_COEFFICIENTS = {"global": (1.0, 0.0, 0.0), "equal": (1.0, 1.0, 1.0)}
-"""The coefficients ``c`` of the non-fair modes: the update is ``sum_i c_i g_i``, the region entries
-times ``FairUpdate(region_weights=...)``."""
+FIXED_COEFFICIENTS = {"global": (1.0, 0.0), "equal": (1.0, 1.0)}
+"""The coefficients ``c`` of the non-fair modes, as (global objective's, every region objective's): the update
+is ``sum_i c_i g_i``, the region entries times ``FairUpdate(region_weights=...)``."""
+
+
+def fixed_coefficients(weighting: str, region_weights: Sequence[float]) -> torch.Tensor:
+    """``c = (c_global, c_region * w_1, ..., c_region * w_R)`` (float64) of a non-fair ``weighting`` with the
+    static ``region_weights`` ``w_r`` (:data:`FIXED_COEFFICIENTS`)."""
+    global_c, region_c = FIXED_COEFFICIENTS[weighting]
+    return (torch.tensor((global_c,) + (region_c,) * len(region_weights), dtype=torch.float64)
+            * torch.tensor((1.0, *region_weights), dtype=torch.float64))
 
 
 class FairUpdate:
@@ -902,7 +938,7 @@ class FairUpdate:
 
         with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):
             ...
-            losses = loss_fn(model_pred)                       # [L_global, L_hand, L_face]
+            losses = loss_fn(model_pred)                       # [L_global, L_region1, ...] (objectives)
             fair_update.backward(accelerator, losses, present, loss_fn=loss_fn, model_pred=model_pred)
             if accelerator.sync_gradients:
                 logs = fair_update.write_update(accelerator)   # .grad = sum_i c_i g_i; the c_i for the logs
@@ -910,8 +946,11 @@ class FairUpdate:
 
     Modes (``weighting``):
 
-    * ``"global"``: ``c = (1, 0, 0)``, ``"equal"``: ``c = (1, w_hand, w_face)`` with the static
-      ``region_weights = (w_hand, w_face)`` (``(1, 1)``: the plain sum of the three losses); one
+    ``objectives`` names the K objectives, ``("global", *regions)`` (default FairHuman's global, hand, face):
+    the order of the losses, rows, coefficients and of the ``weight/<objective>`` logs.
+
+    * ``"global"``: ``c = (1, 0, ..., 0)``, ``"equal"``: ``c = (1, w_1, ..., w_R)`` with the static
+      ``region_weights = (w_1, ..., w_R)``, one per region (all 1: the plain sum of the K losses); one
       backward pass of ``sum_i c_i L_i`` through ``accelerator.backward``, exactly the plain diffusers
       update.
     * ``"fair"``: ``c = K w`` with the alpha-fair weights ``w`` solving ``(G^T G w)_i w_i^(1/alpha) = 1``
@@ -952,7 +991,8 @@ class FairUpdate:
         calibration: str = "diagonal",
         batched_backward: bool = False,
         fidelity_check: bool = False,
-        region_weights: tuple[float, float] = (1.0, 1.0),
+        region_weights: Sequence[float] | None = None,
+        objectives: Sequence[str] = OBJECTIVES,
     ):
         if weighting not in ("fair", *FIXED_COEFFICIENTS):
             raise ValueError(f"unknown weighting {weighting!r}; expected 'fair', 'equal' or 'global'")
@@ -962,6 +1002,13 @@ class FairUpdate:
             raise ValueError(f"update_interval must be at least 1, got {update_interval}")
         if calibration not in GRAM_CALIBRATIONS:
             raise ValueError(f"unknown calibration {calibration!r}; expected one of {GRAM_CALIBRATIONS}")
+        self.objectives = tuple(objectives)
+        k = len(self.objectives)
+        if k < 2 or self.objectives[0] != GLOBAL_OBJECTIVE:
+            raise ValueError(f"objectives must be ('global', region, ...), got {self.objectives}")
+        region_weights = (1.0,) * (k - 1) if region_weights is None else tuple(region_weights)
+        if len(region_weights) != k - 1:
+            raise ValueError(f"region_weights: {len(region_weights)} given for {k - 1} regions {self.objectives[1:]}")
         self.calibration = calibration
         self.weighting = weighting
         self.fair = weighting == "fair"
@@ -970,14 +1017,13 @@ class FairUpdate:
         self.batched_backward = batched_backward
         self.fidelity_check = fidelity_check and self.fair
         self.prediction_weights = self.fair and update_interval > 1 and interval_weights == "prediction"
-        self.gradients = ObjectiveGradients(params) if self.fair else None
+        self.gradients = ObjectiveGradients(params, k) if self.fair else None
         self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
-        if weighting != "equal" and tuple(region_weights) != (1.0, 1.0):
+        if weighting != "equal" and any(w != 1.0 for w in region_weights):
             raise ValueError(f"region_weights are the static weights of weighting 'equal', not of {weighting!r}")
-        self.coefficients = None if self.fair else (torch.tensor(FIXED_COEFFICIENTS[weighting], dtype=torch.float64)
-                                                    * torch.tensor((1.0, *region_weights), dtype=torch.float64))
+        self.coefficients = None if self.fair else fixed_coefficients(weighting, region_weights)
         self.gram_scale = None  # s_i: exact / prediction-space Gram per objective, from the last exact step
-        self._prediction_gram_sum = torch.zeros(len(OBJECTIVES), len(OBJECTIVES), dtype=torch.float64)
+        self._prediction_gram_sum = torch.zeros(k, k, dtype=torch.float64)
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -1004,7 +1050,7 @@ class FairUpdate:
 
     def backward(self, accelerator, losses: torch.Tensor, present: Sequence[bool], *, loss_fn=None,
                  model_pred: torch.Tensor | None = None) -> None:
-        """Backward pass(es) of one micro-batch's ``losses = [L_global, L_hand, L_face]``.
+        """Backward pass(es) of one micro-batch's ``losses``, one per objective (``[L_global, L_hand, L_face]``).
 
         Per-objective steps: ``d (scale * L_i / A) / d params`` into row ``i`` for every ``present``
         objective (``scale`` = the fp16 loss scale, ``A`` = accumulation steps). Other steps:
@@ -1023,7 +1069,7 @@ class FairUpdate:
             else:
                 estimate = calibrated_gram(accumulation * prediction_gram, self.gram_scale)
                 self.coefficients = (fair_coefficients(estimate, self.alpha)[1] if torch.isfinite(estimate).all()
-                                     else torch.full((len(OBJECTIVES),), float("nan"), dtype=torch.float64))
+                                     else torch.full((len(self.objectives),), float("nan"), dtype=torch.float64))
         if self.per_objective:
             scale = _loss_scale(accelerator)
             self.gradients.accumulate(losses * (scale / accumulation), present, batched=self.batched_backward)
@@ -1061,12 +1107,13 @@ class FairUpdate:
                     self.coefficients = exact
             else:
                 logs["fidelity/update_cosine"], logs["fidelity/weight_rel_error"] = step.fidelity()
-                logs.update({f"fidelity/weight_ratio_{name}": r for name, r in zip(OBJECTIVES, step.weight_ratios())})
+                logs.update({f"fidelity/weight_ratio_{name}": r
+                             for name, r in zip(self.objectives, step.weight_ratios())})
             applied = step.applied
         else:
             applied = self.coefficients
         self.step += 1
-        logs.update({f"weight/{name}": float(c) for name, c in zip(OBJECTIVES, applied)})
+        logs.update({f"weight/{name}": float(c) for name, c in zip(self.objectives, applied)})
         return logs
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -1081,11 +1128,15 @@ class FairUpdate:
         """Restore :meth:`state_dict`. The fair coefficients and calibration are only taken when both the
         saved and this update are ``fair`` (a run resumed with another ``--weighting`` keeps its own)."""
         self.step = int(state["step"])
+        saved = state.get("coefficients")
+        if saved is not None and len(saved) != len(self.objectives):
+            raise ValueError(f"the saved fair update has {len(saved)} objectives, this one {len(self.objectives)} "
+                             f"{self.objectives}")
         if self.fair and state.get("weighting") == "fair" and state.get("coefficients") is not None:
             self.coefficients = torch.tensor(state["coefficients"], dtype=torch.float64)
             if state.get("gram_scale") is not None:  # a list; one float in checkpoints before per-objective scales
                 scale = torch.as_tensor(state["gram_scale"], dtype=torch.float64)
-                self.gram_scale = scale.expand(len(OBJECTIVES)).clone()
+                self.gram_scale = scale.expand(len(self.objectives)).clone()
 
 
 def _loss_scale(accelerator) -> float:

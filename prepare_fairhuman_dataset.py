@@ -76,6 +76,8 @@ REQUIREMENTS_HINT = (
 
 HAND_COLOR = (255, 80, 0)
 FACE_COLOR = (0, 170, 255)
+REGION_COLORS = [(80, 220, 80), (240, 220, 40), (230, 80, 230), (40, 220, 220), (255, 150, 150), (160, 120, 255)]
+"""The contact sheet's colours of the named regions (``--coco_region``), in their order."""
 
 # Pillow format name -> (file extension, save format) for images that must be re-encoded.
 _SAVE_FORMATS = {
@@ -92,8 +94,9 @@ class PrepareError(ValueError):
     """Bad input found by the script; the message names the flag, column, file or row."""
 
 
-def dataset_features() -> datasets.Features:
-    """The features of a prepared dataset, as ``save_to_disk`` / ``push_to_hub`` write them."""
+def dataset_features(regions=()) -> datasets.Features:
+    """The features of a prepared dataset, as ``save_to_disk`` / ``push_to_hub`` write them; ``regions`` adds a
+    ``{name}_boxes`` column per named region (``--coco_region``)."""
     box_list = datasets.List(datasets.List(datasets.Value("float64")))
     score_list = datasets.List(datasets.Value("float64"))
     return datasets.Features(
@@ -104,6 +107,7 @@ def dataset_features() -> datasets.Features:
             "face_boxes": box_list,
             "hand_scores": score_list,
             "face_scores": score_list,
+            **{f"{name}_boxes": box_list for name in regions},
         }
     )
 
@@ -451,6 +455,7 @@ class Record:
     face_boxes: list = field(default_factory=list)
     hand_scores: list = field(default_factory=list)
     face_scores: list = field(default_factory=list)
+    regions: dict = field(default_factory=dict)  # named region (--coco_region) -> its boxes: column {name}_boxes
 
     def to_json(self) -> dict:
         def boxes(values):
@@ -466,6 +471,7 @@ class Record:
             "face_boxes": boxes(self.face_boxes),
             "hand_scores": scores(self.hand_scores),
             "face_scores": scores(self.face_scores),
+            **{f"{name}_boxes": boxes(values) for name, values in self.regions.items()},
         }
 
 
@@ -523,12 +529,13 @@ def write_metadata(output_dir: str, records) -> str:
 def records_to_dataset(output_dir: str, records) -> datasets.Dataset:
     """The prepared folder as a ``datasets.Dataset`` with the types of :func:`dataset_features`."""
     rows = [record.to_json() for record in records]
+    regions = list(records[0].regions) if records else []
     columns = {
         name: [row[name] for row in rows]
-        for name in ("text", "hand_boxes", "face_boxes", "hand_scores", "face_scores")
+        for name in ("text", "hand_boxes", "face_boxes", "hand_scores", "face_scores", *(f"{r}_boxes" for r in regions))
     }
     columns["image"] = [os.path.join(output_dir, row["file_name"]) for row in rows]
-    return datasets.Dataset.from_dict(columns, features=dataset_features())
+    return datasets.Dataset.from_dict(columns, features=dataset_features(regions))
 
 
 def read_prepared_folder(dataset_dir: str):
@@ -790,10 +797,23 @@ def resolve_categories(args, dataset):
     hand, face = resolve("--hand_categories", args.hand_categories), resolve("--face_categories", args.face_categories)
     if hand & face:
         raise PrepareError(f"--hand_categories and --face_categories share {sorted(hand & face)}")
+    # --coco_region NAME=ids: more named regions, each into its own column NAME_boxes
+    taken = {"--hand_categories": hand, "--face_categories": face}
+    regions, region_tokens = {}, {}
+    for name, tokens in coco_regions(args):
+        flag = f"--coco_region {name}=..."
+        values = resolve(flag, tokens)
+        for other_flag, other in taken.items():
+            if values & other:
+                raise PrepareError(f"{flag} and {other_flag} share {sorted(values & other, key=str)}")
+        taken[flag] = values
+        regions[name], region_tokens[flag] = values, tokens
+    args.coco_region_values = regions
     if not isinstance(category, datasets.ClassLabel):  # names and ids checked against the values in the data
         present = category_values(dataset, args)
         for flag, tokens, values in (("--hand_categories", args.hand_categories, hand),
-                                     ("--face_categories", args.face_categories, face)):
+                                     ("--face_categories", args.face_categories, face),
+                                     *((f, region_tokens[f], v) for f, v in taken.items() if f in region_tokens)):
             missing = sorted(str(v) for v in values if v not in present)
             if not missing:
                 continue
@@ -818,12 +838,39 @@ def category_values(dataset, args) -> set:
     return values
 
 
-def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
-    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image)."""
+def coco_regions(args) -> list[tuple[str, list[str]]]:
+    """``--coco_region NAME=ID[,ID...]`` as ``[(name, [category token, ...])]`` in the order given; a malformed
+    entry, a name that is not a plain name, a duplicate name, or the names global/hand/face (hands and faces
+    have --hand_categories / --face_categories) raise :class:`PrepareError` naming the flag."""
+    out = []
+    for spec in args.coco_region or []:
+        name, equals, ids = str(spec).partition("=")
+        name = name.strip()
+        tokens = [t.strip() for t in ids.split(",") if t.strip()]
+        if not equals or not name or not tokens:
+            raise PrepareError(f"--coco_region {spec!r}: expected NAME=ID[,ID...], e.g. --coco_region logo=3,7")
+        if not fh.REGION_NAME.fullmatch(name):
+            raise PrepareError(f"--coco_region {spec!r}: the name {name!r} must be letters, digits, '_' or '-', "
+                               "starting with a letter (it names the column NAME_boxes)")
+        if name in ("global", "hand", "face"):
+            raise PrepareError(f"--coco_region {spec!r}: {name!r} is "
+                               + ("the global objective's name" if name == "global"
+                                  else f"taken: use --{name}_categories for {name}s"))
+        if any(name == other for other, _ in out):
+            raise PrepareError(f"--coco_region: the name {name!r} is given twice")
+        out.append((name, tokens))
+    return out
+
+
+def objects_to_boxes(cell, args, hand_values, face_values, width, height, row, regions=None):
+    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image); with
+    ``regions`` (name -> category values, :func:`coco_regions`) the boxes of those categories go into
+    ``regions_out[name]`` too: returns ``(hands, faces)``, or ``(hands, faces, regions_out)`` with ``regions``."""
     where = f"column '{args.objects_column}', row {row}"
     bbox_key, category_key = args.objects_bbox_key, args.objects_category_key
+    named = {name: [] for name in (regions or {})}
     if cell is None:
-        return [], []
+        return ([], []) if regions is None else ([], [], named)
     if isinstance(cell, dict):
         bboxes, categories = cell.get(bbox_key) or [], cell.get(category_key) or []
         if len(bboxes) != len(categories):
@@ -842,14 +889,16 @@ def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
         elif category in face_values:
             target = faces
         else:
-            continue
+            target = next((named[name] for name, values in (regions or {}).items() if category in values), None)
+            if target is None:
+                continue
         try:
             box = fh.parse_box(bbox, width=width, height=height, box_format=args.bbox_format)
         except ValueError as error:
             raise PrepareError(f"{where}, object {index}: '{bbox_key}': {error}") from None
         if box is not None:
             target.append(list(box))
-    return hands, faces
+    return (hands, faces) if regions is None else (hands, faces, named)
 
 
 def prepare_from_dataset(args):
@@ -892,10 +941,11 @@ def prepare_from_dataset(args):
             logger.warning(f"Skipped unreadable image at {where}: {error}")
             continue
         width, height = image.size
-        hands, faces = [], []
+        hands, faces, named = [], [], {}
         if args.objects_column is not None:
-            hands, faces = objects_to_boxes(
-                example[args.objects_column], args, hand_values, face_values, width, height, row
+            hands, faces, named = objects_to_boxes(
+                example[args.objects_column], args, hand_values, face_values, width, height, row,
+                regions=args.coco_region_values,
             )
         for column, target in ((args.hand_mask_column, hands), (args.face_mask_column, faces)):
             if column is not None and example[column] is not None:
@@ -923,10 +973,15 @@ def prepare_from_dataset(args):
                 face_boxes=faces,
                 hand_scores=[1.0] * len(hands),
                 face_scores=[1.0] * len(faces),
+                regions=named,
             )
         )
-    if records and not any(r.hand_boxes or r.face_boxes for r in records):
+    if records and not any(r.hand_boxes or r.face_boxes or any(r.regions.values()) for r in records):
         logger.warning("No hand or face box was found in any row: check the mask columns / categories")
+    for name in getattr(args, "coco_region_values", None) or {}:
+        with_region = sum(1 for r in records if r.regions.get(name))
+        logger.info(f"--coco_region {name}: boxes in {with_region} of {len(records)} images (column {name}_boxes; "
+                    f"train with --region {name}={name}_boxes)")
     return records, skipped
 
 
@@ -975,6 +1030,10 @@ def summarize(records) -> dict:
             "under_1_percent_of_image_area": sum(1 for a in rel_area if a < 0.01),
             "scores": _quantiles(scores),
         }
+    regions = list(records[0].regions) if records else []
+    if regions:  # --coco_region: per named region, images with it and boxes
+        summary["regions"] = {name: {"images": sum(1 for r in records if r.regions.get(name)),
+                                     "boxes": sum(len(r.regions.get(name) or []) for r in records)} for name in regions}
     return summary
 
 
@@ -1000,6 +1059,8 @@ def format_summary(summary: dict) -> str:
                 f"  box area / image area: min {a['min']:.4f}, median {a['median']:.4f}, max {a['max']:.4f}; "
                 f"{s['under_1_percent_of_image_area']} box(es) under 1% of the image"
             )
+    for name, counts in summary.get("regions", {}).items():
+        lines.append(f"{name} boxes (column {name}_boxes): {counts['boxes']} in {counts['images']} images")
     return "\n".join(lines)
 
 
@@ -1025,7 +1086,13 @@ def draw_contact_sheet(
     font = ImageFont.load_default()
     draw.text((pad, 6), "hand boxes", fill=HAND_COLOR, font=font)
     draw.text((pad + 80, 6), "face boxes", fill=FACE_COLOR, font=font)
-    draw.text((pad + 160, 6), f"{len(shown)} of {len(records)} images", fill=(220, 220, 220), font=font)
+    region_names = list(records[0].regions) if records else []  # --coco_region columns, in their own colours
+    region_colors = {name: REGION_COLORS[k % len(REGION_COLORS)] for k, name in enumerate(region_names)}
+    x = pad + 160
+    for name, color in region_colors.items():
+        draw.text((x, 6), f"{name} boxes", fill=color, font=font)
+        x += 8 + int(draw.textlength(f"{name} boxes", font=font))
+    draw.text((x, 6), f"{len(shown)} of {len(records)} images", fill=(220, 220, 220), font=font)
     for index, record in enumerate(shown):
         left = (index % columns) * cell_w + pad
         top = header_height + (index // columns) * cell_h + pad
@@ -1041,6 +1108,7 @@ def draw_contact_sheet(
         for boxes, scores, color in (
             (record.hand_boxes, record.hand_scores, HAND_COLOR),
             (record.face_boxes, record.face_scores, FACE_COLOR),
+            *((record.regions.get(name) or [], [], color) for name, color in region_colors.items()),
         ):
             for box_index, (x0, y0, x1, y1) in enumerate(boxes):
                 rect = [left + x0 * scale, top + y0 * scale, left + x1 * scale - 1, top + y1 * scale - 1]
@@ -1235,6 +1303,15 @@ def parse_args(input_args=None):
         "--face_categories", type=str, nargs="+", default=None, help="Category names or ids that are faces."
     )
     objects.add_argument(
+        "--coco_region",
+        metavar="NAME=ID[,ID...]",
+        action="append",
+        default=None,
+        help="Import these categories (names or ids, as --hand_categories takes them) into a named region column "
+        "NAME_boxes (repeatable; e.g. --coco_region logo=3,7 --coco_region text=sign). Train on it with "
+        "--region NAME=NAME_boxes (docs/regions.md).",
+    )
+    objects.add_argument(
         "--bbox_format",
         type=str,
         default="xywh",
@@ -1314,6 +1391,7 @@ def parse_args(input_args=None):
             ("--objects_column", args.objects_column),
             ("--hand_categories", args.hand_categories),
             ("--face_categories", args.face_categories),
+            ("--coco_region", args.coco_region),
         )
         if v
     ]
@@ -1326,10 +1404,10 @@ def parse_args(input_args=None):
             )
         if not mask_flags and not args.objects_column:
             parser.error("--dataset_name needs --hand_mask_column and/or --face_mask_column, or --objects_column")
-        if args.objects_column and not (args.hand_categories or args.face_categories):
-            parser.error("--objects_column needs --hand_categories and/or --face_categories")
-        if (args.hand_categories or args.face_categories) and not args.objects_column:
-            parser.error("--hand_categories/--face_categories need --objects_column")
+        if args.objects_column and not (args.hand_categories or args.face_categories or args.coco_region):
+            parser.error("--objects_column needs --hand_categories, --face_categories and/or --coco_region")
+        if (args.hand_categories or args.face_categories or args.coco_region) and not args.objects_column:
+            parser.error("--hand_categories/--face_categories/--coco_region need --objects_column")
     if args.preview_dataset is not None:
         if not os.path.isdir(args.preview_dataset):
             parser.error(f"--preview_dataset {args.preview_dataset} is not a folder")

@@ -123,6 +123,15 @@ def parse_args(input_args=None):
                    help="Use white-on-black mask images from this column for hands instead of --hand_box_column.")
     g.add_argument("--face_mask_column", type=str, default=None,
                    help="Use white-on-black mask images from this column for faces instead of --face_box_column.")
+    g.add_argument("--region", dest="region_specs", metavar="NAME=COLUMN", action=RegionAction, const="boxes",
+                   default=None,
+                   help="A named region objective from a box column (repeatable; e.g. --region text=text_boxes --region "
+                        "logo=logo_boxes). When --region or --region_mask is given, the objectives are 'global' plus "
+                        "exactly these regions in the order given, and the hand/face column flags are not used; "
+                        "without them: global, hand, face (docs/regions.md).")
+    g.add_argument("--region_mask", dest="region_specs", metavar="NAME=COLUMN", action=RegionAction, const="mask",
+                   help="A named region objective from a column of white-on-black mask images (repeatable; mixes with "
+                        "--region, the order of both on the command line is the objectives' order).")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Train on the first N rows only (for debugging or quick runs).")
     g.add_argument("--resolution", type=int, default=None,
@@ -167,6 +176,9 @@ def parse_args(input_args=None):
                         "+ hand_loss_weight * L_hand + face_loss_weight * L_face (a tuned static baseline for MPD).")
     g.add_argument("--face_loss_weight", type=float, default=1.0,
                    help="With --weighting equal: the static weight of the face loss (see --hand_loss_weight).")
+    g.add_argument("--region_loss_weight", metavar="NAME=W", action="append", default=None,
+                   help="With --weighting equal: the static weight of region NAME's loss (repeatable; default 1; "
+                        "--hand_loss_weight / --face_loss_weight are the same for the regions named hand and face).")
     g.add_argument("--fair_alpha", type=float, default=2.0,
                    help="alpha of the alpha-fair weights: 2 = Minimum Potential Delay (the paper), 1 = proportional fairness.")
     g.add_argument("--fair_update_interval", type=int, default=None,
@@ -296,6 +308,119 @@ def parse_args(input_args=None):
     return args
 
 
+class RegionAction(argparse.Action):
+    """``--region`` / ``--region_mask NAME=COLUMN``: appends ``(kind, "NAME=COLUMN")`` to ``args.region_specs``,
+    both flags in one list so that their command-line order is the objectives' order (checked by
+    :func:`region_sources`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        specs = list(getattr(namespace, self.dest, None) or [])
+        specs.append((self.const, values))
+        setattr(namespace, self.dest, specs)
+
+
+DEFAULT_REGION_COLUMNS = {"hand_box_column": "hand_boxes", "face_box_column": "face_boxes", "hand_mask_column": None,
+                          "face_mask_column": None}
+"""The hand/face column flags and their defaults: they describe the regions only without --region/--region_mask."""
+
+
+def region_sources(args) -> list[tuple[str, str, str]]:
+    """``(region, 'boxes' | 'mask', column)`` per region objective, in the objectives' order.
+
+    With ``--region NAME=COLUMN`` / ``--region_mask NAME=COLUMN``: those, in the order given (a malformed
+    spec, an empty name or column, a duplicate name or the name "global" is a :class:`UsageError` naming the
+    flag). Without them: hand and face from the hand/face column flags, exactly as before named regions.
+    """
+    if not getattr(args, "region_specs", None):
+        return [
+            ("hand", "mask", args.hand_mask_column) if args.hand_mask_column else ("hand", "boxes", args.hand_box_column),
+            ("face", "mask", args.face_mask_column) if args.face_mask_column else ("face", "boxes", args.face_box_column),
+        ]
+    sources = []
+    for kind, spec in args.region_specs:
+        flag = "--region" if kind == "boxes" else "--region_mask"
+        name, equals, column = str(spec).partition("=")
+        name, column = name.strip(), column.strip()
+        if not equals or not name or not column:
+            raise UsageError(f"{flag} {spec!r}: expected NAME=COLUMN, e.g. {flag} text=text_boxes")
+        if not fh.REGION_NAME.fullmatch(name):
+            raise UsageError(f"{flag} {spec!r}: the region name {name!r} must be letters, digits, '_' or '-', "
+                             "starting with a letter (it names the logs loss/NAME and weight/NAME)")
+        if name == fh.GLOBAL_OBJECTIVE:
+            raise UsageError(f"{flag} {spec!r}: the region name 'global' clashes with the global objective; "
+                             "choose another name")
+        if name in ("image", "overlay"):
+            raise UsageError(f"{flag} {spec!r}: the region name {name!r} is taken by the mask previews' "
+                             f"{{i}}_{name}.png; choose another name")
+        if any(name == other for other, _, _ in sources):
+            raise UsageError(f"{flag} {spec!r}: region name {name!r} is given twice; every region needs its own name")
+        sources.append((name, kind, column))
+    return sources
+
+
+def _region_sources(args):
+    """(region, 'boxes' | 'mask', column) per region: :func:`region_sources`."""
+    return region_sources(args)
+
+
+def run_objectives(args) -> tuple[str, ...]:
+    """The run's objectives, ``("global", *regions)``: the order of losses, weights, logs and checkpoints."""
+    return fh.objective_names([name for name, _, _ in region_sources(args)])
+
+
+def region_loss_weights(args) -> tuple[float, ...]:
+    """The static weight of each region's loss (``--weighting equal``), in the objectives' order:
+    ``--region_loss_weight NAME=W``, or ``--hand_loss_weight`` / ``--face_loss_weight`` for the regions named
+    hand and face, else 1. Raises :class:`UsageError` naming the flag for a malformed or unknown entry."""
+    names = [name for name, _, _ in region_sources(args)]
+    weights = {}
+    for spec in args.region_loss_weight or []:
+        name, equals, value = str(spec).partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not equals or weight is None:
+            raise UsageError(f"--region_loss_weight {spec!r}: expected NAME=W with a number W, e.g. text=0.5")
+        if name not in names:
+            raise UsageError(f"--region_loss_weight {spec!r}: no region named {name!r} (the regions: {', '.join(names)})")
+        if name in weights:
+            raise UsageError(f"--region_loss_weight: region {name!r} is given twice")
+        if not math.isfinite(weight) or weight < 0:
+            raise UsageError(f"--region_loss_weight {spec!r}: the weight must be a finite number, not negative")
+        weights[name] = weight
+    for name in ("hand", "face"):
+        flag_value = getattr(args, f"{name}_loss_weight")
+        if flag_value == 1.0:
+            continue
+        if name not in names:
+            raise UsageError(f"--{name}_loss_weight: this run has no region named {name} (the regions: {', '.join(names)}); "
+                             "use --region_loss_weight NAME=W")
+        if name in weights:
+            raise UsageError(f"--{name}_loss_weight and --region_loss_weight {name}=... both weight the {name} region; "
+                             "give one")
+        weights[name] = flag_value
+    return tuple(weights.get(name, 1.0) for name in names)
+
+
+def check_regions(args) -> None:
+    """The region flags: well-formed, unique names (:func:`region_sources`), the hand/face column flags not
+    mixed with --region/--region_mask, and the static region weights (:func:`region_loss_weights`)."""
+    sources = region_sources(args)
+    if args.region_specs:
+        mixed = [f"--{flag}" for flag, default in DEFAULT_REGION_COLUMNS.items() if getattr(args, flag) != default]
+        if mixed:
+            raise UsageError(f"{', '.join(mixed)} describe the default hand/face regions, which --region/--region_mask "
+                             "replace: name every region with --region NAME=COLUMN or --region_mask NAME=COLUMN")
+        if args.relative_boxes and all(kind == "mask" for _, kind, _ in sources):
+            raise UsageError("--relative_boxes has no effect when every region is given with --region_mask")
+    if args.region_loss_weight and args.weighting != "equal":
+        raise UsageError(f"--region_loss_weight sets the static weights of --weighting equal; --weighting {args.weighting} "
+                         + ("chooses the weights itself" if args.weighting == "fair" else "does not use the regions"))
+    region_loss_weights(args)
+
+
 def default_output_name(output_dir: str, save_lora_format: str) -> str:
     """The kohya file's base name when --output_name is not given: the output folder's name, without leading
     dots (a hidden file would not show in a UI's LoRA list), and not the diffusers file's name when both
@@ -360,6 +485,7 @@ def check_args(args) -> None:
         raise UsageError(f"--max_grad_norm must be positive, got {args.max_grad_norm}")
     if args.hand_mask_column is not None and args.relative_boxes and args.face_mask_column is not None:
         raise UsageError("--relative_boxes has no effect when both --hand_mask_column and --face_mask_column are given")
+    check_regions(args)
     if args.weighting != "fair" and (args.fair_update_interval is not None or args.fair_batched_backward
                                      or args.fair_fidelity_check):
         raise UsageError("--fair_update_interval, --fair_batched_backward and --fair_fidelity_check need --weighting fair")
@@ -466,14 +592,25 @@ def check_value_domains(args) -> None:
     for flag in ("image_column", "caption_column", "hand_box_column", "face_box_column", "logging_dir"):
         if not getattr(args, flag):
             raise UsageError(f"--{flag} is empty")
-    (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
-    if hand == face:
-        raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
-                         f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
-                         f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
-    for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
-        if column is not None and column in (args.image_column, args.caption_column):
-            raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
+    if not args.region_specs:
+        (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
+        if hand == face:
+            raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
+                             f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
+                             f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
+        for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
+            if column is not None and column in (args.image_column, args.caption_column):
+                raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
+    else:  # named regions: the same rules, each region named with its flag
+        readers = {}
+        for name, kind, column in _region_sources(args):
+            flag = f"--{'region' if kind == 'boxes' else 'region_mask'} {name}={column}"
+            if column in readers:
+                raise UsageError(f"{readers[column]} and {flag} read the same column {column!r}: give each region "
+                                 "its own")
+            if column in (args.image_column, args.caption_column):
+                raise UsageError(f"{flag}: {column!r} is also --image_column or --caption_column")
+            readers[column] = flag
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -613,14 +750,6 @@ def load_training_dataset(args):
     return dataset
 
 
-def _region_sources(args):
-    """(region, 'boxes' | 'mask', column) for hand and face."""
-    return [
-        ("hand", "mask", args.hand_mask_column) if args.hand_mask_column else ("hand", "boxes", args.hand_box_column),
-        ("face", "mask", args.face_mask_column) if args.face_mask_column else ("face", "boxes", args.face_box_column),
-    ]
-
-
 def _image_columns(args) -> list[str]:
     return [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
 
@@ -636,7 +765,10 @@ def recipe_columns(dataset, args):
     columns = list(dataset.column_names)
     needed = [("--image_column", args.image_column), ("--caption_column", args.caption_column)]
     for region, kind, column in _region_sources(args):
-        needed.append((f"--{region}_{'mask' if kind == 'mask' else 'box'}_column", column))
+        if args.region_specs:
+            needed.append((f"--{'region' if kind == 'boxes' else 'region_mask'} {region}={column}", column))
+        else:
+            needed.append((f"--{region}_{'mask' if kind == 'mask' else 'box'}_column", column))
     for flag, column in needed:
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
@@ -756,8 +888,9 @@ def check_dataset(dataset, args) -> dict:
     the image's size. Raises :class:`UsageError` naming the column and row of the first problem.
     """
     dataset = recipe_columns(dataset, args)
-    sizes, boxes, captions = [], {"hand": [], "face": []}, []
-    counts = {"hand": 0, "face": 0}
+    regions = [region for region, _, _ in _region_sources(args)]
+    sizes, boxes, captions = [], {region: [] for region in regions}, []
+    counts = {region: 0 for region in regions}
     ranges = {}  # box column -> [smallest, largest] number over all its boxes
     for row, example in enumerate(dataset):
         try:
@@ -802,7 +935,7 @@ def check_dataset(dataset, args) -> dict:
 
 
 def report_regions(checked: dict, args, mask_regions: dict | None = None) -> list[str]:
-    """Warn, with counts, where hand/face regions vanish: boxes dropped by clipping (entirely outside
+    """Warn, with counts, where the regions (hand, face by default) vanish: boxes dropped by clipping (entirely outside
     their image, or no area), images without any region (they train the global objective only), and
     an objective absent from the whole dataset (then ``--weighting fair`` has nothing to balance for
     it). Regions given as mask images count through ``mask_regions`` (region -> per row, whether the
@@ -822,17 +955,19 @@ def report_regions(checked: dict, args, mask_regions: dict | None = None) -> lis
             present[region] = list(mask_regions[region])
     if args.weighting == "global":  # plain LoRA training: the regions are not used
         present = {}
-    if len(present) == 2:
-        empty = sum(1 for hand, face in zip(present["hand"], present["face"]) if not hand and not face)
+    if present and len(present) == len(columns):
+        empty = sum(1 for flags in zip(*present.values()) if not any(flags))
         if 0 < empty < total:
-            warnings.append(f"{empty} of {total} images have no hand or face region: they train the global objective only")
+            names = list(columns)  # "hand or face"; "text, logo or shoe"
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            warnings.append(f"{empty} of {total} images have no {listed} region: they train the global objective only")
     absent = [region for region, flags in present.items() if not any(flags)]
     for region in absent:
         balance = (" --weighting fair has nothing to balance for it" if args.weighting == "fair"
                    else " --weighting equal adds nothing for it")
         warnings.append(f"no image has a {region} region (column '{columns[region]}'): the {region} objective is zero "
                         f"for the whole run;{balance}")
-    if len(absent) == 2:
+    if absent and len(absent) == len(columns):
         warnings.append(f"no image has any region: --weighting {args.weighting} trains exactly as plain LoRA "
                         "(--weighting global) on this dataset")
     for message in warnings:
@@ -1058,13 +1193,15 @@ def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, g
                     f"{sum(repeats)} repeated examples per epoch")
     loss = crop_loss(checked, args, targets, args.seed)
     if loss["with_boxes"]:
-        message = (f"{loss['lose_some']} of {loss['with_boxes']} images with boxes lose hand/face box area to the "
-                   f"crop, {loss['lose_region']} a whole region (all their hand or all their face boxes); "
+        names = [name for name, kind, _ in _region_sources(args) if kind == "boxes"]
+        message = (f"{loss['lose_some']} of {loss['with_boxes']} images with boxes lose {'/'.join(names)} box area to the "
+                   f"crop, {loss['lose_region']} a whole region ({' or '.join(f'all their {n}' for n in names)} boxes); "
                    f"{100 * loss['lost_fraction']:.1f} % of all box area is cut away (epoch 0's crops)")
         if loss["lose_some"] > CROP_LOSS_WARNING * loss["with_boxes"]:
             advice = ("; aspect-ratio buckets keep every image whole: drop --square_crop" if args.square_crop else
                       "; their aspect ratios fall between two buckets (or beyond --max_bucket_aspect_ratio) and "
-                      "their hands or faces reach the edges that are cut: a larger --resolution or a smaller "
+                      f"their {' or '.join(n + ('s' if n in ('hand', 'face') else '') for n in names)} reach the edges "
+                      "that are cut: a larger --resolution or a smaller "
                       "--bucket_reso_steps cuts less")
             logger.warning(message + advice)
         else:
@@ -1085,19 +1222,44 @@ def collate_fn(examples):
     }
 
 
+REGION_COLOURS = [(255, 64, 64), (64, 128, 255), (64, 200, 64), (240, 200, 40), (220, 80, 220), (40, 210, 210),
+                  (255, 140, 30), (140, 90, 255)]
+"""The overlay colour of each region, by its position among the regions (the first two: hand red, face blue)."""
+
+
+def region_legend(overlay: Image.Image, names, colours) -> Image.Image:
+    """``overlay`` with a legend strip below it: a colour swatch and the name of each region."""
+    from PIL import ImageDraw
+
+    line = 11
+    legend = Image.new("RGB", (max(overlay.width, 8 + 6 * max(len(n) for n in names) + 14), overlay.height + line * len(names) + 2),
+                       (255, 255, 255))
+    legend.paste(overlay, (0, 0))
+    draw = ImageDraw.Draw(legend)
+    for k, (name, colour) in enumerate(zip(names, colours)):
+        y = overlay.height + 2 + k * line
+        draw.rectangle([2, y + 1, 9, y + 8], fill=colour)
+        draw.text((12, y - 1), name, fill=(0, 0, 0))
+    return legend
+
+
 def save_mask_previews(dataset: FairHumanDataset, keys, folder: str) -> None:
-    """Write image, hand mask, face mask and an overlay per example, as trained (each at its bucket's size)."""
+    """Write the image, each region's mask (``{i}_{region}.png``) and an overlay with a colour per region and a
+    legend per example, as trained (each at its bucket's size)."""
     os.makedirs(folder, exist_ok=True)
+    names = [name for name, _, _ in dataset.sources]
+    colours = [REGION_COLOURS[k % len(REGION_COLOURS)] for k in range(len(names))]
     for i, key in enumerate(keys):
         example = dataset[key]
         pixels = ((example["pixel_values"].permute(1, 2, 0).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{i}_image.png"))
         overlay = pixels.astype(np.float32)
-        for mask, name, colour in zip(example["masks"], ("hand", "face"), ((255, 64, 64), (64, 128, 255))):
+        for mask, name, colour in zip(example["masks"], names, colours):
             m = mask.numpy()
             Image.fromarray((m * 255).round().astype(np.uint8)).save(os.path.join(folder, f"{i}_{name}.png"))
             overlay = overlay * (1 - 0.45 * m[..., None]) + 0.45 * m[..., None] * np.array(colour, np.float32)
-        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}_overlay.png"))
+        overlay = Image.fromarray(overlay.clip(0, 255).astype(np.uint8))
+        region_legend(overlay, names, colours).save(os.path.join(folder, f"{i}_overlay.png"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1178,9 +1340,8 @@ class StepInputs:
     conditioning: dict  # the captions' embeddings (model_families.ModelFamily.encode_captions)
     extras: dict  # family-specific inputs of the prediction (SDXL time ids, SD3 sigmas)
     target: torch.Tensor  # noise, velocity, or the flow target, on the latent grid
-    hand_mask: torch.Tensor  # (B, 1, h, w) on the latent grid
-    face_mask: torch.Tensor
-    present: list  # [True, any hand in the batch, any face in the batch], decided on the CPU (no device sync)
+    region_masks: tuple  # one (B, 1, h, w) mask on the latent grid per region (hand, face by default)
+    present: list  # [True, any of region 1 in the batch, ...], decided on the CPU (no device sync)
     sample_weights: torch.Tensor | None  # Min-SNR / flow weighting-scheme weights, or None
 
 
@@ -1196,12 +1357,20 @@ def prepare_inputs(batch, args, family, caption_conditioning, weight_dtype, devi
     """
     conditioning = caption_conditioning(batch["rows"], batch["captions"])
     noisy = family.noisy_inputs(batch, conditioning, device, weight_dtype)
-    # FairHuman: the hand and face masks, moved with the image, reduced to the (unpacked) latent grid
+    # FairHuman: the region masks (hand, face by default), moved with the image, reduced to the (unpacked) latent grid
     latent_masks = fh.masks_to_latent(batch["masks"], noisy.target.shape[-2:], args.latent_mask_mode)
-    present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]
+    present = [True] + [bool(latent_masks[:, i].any()) for i in range(latent_masks.shape[1])]
     latent_masks = latent_masks.to(device, non_blocking=True)
-    return StepInputs(noisy.model_input, noisy.timesteps, conditioning, noisy.extras, noisy.target,
-                      latent_masks[:, 0:1], latent_masks[:, 1:2], present, noisy.sample_weights)
+    region_masks = tuple(latent_masks[:, i : i + 1] for i in range(latent_masks.shape[1]))
+    return StepInputs(noisy.model_input, noisy.timesteps, conditioning, noisy.extras, noisy.target, region_masks,
+                      present, noisy.sample_weights)
+
+
+def region_losses(model_pred: torch.Tensor, *, inputs: StepInputs, args) -> torch.Tensor:
+    """The objectives' losses ``[L_global, L_region1, ...]`` of one prediction (:func:`fairhuman_utils.fairhuman_losses`
+    with the batch's region masks and the run's flags)."""
+    return fh.fairhuman_losses(model_pred, inputs.target, *inputs.region_masks, local_loss_scale=args.local_loss_scale,
+                               normalization=args.local_loss_normalization, sample_weights=inputs.sample_weights)
 
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -1269,6 +1438,14 @@ def current_umask() -> int:
 
 def training_settings(args, global_step: int) -> dict:
     """The settings a LoRA was trained with: the model card's table and the kohya file's metadata."""
+    sources = region_sources(args)
+    names = [name for name, _, _ in sources]
+    if args.region_specs:  # named regions: "NAME=COLUMN (boxes | mask images)", in the objectives' order
+        columns = {"regions": ", ".join(f"{name}={column} ({'boxes' if kind == 'boxes' else 'mask images'})"
+                                        for name, kind, column in sources)}
+    else:
+        columns = {"hand column": args.hand_mask_column or args.hand_box_column,
+                   "face column": args.face_mask_column or args.face_box_column}
     flow = {}
     if args.weighting_scheme is not None:  # FLUX.1 / SD3 (set by the family's check_args)
         flow = {"weighting_scheme": args.weighting_scheme, "guidance_scale (FLUX.1)": args.guidance_scale,
@@ -1279,12 +1456,10 @@ def training_settings(args, global_step: int) -> dict:
         "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
         "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
                                       and args.fair_interval_weights == "prediction" else "-"),
-        "region loss weights (hand, face)": ((args.hand_loss_weight, args.face_loss_weight) if args.weighting == "equal"
-                                             else "-"),
+        f"region loss weights ({', '.join(names)})": region_loss_weights(args) if args.weighting == "equal" else "-",
         "local_loss_scale": args.local_loss_scale,
         "local_loss_normalization": args.local_loss_normalization, "mask_dilation": args.mask_dilation,
-        "latent_mask_mode": args.latent_mask_mode, "hand column": args.hand_mask_column or args.hand_box_column,
-        "face column": args.face_mask_column or args.face_box_column, "box_format": args.box_format,
+        "latent_mask_mode": args.latent_mask_mode, **columns, "box_format": args.box_format,
         "relative_boxes": args.relative_boxes, "rank": args.rank, "lora_alpha": args.lora_alpha,
         "lora_target_modules": args.lora_target_modules, "resolution": args.resolution,
         "crop": ("square (--square_crop)" if args.square_crop else
@@ -1316,8 +1491,8 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
         "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
         "ss_max_grad_norm": str(args.max_grad_norm), "ss_noise_offset": str(args.noise_offset),
         "ss_min_snr_gamma": str(args.snr_gamma), "ss_dataset_dirs": str(args.dataset_name or args.train_data_dir),
-        "ss_training_comment": "FairHuman LoRA (arXiv 2507.02714): global + hand + face objectives with "
-                               "Minimum Potential Delay weights; " + (
+        "ss_training_comment": f"FairHuman LoRA (arXiv 2507.02714): {' + '.join(run_objectives(args))} objectives "
+                               "with Minimum Potential Delay weights; " + (
                                    "authors' inference: LoRA scale 0.3, 30 UniPC steps, CFG 7.5" if not family.flow_matching
                                    else f"{family.label}: try LoRA scale {advice['scale']}, {advice['steps']} steps, "
                                         f"guidance {advice['guidance']}"),
@@ -1427,10 +1602,14 @@ class SkippedSteps:
                 "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
 
 
-def progress_postfix(logs: dict) -> dict:
-    """The progress bar's summary of one step's logs: the three losses, the coefficients, the lr."""
-    return {"L_g": f"{logs['loss/global']:.4f}", "L_h": f"{logs['loss/hand']:.4f}", "L_f": f"{logs['loss/face']:.4f}",
-            "w": "/".join(f"{logs[f'weight/{name}']:.3g}" for name in fh.OBJECTIVES), "lr": f"{logs['lr']:.2e}"}
+SHORT_LOSS_NAMES = {"global": "L_g", "hand": "L_h", "face": "L_f"}
+
+
+def progress_postfix(logs: dict, objectives=fh.OBJECTIVES) -> dict:
+    """The progress bar's summary of one step's logs: the loss of every objective (``L_g``, ``L_h``, ``L_f``;
+    ``L_<name>`` for other regions), the coefficients in the objectives' order, the lr."""
+    losses = {SHORT_LOSS_NAMES.get(name, f"L_{name}"): f"{logs[f'loss/{name}']:.4f}" for name in objectives}
+    return {**losses, "w": "/".join(f"{logs[f'weight/{name}']:.3g}" for name in objectives), "lr": f"{logs['lr']:.2e}"}
 
 
 def peak_memory_mb() -> float:
@@ -1658,7 +1837,7 @@ def check_checkpoint(checkpoint: str, output_dir: str) -> None:
 RESUME_MUST_MATCH = ("pretrained_model_name_or_path", "rank", "lora_alpha", "lora_target_modules")
 # Settings whose change is allowed on resume, with a warning naming it.
 RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_path", "weighting", "hand_loss_weight",
-                          "face_loss_weight", "fair_alpha",
+                          "face_loss_weight", "region_loss_weight", "fair_alpha",
                           "fair_update_interval", "fair_interval_weights", "local_loss_scale",
                           "local_loss_normalization", "mask_dilation", "latent_mask_mode", "resolution",
                           "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed",
@@ -1682,6 +1861,10 @@ def run_settings(args, checked: dict) -> dict:
     settings["dataset"] = where(args.dataset_name or args.train_data_dir)
     settings["dataset_rows"] = len(checked["sizes"])
     settings["dataset_fingerprint"] = dataset_fingerprint(checked)
+    if settings.get("region_loss_weight") is None:  # only stored when given
+        settings.pop("region_loss_weight", None)
+    if args.region_specs:  # named regions (absent: the default global, hand, face)
+        settings["objectives"] = list(run_objectives(args))
     return settings
 
 
@@ -1718,6 +1901,12 @@ def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]
                          f"--pretrained_model_name_or_path is a {settings['model_family']} model; a LoRA cannot move "
                          "between model families. Resume with the checkpoint's base model, or start a new run in "
                          "another --output_dir")
+    saved_objectives = saved.get("objectives", list(fh.OBJECTIVES))
+    run_objectives_now = settings.get("objectives", list(fh.OBJECTIVES))
+    if saved_objectives != run_objectives_now:
+        raise UsageError(f"--resume_from_checkpoint: {name} was trained with the objectives {', '.join(saved_objectives)}; "
+                         f"this run has {', '.join(run_objectives_now)}. Resume with the same --region/--region_mask "
+                         "flags (none for the default hand and face), or start a new run in another --output_dir")
     refused = [f"{flag(k)} {show(settings[k])} (the checkpoint has {show(saved[k])})"
                for k in RESUME_MUST_MATCH if k in saved and settings.get(k) is not None and saved[k] != settings[k]]
     if refused:
@@ -1936,6 +2125,13 @@ def write_model_card(args, folder: str, repo_id: str, family, images, global_ste
                      f"\nFair weights: exact MPD solved every {args.fair_update_interval} optimizer steps, estimated in "
                      "between (about 1.0-1.2x the cost of plain LoRA training; per-objective weights measured within "
                      "12-20 % of exact MPD; it kept 97 % of exact's hand and 85 % of its face gains on our benchmark).")
+    method = ("a global denoising loss plus hand- and face-region losses from box annotations,\n"
+              "combined with Minimum Potential Delay (alpha-fair) weights, to improve hands and faces.")
+    if args.region_specs:
+        regions = region_sources(args)
+        method = (f"a global denoising loss plus region losses for {', '.join(name for name, _, _ in regions)}\n"
+                  f"(from {', '.join(f'{column!r}' for _, _, column in regions)}), combined with Minimum Potential Delay "
+                  "(alpha-fair)\nweights, to improve those regions.")
     card = f"""---
 {card_metadata(args, family)}
 ---
@@ -1943,8 +2139,7 @@ def write_model_card(args, folder: str, repo_id: str, family, images, global_ste
 # FairHuman LoRA: {repo_id}
 
 LoRA adapters for `{args.pretrained_model_name_or_path}` trained with FairHuman (ICCV 2025,
-arXiv 2507.02714): a global denoising loss plus hand- and face-region losses from box annotations,
-combined with Minimum Potential Delay (alpha-fair) weights, to improve hands and faces.
+arXiv 2507.02714): {method}
 {fair_note}
 
 Training data: `{dataset}`.
@@ -2032,8 +2227,9 @@ def main(args):
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
     dataset, mask_regions = verify_images(load_training_dataset(args), args)
     checked = check_dataset(dataset, args)
-    logger.info(f"{len(checked['sizes'])} training images; with hand boxes: {checked['counts']['hand']}, "
-                f"with face boxes: {checked['counts']['face']}")
+    objectives = run_objectives(args)  # FairHuman: ("global", *regions); hand and face by default
+    logger.info(f"{len(checked['sizes'])} training images; "
+                + ", ".join(f"with {name} boxes: {count}" for name, count in checked["counts"].items()))
     report_regions(checked, args, mask_regions)
 
     # ---- The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, read before any weight loads
@@ -2125,7 +2321,7 @@ def main(args):
                                 update_interval=args.fair_update_interval, interval_weights=args.fair_interval_weights,
                                 calibration=args.fair_interval_calibration,
                                 batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check,
-                                region_weights=(args.hand_loss_weight, args.face_loss_weight))
+                                region_weights=region_loss_weights(args), objectives=objectives)
 
     # ---- Data ----------------------------------------------------------------------------------
     train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
@@ -2172,7 +2368,7 @@ def main(args):
                         disable=not accelerator.is_local_main_process)
     # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
     caption_conditioning = family.caption_conditioning(checked["captions"], accelerator.device)
-    step_losses = torch.zeros(len(fh.OBJECTIVES), device=accelerator.device)
+    step_losses = torch.zeros(len(objectives), device=accelerator.device)
     skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
     last_step_time = time.perf_counter()
     unet.train()
@@ -2192,11 +2388,8 @@ def main(args):
             with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):
                 inputs = prepare_inputs(batch, args, family, caption_conditioning, weight_dtype, accelerator.device)
                 model_pred = family.predict(unet, inputs)  # on the (unpacked) latent grid
-                # FairHuman: three objectives on one prediction, [L_global, L_hand, L_face]
-                loss_fn = functools.partial(fh.fairhuman_losses, target=inputs.target, hand_mask=inputs.hand_mask,
-                                            face_mask=inputs.face_mask, local_loss_scale=args.local_loss_scale,
-                                            normalization=args.local_loss_normalization,
-                                            sample_weights=inputs.sample_weights)
+                # FairHuman: K objectives on one prediction, [L_global, L_region...] ([L_global, L_hand, L_face])
+                loss_fn = functools.partial(region_losses, inputs=inputs, args=args)
                 losses = loss_fn(model_pred)
                 step_losses += losses.detach() / args.gradient_accumulation_steps
                 # FairHuman: in place of accelerator.backward(loss)
@@ -2212,13 +2405,13 @@ def main(args):
                 step_losses = accelerator.reduce(step_losses, "mean")
                 skipped_steps.record(step_skipped, global_step)
                 now = time.perf_counter()
-                logs = {**{f"loss/{name}": float(v) for name, v in zip(fh.OBJECTIVES, step_losses)}, **update_logs,
+                logs = {**{f"loss/{name}": float(v) for name, v in zip(objectives, step_losses)}, **update_logs,
                         "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps.total,
                         "perf/step_seconds": now - last_step_time, "perf/peak_memory_mb": peak_memory_mb()}
                 if accelerator.scaler is not None:
                     logs["loss_scale"] = accelerator.scaler.get_scale()
                 accelerator.log(logs, step=global_step)
-                progress_bar.set_postfix(progress_postfix(logs))
+                progress_bar.set_postfix(progress_postfix(logs, objectives))
                 last_step_time, step_losses = now, torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:

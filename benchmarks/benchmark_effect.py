@@ -3,6 +3,7 @@
 
     nice -n 10 python benchmarks/benchmark_effect.py            # full: 5 seeds x 10 modes (~20 min on 2 cores as 2 processes, --only_seed)
     nice -n 10 python benchmarks/benchmark_effect.py --quick    # a few minutes: 1 seed, 80 steps, 5 modes
+    nice -n 10 python benchmarks/benchmark_effect.py --shoes --seeds 5   # three regions (K = 4): hands, faces, shoes
 
 1. A base model that denoises COARSE drawn people (hands and faces are plain ellipses, larger than the
    demo's: ``PERSON``): the tiny demo SD model (``fairhuman_demo.build_tiny_pipeline``, VAE made
@@ -16,6 +17,11 @@
    draws: global (whole latent), hand region and face region (mean squared error inside the boxes),
    by timestep band; paired differences against ``--weighting global`` of the same seed, mean over
    seeds with a t interval.
+
+With ``--shoes`` the people also wear shoes (plain blocks in the base's data, sole, toe cap and laces in
+the detailed data: ``fairhuman_demo.draw_person(shoes=True)``), every run names three regions
+(``--region hand=hand_boxes --region face=face_boxes --region shoe=shoe_boxes``, K = 4 objectives) and
+the errors are reported for each; data version 3, its own cache entries and ``--output_dir`` ``effect_k4``.
 
 Writes ``{--output_dir}/effect.json`` (every number), ``effect.png`` (the plot) and prints a Markdown
 table for ``benchmarks/RESULTS.md``.
@@ -45,6 +51,9 @@ MODEL_SIZE, VAE_FACTOR = "tiny-vae4", 4
 # larger people than the demo's (faces 17-34 px wide on 64 px, hands 3/4 of the face): 4-8 latent cells
 PERSON = dict(person_scale=1.6, hand_scale=0.75)
 DATA_VERSION = 2  # 1: demo-sized people, detail without hair (the first measurement); part of every cache key
+SHOES_DATA_VERSION = 3  # --shoes: the same people wearing shoes (a third region)
+SHOE_REGIONS = ["--region", "hand=hand_boxes", "--region", "face=face_boxes", "--region", "shoe=shoe_boxes"]
+SHOE_MODES = ["global", "equal s=1", "equal s=5", "fair exact", "fair interval 8"]
 CAPTIONS = [f"a photo of a person{' waving ' + str(n) + ' hands' if n else ''}" for n in range(3)]
 BANDS = [(0, 333), (333, 667), (667, 1000)]
 STATIC_AT_MPD = "static at MPD's mean balance"
@@ -108,7 +117,18 @@ def parse_args(input_args=None):
                         help="Do not train (once, cached) the same UNet on DETAILED people with the base's budget, whose "
                              "held-out errors bound what any fine-tune of this model size can reach (skipped by --quick).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU).")
+    parser.add_argument("--shoes", action="store_true",
+                        help="Three regions (K = 4 objectives): the people also wear shoes, a third detailed region "
+                             f"trained with named regions ({' '.join(SHOE_REGIONS)}); default modes {SHOE_MODES}, "
+                             "no ceiling, output_dir effect_k4.")
     args = parser.parse_args(input_args)
+    args.regions = ["hand", "face", "shoe"] if args.shoes else ["hand", "face"]
+    args.data_version = SHOES_DATA_VERSION if args.shoes else DATA_VERSION
+    if args.shoes:
+        args.skip_ceiling = True
+        args.modes = args.modes or ",".join(SHOE_MODES)
+        if args.output_dir == os.path.join(REPO, "benchmarks", "effect"):
+            args.output_dir = os.path.join(REPO, "benchmarks", "effect_k4")
     if args.quick:
         args.seeds, args.max_train_steps, args.skip_ceiling = 1, 80, True
         args.modes = args.modes or ",".join(QUICK_MODES)
@@ -118,6 +138,8 @@ def parse_args(input_args=None):
     hand, face = args.static_weights.split(",")
     MODES[STATIC_AT_MPD] = ["--weighting", "equal", "--local_loss_scale", "5", "--hand_loss_weight", hand.strip(),
                             "--face_loss_weight", face.strip()]
+    if args.shoes and STATIC_AT_MPD in (args.modes or []):
+        parser.error(f"--modes: {STATIC_AT_MPD!r} has hand and face weights only; not with --shoes")
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; known: {list(MODES)}")
@@ -129,10 +151,12 @@ def parse_args(input_args=None):
 # ---- data --------------------------------------------------------------------------------------
 
 
-def draw_people(n: int, seed: int, detailed: bool):
-    """``n`` people, each from its own generator: the coarse and detailed versions show the same people."""
+def draw_people(n: int, seed: int, detailed: bool, shoes: bool = False):
+    """``n`` people, each from its own generator: the coarse and detailed versions show the same people
+    (``(image, faces, hands)``, with ``shoes`` ``(image, faces, hands, shoes)``)."""
+    extra = {"shoes": True} if shoes else {}
     return [fairhuman_demo.draw_person(RESOLUTION, RESOLUTION, random.Random(seed * 1_000_003 + i), detailed=detailed,
-                                       **PERSON) for i in range(n)]
+                                       **PERSON, **extra) for i in range(n)]
 
 
 def encode(vae, images, batch: int = 64):
@@ -161,7 +185,7 @@ def text_embeddings(pipe, captions):
 
 
 def pretrain_base(folder: str, steps: int, num_images: int = 2000, batch: int = 16, lr: float = 2e-3,
-                  detailed: bool = False, model_size: str = MODEL_SIZE) -> dict:
+                  detailed: bool = False, model_size: str = MODEL_SIZE, shoes: bool = False) -> dict:
     """The tiny demo SD model (UNet ``model_size``) with its WHOLE UNet trained to denoise coarse people (epsilon loss); with
     ``detailed`` on detailed people instead (the ceiling: what a model of this size can reach on them)."""
     import torch
@@ -171,7 +195,7 @@ def pretrain_base(folder: str, steps: int, num_images: int = 2000, batch: int = 
     raw = folder + "-random"
     fairhuman_demo.build_tiny_pipeline(raw, sample_size=RESOLUTION // VAE_FACTOR, size=model_size)
     pipe = StableDiffusionPipeline.from_pretrained(raw, safety_checker=None)
-    people = draw_people(num_images, seed=1000, detailed=detailed)
+    people = draw_people(num_images, seed=1000, detailed=detailed, shoes=shoes)
     latents = encode(pipe.vae, [p[0] for p in people])
     embeds = text_embeddings(pipe, CAPTIONS)
     caption_index = torch.tensor([len(p[2]) for p in people])
@@ -211,17 +235,19 @@ class HeldOut:
     """Held-out detailed people, their latents, soft box masks on the latent grid and fixed
     (noise, timestep) draws (timesteps stratified over the bands)."""
 
-    def __init__(self, pipe, num_images: int, draws: int, seed: int = 2, detailed: bool = True):
+    def __init__(self, pipe, num_images: int, draws: int, seed: int = 2, detailed: bool = True,
+                 regions=("hand", "face")):
         import torch
 
-        people = draw_people(num_images, seed=seed, detailed=detailed)
+        self.regions = list(regions)
+        people = draw_people(num_images, seed=seed, detailed=detailed, shoes="shoe" in self.regions)
         latents = encode(pipe.vae, [p[0] for p in people])
         embeds = text_embeddings(pipe, CAPTIONS)
         gen = torch.Generator().manual_seed(seed)
         size = latents.shape[-1]
         masks = []
-        for _, faces, hands in people:
-            pixel = [fh.boxes_to_mask(boxes, RESOLUTION, RESOLUTION) for boxes in (hands, faces)]
+        for _, faces, hands, *shoes in people:
+            pixel = [fh.boxes_to_mask(boxes, RESOLUTION, RESOLUTION) for boxes in (hands, faces, *shoes)]
             pixel = torch.stack([torch.tensor(np.asarray(m), dtype=torch.float32) / 255 for m in pixel])
             masks.append(fh.masks_to_latent(pixel[None], (size, size), "soft")[0])
         masks = torch.stack(masks)
@@ -238,17 +264,17 @@ class HeldOut:
         self.embeds = embeds[torch.tensor([len(p[2]) for p in people])].repeat(draws, 1, 1)
 
     def errors(self, unet, scheduler, batch: int = 128) -> dict:
-        """Per (image, draw): global MSE and the MSE inside the hand and face boxes (NaN where absent)."""
+        """Per (image, draw): global MSE and the MSE inside each region's boxes (NaN where absent)."""
         import torch
 
-        out = {"global": [], "hand": [], "face": []}
+        out = {name: [] for name in ["global", *self.regions]}
         with torch.no_grad():
             for i in range(0, len(self.latents), batch):
                 sl = slice(i, i + batch)
                 noisy = scheduler.add_noise(self.latents[sl], self.noise[sl], self.timesteps[sl])
                 sq = (unet(noisy, self.timesteps[sl], self.embeds[sl]).sample - self.noise[sl]).pow(2).mean(dim=1)
                 out["global"].append(sq.mean(dim=(1, 2)))
-                for k, name in enumerate(("hand", "face")):
+                for k, name in enumerate(self.regions):
                     m = self.masks[sl, k]
                     area = m.sum(dim=(1, 2))
                     out[name].append(torch.where(area > 0, (m * sq).sum(dim=(1, 2)) / area.clamp_min(1e-8), float("nan")))
@@ -268,13 +294,14 @@ class HeldOut:
 # ---- runs ----------------------------------------------------------------------------------------
 
 
-def mode_flags(mode: str, seed: int) -> list[str]:
-    return MODES[mode] + (["--fair_fidelity_check"] if mode in CHEAP_MODES and seed == 0 else [])
+def mode_flags(mode: str, seed: int, shoes: bool = False) -> list[str]:
+    return (MODES[mode] + (["--fair_fidelity_check"] if mode in CHEAP_MODES and seed == 0 else [])
+            + (SHOE_REGIONS if shoes else []))
 
 
 def run_key(args, mode: str, seed: int) -> str:
-    key = [mode_flags(mode, seed), args.train_args, args.max_train_steps, args.train_images, args.pretrain_steps,
-           seed, DATA_VERSION]
+    key = [mode_flags(mode, seed, args.shoes), args.train_args, args.max_train_steps, args.train_images,
+           args.pretrain_steps, seed, args.data_version]
     text = json.dumps(key if args.model_size == MODEL_SIZE else key + [args.model_size])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -290,7 +317,8 @@ def fine_tune(args, base: str, data: str, out: str, mode: str, seed: int) -> dic
     shutil.rmtree(out, ignore_errors=True)
     argv = ["--pretrained_model_name_or_path", base, "--train_data_dir", data, "--output_dir", out,
             "--resolution", str(RESOLUTION), "--max_train_steps", str(args.max_train_steps), "--seed", str(seed),
-            "--report_to", "tensorboard", "--checkpointing_steps", "1000000", *args.train_args.split(), *mode_flags(mode, seed)]
+            "--report_to", "tensorboard", "--checkpointing_steps", "1000000", *args.train_args.split(),
+            *mode_flags(mode, seed, args.shoes)]
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state(*( [True] if state is AcceleratorState else []))
     start = time.perf_counter()
@@ -300,7 +328,7 @@ def fine_tune(args, base: str, data: str, out: str, mode: str, seed: int) -> dic
         state._reset_state(*( [True] if state is AcceleratorState else []))
     logs = read_scalars(os.path.join(out, "logs"))
     info = {"seconds": seconds, "step_seconds": float(np.median(logs["perf/step_seconds"][1:]))}
-    for name in fh.OBJECTIVES:
+    for name in ["global", *args.regions]:
         info[f"weight/{name}"] = float(np.mean(logs[f"weight/{name}"]))
     for tag, values in logs.items():
         if tag.startswith("fidelity/"):
@@ -314,8 +342,10 @@ def percent_change(new: float, old: float) -> float:
 
 
 def changes(new: dict, old: dict) -> str:
-    """``global -1.22 %, hand -0.43 %, face -1.44 %``: the errors ``new`` relative to ``old``."""
-    return ", ".join(f"{n} {percent_change(new[n], old[n]):+.2f} %" for n in ("global", "hand", "face"))
+    """``global -1.22 %, hand -0.43 %, face -1.44 %``: the errors ``new`` relative to ``old`` (every objective
+    both have, in ``new``'s order)."""
+    names = [n for n in new if n in old and " t" not in n]
+    return ", ".join(f"{n} {percent_change(new[n], old[n]):+.2f} %" for n in names)
 
 
 def t_interval(diffs):
@@ -341,26 +371,27 @@ def main(args):
     os.makedirs(args.cache_dir, exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
     size = "" if args.model_size == MODEL_SIZE else f"{args.model_size}-"
-    base = os.path.join(args.cache_dir, f"base-v{DATA_VERSION}-{size}{args.pretrain_steps}")
+    base = os.path.join(args.cache_dir, f"base-v{args.data_version}-{size}{args.pretrain_steps}")
     if not os.path.exists(os.path.join(base, "pretrain.json")):
         print(f"pretraining the base model on coarse people ({args.pretrain_steps} steps; cached in {base})", flush=True)
-        pretrain_base(base, args.pretrain_steps, model_size=args.model_size)
+        pretrain_base(base, args.pretrain_steps, model_size=args.model_size, shoes=args.shoes)
     with open(os.path.join(base, "pretrain.json")) as f:
         pretrain = json.load(f)
-    data = os.path.join(args.cache_dir, f"detailed-v{DATA_VERSION}-{args.train_images}")
+    data = os.path.join(args.cache_dir, f"detailed-v{args.data_version}-{args.train_images}")
     if not os.path.exists(os.path.join(data, "metadata.jsonl")):
         fairhuman_demo.build_demo_dataset(data, num_images=args.train_images, seed=7, detailed=True, size=RESOLUTION,
-                                          **PERSON)
+                                          **PERSON, **({"shoes": True} if args.shoes else {}))
 
+    objectives = ["global", *args.regions]
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     pipe.unet.eval()
-    held_out = HeldOut(pipe, args.eval_images, args.eval_draws)
+    held_out = HeldOut(pipe, args.eval_images, args.eval_draws, regions=args.regions)
     base_errors = held_out.summary(held_out.errors(pipe.unet, pipe.scheduler))
-    coarse = HeldOut(pipe, args.eval_images, args.eval_draws, detailed=False)  # the same people, plain
+    # the same people, plain
+    coarse = HeldOut(pipe, args.eval_images, args.eval_draws, detailed=False, regions=args.regions)
     base_coarse = coarse.summary(coarse.errors(pipe.unet, pipe.scheduler))
-    print(f"base model: detailed held-out {base_errors['global']:.4f} / {base_errors['hand']:.4f} / "
-          f"{base_errors['face']:.4f} (global/hand/face); coarse {base_coarse['global']:.4f} / "
-          f"{base_coarse['hand']:.4f} / {base_coarse['face']:.4f}", flush=True)
+    print(f"base model: detailed held-out {' / '.join(f'{base_errors[n]:.4f}' for n in objectives)} "
+          f"({'/'.join(objectives)}); coarse {' / '.join(f'{base_coarse[n]:.4f}' for n in objectives)}", flush=True)
     ceiling = None
     if not args.skip_ceiling:
         ceiling_dir = base + "-detailed"
@@ -395,7 +426,7 @@ def main(args):
                 json.dump(info, f)
             runs[(mode, seed)] = info
             e = info["errors"]
-            print(f"    {e['global']:.4f} / {e['hand']:.4f} / {e['face']:.4f} in {info['seconds']:.0f}s", flush=True)
+            print(f"    {' / '.join(f'{e[n]:.4f}' for n in objectives)} in {info['seconds']:.0f}s", flush=True)
 
     if args.only_seed is not None:
         return None
@@ -405,7 +436,7 @@ def main(args):
     table = {}
     for mode in args.modes:
         row = {"flags": " ".join(MODES[mode])}
-        for name in ("global", "hand", "face"):
+        for name in objectives:
             row[name] = float(np.mean([runs[(mode, s)]["errors"][name] for s in seeds]))
             # relative change vs global of the same seed, in percent
             diffs = [percent_change(runs[(mode, s)]["errors"][name], runs[("global", s)]["errors"][name]) for s in seeds]
@@ -426,10 +457,10 @@ def main(args):
         if "fair exact" in table and mode.startswith("fair"):
             # the region coefficients relative to the global one, against exact MPD's (1 = the same balance)
             exact = table["fair exact"]
-            for name in ("hand", "face"):
+            for name in args.regions:
                 row[f"{name}/global coefficient vs exact"] = ((row[f"weight/{name}"] / row["weight/global"])
                                                                / (exact[f"weight/{name}"] / exact["weight/global"]))
-    for name in ("hand", "face"):
+    for name in args.regions:
         exact_gain = table.get("fair exact", {}).get(f"{name} vs global %")
         for row in table.values():
             if exact_gain:
@@ -440,68 +471,71 @@ def main(args):
     if STATIC_AT_MPD in table and "fair exact" in table:
         static_vs_fair = {name: t_interval([percent_change(runs[(STATIC_AT_MPD, s)]["errors"][name],
                                                            runs[("fair exact", s)]["errors"][name]) for s in seeds])
-                          for name in ("global", "hand", "face")}
+                          for name in objectives}
     elapsed = time.perf_counter() - experiment_start
     result = {"machine": machine(), "seconds": elapsed, "args": {k: v for k, v in vars(args).items()},
               "pretrain": pretrain, "base_detailed": base_errors, "base_coarse": base_coarse, "ceiling": ceiling,
-              "table": table, "static_vs_fair_exact": static_vs_fair}
+              "table": table, "static_vs_fair_exact": static_vs_fair, "objectives": objectives}
     with open(os.path.join(args.output_dir, "effect.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(table, base_errors, os.path.join(args.output_dir, "effect.png"), args.seeds)
+    plot(table, base_errors, os.path.join(args.output_dir, "effect.png"), args.seeds, args.regions)
     print(markdown(result))
     return result
 
 
 def markdown(result) -> str:
     table = result["table"]
+    names = result.get("objectives", ["global", "hand", "face"])
+    regions = names[1:]
+    slash = " / ".join(names)
+    base_d, base_c = result["base_detailed"], result["base_coarse"]
     lines = [f"Machine: {result['machine']}. Experiment time {result['seconds'] / 60:.1f} min "
              f"(base pretraining {result['pretrain']['seconds'] / 60:.1f} min, cached).",
-             f"Base model on held-out detailed people: global {result['base_detailed']['global']:.4f}, hand "
-             f"{result['base_detailed']['hand']:.4f}, face {result['base_detailed']['face']:.4f} (on the same people "
-             f"drawn coarse: {result['base_coarse']['global']:.4f}, {result['base_coarse']['hand']:.4f}, "
-             f"{result['base_coarse']['face']:.4f}). Global-only fine-tune vs the base: "
+             f"Base model on held-out detailed people: {', '.join(f'{n} {base_d[n]:.4f}' for n in names)} (on the same "
+             f"people drawn coarse: {', '.join(f'{base_c[n]:.4f}' for n in names)}). Global-only fine-tune vs the base: "
              f"{changes(table['global'], result['base_detailed'])}."
              + ("" if not result.get("ceiling") else " Ceiling (the same UNet trained on detailed people with the "
                 f"base's budget) vs the base: {changes(result['ceiling'], result['base_detailed'])}."), "",
-             "| mode | global err | hand err | face err | global vs global-only % | hand % | face % | "
-             "coef. global / hand / face (K w, mean) | hand/global, face/global coef. vs exact | "
-             "per-step weight ratio global / hand / face (applied / exact) | step cost |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mode | " + " | ".join(f"{n} err" for n in names) + " | global vs global-only % | "
+             + " | ".join(f"{n} %" for n in regions) + f" | coef. {slash} (K w, mean) | "
+             + ", ".join(f"{n}/global" for n in regions) + " coef. vs exact | "
+             f"per-step weight ratio {slash} (applied / exact) | step cost |",
+             "|" + " --- |" * (2 * len(names) + 5)]
 
     def pm(row, name):
         mean, ci = row[f"{name} vs global %"], row[f"{name} vs global ci"]
         return f"{mean:+.2f}" + ("" if math.isnan(ci) else f" ± {ci:.2f}")
 
     for mode, row in table.items():
-        ratios = (" / ".join(f"{row[f'fidelity/weight_ratio_{n}']:.2f}" for n in ("global", "hand", "face"))
-                  if "fidelity/weight_ratio_hand" in row else "")
-        balance = (f"{row['hand/global coefficient vs exact']:.2f}, {row['face/global coefficient vs exact']:.2f}"
-                   if "hand/global coefficient vs exact" in row else "")
-        coefficients = " / ".join(f"{row[f'weight/{n}']:.3g}" for n in ("global", "hand", "face"))
-        lines.append(f"| {mode} | {row['global']:.4f} | {row['hand']:.4f} | {row['face']:.4f} | {pm(row, 'global')} | "
-                     f"{pm(row, 'hand')} | {pm(row, 'face')} | {coefficients} | {balance} | {ratios} | "
+        ratios = (" / ".join(f"{row[f'fidelity/weight_ratio_{n}']:.2f}" for n in names)
+                  if f"fidelity/weight_ratio_{regions[0]}" in row else "")
+        balance = (", ".join(f"{row[f'{n}/global coefficient vs exact']:.2f}" for n in regions)
+                   if f"{regions[0]}/global coefficient vs exact" in row else "")
+        coefficients = " / ".join(f"{row[f'weight/{n}']:.3g}" for n in names)
+        lines.append(f"| {mode} | " + " | ".join(f"{row[n]:.4f}" for n in names) + " | "
+                     + " | ".join(pm(row, n) for n in names) + f" | {coefficients} | {balance} | {ratios} | "
                      f"{row['cost vs global']:.2f}x |")
     if result.get("static_vs_fair_exact"):
         lines += ["", f"{STATIC_AT_MPD} vs fair exact, paired per seed (%, negative = the static weighting is better): "
                   + ", ".join(f"{n} {m:+.2f} ± {ci:.2f}" for n, (m, ci) in result["static_vs_fair_exact"].items())]
-    lines += ["", "By timestep band (mean paired change vs global-only training, %; global / hand / face):", "",
+    lines += ["", f"By timestep band (mean paired change vs global-only training, %; {slash}):", "",
               "| mode | " + " | ".join(f"t in [{lo}, {hi})" for lo, hi in BANDS) + " |",
               "| --- |" + " --- |" * len(BANDS)]
     for mode, row in table.items():
-        cells = [" / ".join(f"{row[f'{n} t{lo}-{hi} vs global %']:+.2f}" for n in ("global", "hand", "face"))
+        cells = [" / ".join(f"{row[f'{n} t{lo}-{hi} vs global %']:+.2f}" for n in names)
                  for lo, hi in BANDS]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(table, base_errors, path, seeds) -> None:
+def plot(table, base_errors, path, seeds, regions=("hand", "face")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, name in zip(axes, ("hand", "face")):
+    fig, axes = plt.subplots(1, len(regions), figsize=(5.5 * len(regions), 4.5))
+    for ax, name in zip(axes, regions):
         curve = [m for m in ["global", *STATIC_CURVE] if m in table]
         ax.plot([table[m]["global vs global %"] for m in curve], [table[m][f"{name} vs global %"] for m in curve],
                 "-", color="gray", label="static weightings: global, then equal with growing s")
@@ -516,7 +550,7 @@ def plot(table, base_errors, path, seeds) -> None:
         ax.axhline(0, lw=0.5, color="k")
         ax.axvline(0, lw=0.5, color="k")
         ax.set_title(f"{name}: lower-left is better ({seeds} seed{'s' if seeds > 1 else ''}, 95% t interval)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -222,13 +222,13 @@ def test_flow_step_masks_on_the_latent_cells_and_per_objective_gradients_differ(
              "crop_top_lefts": [(0, 0)] * 2, "target_sizes": [(24, 40)] * 2}
     conditioning = family.caption_conditioning([["a person waving"], ["a face"]], "cpu")
     inputs = train.prepare_inputs(batch, args, family, conditioning, torch.float32, "cpu")
-    assert inputs.hand_mask.shape == (2, 1, 12, 20) and inputs.target.shape == (2, 16, 12, 20)
-    assert inputs.hand_mask[0, 0].nonzero().min(0).values.tolist() == [2, 14]
-    assert inputs.hand_mask[0, 0].nonzero().max(0).values.tolist() == [5, 17]
-    assert inputs.face_mask[0, 0].sum() == 16 and inputs.face_mask[0, 0, :4, :4].all()
+    assert inputs.region_masks[0].shape == (2, 1, 12, 20) and inputs.target.shape == (2, 16, 12, 20)
+    assert inputs.region_masks[0][0, 0].nonzero().min(0).values.tolist() == [2, 14]
+    assert inputs.region_masks[0][0, 0].nonzero().max(0).values.tolist() == [5, 17]
+    assert inputs.region_masks[1][0, 0].sum() == 16 and inputs.region_masks[1][0, 0, :4, :4].all()
     pred = family.predict(family.denoiser, inputs)
     assert pred.shape == inputs.target.shape
-    losses = fh.fairhuman_losses(pred, inputs.target, inputs.hand_mask, inputs.face_mask,
+    losses = fh.fairhuman_losses(pred, inputs.target, inputs.region_masks[0], inputs.region_masks[1],
                                  sample_weights=inputs.sample_weights)
     grads = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], params, retain_graph=True)])
              for i in range(3)]
@@ -284,8 +284,8 @@ def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
     for step in range(2):  # after one step lora_B != 0 and every LoRA matrix gets gradient
         transformer.train()
         inputs = train.prepare_inputs(batch, args, family, conditioning, torch.float32, "cpu")
-        losses = fh.fairhuman_losses(family.predict(transformer, inputs), inputs.target, inputs.hand_mask,
-                                     inputs.face_mask)
+        losses = fh.fairhuman_losses(family.predict(transformer, inputs), inputs.target, inputs.region_masks[0],
+                                     inputs.region_masks[1])
         losses.sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
         optimizer.step()
