@@ -629,80 +629,129 @@ def fair_equation_residual(gram: torch.Tensor, weights: torch.Tensor, alpha: flo
 
 
 class ObjectiveGradients:
-    """K per-objective gradients of a set of parameters, held as one ``(K, P)`` fp32 buffer.
+    """K per-objective gradients of a set of parameters, one flat row per objective.
 
     ``accumulate(losses, ...)`` adds ``d losses[i] / d params`` to row ``i`` (one backward pass per
     objective that is present; rows of absent objectives stay zero), so the gradients of all
-    micro-batches of one optimizer step are summed before the solve. ``gram()`` is ``G^T G``;
-    ``write_combination(c)`` writes ``sum_i c_i g_i`` into each parameter's ``.grad``. Memory: K
-    copies of the trainable parameters' gradient, nothing more.
+    micro-batches of one optimizer step are summed before the solve. ``gram()`` is ``G^T G``
+    (float64 accumulation); ``write_combination(c)`` writes ``sum_i c_i g_i`` into each parameter's
+    ``.grad`` IN PLACE in row 0 and lets the other rows go.
+
+    Memory (P trainable numbers): row 0 is float32 and becomes the ``.grad`` of the update (the
+    4 bytes per parameter a plain backward pass holds too); rows ``1..K-1`` are in ``row_dtype``
+    (float32: 4 bytes each, bit-identical to a float32 ``(K, P)`` buffer; bfloat16: 2 bytes each, the
+    region gradients rounded to bfloat16 before the float64 Gram and the float32 combination). The
+    rows are allocated at the first ``accumulate`` of an optimizer step and dropped by
+    ``write_combination`` / ``zero_``, so nothing is held between solves. Peak on a solve step:
+    ``4 + (K-1) * itemsize(row_dtype)`` bytes per parameter, against 4 for a plain backward pass.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], num_objectives: int = len(OBJECTIVES)):
+    def __init__(self, params: Sequence[torch.nn.Parameter], num_objectives: int = len(OBJECTIVES),
+                 row_dtype: torch.dtype = torch.float32):
         self.params = list(params)
-        sizes = [p.numel() for p in self.params]
-        device = self.params[0].device
-        self.buffer = torch.zeros(num_objectives, sum(sizes), dtype=torch.float32, device=device)
-        self._views = []
-        for row in self.buffer:
-            views, offset = [], 0
-            for p, n in zip(self.params, sizes):
-                views.append(row[offset : offset + n].view_as(p))
-                offset += n
-            self._views.append(views)
+        self._sizes = [p.numel() for p in self.params]
+        self._num_objectives = num_objectives
+        self.dtypes = [torch.float32] + [row_dtype] * (num_objectives - 1)
+        self.rows: list[torch.Tensor] | None = None  # allocated by accumulate, dropped by write_combination
 
     @property
     def num_objectives(self) -> int:
-        return self.buffer.shape[0]
+        return self._num_objectives
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The rows as one ``(K, P)`` float32 tensor (a copy; zeros when no rows are held)."""
+        if self.rows is None:
+            return torch.zeros(self.num_objectives, sum(self._sizes), dtype=torch.float32, device=self.params[0].device)
+        return torch.stack([row.float() for row in self.rows])
+
+    def _ensure_rows(self) -> list[torch.Tensor]:
+        if self.rows is None:
+            device, total = self.params[0].device, sum(self._sizes)
+            self.rows = [torch.zeros(total, dtype=dtype, device=device) for dtype in self.dtypes]
+        return self.rows
+
+    def _views(self, i: int) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for p, n in zip(self.params, self._sizes):
+            views.append(self.rows[i][offset : offset + n].view_as(p))
+            offset += n
+        return views
 
     def zero_(self) -> None:
-        self.buffer.zero_()
+        """Drop the rows (the next ``accumulate`` starts from zero). Never writes into them: row 0 may be
+        the ``.grad`` of the update just written."""
+        self.rows = None
 
     def accumulate(self, losses: torch.Tensor, present: Sequence[bool] | None = None, batched: bool = False) -> None:
         """Add the gradient of each ``losses[i]`` to row ``i``; skip the objectives not ``present``.
 
         One vector-Jacobian product per present objective. By default, separate backward passes
-        (``retain_graph`` between them) that accumulate straight into row ``i``: each parameter's
-        ``.grad`` is pointed at its slice of the row, so autograd adds in place and no gradient is
-        copied (memory: the K rows and nothing else). With ``batched=True``, one vmapped backward
-        pass (``torch.autograd.grad(..., is_grads_batched=True)``): the same numbers and one graph
-        traversal, but K gradient-sized temporaries.
+        (``retain_graph`` between them) that accumulate straight into row ``i``: where the row has
+        the parameter's dtype, the parameter's ``.grad`` is pointed at its slice of the row, so
+        autograd adds in place; otherwise a post-accumulate-grad hook adds each parameter's gradient
+        into the row as soon as it is ready and frees it (one parameter's gradient at a time). With
+        ``batched=True``, one vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``):
+        the same numbers and one graph traversal, but K gradient-sized temporaries.
         """
         present = [True] * len(losses) if present is None else list(present)
         todo = [i for i, keep in enumerate(present) if keep]
+        self._ensure_rows()
         if batched and len(todo) > 1:
             rows = torch.eye(len(todo), dtype=losses.dtype, device=losses.device)
             grads = torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
                                         allow_unused=True)
             for n, i in enumerate(todo):
-                for view, grad in zip(self._views[i], grads):
+                for view, grad in zip(self._views(i), grads):
                     if grad is not None:
                         view.add_(grad[n].to(view.dtype))
             return
         saved = [p.grad for p in self.params]
+        target: dict[int, torch.Tensor] = {}  # id(param) -> its slice of the current row, for the hook
+
+        def add_into_row(p):
+            view = target.get(id(p))
+            if view is not None and p.grad is not None and p.grad is not view:
+                view.add_(p.grad)
+                p.grad = None
+
+        handles = [p.register_post_accumulate_grad_hook(add_into_row) for p in self.params]
         try:
             for n, i in enumerate(todo):
-                for p, view in zip(self.params, self._views[i]):
-                    p.grad = view
+                views = self._views(i)
+                target.clear()
+                for p, view in zip(self.params, views):
+                    if view.dtype == p.dtype:
+                        p.grad = view
+                    else:
+                        p.grad = None
+                        target[id(p)] = view
                 torch.autograd.backward(losses[i], inputs=self.params, retain_graph=n < len(todo) - 1)
-                for p, view in zip(self.params, self._views[i]):
-                    if p.grad is not view:  # autograd replaced instead of adding in place: add it ourselves
+                for p, view in zip(self.params, views):
+                    if p.grad is not None and p.grad is not view:  # autograd replaced instead of adding in place
                         view.add_(p.grad)
+                    p.grad = None
         finally:
+            for handle in handles:
+                handle.remove()
             for p, grad in zip(self.params, saved):
                 p.grad = grad
 
     def gram(self, chunk: int = 1 << 20) -> torch.Tensor:
-        """``G^T G`` (K x K, float64) with ``g_i`` the rows of the buffer.
+        """``G^T G`` (K x K, float64) with ``g_i`` the rows.
 
         Accumulated in float64 over column chunks of ``chunk`` elements: exact to float64 rounding
         (no TF32, no float32 accumulation over millions of terms) with only ``K * chunk`` extra numbers
-        in memory, never a float64 copy of the whole buffer.
+        in memory, never a float64 copy of the rows.
         """
-        k, total = self.buffer.shape
-        gram = torch.zeros(k, k, dtype=torch.float64, device=self.buffer.device)
+        k = self.num_objectives
+        device = self.params[0].device
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        if self.rows is None:
+            return gram
+        total = self.rows[0].numel()
         for start in range(0, total, chunk):
-            block = self.buffer[:, start : start + chunk].to(torch.float64)
+            block = torch.stack([row[start : start + chunk].to(torch.float64) for row in self.rows])
             gram += block @ block.T
         return gram
 
@@ -712,11 +761,12 @@ class ObjectiveGradients:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
-                torch.distributed.all_reduce(self.buffer)
-                self.buffer /= world
+                for row in self._ensure_rows():
+                    torch.distributed.all_reduce(row)
+                    row /= world
 
     def fair_update(self, alpha: float = 2.0, grad_scale: float = 1.0, stale: torch.Tensor | None = None) -> "FairStep":
-        """Average over processes, solve the weights, write the update into ``.grad``, zero the buffer.
+        """Average over processes, solve the weights, write the update into ``.grad``, drop the rows.
 
         The rows hold gradients of losses multiplied by ``grad_scale`` (the fp16 loss scale, 1 otherwise):
         the weights are solved on the unscaled Gram matrix (:func:`fair_coefficients`) and the update
@@ -740,18 +790,20 @@ class ObjectiveGradients:
         return FairStep(applied, exact, gram)
 
     def write_combination(self, coefficients: torch.Tensor) -> None:
-        """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter."""
-        # row by row: one gradient-sized result and no temporary (a (1,K) @ (K,P) matmul may copy the buffer)
+        """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter, then drop the rows.
+
+        Written in place in row 0 (``g_0 *= c_0``, then ``+= c_i g_i`` row by row: the same float32
+        operations in the same order as a separate result, so the same numbers), whose slices become
+        the ``.grad`` views: no gradient-sized temporary."""
         coefficients = [float(c) for c in coefficients]
-        combined = self.buffer[0] * coefficients[0]
-        for row, c in zip(self.buffer[1:], coefficients[1:]):
+        rows = self._ensure_rows()
+        combined = rows[0].mul_(coefficients[0])
+        for row, c in zip(rows[1:], coefficients[1:]):
             if c != 0:
                 combined.add_(row, alpha=c)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = combined[offset : offset + n].view_as(p).to(p.dtype)  # a view: no extra copy
-            offset += n
+        for p, view in zip(self.params, self._views(0)):
+            p.grad = view if view.dtype == p.dtype else view.to(p.dtype)  # a view: no extra copy
+        self.rows = None
 
 
 def prediction_space_gram(losses_fn, model_pred: torch.Tensor) -> torch.Tensor:
@@ -906,6 +958,11 @@ class FairUpdate:
       far the applied update is from exact MPD (:meth:`FairStep.fidelity`, and per objective
       applied / exact weight, :meth:`FairStep.weight_ratios`).
 
+    Memory: ``row_dtype`` is the dtype of the rows of objectives ``1..K-1`` (:class:`ObjectiveGradients`;
+    row 0 is float32 and becomes ``.grad``). float32: 12 bytes per LoRA parameter on a solve step with
+    K = 3 (plain: 4), the same numbers as always; bfloat16: 8 bytes, the region gradients rounded to
+    bfloat16 (relative 2^-9 per number) before the float64 Gram. No rows are held between solves.
+
     State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, registered with
     ``accelerator.register_for_checkpointing``): the number of updates written (which fixes the
     schedule), the last coefficients and the calibration ``s`` (one scale per objective).
@@ -923,6 +980,7 @@ class FairUpdate:
         batched_backward: bool = False,
         fidelity_check: bool = False,
         region_weights: tuple[float, float] = (1.0, 1.0),
+        row_dtype: torch.dtype = torch.float32,
     ):
         if weighting not in ("fair", *FIXED_COEFFICIENTS):
             raise ValueError(f"unknown weighting {weighting!r}; expected 'fair', 'equal' or 'global'")
@@ -940,7 +998,7 @@ class FairUpdate:
         self.batched_backward = batched_backward
         self.fidelity_check = fidelity_check and self.fair
         self.prediction_weights = self.fair and update_interval > 1 and interval_weights == "prediction"
-        self.gradients = ObjectiveGradients(params) if self.fair else None
+        self.gradients = ObjectiveGradients(params, row_dtype=row_dtype) if self.fair else None
         self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
         if weighting != "equal" and tuple(region_weights) != (1.0, 1.0):
             raise ValueError(f"region_weights are the static weights of weighting 'equal', not of {weighting!r}")

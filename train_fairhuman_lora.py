@@ -63,6 +63,14 @@ class HubError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
+def fair_gradient_dtype(choice: str, mixed_precision: str | None) -> torch.dtype:
+    """The dtype of the fair update's region-gradient rows for ``--fair_gradient_dtype`` (``auto``: bf16 under
+    fp16/bf16 mixed precision, fp32 otherwise)."""
+    if choice == "auto":
+        choice = "bf16" if mixed_precision in ("fp16", "bf16") else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="FairHuman LoRA training (SD 1.x/2.x and SDXL).")
 
@@ -161,6 +169,11 @@ def parse_args(input_args=None):
     g.add_argument("--fair_batched_backward", action="store_true",
                    help="Get the per-objective gradients with one vmapped backward pass (is_grads_batched) instead "
                         "of one pass per objective. Same numbers; see README for when it is faster.")
+    g.add_argument("--fair_gradient_dtype", type=str, default="auto", choices=["auto", "fp32", "bf16"],
+                   help="dtype of the hand/face objective gradients held on an exact fair step (the global one is "
+                        "float32 and becomes .grad). 'auto': bf16 under --mixed_precision fp16/bf16 (8 bytes per LoRA "
+                        "parameter instead of 12 at the step's peak; plain: 4), fp32 otherwise. The Gram is summed "
+                        "in float64 either way (docs/memory.md).")
     g.add_argument("--fair_fidelity_check", action="store_true",
                    help="Diagnostic for --fair_update_interval > 1: on the steps between solves also compute the "
                         "exact weights and log fidelity/update_cosine, fidelity/weight_rel_error and "
@@ -1786,7 +1799,8 @@ def main(args):
                                 update_interval=args.fair_update_interval, interval_weights=args.fair_interval_weights,
                                 calibration=args.fair_interval_calibration,
                                 batched_backward=args.fair_batched_backward, fidelity_check=args.fair_fidelity_check,
-                                region_weights=(args.hand_loss_weight, args.face_loss_weight))
+                                region_weights=(args.hand_loss_weight, args.face_loss_weight),
+                                row_dtype=fair_gradient_dtype(args.fair_gradient_dtype, accelerator.mixed_precision))
 
     # ---- Data ----------------------------------------------------------------------------------
     train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
