@@ -629,7 +629,7 @@ def fair_equation_residual(gram: torch.Tensor, weights: torch.Tensor, alpha: flo
 
 
 class ObjectiveGradients:
-    """K per-objective gradients of a set of parameters, one flat row per objective.
+    """K per-objective gradients of a set of parameters: row ``i`` holds ``d L_i / d params``.
 
     ``accumulate(losses, ...)`` adds ``d losses[i] / d params`` to row ``i`` (one backward pass per
     objective that is present; rows of absent objectives stay zero), so the gradients of all
@@ -637,46 +637,49 @@ class ObjectiveGradients:
     (float64 accumulation); ``write_combination(c)`` writes ``sum_i c_i g_i`` into each parameter's
     ``.grad`` IN PLACE in row 0 and lets the other rows go.
 
-    Memory (P trainable numbers): row 0 is float32 and becomes the ``.grad`` of the update (the
-    4 bytes per parameter a plain backward pass holds too); rows ``1..K-1`` are in ``row_dtype``
-    (float32: 4 bytes each, bit-identical to a float32 ``(K, P)`` buffer; bfloat16: 2 bytes each, the
-    region gradients rounded to bfloat16 before the float64 Gram and the float32 combination). The
-    rows are allocated at the first ``accumulate`` of an optimizer step and dropped by
-    ``write_combination`` / ``zero_``, so nothing is held between solves. Peak on a solve step:
+    Memory (P trainable numbers), lean by construction: row 0 is made of the float32 gradient tensors
+    autograd allocates as in a plain backward pass, and becomes the update's ``.grad``; rows
+    ``1..K-1`` are in ``row_dtype`` (float32, or bfloat16: 2 bytes per number, rounded before the
+    float64 Gram), each parameter's slice allocated when its gradient arrives (a post-accumulate-grad
+    hook moves it there and frees the float32 gradient, one parameter at a time). Every row is
+    dropped by ``write_combination`` / ``zero_``, so nothing is held between solves. At a solve step:
     ``4 + (K-1) * itemsize(row_dtype)`` bytes per parameter, against 4 for a plain backward pass.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], num_objectives: int = len(OBJECTIVES),
                  row_dtype: torch.dtype = torch.float32):
         self.params = list(params)
-        self._sizes = [p.numel() for p in self.params]
         self._num_objectives = num_objectives
         self.dtypes = [torch.float32] + [row_dtype] * (num_objectives - 1)
-        self.rows: list[torch.Tensor] | None = None  # allocated by accumulate, dropped by write_combination
+        self.rows: list[list[torch.Tensor | None]] | None = None  # rows[i][j]: objective i, parameter j
 
     @property
     def num_objectives(self) -> int:
         return self._num_objectives
 
+    def _row(self, i: int) -> list[torch.Tensor | None]:
+        if self.rows is None:
+            self.rows = [[None] * len(self.params) for _ in range(self.num_objectives)]
+        return self.rows[i]
+
+    def _add(self, i: int, j: int, grad: torch.Tensor) -> None:
+        """Add ``grad`` (parameter ``j``'s gradient of objective ``i``) to row ``i``; the first one is taken
+        as it is when its dtype is the row's (no copy)."""
+        row = self._row(i)
+        if row[j] is None:
+            row[j] = grad if grad.dtype == self.dtypes[i] else grad.to(self.dtypes[i])
+        else:
+            row[j].add_(grad)
+
+    def _flat(self, i: int) -> torch.Tensor:
+        row = self._row(i)
+        return torch.cat([(torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None
+                           else g.reshape(-1).float()) for p, g in zip(self.params, row)])
+
     @property
     def buffer(self) -> torch.Tensor:
-        """The rows as one ``(K, P)`` float32 tensor (a copy; zeros when no rows are held)."""
-        if self.rows is None:
-            return torch.zeros(self.num_objectives, sum(self._sizes), dtype=torch.float32, device=self.params[0].device)
-        return torch.stack([row.float() for row in self.rows])
-
-    def _ensure_rows(self) -> list[torch.Tensor]:
-        if self.rows is None:
-            device, total = self.params[0].device, sum(self._sizes)
-            self.rows = [torch.zeros(total, dtype=dtype, device=device) for dtype in self.dtypes]
-        return self.rows
-
-    def _views(self, i: int) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for p, n in zip(self.params, self._sizes):
-            views.append(self.rows[i][offset : offset + n].view_as(p))
-            offset += n
-        return views
+        """The rows as one ``(K, P)`` float32 tensor (a copy, for inspection; zeros where nothing is held)."""
+        return torch.stack([self._flat(i) for i in range(self.num_objectives)])
 
     def zero_(self) -> None:
         """Drop the rows (the next ``accumulate`` starts from zero). Never writes into them: row 0 may be
@@ -687,49 +690,47 @@ class ObjectiveGradients:
         """Add the gradient of each ``losses[i]`` to row ``i``; skip the objectives not ``present``.
 
         One vector-Jacobian product per present objective. By default, separate backward passes
-        (``retain_graph`` between them) that accumulate straight into row ``i``: where the row has
-        the parameter's dtype, the parameter's ``.grad`` is pointed at its slice of the row, so
-        autograd adds in place; otherwise a post-accumulate-grad hook adds each parameter's gradient
-        into the row as soon as it is ready and frees it (one parameter's gradient at a time). With
-        ``batched=True``, one vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``):
-        the same numbers and one graph traversal, but K gradient-sized temporaries.
+        (``retain_graph`` between them); each parameter's gradient goes into row ``i`` as soon as
+        autograd has it (row 0: autograd accumulates into it as into ``.grad``; other rows: a
+        post-accumulate-grad hook adds it in the row's dtype and frees it). With ``batched=True``, one
+        vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``): the same numbers
+        and one graph traversal, but K gradient-sized temporaries.
         """
         present = [True] * len(losses) if present is None else list(present)
         todo = [i for i, keep in enumerate(present) if keep]
-        self._ensure_rows()
+        self._row(0)
         if batched and len(todo) > 1:
             rows = torch.eye(len(todo), dtype=losses.dtype, device=losses.device)
             grads = torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
                                         allow_unused=True)
             for n, i in enumerate(todo):
-                for view, grad in zip(self._views(i), grads):
+                for j, grad in enumerate(grads):
                     if grad is not None:
-                        view.add_(grad[n].to(view.dtype))
+                        self._add(i, j, grad[n].clone() if i == 0 else grad[n])
             return
         saved = [p.grad for p in self.params]
-        target: dict[int, torch.Tensor] = {}  # id(param) -> its slice of the current row, for the hook
+        index = {id(p): j for j, p in enumerate(self.params)}
+        current = [None]  # the objective whose pass is running
 
-        def add_into_row(p):
-            view = target.get(id(p))
-            if view is not None and p.grad is not None and p.grad is not view:
-                view.add_(p.grad)
+        def move_into_row(p):
+            i = current[0]
+            if i is not None and p.grad is not None and p.grad is not self.rows[i][index[id(p)]]:
+                self._add(i, index[id(p)], p.grad)
                 p.grad = None
 
-        handles = [p.register_post_accumulate_grad_hook(add_into_row) for p in self.params]
+        handles = [p.register_post_accumulate_grad_hook(move_into_row) for p in self.params]
         try:
             for n, i in enumerate(todo):
-                views = self._views(i)
-                target.clear()
-                for p, view in zip(self.params, views):
-                    if view.dtype == p.dtype:
-                        p.grad = view
-                    else:
-                        p.grad = None
-                        target[id(p)] = view
+                row = self._row(i)
+                same_dtype = self.dtypes[i] == torch.float32
+                for j, p in enumerate(self.params):  # row 0 (float32): autograd adds into it in place
+                    p.grad = row[j] if (same_dtype and row[j] is not None and row[j].dtype == p.dtype) else None
+                current[0] = i
                 torch.autograd.backward(losses[i], inputs=self.params, retain_graph=n < len(todo) - 1)
-                for p, view in zip(self.params, views):
-                    if p.grad is not None and p.grad is not view:  # autograd replaced instead of adding in place
-                        view.add_(p.grad)
+                current[0] = None
+                for j, p in enumerate(self.params):
+                    if p.grad is not None and p.grad is not row[j]:  # the hook did not run: add it ourselves
+                        self._add(i, j, p.grad)
                     p.grad = None
         finally:
             for handle in handles:
@@ -740,19 +741,23 @@ class ObjectiveGradients:
     def gram(self, chunk: int = 1 << 20) -> torch.Tensor:
         """``G^T G`` (K x K, float64) with ``g_i`` the rows.
 
-        Accumulated in float64 over column chunks of ``chunk`` elements: exact to float64 rounding
-        (no TF32, no float32 accumulation over millions of terms) with only ``K * chunk`` extra numbers
-        in memory, never a float64 copy of the rows.
+        Accumulated in float64, parameter by parameter (column chunks of at most ``chunk`` numbers):
+        exact to float64 rounding (no TF32, no float32 accumulation over millions of terms) with only
+        ``K * chunk`` extra numbers in memory, never a float64 copy of the rows.
         """
         k = self.num_objectives
-        device = self.params[0].device
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=self.params[0].device)
         if self.rows is None:
             return gram
-        total = self.rows[0].numel()
-        for start in range(0, total, chunk):
-            block = torch.stack([row[start : start + chunk].to(torch.float64) for row in self.rows])
-            gram += block @ block.T
+        for j in range(len(self.params)):
+            held = [i for i in range(k) if self.rows[i][j] is not None]
+            if not held:
+                continue
+            columns = [self.rows[i][j].reshape(-1) for i in held]
+            index = torch.tensor(held, device=gram.device)
+            for start in range(0, columns[0].numel(), chunk):
+                block = torch.stack([c[start : start + chunk].to(torch.float64) for c in columns])
+                gram[index[:, None], index[None, :]] += block @ block.T
         return gram
 
     def average_across_processes(self) -> None:
@@ -761,9 +766,13 @@ class ObjectiveGradients:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
-                for row in self._ensure_rows():
-                    torch.distributed.all_reduce(row)
-                    row /= world
+                for i in range(self.num_objectives):
+                    row = self._row(i)
+                    for j, p in enumerate(self.params):
+                        if row[j] is None:  # every process reduces the same tensors
+                            row[j] = torch.zeros_like(p, dtype=self.dtypes[i])
+                        torch.distributed.all_reduce(row[j])
+                        row[j] /= world
 
     def fair_update(self, alpha: float = 2.0, grad_scale: float = 1.0, stale: torch.Tensor | None = None) -> "FairStep":
         """Average over processes, solve the weights, write the update into ``.grad``, drop the rows.
@@ -792,17 +801,19 @@ class ObjectiveGradients:
     def write_combination(self, coefficients: torch.Tensor) -> None:
         """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter, then drop the rows.
 
-        Written in place in row 0 (``g_0 *= c_0``, then ``+= c_i g_i`` row by row: the same float32
-        operations in the same order as a separate result, so the same numbers), whose slices become
-        the ``.grad`` views: no gradient-sized temporary."""
+        Written in place in row 0 (``g_0 *= c_0``, then ``+= c_i g_i`` row by row, in float32), which
+        becomes ``.grad``: no gradient-sized temporary."""
         coefficients = [float(c) for c in coefficients]
-        rows = self._ensure_rows()
-        combined = rows[0].mul_(coefficients[0])
-        for row, c in zip(rows[1:], coefficients[1:]):
-            if c != 0:
-                combined.add_(row, alpha=c)
-        for p, view in zip(self.params, self._views(0)):
-            p.grad = view if view.dtype == p.dtype else view.to(p.dtype)  # a view: no extra copy
+        rows = [self._row(i) for i in range(self.num_objectives)]
+        for j, p in enumerate(self.params):
+            combined = rows[0][j]
+            if combined is None:
+                combined = torch.zeros_like(p, dtype=torch.float32)
+            combined.mul_(coefficients[0])
+            for row, c in zip(rows[1:], coefficients[1:]):
+                if c != 0 and row[j] is not None:
+                    combined.add_(row[j], alpha=c)
+            p.grad = combined if combined.dtype == p.dtype else combined.to(p.dtype)
         self.rows = None
 
 

@@ -179,6 +179,10 @@ def parse_args(input_args=None):
                         "exact weights and log fidelity/update_cosine, fidelity/weight_rel_error and "
                         "fidelity/weight_ratio_{global,hand,face} (applied / exact weight; costs the "
                         "exact step's time).")
+    g.add_argument("--estimate_memory", action="store_true",
+                   help="Print the estimated accelerator memory of one training step of this run as configured (from "
+                        "the model's config files only: no weights are loaded or downloaded, no GPU needed) and exit. "
+                        "Last line: 'estimated peak: N.NN GiB'. See docs/memory.md.")
     g.add_argument("--save_mask_previews", type=int, default=0,
                    help="Write the first N training examples after the transforms to {output_dir}/mask_previews/ "
                         "({i}_image.png, {i}_hand.png, {i}_face.png, {i}_overlay.png) to check the masks sit on hands and faces.")
@@ -1645,6 +1649,103 @@ Training data: `{dataset}`.
 # ---------------------------------------------------------------------------------------------
 
 
+MODEL_CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json")
+
+
+def model_config_folder(args) -> str:
+    """A folder holding the model's config files: ``--pretrained_model_name_or_path`` itself when it is a folder,
+    else the Hub snapshot of its config files alone (``hf_hub_download`` of each; no weights)."""
+    if os.path.isdir(args.pretrained_model_name_or_path):
+        return args.pretrained_model_name_or_path
+    from huggingface_hub import hf_hub_download
+
+    folder = None
+    for name in MODEL_CONFIG_FILES:
+        try:
+            path = hf_hub_download(args.pretrained_model_name_or_path, name, revision=args.revision,
+                                   cache_dir=args.cache_dir)
+        except Exception as error:  # noqa: BLE001 - a missing text_encoder_2 (SD 1.x) is normal
+            if name.startswith("unet"):
+                raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot read "
+                                 f"unet/config.json ({error})") from None
+            continue
+        folder = folder or os.path.dirname(os.path.dirname(path))
+    return folder
+
+
+def estimate_settings(args, mixed_precision: str) -> dict:
+    """The settings of :func:`memory_estimate.estimate` for this run's flags (the worst step: hands and faces
+    present, an exact fair solve)."""
+    return dict(
+        model=model_config_folder(args), rank=args.rank, resolution=args.resolution,
+        mode="plain" if args.weighting != "fair" else "fair_exact", batch_size=args.train_batch_size,
+        gradient_checkpointing=bool(args.gradient_checkpointing), mixed_precision=mixed_precision,
+        optimizer="adamw8bit" if args.use_8bit_adam else "adamw", lora_target_modules=args.lora_target_modules,
+        fair_gradient_dtype=args.fair_gradient_dtype,
+        vae_dtype="auto" if args.pretrained_vae_model_name_or_path is None else
+        {"fp16": "fp16", "bf16": "bf16"}.get(mixed_precision, "fp32"),
+        cache_latents=bool(getattr(args, "cache_latents", False)),
+        no_text_encoders=bool(getattr(args, "cache_text_embeddings", False)))
+
+
+def memory_estimate_lines(result) -> list[str]:
+    """What ``--estimate_memory`` prints; the last line is ``estimated peak: N.NN GiB``."""
+    gib = 1024**3
+    lines = [f"resident at the step's start: {result['start_total'] / gib:.2f} GiB "
+             + "(" + ", ".join(f"{k} {v / gib:.2f}" for k, v in result["resident"].items() if v) + ")",
+             "phase peaks (GiB): " + ", ".join(f"{k} {v / gib:.2f}" for k, v in result["phase_peak"].items()),
+             f"peak phase: {result['peak_phase']}. Tensors only: add the CUDA context (0.3-1 GiB) and 5-20% allocator "
+             "overhead (docs/memory.md).",
+             f"estimated peak: {result['peak_total'] / gib:.2f} GiB"]
+    return lines
+
+
+def memory_advice(args) -> str:
+    """The flags that bring a run's memory down, those not already given (largest saving first)."""
+    advice = []
+    if args.weighting == "fair" and args.fair_gradient_dtype == "fp32":
+        advice.append("--fair_gradient_dtype bf16")
+    if not args.gradient_checkpointing:
+        advice.append("--gradient_checkpointing")
+    if not args.use_8bit_adam:
+        advice.append("--use_8bit_adam")
+    for flag in ("cache_latents", "cache_text_embeddings"):
+        if hasattr(args, flag) and not getattr(args, flag):
+            advice.append(f"--{flag}")
+    if args.pretrained_vae_model_name_or_path is None:
+        advice.append("--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix (SDXL)")
+    advice.append(f"a lower --rank than {args.rank}")
+    return ", ".join(advice)
+
+
+def print_memory_estimate(args, mixed_precision: str) -> float:
+    """``--estimate_memory``: estimate one step of this run from config files alone and print it; returns GiB."""
+    import memory_estimate
+
+    settings = estimate_settings(args, mixed_precision)
+    print(f"estimating one training step on fake tensors ({settings['mode']}, rank {args.rank}, "
+          f"{mixed_precision}, batch {args.train_batch_size}) from {settings['model']} ...", flush=True)
+    result = memory_estimate.estimate(**settings)
+    for line in memory_estimate_lines(result):
+        print(line)
+    return result["peak_total"] / 1024**3
+
+
+def warn_if_over_memory(args, accelerator, logger) -> None:
+    """On CUDA: estimate the run (config files only, before any weight loads) and say up front when it exceeds
+    the device's free memory, naming the flags that bring it down. The run still starts: it is an estimate."""
+    try:
+        estimated = print_memory_estimate(args, accelerator.mixed_precision)
+    except Exception as error:  # noqa: BLE001 - an estimate that fails must never stop a run
+        logger.warning(f"memory estimate unavailable ({error!r})")
+        return
+    free = torch.cuda.mem_get_info(accelerator.device)[0] / 1024**3
+    if estimated > free:
+        logger.warning(f"estimated peak {estimated:.2f} GiB exceeds the {free:.2f} GiB free on {accelerator.device}; "
+                       f"expect an out-of-memory error or a slow, swapping run. Flags that bring it down: "
+                       f"{memory_advice(args)}. Starting anyway.")
+
+
 def main(args):
     from accelerate import Accelerator
     from accelerate.logging import get_logger
@@ -1657,6 +1758,9 @@ def main(args):
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     global logger
+    if args.estimate_memory:  # before any check that needs the data, before any weight loads
+        print_memory_estimate(args, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        return
     check_args(args)
     check_trackers(args)
     check_output_dir(args)
@@ -1724,6 +1828,8 @@ def main(args):
     if not args.square_crop and args.resolution < bucket_step:
         raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
     buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
+    if accelerator.device.type == "cuda" and accelerator.is_main_process:
+        warn_if_over_memory(args, accelerator, logger)
     log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step, global_batch=total_batch)
     check_lora_target_modules(args)
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline

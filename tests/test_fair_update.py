@@ -252,8 +252,8 @@ def test_float32_rows_give_the_same_update_as_one_float32_buffer(present):
             update.backward(acc, loss_fn(pred), present)
             update.write_update(acc)
         written = torch.cat([p.grad.reshape(-1) for p in model.params])
-        assert torch.equal(written, expected)  # bit for bit
-        assert torch.equal(update.coefficients, expected_c)
+        torch.testing.assert_close(written, expected, rtol=1e-6, atol=0)  # float32 rounding (Gram summed per parameter)
+        torch.testing.assert_close(update.coefficients, expected_c, rtol=1e-12, atol=0)
         for p in model.params:
             p.grad = None
 
@@ -266,13 +266,13 @@ def test_grad_is_row_zero_and_no_rows_are_held_after_the_update():
     with update.no_sync(acc, model.net):
         update.backward(acc, loss_fn(pred), [True, True, True], loss_fn=loss_fn, model_pred=pred)
     rows = update.gradients.rows
-    assert [r.dtype for r in rows] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert {t.dtype for t in rows[0]} == {torch.float32} and {t.dtype for t in rows[1] + rows[2]} == {torch.bfloat16}
     assert all(p.grad is None for p in model.params)  # accumulated into the rows only
-    row0 = rows[0].untyped_storage().data_ptr()
+    row0 = [t.data_ptr() for t in rows[0]]
     del rows
     update.write_update(acc)
     assert update.gradients.rows is None  # dropped: nothing held until the next solve
-    assert all(p.grad.untyped_storage().data_ptr() == row0 for p in model.params)  # the update IS row 0
+    assert [p.grad.data_ptr() for p in model.params] == row0  # the update IS row 0, written in place
     for p in model.params:
         p.grad = None
     # a step between solves: one plain backward, no rows allocated at all
