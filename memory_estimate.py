@@ -93,7 +93,25 @@ SMALL_VAE = dict(VAE, block_out_channels=[32, 64, 128, 128])
 SMALL_CLIP = dict(CLIP_L, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                   projection_dim=256)
 
+# FLUX.1-dev and SD3.5-large: the transformer / VAE / text-encoder config.json values of the released checkpoints
+FLUX_DEV_TRANSFORMER = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
+                            num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1,
+                            pooled_projection_dim=768, axes_dims_rope=[16, 56, 56])
+FLOW_VAE = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # FLUX.1 (SD3.5: with)
+SD35_LARGE_TRANSFORMER = dict(attention_head_dim=64, caption_projection_dim=2432, in_channels=16, joint_attention_dim=4096,
+                              num_attention_heads=38, num_layers=38, out_channels=16, patch_size=2,
+                              pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
+
 MODELS = {
+    "flux-dev": dict(family="flux", transformer=FLUX_DEV_TRANSFORMER, vae=FLOW_VAE,
+                     text_encoders=[("clip", CLIP_L), ("t5", T5_XXL)], text_lengths=[77, 512], resolution=1024,
+                     scaling_factor=0.3611, sdxl=False),
+    "sd35-large": dict(family="sd3", transformer=SD35_LARGE_TRANSFORMER,
+                       vae=dict(FLOW_VAE, use_quant_conv=True, use_post_quant_conv=True),
+                       text_encoders=[("clip_proj", CLIP_L), ("clip_proj", CLIP_BIGG), ("t5", T5_XXL)],
+                       text_lengths=[77, 77, 256], resolution=1024, scaling_factor=1.5305, sdxl=False),
     "sdxl": dict(unet=SDXL_UNET, text_encoders=[("clip", CLIP_L), ("clip_proj", CLIP_BIGG)], resolution=1024,
                  scaling_factor=0.13025, sdxl=True),
     "sd15": dict(unet=SD15_UNET, text_encoders=[("clip", CLIP_L)], resolution=512, scaling_factor=0.18215, sdxl=False),
@@ -324,11 +342,18 @@ def _build_models(args, spec, weight_dtype):
     from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet_cfg = dict(spec["unet"])
-    if args.unet_config:
-        with open(args.unet_config) as f:
-            unet_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    unet = UNet2DConditionModel(**unet_cfg)
+    if spec.get("family") == "flux":
+        from diffusers import FluxTransformer2DModel
+        unet = FluxTransformer2DModel(**spec["transformer"])
+    elif spec.get("family") == "sd3":
+        from diffusers import SD3Transformer2DModel
+        unet = SD3Transformer2DModel(**spec["transformer"])
+    else:
+        unet_cfg = dict(spec["unet"])
+        if args.unet_config:
+            with open(args.unet_config) as f:
+                unet_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        unet = UNet2DConditionModel(**unet_cfg)
     unet.requires_grad_(False)
     to_dtype(unet, weight_dtype)
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
@@ -359,8 +384,11 @@ def _text_encoders(args, spec, weight_dtype):
 
     text_encoders = []
     for kind, cfg in spec["text_encoders"]:
-        config = CLIPTextConfig(**cfg)
-        te = (CLIPTextModelWithProjection if kind == "clip_proj" else CLIPTextModel)(config)
+        if kind == "t5":
+            from transformers import T5Config, T5EncoderModel
+            te = T5EncoderModel(T5Config(**cfg))
+        else:
+            te = (CLIPTextModelWithProjection if kind == "clip_proj" else CLIPTextModel)(CLIPTextConfig(**cfg))
         te.requires_grad_(False)
         to_dtype(te, weight_dtype)
         text_encoders.append(te)
@@ -538,6 +566,70 @@ def profile_peaks(prof):
                 n_events=len(mem))
 
 
+def sd_text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype):
+    """SD 1.x / SDXL conditioning as the script encodes it (SDXL: penultimate hidden states of both encoders,
+    the pooled output of the second); with cached embeddings (no encoders) tensors of the same sizes."""
+    embeds, pooled = [], None
+    for te, ids in zip(text_encoders, input_ids):
+        if not spec["sdxl"]:
+            embeds.append(te(ids)[0])
+            break
+        out = te(ids, output_hidden_states=True)
+        pooled = out[0]
+        embeds.append(out.hidden_states[-2])
+        del out
+    if not text_encoders:
+        embeds = [torch.randn(bsz, 77, spec["unet"]["cross_attention_dim"], dtype=weight_dtype)]
+        pooled = torch.randn(bsz, 1280, dtype=weight_dtype) if spec["sdxl"] else None
+    prompt_embeds = torch.cat(embeds, dim=-1) if len(embeds) > 1 else embeds[0]
+    added = None
+    if spec["sdxl"]:
+        added = {"text_embeds": pooled, "time_ids": torch.zeros(bsz, 6, dtype=prompt_embeds.dtype)}
+    return dict(encoder_hidden_states=prompt_embeds, added_cond_kwargs=added)
+
+
+def flow_text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype):
+    """FLUX.1: T5 hidden states + the CLIP-L pooled output; SD3: CLIP-L/G penultimate states (padded to the T5
+    width) joined with T5's along the sequence, both pooled outputs. Cached: tensors of the same sizes."""
+    cfg = spec["transformer"]
+    lengths = spec["text_lengths"]
+    if text_encoders:
+        outs = [te(ids, output_hidden_states=True) for te, ids in zip(text_encoders, input_ids)]
+        t5 = outs[-1].last_hidden_state
+        clip = [o for o in outs[:-1]]
+        pooled = torch.cat([o[0] for o in clip], dim=-1)
+        if spec["family"] == "sd3":
+            states = torch.cat([o.hidden_states[-2] for o in clip], dim=-1)
+            states = torch.nn.functional.pad(states, (0, t5.shape[-1] - states.shape[-1]))
+            t5 = torch.cat([states, t5], dim=-2)
+        del outs, clip
+    else:
+        tokens = lengths[-1] + (lengths[0] if spec["family"] == "sd3" else 0)
+        t5 = torch.randn(bsz, tokens, cfg["joint_attention_dim"], dtype=weight_dtype)
+        pooled = torch.randn(bsz, cfg["pooled_projection_dim"], dtype=weight_dtype)
+    cond = dict(encoder_hidden_states=t5, pooled_projections=pooled)
+    if spec["family"] == "flux":
+        cond["txt_ids"] = torch.zeros(t5.shape[1], 3, dtype=weight_dtype)
+    return cond
+
+
+def denoise(model, spec, noisy_latents, cond, bsz):
+    """One forward of the denoiser in the layout the family needs; the prediction in the latents' layout."""
+    timesteps = torch.full((bsz,), 500.0)
+    if spec.get("family") == "flux":
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy_latents.shape
+        packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, packed.dtype)
+        pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=torch.full((b,), 3.5), img_ids=img_ids,
+                     return_dict=False, **cond)[0]
+        return pred.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    if spec.get("family") == "sd3":
+        return model(hidden_states=noisy_latents, timestep=timesteps, return_dict=False, **cond)[0]
+    return model(noisy_latents, timesteps.long(), **cond).sample
+
+
 def vae_encode(vae, pixels, spec, weight_dtype):
     """The script's latents: a sample of the VAE's posterior, scaled, in the weight dtype."""
     latent_dist = vae.encode(pixels).latent_dist
@@ -588,7 +680,8 @@ def simulate_once(args, measure):
             args.fair_gradient_dtype if args.fair_gradient_dtype != "auto"
             else ("bf16" if args.mixed_precision in ("fp16", "bf16") else "fp32")]
         fair_update = fh.FairUpdate(lora_params, weighting, alpha=2.0, update_interval=interval,
-                                    interval_weights=args.fair_interval_weights, row_dtype=row_dtype)
+                                    interval_weights=args.fair_interval_weights, row_dtype=row_dtype,
+                                    batched_backward=args.fair_batched_backward)
         accelerator = StubAccelerator(65536.0 if args.mixed_precision == "fp16" else None)
         if not args.real:  # the script keeps these on the CPU: real tensors, not fake ones
             from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -621,7 +714,8 @@ def simulate_once(args, measure):
             pixels = torch.randn(bsz, vae_cfg.get("latent_channels", 4), *latent_hw).to(weight_dtype)
         hand_mask = torch.zeros(bsz, 1, *latent_hw)
         face_mask = torch.zeros(bsz, 1, *latent_hw)
-        input_ids = [torch.zeros(bsz, 77, dtype=torch.long) for _ in text_encoders]
+        lengths = spec.get("text_lengths", [77] * len(spec["text_encoders"]))
+        input_ids = [torch.zeros(bsz, n, dtype=torch.long) for n, _ in zip(lengths, text_encoders)]
         persistent_other = [pixels, hand_mask, face_mask, *input_ids]
 
         tracker = None if (args.real or measure != "memory") else make_tracker()
@@ -661,35 +755,18 @@ def simulate_once(args, measure):
                 with phase("vae_encode"):
                     latents = pixels if vae is None else vae_encode(vae, pixels, spec, weight_dtype)
                 with phase("text_encode"):
-                    embeds, pooled = [], None
-                    for te, ids in zip(text_encoders, input_ids):
-                        if not spec["sdxl"]:
-                            embeds.append(te(ids)[0])
-                            break
-                        out = te(ids, output_hidden_states=True)
-                        pooled = out[0]
-                        embeds.append(out.hidden_states[-2])
-                        del out
-                    if not text_encoders:  # --no_text_encoders: the embeddings alone
-                        cross = spec["unet"]["cross_attention_dim"]
-                        embeds = [torch.randn(bsz, 77, cross, dtype=weight_dtype)]
-                        pooled = torch.randn(bsz, 1280, dtype=weight_dtype) if spec["sdxl"] else None
-                    prompt_embeds = torch.cat(embeds, dim=-1) if len(embeds) > 1 else embeds[0]
-                    del embeds
+                    text_inputs = flow_text_inputs if spec.get("family") in ("flux", "sd3") else sd_text_inputs
+                    cond = text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype)
                     noise = torch.randn(latents.shape).to(latents)
-                    timesteps = torch.randint(0, 1000, (bsz,))
-                    noisy_latents = (latents * 0.5 + noise * 0.5)  # add_noise: same sizes
-                    added = None
-                    if spec["sdxl"]:
-                        added = {"text_embeds": pooled, "time_ids": torch.zeros(bsz, 6, dtype=prompt_embeds.dtype)}
-                    target = noise
+                    noisy_latents = latents * 0.5 + noise * 0.5  # add_noise / (1 - sigma) x + sigma n: same sizes
+                    target = noise - latents if spec.get("family") else noise
                     present = [True, True, True]  # worst case: hands and faces in the batch
             # ---- forward (accelerate: autocast + outputs converted to fp32) ----
             with phase("unet_forward"):
                 amp = (torch.autocast("cpu", dtype=weight_dtype) if args.mixed_precision in ("fp16", "bf16")
                        else contextlib.nullcontext())
                 with amp:
-                    model_pred = unet(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added).sample
+                    model_pred = denoise(unet, spec, noisy_latents, cond, bsz)
                 model_pred = model_pred.float()
                 loss_fn = functools.partial(fh.fairhuman_losses, target=target, hand_mask=hand_mask,
                                             face_mask=face_mask, local_loss_scale=5.0, normalization="latent",
@@ -729,6 +806,7 @@ def simulate_once(args, measure):
         optimizer=opt_name, mixed_precision=args.mixed_precision,
         vae_dtype="cached" if vae is None else str(vae.dtype).replace("torch.", ""),
         cache_latents=bool(args.cache_latents), cache_text_embeddings=bool(args.no_text_encoders),
+        fair_batched_backward=bool(args.fair_batched_backward),
         quantization=args.quantization,
         params=dict(unet=n_unet, lora=n_lora, vae=n_vae, text_encoders=n_te),
         resident=resident, timings=timings, flops=flops,
@@ -876,6 +954,8 @@ def build_parser():
     ap.add_argument("--mixed_precision", choices=["fp16", "bf16", "no"], default="fp16")
     ap.add_argument("--fair_gradient_dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="as train_fairhuman_lora.py (auto: bf16 under fp16/bf16 mixed precision)")
+    ap.add_argument("--fair_batched_backward", action="store_true",
+                    help="as train_fairhuman_lora.py: the per-objective gradients from one vmapped backward pass")
     ap.add_argument("--cache_latents", action="store_true", help="latents cached: no VAE on the accelerator")
     ap.add_argument("--cache_text_embeddings", dest="no_text_encoders", action="store_true",
                     help="text embeddings cached: no text encoders on the accelerator")

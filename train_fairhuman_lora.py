@@ -1681,7 +1681,7 @@ def estimate_settings(args, mixed_precision: str) -> dict:
         mode="plain" if args.weighting != "fair" else "fair_exact", batch_size=args.train_batch_size,
         gradient_checkpointing=bool(args.gradient_checkpointing), mixed_precision=mixed_precision,
         optimizer="adamw8bit" if args.use_8bit_adam else "adamw", lora_target_modules=args.lora_target_modules,
-        fair_gradient_dtype=args.fair_gradient_dtype,
+        fair_gradient_dtype=args.fair_gradient_dtype, fair_batched_backward=bool(args.fair_batched_backward),
         vae_dtype="auto" if args.pretrained_vae_model_name_or_path is None else
         {"fp16": "fp16", "bf16": "bf16"}.get(mixed_precision, "fp32"),
         cache_latents=bool(getattr(args, "cache_latents", False)),
