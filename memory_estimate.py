@@ -277,7 +277,10 @@ def make_tracker(round_like_cuda: bool = True):
                 for param in module.parameters():
                     if param.requires_grad and self._param_to_grad_hook_handles.get(param, None) is None:
                         def _grad_hook(grad):
-                            self._update_and_maybe_create_winfos(grad, mtmod._MemRefType.GRAD)
+                            try:
+                                self._update_and_maybe_create_winfos(grad, mtmod._MemRefType.GRAD)
+                            except NotImplementedError:  # a vmapped (batched) backward's gradient: its storage
+                                pass  # is the underlying tensor, tracked where it was allocated
                         self._param_to_grad_hook_handles[param] = (
                             param.register_hook(_grad_hook),
                             param.register_post_accumulate_grad_hook(lambda p: _grad_hook(p.grad)))
@@ -597,7 +600,7 @@ def flow_text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype):
         outs = [te(ids, output_hidden_states=True) for te, ids in zip(text_encoders, input_ids)]
         t5 = outs[-1].last_hidden_state
         clip = [o for o in outs[:-1]]
-        pooled = torch.cat([o[0] for o in clip], dim=-1)
+        pooled = torch.cat([o.text_embeds if "text_embeds" in o else o.pooler_output for o in clip], dim=-1)
         if spec["family"] == "sd3":
             states = torch.cat([o.hidden_states[-2] for o in clip], dim=-1)
             states = torch.nn.functional.pad(states, (0, t5.shape[-1] - states.shape[-1]))
@@ -812,6 +815,7 @@ def simulate_once(args, measure):
         resident=resident, timings=timings, flops=flops,
     )
     if tracker is not None:
+        result["quantization_options"] = {q: quantization_saving(unet, q) for q in QUANTIZED_BYTES}
         saved, dequantized = quantization_saving(unet, args.quantization)
         result["quantization_saved"] = saved
         if saved:
