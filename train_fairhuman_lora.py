@@ -179,6 +179,14 @@ def parse_args(input_args=None):
                         "exact weights and log fidelity/update_cosine, fidelity/weight_rel_error and "
                         "fidelity/weight_ratio_{global,hand,face} (applied / exact weight; costs the "
                         "exact step's time).")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every training image with the VAE once before training (keyed by dataset row, at its "
+                        "bucket's size; the region masks cached with it; with --random_flip the flipped latent and "
+                        "masks too) and move the VAE off the accelerator. The crop of each image is then drawn once "
+                        "(epoch 0), not per epoch. Held in memory.")
+    g.add_argument("--cache_text_embeddings", action="store_true",
+                   help="Encode every caption once before training (keyed by dataset row) and move the text encoders "
+                        "off the accelerator. Held in memory.")
     g.add_argument("--estimate_memory", action="store_true",
                    help="Print the estimated accelerator memory of one training step of this run as configured (from "
                         "the model's config files only: no weights are loaded or downloaded, no GPU needed) and exit. "
@@ -684,10 +692,17 @@ class FairHumanDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    cache: dict | None = None  # row -> cached latents / text embeddings (build_cache), set after it is built
+
     def __getitem__(self, key):
         epoch, row, copy = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (0, key, 0)
         seed = fh.item_seed(self.seed, epoch, row, stream=0 if copy == 0 else 2 + copy)
         rng = random.Random(seed)
+        cached = self.cache.get(row, {}) if self.cache is not None else {}
+        if "latents" in cached:  # --cache_latents: no image read; the flip drawn per epoch among the cached ones
+            variants = cached["latents"]
+            out = dict(variants[rng.randrange(len(variants))] if len(variants) > 1 else variants[0])
+            return {**out, **self._caption(rng, row, cached), "seed": seed, "row": row}
         example = self.dataset[row]
         try:
             image = fh.open_image(example[self.args.image_column])
@@ -716,10 +731,18 @@ class FairHumanDataset(torch.utils.data.Dataset):
             "original_size": out.original_size,
             "crop_top_left": out.crop_top_left,
             "target_size": out.target_size,
-            "caption": rng.choice(self.captions[row]),
+            **self._caption(rng, row, cached),
             "seed": seed,
             "row": row,
         }
+
+    def _caption(self, rng, row, cached) -> dict:
+        """The example's caption (one draw of ``rng``, as ``rng.choice``), and its cached embeddings if any."""
+        index = rng.randrange(len(self.captions[row]))
+        out = {"caption": self.captions[row][index]}
+        if "text" in cached:
+            out["text"] = cached["text"][index]
+        return out
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -883,9 +906,16 @@ def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, g
 
 
 def collate_fn(examples):
+    first = examples[0]
+    images = ({"latent_mean": torch.stack([e["latent_mean"] for e in examples]),
+               "latent_std": torch.stack([e["latent_std"] for e in examples]),
+               "latent_masks": torch.stack([e["latent_masks"] for e in examples])} if "latent_mean" in first else
+              {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+               "masks": torch.stack([e["masks"] for e in examples])})
+    if "text" in first:  # --cache_text_embeddings: a dict of tensors per example
+        images["text"] = {k: torch.stack([e["text"][k] for e in examples]) for k in first["text"]}
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
-        "masks": torch.stack([e["masks"] for e in examples]),
+        **images,
         "original_sizes": [e["original_size"] for e in examples],
         "crop_top_lefts": [e["crop_top_left"] for e in examples],
         "target_sizes": [e["target_size"] for e in examples],
@@ -1034,10 +1064,13 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
     from diffusers.training_utils import compute_snr
 
     generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
-    pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
-    latent_dist = vae.encode(pixels).latent_dist
-    eps = torch.stack([torch.randn(latent_dist.mean.shape[1:], generator=g) for g in generators])
-    latents = latent_dist.mean + latent_dist.std * eps.to(latent_dist.mean)
+    if "latent_mean" in batch:  # --cache_latents: the posterior's mean and std, cached
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    else:
+        latent_dist = vae.encode(batch["pixel_values"].to(device, dtype=vae.dtype)).latent_dist
+        mean, std = latent_dist.mean, latent_dist.std
+    eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+    latents = mean + std * eps.to(mean)
     latents = (latents * vae.config.scaling_factor).to(weight_dtype)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     if args.noise_offset:
@@ -1047,7 +1080,11 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
     timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in generators]).to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    prompt_embeds, pooled = encode_prompt(text_encoders, tokenizers, batch["captions"], device, sdxl)
+    if "text" in batch:  # --cache_text_embeddings
+        prompt_embeds, pooled = batch["text"]["prompt_embeds"].to(device), batch["text"].get("pooled")
+        pooled = pooled.to(device) if pooled is not None else None
+    else:
+        prompt_embeds, pooled = encode_prompt(text_encoders, tokenizers, batch["captions"], device, sdxl)
     added_cond_kwargs = None
     if sdxl:
         added_cond_kwargs = {"text_embeds": pooled,
@@ -1060,7 +1097,8 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
     else:
         raise UsageError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
     # FairHuman: the hand and face masks, moved with the image, reduced to the latent grid
-    latent_masks = fh.masks_to_latent(batch["masks"], latents.shape[-2:], args.latent_mask_mode)
+    latent_masks = (batch["latent_masks"] if "latent_masks" in batch else
+                    fh.masks_to_latent(batch["masks"], latents.shape[-2:], args.latent_mask_mode))
     present = [True] + [bool(latent_masks[:, i].any()) for i in range(2)]
     latent_masks = latent_masks.to(device, non_blocking=True)
     sample_weights = None
@@ -1071,6 +1109,41 @@ def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler,
         sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
     return StepInputs(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs, target, latent_masks[:, 0:1],
                       latent_masks[:, 1:2], present, sample_weights)
+
+
+@torch.no_grad()
+def build_cache(dataset: FairHumanDataset, args, vae, text_encoders, tokenizers, sdxl: bool, device) -> dict:
+    """``--cache_latents`` / ``--cache_text_embeddings``: per dataset row (never per step), on the CPU.
+
+    Latents: the example as epoch 0 draws it (its bucket's size, its region-safe crop: drawn once per image),
+    encoded one by one; the VAE posterior's mean and std (each step samples ``mean + std * eps`` with the
+    example's own seed, as uncached), the masks on the latent grid, the SDXL size conditioning; with
+    ``--random_flip`` also the mirrored latent with mirrored masks (kohya's way; a step picks one at random).
+    Text: every caption of the row, a dict of tensors each (``prompt_embeds``, SDXL ``pooled``)."""
+    cache = {}
+    for row in range(len(dataset)):
+        entry = {}
+        if args.cache_latents:
+            example = dataset[(0, row)]
+            sizes = {k: example[k] for k in ("original_size", "crop_top_left", "target_size")}
+            variants = []
+            for flip in ((False, True) if args.random_flip else (False,)):
+                pixels, masks = example["pixel_values"], example["masks"]
+                if flip:
+                    pixels, masks = pixels.flip(-1), masks.flip(-1)
+                dist = vae.encode(pixels[None].to(device, dtype=vae.dtype)).latent_dist
+                latent_masks = fh.masks_to_latent(masks[None], dist.mean.shape[-2:], args.latent_mask_mode)[0]
+                variants.append({"latent_mean": dist.mean[0].cpu(), "latent_std": dist.std[0].cpu(),
+                                 "latent_masks": latent_masks, **sizes})
+            entry["latents"] = variants
+        if args.cache_text_embeddings:
+            entry["text"] = []
+            for caption in dataset.captions[row]:
+                embeds, pooled = encode_prompt(text_encoders, tokenizers, [caption], device, sdxl)
+                entry["text"].append({"prompt_embeds": embeds[0].cpu(),
+                                      **({"pooled": pooled[0].cpu()} if pooled is not None else {})})
+        cache[row] = entry
+    return cache
 
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -1510,12 +1583,26 @@ def push_output_folder(args, repo_id: str) -> str | None:
     return None
 
 
+def offload_cached_encoders(args, vae, text_encoders, device="cpu") -> None:
+    """Move the VAE (``--cache_latents``) and text encoders (``--cache_text_embeddings``) to ``device``: off the
+    accelerator once their outputs are cached, back on it for validation sampling."""
+    if args.cache_latents:
+        vae.to(device)
+    if args.cache_text_embeddings:
+        for text_encoder in text_encoders:
+            text_encoder.to(device)
+    if device == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler, weight_dtype, step, tag):
     """Sample ``--num_validation_images`` with UniPC; the trained UNet is used as is, never cast."""
     from diffusers import UniPCMultistepScheduler
 
     logger.info(f"Running validation: {args.num_validation_images} images of {args.validation_prompt!r}")
     scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
+    offload_cached_encoders(args, components["vae"], [components[k] for k in ("text_encoder", "text_encoder_2")
+                                                      if k in components], accelerator.device)
     pipeline = pipeline_cls(unet=accelerator.unwrap_model(unet), scheduler=scheduler, **components)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -1533,6 +1620,8 @@ def run_validation(args, accelerator, pipeline_cls, components, unet, noise_sche
 
             tracker.log({tag: [wandb.Image(im, caption=f"{i}: {args.validation_prompt}") for i, im in enumerate(images)]})
     del pipeline
+    offload_cached_encoders(args, components["vae"], [components[k] for k in ("text_encoder", "text_encoder_2")
+                                                      if k in components])
     return images
 
 
@@ -1918,6 +2007,13 @@ def main(args):
         keys = [key for batch in batch_sampler.global_batches(0) for key in batch][: args.save_mask_previews]
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
+    if args.cache_latents or args.cache_text_embeddings:
+        train_dataset.cache = build_cache(train_dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator.device)
+        offload_cached_encoders(args, vae, text_encoders)
+        logger.info(f"Cached {'latents' if args.cache_latents else ''}"
+                    f"{' and ' if args.cache_latents and args.cache_text_embeddings else ''}"
+                    f"{'text embeddings' if args.cache_text_embeddings else ''} of {len(train_dataset)} images"
+                    + (" (each image's crop drawn once)" if args.cache_latents else ""))
 
     steps_per_epoch = batch_sampler.global_batches_per_epoch  # one global batch per optimizer step
     if args.max_train_steps is None:
