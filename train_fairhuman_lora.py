@@ -183,10 +183,11 @@ def parse_args(input_args=None):
                    help="Encode every training image with the VAE once before training (keyed by dataset row, at its "
                         "bucket's size; the region masks cached with it; with --random_flip the flipped latent and "
                         "masks too) and move the VAE off the accelerator. The crop of each image is then drawn once "
-                        "(epoch 0), not per epoch. Held in memory.")
+                        "(epoch 0), not per epoch. Held in memory, or with --cache_dir in {cache_dir}/fairhuman-cache/, "
+                        "keyed by data, resolution, buckets, model and VAE (another configuration's cache is never read).")
     g.add_argument("--cache_text_embeddings", action="store_true",
                    help="Encode every caption once before training (keyed by dataset row) and move the text encoders "
-                        "off the accelerator. Held in memory.")
+                        "off the accelerator. Held in memory, or on disk with --cache_dir (as --cache_latents).")
     g.add_argument("--estimate_memory", action="store_true",
                    help="Print the estimated accelerator memory of one training step of this run as configured (from "
                         "the model's config files only: no weights are loaded or downloaded, no GPU needed) and exit. "
@@ -1146,6 +1147,102 @@ def build_cache(dataset: FairHumanDataset, args, vae, text_encoders, tokenizers,
     return cache
 
 
+CACHE_KEY_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
+                   "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "caption_column",
+                   "hand_box_column", "face_box_column", "box_format", "relative_boxes", "hand_mask_column",
+                   "face_mask_column", "max_train_samples", "resolution", "center_crop", "square_crop",
+                   "bucket_reso_steps", "max_bucket_aspect_ratio", "random_flip", "mask_dilation", "latent_mask_mode",
+                   "cache_latents", "cache_text_embeddings")
+"""The flags a cached latent or text embedding depends on (with the data, the buckets and the encoders' dtypes)."""
+
+
+def data_fingerprint(args, dataset) -> str:
+    """What identifies the data's content: for ``--train_data_dir`` every file's path, size and modification
+    time; otherwise the ``datasets`` fingerprint of the loaded split."""
+    if args.train_data_dir is not None:
+        digest = hashlib.sha256()
+        for root, _dirs, files in sorted(os.walk(args.train_data_dir)):
+            for name in sorted(files):
+                stat = os.stat(os.path.join(root, name))
+                digest.update(f"{os.path.relpath(os.path.join(root, name), args.train_data_dir)}|{stat.st_size}|"
+                              f"{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+    return str(getattr(dataset, "_fingerprint", None))
+
+
+def cache_key_fields(args, dataset, targets, vae, text_encoders) -> dict:
+    """Everything the cache's content depends on; a cache on disk is read only when all of it is equal."""
+    fields = {flag: getattr(args, flag) for flag in CACHE_KEY_FLAGS}
+    fields["data"] = data_fingerprint(args, dataset)
+    fields["rows"] = len(dataset)
+    fields["buckets"] = hashlib.sha256(json.dumps(targets if isinstance(targets, int) else [list(t) for t in targets])
+                                       .encode()).hexdigest()
+    fields["vae_dtype"] = str(vae.dtype)
+    fields["text_encoder_dtype"] = str(text_encoders[0].dtype) if text_encoders else None
+    if args.cache_latents and not args.center_crop:
+        fields["seed"] = args.seed  # the crop drawn once per image comes from the run's seed
+    return fields
+
+
+def load_or_build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator, targets) -> dict:
+    """The cache of :func:`build_cache`: in memory, or with ``--cache_dir`` in
+    ``{cache_dir}/fairhuman-cache/{key}.pt`` (key: a hash of :func:`cache_key_fields`), read back only when every
+    field is equal (another configuration's cache is never read: a new one is built, the differing fields
+    logged). Written to a temporary file and renamed, so a full disk or a kill never leaves a half-written cache
+    that a later run reads; a failed write stops the run naming the path."""
+    log = logging.getLogger(__name__)
+    if args.cache_dir is None:
+        return build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator.device)
+    fields = cache_key_fields(args, dataset, targets, vae, text_encoders)
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = os.path.join(args.cache_dir, "fairhuman-cache")
+    path = os.path.join(folder, f"{key}.pt")
+    if os.path.exists(path):
+        try:
+            stored = torch.load(path, weights_only=True)
+            if stored.get("fields") == json.loads(json.dumps(fields, default=str)):
+                log.info(f"Reading the latent/text cache {path}")
+                return stored["cache"]
+            log.warning(f"{path} was written for another configuration; building a new cache")
+        except Exception as error:  # noqa: BLE001 - an unreadable cache is rebuilt, never half read
+            log.warning(f"{path} is unreadable ({type(error).__name__}: {error}); building a new cache")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and name != f"{key}.json":
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                continue
+            differ = [k for k in sorted(set(other) | set(fields)) if other.get(k) != json.loads(json.dumps(fields.get(k), default=str))]
+            log.info(f"{os.path.join(folder, name[:-5] + '.pt')}: a cache of another configuration (differs in "
+                     f"{', '.join(differ)}); not read")
+    cache = build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator.device)
+    if accelerator.is_main_process:
+        fields_json = json.loads(json.dumps(fields, default=str))
+        write_atomically(path, lambda f: torch.save({"fields": fields_json, "cache": cache}, f))
+        write_atomically(os.path.join(folder, f"{key}.json"), lambda f: f.write(json.dumps(fields_json, indent=1).encode()))
+        log.info(f"Wrote the latent/text cache {path}")
+    return cache
+
+
+def write_atomically(path: str, write) -> None:
+    """``write(file)`` into ``path`` via a temporary file renamed at the end: ``path`` is complete or absent.
+    A failed write (full disk, no permission) removes the temporary file and stops the run naming ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UsageError(f"--cache_dir: cannot write {path} ({error.strerror or error}); free space there, or leave "
+                         "out --cache_dir to keep the cache in memory") from None
+
+
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -2008,7 +2105,8 @@ def main(args):
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
     if args.cache_latents or args.cache_text_embeddings:
-        train_dataset.cache = build_cache(train_dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator.device)
+        train_dataset.cache = load_or_build_cache(train_dataset, args, vae, text_encoders, tokenizers, sdxl,
+                                                  accelerator, example_sizes)
         offload_cached_encoders(args, vae, text_encoders)
         logger.info(f"Cached {'latents' if args.cache_latents else ''}"
                     f"{' and ' if args.cache_latents and args.cache_text_embeddings else ''}"

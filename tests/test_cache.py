@@ -48,3 +48,40 @@ def test_cache_is_keyed_by_row_and_flips_latents_with_masks(tiny_sd, demo_datase
              for epoch in range(12)}
     assert drawn == {False, True}
     assert dataset[(3, 0)]["seed"] == dataset[(3, 0)]["seed"] and "pixel_values" not in dataset[(3, 0)]
+
+
+def test_disk_cache_is_reused_rebuilt_for_another_configuration_and_a_full_disk_stops_cleanly(
+        tiny_sd, demo_dataset, tmp_path, caplog, monkeypatch):
+    import errno
+    import logging
+    import os
+
+    import train_fairhuman_lora as train
+    from conftest import assert_same_lora
+
+    cache_dir = tmp_path / "cache"
+    folder = cache_dir / "fairhuman-cache"
+    flags = ["--cache_dir", cache_dir, "--cache_latents", "--cache_text_embeddings"]
+    caplog.set_level(logging.INFO)
+    run_main(*args_for(tiny_sd, demo_dataset, tmp_path / "first", *flags))
+    written = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
+    assert len(written) == 1 and not [n for n in os.listdir(folder) if ".tmp-" in n]
+    caplog.clear()
+    run_main(*args_for(tiny_sd, demo_dataset, tmp_path / "second", *flags))
+    assert "Reading the latent/text cache" in caplog.text
+    assert_same_lora(str(tmp_path / "first"), str(tmp_path / "second"), atol=0)
+    # another configuration: a new cache, the old one named with the reason, never read
+    caplog.clear()
+    run_main(*args_for(tiny_sd, demo_dataset, tmp_path / "third", *flags, "--mask_dilation", "0"))
+    assert "Reading the latent/text cache" not in caplog.text
+    assert "differs in mask_dilation" in caplog.text
+    assert len([n for n in os.listdir(folder) if n.endswith(".pt")]) == 2
+    # a full disk while writing: the run stops naming the path, nothing half-written is left to be read
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(train.UsageError, match=r"cannot write .*fairhuman-cache.*\.pt \(No space left on device\)"):
+        run_main(*args_for(tiny_sd, demo_dataset, tmp_path / "fourth", *flags, "--mask_dilation", "1"))
+    assert len([n for n in os.listdir(folder) if n.endswith(".pt")]) == 2
+    assert not [n for n in os.listdir(folder) if ".tmp-" in n]
