@@ -42,6 +42,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import fairhuman_utils as fh
 import prepare_fairhuman_dataset as prep
 from fairhuman_utils import UsageError
 
@@ -203,7 +204,7 @@ class ClipScorer:
     def __call__(self, image: Image.Image, text: str) -> float:
         import torch
 
-        inputs = self.processor(text=[text], images=[image.convert("RGB")], return_tensors="pt", padding=True,
+        inputs = self.processor(text=[text], images=[fh.to_rgb(image)], return_tensors="pt", padding=True,
                                 truncation=True).to(self.device)
         with torch.no_grad():
             out = self.model(**inputs)
@@ -241,14 +242,17 @@ def read_folder(folder: str) -> list[dict]:
     metadata = {}
     path = os.path.join(folder, "metadata.jsonl")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        metadata[row["file_name"]] = row
-                    except (ValueError, KeyError, TypeError) as error:
-                        raise UsageError(f"{path}, line {number}: expected a JSON object with 'file_name' ({error})") from None
+        try:
+            lines = list(prep.utf8_lines(path, "--images_dir"))
+        except prep.PrepareError as error:
+            raise UsageError(str(error)) from None
+        for number, line in lines:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    metadata[row["file_name"]] = row
+                except (ValueError, KeyError, TypeError) as error:
+                    raise UsageError(f"{path}, line {number}: expected a JSON object with 'file_name' ({error})") from None
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
                    and os.path.splitext(n)[1].lower() in prep.IMAGE_EXTENSIONS)
     return [{"file": name, "path": os.path.join(folder, name), "prompt": metadata.get(name, {}).get("text"),
@@ -264,7 +268,7 @@ def score_images(entries, detector, clip=None, desc="Scoring", disable_progress_
     for entry in tqdm(entries, desc=desc, disable=disable_progress_bar):
         try:
             image, _ = prep.open_image(entry["path"])
-            image = image.convert("RGB")
+            image = fh.to_rgb(image)  # the one reader of every script: 16-bit images scaled, not clipped
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UsageError(f"cannot read the image {entry['path']} ({error})") from None
         clip_score = clip(image, entry["prompt"]) if clip is not None and entry["prompt"] is not None else None
@@ -382,7 +386,7 @@ def draw_grid(prompt: str, columns, cell_size: int, path: str) -> str:
             x, y = grid_cell_box(row, column, cell_size)
             image, _ = prep.open_image(record["path"])
             scale = cell_size / image.width
-            sheet.paste(image.convert("RGB").resize((cell_size, max(1, round(image.height * scale))), Image.BICUBIC), (x, y))
+            sheet.paste(fh.to_rgb(image).resize((cell_size, max(1, round(image.height * scale))), Image.BICUBIC), (x, y))
             label_y = y + min(cell_size, round(image.height * scale)) + 2
             draw.text((x, label_y), cell_label(record), fill=(230, 230, 230), font=font)
             if record.get("seed") is not None:
@@ -436,10 +440,10 @@ def load_pipeline(args):
     from diffusers import AutoencoderKL, DiffusionPipeline, UniPCMultistepScheduler
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    kwargs = {"torch_dtype": dtype, "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    kwargs = {"dtype": dtype, "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
     try:
         if args.pretrained_vae_model_name_or_path:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype,
+            kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype,
                                                           cache_dir=args.cache_dir)
         pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
@@ -447,9 +451,35 @@ def load_pipeline(args):
                          f"the pipeline ({error})") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    overrides = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
+
+
+def lora_prediction_type(paths) -> str | None:
+    """The prediction type the LoRAs were trained with, from kohya-format metadata (``ss_v_parameterization``,
+    which the training script writes): ``"v_prediction"``, ``"epsilon"`` or ``None`` when no file says.
+    LoRAs that disagree raise :class:`UsageError`."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        for file in files:
+            try:
+                with safe_open(file, "pt") as f:
+                    metadata = f.metadata() or {}
+            except Exception:  # noqa: BLE001 - unreadable here: load_loras names it
+                continue
+            if "ss_v_parameterization" in metadata:
+                found[path] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
+                break
+    if len(set(found.values())) > 1:
+        raise UsageError(f"--lora_paths: the LoRAs were trained with different prediction types ({found}); "
+                         "evaluate them in separate runs")
+    return next(iter(found.values()), None)
 
 
 def load_loras(pipe, paths, names) -> None:
@@ -513,7 +543,7 @@ def generate(args, prompts, lora_names) -> list[dict]:
                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         height=args.resolution, width=args.resolution, generator=generators).images
                 for s, image in zip(chunk, images):
-                    file_name = f"{i:03d}_{s}.png"
+                    file_name = image_file_name(i, s)
                     image.save(os.path.join(folder, file_name))
                     rows.append({"file_name": file_name, "text": prompt, "prompt_index": i, "seed": s})
                 progress.update(len(chunk))
@@ -566,6 +596,10 @@ def parse_args(input_args=None):
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")
     g.add_argument("--device", type=str, default=None, help="Torch device; default cuda when available, else cpu.")
+    g.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                   help="Sample with this prediction type (a LoRA trained with --prediction_type v_prediction needs "
+                        "v_prediction). Default: what a kohya-format LoRA's metadata says (ss_v_parameterization), "
+                        "else the model's own.")
 
     g = parser.add_argument_group("Scoring mode: existing images")
     g.add_argument("--images_dir", type=str, nargs="+", default=None,
@@ -589,7 +623,9 @@ def parse_args(input_args=None):
     g.add_argument("--output_dir", type=str, default="fairhuman-evaluation",
                    help="Where images/<model>/, grid_<prompt index>.png, report.json and report.md go.")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Write into a non-empty --output_dir (replacing this script's own outputs there).")
+                   help="Write into a non-empty --output_dir: the files an earlier run of this script wrote there "
+                        "(listed in its .fairhuman_evaluation_outputs.json) are replaced; nothing else is touched, "
+                        "and a file of yours with the name of an output stops the run.")
     g.add_argument("--grid_cell_size", type=int, default=256, help="Width in pixels of each image in the grids.")
     g.add_argument("--disable_progress_bar", action="store_true", help="Do not show progress bars.")
 
@@ -610,10 +646,17 @@ def check_args(args) -> None:
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-        if args.resolution is not None and args.resolution < 8:
-            raise UsageError(f"--resolution must be at least 8, got {args.resolution}")
+        if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+            raise UsageError(f"--resolution must be a multiple of 8 of at least 8, got {args.resolution}")
         if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale):
             raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
+        if args.guidance_scale < 0:
+            raise UsageError(f"--guidance_scale must not be negative (1 or below turns guidance off), got {args.guidance_scale}")
+        if not 0 <= args.seed <= SEED_MAX:
+            raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {args.seed}")
+        check_device(args.device)
+    elif args.prediction_type is not None:
+        raise UsageError("--prediction_type only applies to generation mode (--pretrained_model_name_or_path)")
     else:
         ignored = [f"--{n}" for n in ("lora_paths", "prompts_file") if getattr(args, n)]
         if ignored:
@@ -639,17 +682,98 @@ def check_args(args) -> None:
         raise UsageError(f"--output_dir {args.output_dir!r} exists and is not empty (pass --overwrite_output_dir)")
 
 
-def clear_outputs(output_dir: str, generation: bool) -> None:
-    """Remove what an earlier run of this script wrote into ``output_dir`` (and nothing else); the
-    ``images`` folder only in generation mode, the only mode that writes one."""
-    if not os.path.isdir(output_dir):
+OUTPUTS_MANIFEST = ".fairhuman_evaluation_outputs.json"
+"""In --output_dir: every file this script writes there (relative paths), listed BEFORE they are written,
+so that --overwrite_output_dir removes those and nothing else, even after a run that was interrupted."""
+
+
+def image_file_name(prompt_index: int, seed: int) -> str:
+    """The file name of a generated image: ``{prompt index:03d}_{seed}.png``."""
+    return f"{prompt_index:03d}_{seed}.png"
+
+
+def planned_outputs(args, prompts, lora_names) -> list[str]:
+    """The files (relative to --output_dir) this run will write: the report, and in generation mode every
+    image and metadata.jsonl under images/<model>/ and one grid per prompt."""
+    files = ["report.json", "report.md"]
+    if prompts is not None:
+        n = args.num_images_per_prompt
+        for name in ["base", *lora_names]:
+            files.append(f"images/{name}/metadata.jsonl")
+            files += [f"images/{name}/{image_file_name(i, image_seed(args.seed, i, j, n))}"
+                      for i in range(len(prompts)) for j in range(n)]
+        files += [f"grid_{i}.png" for i in range(len(prompts))]
+    return files
+
+
+def _read_manifest(output_dir: str) -> list[str]:
+    path = os.path.join(output_dir, OUTPUTS_MANIFEST)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [f for f in files if isinstance(f, str)]
+
+
+SEED_MAX = 2**32 - 1
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` must name a torch device this machine has (checked before any model loads)."""
+    if device is None:
         return
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if generation and name == "images" and os.path.isdir(path):
-            shutil.rmtree(path)
-        elif re.fullmatch(r"grid_\d+\.png|report\.json|report\.md", name):
-            os.remove(path)
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device {device!r} is not a torch device ({error})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise UsageError(f"--device {device}: {'no CUDA device is available' if count == 0 else f'only {count} CUDA device(s)'} "
+                             "on this machine; use --device cpu or leave --device out")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {device!r}: use cpu, cuda[:N] or mps")
+
+
+def clear_outputs(output_dir: str) -> list[str]:
+    """Remove what an earlier run of this script wrote into ``output_dir`` and nothing else: the files its
+    manifest (:data:`OUTPUTS_MANIFEST`) lists, then the folders that leaves empty. Returns the removed."""
+    root = os.path.realpath(output_dir)
+    removed = []
+    for relative in _read_manifest(output_dir):
+        path = os.path.realpath(os.path.join(root, relative))
+        if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+            continue  # never outside the output folder, never a folder
+        os.remove(path)
+        removed.append(relative)
+        folder = os.path.dirname(path)
+        while folder != root and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
+    manifest = os.path.join(output_dir, OUTPUTS_MANIFEST)
+    if os.path.isfile(manifest):
+        os.remove(manifest)
+    return removed
+
+
+def claim_outputs(output_dir: str, files: list[str]) -> None:
+    """Refuse when a file this run would write is already there and is not this script's (a user's file of
+    the same name); otherwise list ``files`` in the manifest before writing any of them."""
+    taken = [f for f in files if os.path.lexists(os.path.join(output_dir, f))]
+    if taken:
+        raise UsageError(f"--output_dir {output_dir!r}: {len(taken)} file(s) this run would write are already there "
+                         f"and were not written by this script, e.g. {', '.join(taken[:3])}; they are left alone: "
+                         "choose another --output_dir")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, OUTPUTS_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=0)
 
 
 def main(args) -> dict:
@@ -669,11 +793,15 @@ def main(args) -> dict:
     if args.mixed_precision == "fp16" and args.device == "cpu":
         logger.warning("fp16 on the CPU is slow and imprecise; generating in fp32")
         args.mixed_precision = "no"
+    if generation and args.prediction_type is None:
+        args.prediction_type = lora_prediction_type(args.lora_paths)
+        if args.prediction_type is not None:
+            logger.info(f"Sampling with prediction type {args.prediction_type} (the LoRAs' metadata)")
     check_detector_available()  # the optional extra, before any model is loaded
     clip = ClipScorer(args.clip_model_name_or_path, args.device) if args.clip_model_name_or_path else None
     if args.overwrite_output_dir:
-        clear_outputs(args.output_dir, generation)
-    os.makedirs(args.output_dir, exist_ok=True)
+        clear_outputs(args.output_dir)
+    claim_outputs(args.output_dir, planned_outputs(args, prompts, lora_names))
 
     if generation:
         folders = generate(args, prompts, lora_names)
@@ -712,7 +840,8 @@ def evaluate_trained_lora(train_args, lora_file: str) -> dict:
             "--output_dir", os.path.join(train_args.output_dir, "evaluation"), "--overwrite_output_dir",
             "--num_images_per_prompt", str(max(1, train_args.num_validation_images)),
             "--num_inference_steps", str(train_args.validation_inference_steps), "--seed", str(train_args.seed)]
-    for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution"):
+    for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution",
+                 "prediction_type"):
         if getattr(train_args, flag, None) is not None:
             argv += [f"--{flag}", str(getattr(train_args, flag))]
     if train_args.mixed_precision in ("no", "fp16", "bf16"):  # the precision the run resolved to

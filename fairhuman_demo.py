@@ -151,7 +151,8 @@ def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) 
     from transformers import CLIPTokenizer
 
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, prediction_type="epsilon")
+                              num_train_timesteps=1000, prediction_type="epsilon",
+                              steps_offset=1, clip_sample=False)  # as SD's and SDXL's own scheduler configs
     tok_dir = os.path.join(folder, "_tokenizer_src")
     write_tiny_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)

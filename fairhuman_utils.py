@@ -19,6 +19,7 @@ This module holds everything method-specific, as small functions without global 
 * how the objective gradients become the update, for every weighting mode, with the exact-solve
   schedule and its checkpoint state: :class:`FairUpdate` (what the training loop calls)
 * the LoRA in the kohya format that ComfyUI / A1111 / Forge load: :func:`lora_to_kohya`
+* byte-reproducible files: :func:`json_ready_config`, :func:`make_safetensors_reproducible`
 
 The training script ``train_fairhuman_lora.py`` wires them into a diffusers-style loop.
 """
@@ -226,6 +227,17 @@ def _mask_rect(box, width: int, height: int, dilation: int):
     return (left, top, right, bottom) if right > left and bottom > top else None
 
 
+def source_dilation(size: tuple[int, int], target: int | tuple[int, int], dilation: int) -> int:
+    """``dilation`` TRAINING pixels in the source pixels of an image of ``size = (w, h)`` that is resized to
+    cover ``target`` (``(tw, th)``, or an int for a square) by :func:`resize_crop_plan`'s scale
+    ``s = max(tw / w, th / h)``: ``round(dilation / s)``. The authors' 16 x 16 kernel (8 px) is meant at
+    the training size: a 4000 px photo trained at 1024 px needs 31 source pixels, not 8 (which would
+    vanish in the resize)."""
+    tw, th = (target, target) if isinstance(target, int) else target
+    scale = max(tw / size[0], th / size[1])
+    return int(round(dilation / scale))
+
+
 def region_boxes(boxes: Iterable[Sequence[float]], width: int, height: int, dilation: int = 0) -> list[tuple]:
     """The pixel rectangles ``(left, top, right, bottom)`` that :func:`boxes_to_mask` fills for ``boxes``
     (rounded, dilated, clipped; empty ones left out), without drawing them."""
@@ -282,8 +294,8 @@ def make_buckets(resolution: int, step: int, max_aspect_ratio: float = 4.0) -> l
     for short in range(step, resolution + 1, step):
         pairs.add((short, max(short, round(area / short / step) * step)))
     for long in range(math.ceil(resolution / step) * step, int(max_aspect_ratio * resolution) + step, step):
-        short = max(step, round(area / long / step) * step)
-        if short <= long:
+        short = round(area / long / step) * step
+        if step <= short <= long:  # a short side rounded to 0 is not raised to one step (up to 4x the area)
             pairs.add((short, long))
     buckets = set()
     for short, long in pairs:
@@ -293,6 +305,24 @@ def make_buckets(resolution: int, step: int, max_aspect_ratio: float = 4.0) -> l
         side = max(step, round(resolution / step) * step)
         buckets.add((side, side))
     return sorted(buckets, key=lambda b: b[0] / b[1])
+
+
+BUCKET_AREA_TOLERANCE = 0.10
+"""Buckets are meant to stay within about this fraction of ``resolution ** 2`` in area."""
+
+
+def bucket_area_problem(buckets: Sequence[tuple[int, int]], resolution: int, step: int) -> str | None:
+    """``None`` when every bucket's area is within :data:`BUCKET_AREA_TOLERANCE` of ``resolution ** 2``, else
+    the numbers: the smallest and largest area as multiples of it, with the bucket, and the step that would
+    keep them close (``resolution / 8``, as 1024 / 128)."""
+    ratios = [(w * h / resolution**2, (w, h)) for w, h in buckets]
+    low, high = min(ratios), max(ratios)
+    if 1 - BUCKET_AREA_TOLERANCE <= low[0] and high[0] <= 1 + BUCKET_AREA_TOLERANCE:
+        return None
+    return (f"with sides in steps of {step} px at {resolution} px the bucket areas range from {low[0]:.2f}x "
+            f"({low[1][0]}x{low[1][1]}) to {high[0]:.2f}x ({high[1][0]}x{high[1][1]}) of {resolution}^2, not within "
+            f"about {100 * BUCKET_AREA_TOLERANCE:.0f} %: the step is coarse for this resolution (a step of at most "
+            f"{max(1, resolution // 8)} px keeps them close)")
 
 
 def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> int:
@@ -974,9 +1004,9 @@ class FairUpdate:
     K = 3 (plain: 4), the same numbers as always; bfloat16: 8 bytes, the region gradients rounded to
     bfloat16 (relative 2^-9 per number) before the float64 Gram. No rows are held between solves.
 
-    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, registered with
-    ``accelerator.register_for_checkpointing``): the number of updates written (which fixes the
-    schedule), the last coefficients and the calibration ``s`` (one scale per objective).
+    State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, plain JSON-able Python that
+    the training script writes into each checkpoint as JSON): the number of updates written (which
+    fixes the schedule), the last coefficients and the calibration ``s`` (one scale per objective).
     """
 
     def __init__(
@@ -1185,3 +1215,68 @@ def lora_to_kohya(
         out[f"{name}.lora_up.weight"] = up.detach().to(dtype or up.dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducible files: the same run writes the same bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def json_ready_config(config: dict) -> dict:
+    """A config dict (``LoraConfig.to_dict()``) with every set as a sorted list, so that its JSON is the
+    same in every process: peft keeps ``target_modules`` as a set, and a set's order follows the
+    string hashes, which ``PYTHONHASHSEED`` changes per process (diffusers writes ``list(the set)``)."""
+
+    def ready(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(value, key=str)
+        if isinstance(value, dict):
+            return {k: ready(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [ready(v) for v in value]
+        return value
+
+    return {k: ready(v) for k, v in config.items()}
+
+
+def canonical_safetensors_header(header: bytes) -> bytes:
+    """A safetensors JSON header written in one fixed order, padded with spaces to a multiple of 8 bytes
+    (as the format asks): ``__metadata__`` first with its keys sorted, then the tensors in the order of their
+    data. The safetensors writer emits ``__metadata__`` in the order of a Rust ``HashMap``, which is seeded
+    at random in every process, so the same tensors and metadata give different bytes from run to run. Only
+    the header changes: the data offsets are relative to the end of the header, and readers get the same
+    tensors and the same metadata."""
+    import json
+
+    parsed = json.loads(header)
+    metadata = parsed.pop("__metadata__", None)
+    tensors = sorted(parsed.items(), key=lambda item: (item[1]["data_offsets"], item[0]))
+    ordered = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    ordered.update(tensors)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def make_safetensors_reproducible(path: str) -> None:
+    """Rewrite the header of the safetensors file at ``path`` with :func:`canonical_safetensors_header`
+    (the tensor bytes are copied unchanged; the file is replaced atomically). Two files with the same
+    tensors and metadata are then byte-identical, whatever the process that wrote them."""
+    import shutil
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        canonical = canonical_safetensors_header(header)
+        if canonical == header:
+            return
+        temporary = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(temporary, "wb") as out:
+                out.write(len(canonical).to_bytes(8, "little"))
+                out.write(canonical)
+                shutil.copyfileobj(f, out, 16 << 20)
+            shutil.copymode(path, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)

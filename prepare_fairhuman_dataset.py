@@ -393,7 +393,7 @@ class MediaPipeDetector:
             self._hands.process(blank)
 
     def __call__(self, image: Image.Image) -> Detections:
-        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        rgb = np.ascontiguousarray(np.asarray(fh.to_rgb(image)))  # the training reader's RGB: 16-bit scaled, not clipped
         height, width = rgb.shape[:2]
         out = Detections()
         with filtered_stderr():  # the graphs log to file descriptor 2 on their first images
@@ -566,6 +566,18 @@ def read_prepared_folder(dataset_dir: str):
 # ---------------------------------------------------------------------------------------------
 
 
+def utf8_lines(path: str, flag: str):
+    """``(line number, text)`` of a text file, raising :class:`PrepareError` naming ``flag``, the file and the
+    line when it is not UTF-8 (e.g. Latin-1 from an old editor), with the fix."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise PrepareError(f"{flag}: {path}, line {number} is not UTF-8 text ({error.reason} at byte "
+                                   f"{error.start}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def read_input_metadata(input_dir: str, caption_column):
     """Captions keyed by file name from ``INPUT_DIR/metadata.jsonl`` (empty dict if there is none)."""
     path = os.path.join(input_dir, "metadata.jsonl")
@@ -573,18 +585,17 @@ def read_input_metadata(input_dir: str, caption_column):
         return {}
     key = caption_column or "text"
     captions, has_key = {}, False
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PrepareError(f"{path}, line {line_number}: not valid JSON ({error})") from error
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                raise PrepareError(f"{path}, line {line_number}: expected an object with a 'file_name' string")
-            has_key = has_key or key in row
-            captions[os.path.normpath(row["file_name"])] = "" if row.get(key) is None else str(row[key])
+    for line_number, line in utf8_lines(path, "--input_dir"):  # a non-UTF-8 line is named
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PrepareError(f"{path}, line {line_number}: not valid JSON ({error})") from error
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise PrepareError(f"{path}, line {line_number}: expected an object with a 'file_name' string")
+        has_key = has_key or key in row
+        captions[os.path.normpath(row["file_name"])] = "" if row.get(key) is None else str(row[key])
     if caption_column and not has_key:
         raise PrepareError(f"--caption_column '{caption_column}': no line of {path} has that key")
     return captions
@@ -779,7 +790,32 @@ def resolve_categories(args, dataset):
     hand, face = resolve("--hand_categories", args.hand_categories), resolve("--face_categories", args.face_categories)
     if hand & face:
         raise PrepareError(f"--hand_categories and --face_categories share {sorted(hand & face)}")
+    if not isinstance(category, datasets.ClassLabel):  # names and ids checked against the values in the data
+        present = category_values(dataset, args)
+        for flag, tokens, values in (("--hand_categories", args.hand_categories, hand),
+                                     ("--face_categories", args.face_categories, face)):
+            missing = sorted(str(v) for v in values if v not in present)
+            if not missing:
+                continue
+            shown = sorted(map(str, present))
+            where = (f"'{column}.{args.objects_category_key}' (a typo?); the values there are "
+                     f"{shown[:20]}{' ...' if len(shown) > 20 else ''}")
+            if len(missing) == len(values):  # the whole list matches nothing: that region would get no box at all
+                raise PrepareError(f"{flag}: none of {', '.join(repr(m) for m in missing)} occurs in {where}")
+            logger.warning(f"{flag}: {', '.join(repr(m) for m in missing)} never occurs in {where}")
     return hand, face
+
+
+def category_values(dataset, args) -> set:
+    """Every category value of --objects_column over the whole dataset (the column alone is read, no image)."""
+    values = set()
+    for cell in dataset.select_columns([args.objects_column])[args.objects_column]:
+        if isinstance(cell, dict):
+            values.update(v for v in (cell.get(args.objects_category_key) or []) if v is not None)
+        elif isinstance(cell, list):
+            values.update(obj.get(args.objects_category_key) for obj in cell if isinstance(obj, dict))
+    values.discard(None)
+    return values
 
 
 def objects_to_boxes(cell, args, hand_values, face_values, width, height, row):
@@ -1307,12 +1343,18 @@ def parse_args(input_args=None):
         if args.output_dir is None:
             parser.error("--output_dir is required")
         dataset_dir = args.output_dir
-        if args.input_dir is not None:  # checked first: --overwrite_output_dir must never delete the input
-            if not os.path.isdir(args.input_dir):
-                parser.error(f"--input_dir {args.input_dir} is not a folder")
-            inside = os.path.commonpath([os.path.abspath(args.input_dir), os.path.abspath(args.output_dir)])
-            if inside == os.path.abspath(args.output_dir):
-                parser.error("--output_dir must not be --input_dir or a folder containing it")
+        if args.input_dir is not None and not os.path.isdir(args.input_dir):
+            parser.error(f"--input_dir {args.input_dir} is not a folder")
+        # checked first: --overwrite_output_dir must never delete the input, whatever kind it is
+        inputs = [("--input_dir", args.input_dir)]
+        if args.dataset_name is not None and os.path.exists(args.dataset_name):  # a local dataset, not a Hub id
+            inputs.append(("--dataset_name", args.dataset_name))
+        for out_flag, out_path in (("--output_dir", args.output_dir), ("--save_to_disk", args.save_to_disk)):
+            for in_flag, in_path in inputs:
+                relation = path_relation(out_path, in_path) if in_path and out_path else None
+                if relation:
+                    parser.error(f"{out_flag} {out_path} {relation} {in_flag} {in_path}: writing there would replace "
+                                 f"or mix with the input; choose a folder outside it")
         if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
             parser.error(
                 f"--output_dir {args.output_dir} exists and is not empty (pass --overwrite_output_dir to replace it)"
@@ -1327,6 +1369,19 @@ def parse_args(input_args=None):
         parser.error("--max_samples must be at least 1")
     if min(args.hand_box_padding, args.face_box_padding, args.mask_shrink_pixels) < 0:
         parser.error("--hand_box_padding, --face_box_padding and --mask_shrink_pixels must not be negative")
+    for flag, value in (("--hand_box_padding", args.hand_box_padding), ("--face_box_padding", args.face_box_padding)):
+        if not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number, got {value}")
+    if args.min_mask_area < 1:
+        parser.error(f"--min_mask_area must be at least 1 pixel, got {args.min_mask_area}")
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        parser.error(f"--caption_extension must be an extension starting with '.', e.g. .txt; got {args.caption_extension!r}")
+    if args.hand_mask_column is not None and args.hand_mask_column == args.face_mask_column:
+        parser.error(f"--hand_mask_column and --face_mask_column are the same column {args.hand_mask_column!r}: "
+                     "give each region its own mask column")
+    for flag in ("split", "objects_bbox_key", "objects_category_key"):
+        if not getattr(args, flag):
+            parser.error(f"--{flag} is empty")
     if not 0 <= args.mask_threshold <= 255:
         parser.error("--mask_threshold must be in [0, 255]")
     if min(args.preview_max_images, args.preview_thumb_size, args.preview_columns) < 1:
@@ -1340,7 +1395,24 @@ def parse_args(input_args=None):
         )
     if args.push_to_hub and args.hub_dataset_id is None:
         args.hub_dataset_id = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_dataset_id)
+        except HFValidationError as error:
+            parser.error(f"--hub_dataset_id {args.hub_dataset_id!r} is not a valid Hub repository id ({error})")
     return args
+
+
+def path_relation(path: str, other: str) -> str | None:
+    """How folder ``path`` relates to folder ``other`` (symbolic links resolved): 'is', 'contains', 'is inside'
+    or ``None`` when they are apart."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b:
+        return "is"
+    common = os.path.commonpath([a, b])
+    return "contains" if common == a else "is inside" if common == b else None
 
 
 def main(args, detector=None):

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +42,15 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "fairhuman_state.json"
 RUN_SETTINGS_FILE = "fairhuman_run_settings.json"  # in each checkpoint: the settings it was trained with
+FAIR_STATE_FILE = "fair_update_state.json"  # in each checkpoint: FairUpdate.state_dict() as JSON (never a pickle)
 # Exact MPD every step (the authors' method). The cheap interval mode (8, prediction weights, diagonal
 # calibration) kept 97 % of exact's hand gain but 85 % of its face gain on the effect benchmark (5 seeds),
 # per-objective weights 1.01 / 1.16 / 0.88 of exact's (benchmarks/RESULTS.md, issue 9).
 DEFAULT_FAIR_UPDATE_INTERVAL = 1
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
+
+TRACKERS_RECORDING_ARGV = ("wandb", "all")  # --report_to values whose tracker records sys.argv (wandb does)
 
 UsageError = fh.UsageError  # bad input found before training starts; the message names the flag, column or row
 
@@ -115,7 +120,7 @@ def parse_args(input_args=None):
     g.add_argument("--square_crop", action="store_true",
                    help="The diffusers examples' behaviour: resize the short side to --resolution and crop a square "
                         "(random, or centred with --center_crop), which can cut hands and faces off portrait and "
-                        "landscape photos. Default: aspect-ratio buckets (each image whole, see README).")
+                        "landscape photos. Default: aspect-ratio buckets (each image whole, see docs/buckets_and_crops.md).")
     g.add_argument("--bucket_reso_steps", type=int, default=None,
                    help="Bucket sides are multiples of this many pixels. Default: the model's granularity, VAE "
                         "factor x UNet downsampling read from its config.json files (64 for SD 1.x/2.x and SDXL).")
@@ -132,7 +137,8 @@ def parse_args(input_args=None):
 
     g = parser.add_argument_group("FairHuman: region masks and objectives")
     g.add_argument("--mask_dilation", type=int, default=8,
-                   help="Grow each box by this many pixels on every side (8 = the authors' 16x16 dilation kernel).")
+                   help="Grow each box by this many TRAINING pixels (at the example's bucket size) on every side "
+                        "(8 = the authors' 16x16 dilation kernel at 1024 px), whatever the photo's own size.")
     g.add_argument("--latent_mask_mode", type=str, default="hard", choices=["hard", "soft"],
                    help="Pixel masks are area-averaged onto the latent grid; 'hard' then thresholds at 0.5 (the "
                         "authors' 0/1 masks), 'soft' keeps the covered fraction.")
@@ -156,7 +162,7 @@ def parse_args(input_args=None):
                         "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
                         "the cost of plain training. Default 1 (exact). 8: measured ~1.0-1.1x plain training, "
                         "per-objective weights within 12-20%% of exact MPD, 97%% of exact's hand and 85%% of its face "
-                        "gains on our benchmark (README: 'What the fair weighting does').")
+                        "gains on our benchmark (docs/results.md).")
     g.add_argument("--fair_interval_weights", type=str, default="prediction", choices=["prediction", "reuse"],
                    help="With --fair_update_interval > 1, the weights on the steps between exact solves: 'prediction' "
                         "re-solves every step on the Gram matrix of the objectives' gradients with respect to the "
@@ -168,7 +174,7 @@ def parse_args(input_args=None):
                         "'trace': one scale for all (trace ratio), which under-weights the hand and face regions.")
     g.add_argument("--fair_batched_backward", action="store_true",
                    help="Get the per-objective gradients with one vmapped backward pass (is_grads_batched) instead "
-                        "of one pass per objective. Same numbers; see README for when it is faster.")
+                        "of one pass per objective. Same numbers; see docs/results.md for when it is faster.")
     g.add_argument("--fair_gradient_dtype", type=str, default="auto", choices=["auto", "fp32", "bf16"],
                    help="dtype of the hand/face objective gradients held on an exact fair step (the global one is "
                         "float32 and becomes .grad). 'auto': bf16 under --mixed_precision fp16/bf16 (8 bytes per LoRA "
@@ -242,7 +248,12 @@ def parse_args(input_args=None):
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x processes.")
     g.add_argument("--lr_scheduler", type=str, default="constant",
-                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", '
+                        '"piecewise_constant" (with --lr_step_rules).')
+    g.add_argument("--lr_step_rules", type=str, default=None,
+                   help='The rules of --lr_scheduler piecewise_constant (diffusers\' step_rules): "multiple:step,...,'
+                        'last_multiple", e.g. "1:100,0.1:200,0.01" = the full rate to step 100, a tenth to 200, then a '
+                        'hundredth.')
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -274,14 +285,31 @@ def parse_args(input_args=None):
                    help='"tensorboard", "wandb", "all" or "none".')
     g.add_argument("--push_to_hub", action="store_true", help="Push the LoRA and its model card to the Hub.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: the output folder's name.")
-    g.add_argument("--hub_token", type=str, default=None, help="Hub token (not with --report_to wandb).")
+    g.add_argument("--hub_token", type=str, default=None,
+                   help="Hub token. Prefer `hf auth login`: a token on the command line is seen in the process list "
+                        "and shell history, and accelerate launch prints the whole command line when a run fails. "
+                        "Refused with --report_to wandb or all (wandb records the command line).")
 
     args = parser.parse_args(input_args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.output_name is None:
-        args.output_name = Path(os.path.abspath(args.output_dir)).name
+        args.output_name = default_output_name(args.output_dir, args.save_lora_format)
+    elif args.output_name.lower().endswith(".safetensors"):  # the extension is added when the file is written
+        args.output_name = args.output_name[: -len(".safetensors")]
     return args
+
+
+def default_output_name(output_dir: str, save_lora_format: str) -> str:
+    """The kohya file's base name when --output_name is not given: the output folder's name, without leading
+    dots (a hidden file would not show in a UI's LoRA list), and not the diffusers file's name when both
+    formats are written into the same folder."""
+    name = Path(os.path.abspath(output_dir)).name.lstrip(".") or "fairhuman-lora"
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")] or "fairhuman-lora"
+    if save_lora_format == "both" and name.lower() == Path(LORA_WEIGHT_NAME).stem:
+        name += "_kohya"
+    return name
 
 
 def check_args(args) -> None:
@@ -343,9 +371,10 @@ def check_args(args) -> None:
     if args.fair_fidelity_check and args.fair_update_interval == 1:
         raise UsageError("--fair_fidelity_check compares a --fair_update_interval above 1 with the exact update; "
                          "with --fair_update_interval 1 every step is exact")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise UsageError("--report_to wandb and --hub_token cannot be used together (the token would be logged); "
-                         "log in with `hf auth login` instead")
+    if args.report_to in TRACKERS_RECORDING_ARGV and args.hub_token is not None:
+        raise UsageError(f"--report_to {args.report_to} and --hub_token cannot be used together: wandb records the "
+                         "command line, token included (and accelerate launch prints it when a run fails); log in "
+                         "with `hf auth login` instead and drop --hub_token")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
     if not lora_targets(args):
@@ -355,12 +384,112 @@ def check_args(args) -> None:
 
         evaluate_fairhuman.read_prompts(args.evaluate_prompts_file, flag="--evaluate_prompts_file")
         evaluate_fairhuman.check_detector_available()
-    if (not args.output_name or args.output_name != Path(args.output_name).name or args.output_name.startswith(".")
-            or args.output_name.lower().endswith("pytorch_lora_weights")):
-        raise UsageError(f"--output_name must be a plain file name (no folder, not hidden, not ending in "
-                         f"pytorch_lora_weights), got {args.output_name!r}")
+    if not args.output_name or args.output_name != Path(args.output_name).name or args.output_name.startswith("."):
+        raise UsageError(f"--output_name must be a plain file name (no folder, not hidden), got {args.output_name!r}")
+    if args.save_lora_format == "both" and args.output_name.lower() == Path(LORA_WEIGHT_NAME).stem:
+        raise UsageError(f"--output_name {args.output_name!r} with --save_lora_format both: the kohya file would "
+                         f"overwrite the diffusers file {LORA_WEIGHT_NAME}; choose another name")
+    check_value_domains(args)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
+
+
+SEED_MAX = 2**32 - 1
+"""The largest seed: ``set_seed`` seeds numpy's legacy generator, which takes 0 .. 2**32 - 1."""
+
+
+def lr_scheduler_names() -> list[str]:
+    from diffusers.optimization import SchedulerType
+
+    return [t.value for t in SchedulerType]
+
+
+def parse_step_rules(rules: str) -> list[tuple[float, int | None]]:
+    """diffusers' piecewise_constant rules ``"m1:s1,m2:s2,...,m_last"`` as ``[(m1, s1), ..., (m_last, None)]``;
+    raises ``ValueError`` saying what is wrong: every multiple a finite number >= 0, every step a positive
+    integer, the steps increasing, the last rule a multiple alone."""
+    parts = [p.strip() for p in rules.split(",")]
+    parsed = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        pieces = part.split(":")
+        if len(pieces) != (1 if last else 2):
+            raise ValueError(f"rule {part!r}: expected " + ("the last multiple alone, e.g. 0.01" if last
+                                                           else "multiple:step, e.g. 0.1:200"))
+        try:
+            multiple = float(pieces[0])
+            step = None if last else int(pieces[1])
+        except ValueError:
+            raise ValueError(f"rule {part!r}: not numbers") from None
+        if not (math.isfinite(multiple) and multiple >= 0):
+            raise ValueError(f"rule {part!r}: the multiple must be a finite number of at least 0")
+        if step is not None and (step < 1 or (parsed and step <= parsed[-1][1])):
+            raise ValueError(f"rule {part!r}: steps must be positive and increasing")
+        parsed.append((multiple, step))
+    return parsed
+
+
+def check_value_domains(args) -> None:
+    """Every value flag within its domain, as the optimizer, scheduler, clipping and seeding functions that
+    take it would require -- checked here, before any model loads, naming the flag."""
+    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1, numpy's limit), got {args.seed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if not args.adam_epsilon > 0:
+        raise UsageError(f"--adam_epsilon must be positive, got {args.adam_epsilon}")
+    if not args.adam_weight_decay >= 0:
+        raise UsageError(f"--adam_weight_decay must not be negative, got {args.adam_weight_decay}")
+    if not args.lora_alpha > 0:
+        raise UsageError(f"--lora_alpha must be positive (the LoRA is scaled by lora_alpha / rank; 0 trains a LoRA "
+                         f"that does nothing), got {args.lora_alpha}")
+    if args.noise_offset < 0:
+        raise UsageError(f"--noise_offset must not be negative, got {args.noise_offset}")
+    names = lr_scheduler_names()
+    if args.lr_scheduler not in names:
+        raise UsageError(f"--lr_scheduler must be one of {', '.join(names)}, got {args.lr_scheduler!r}")
+    if args.lr_scheduler == "piecewise_constant":
+        if args.lr_step_rules is None:
+            raise UsageError('--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. "1:100,0.1:200,0.01"')
+        try:
+            parse_step_rules(args.lr_step_rules)
+        except ValueError as error:
+            raise UsageError(f"--lr_step_rules {args.lr_step_rules!r}: {error}") from None
+    elif args.lr_step_rules is not None:
+        raise UsageError("--lr_step_rules only applies to --lr_scheduler piecewise_constant")
+    if args.lr_warmup_steps and args.lr_scheduler in ("constant", "piecewise_constant"):
+        raise UsageError(f"--lr_scheduler {args.lr_scheduler} ignores --lr_warmup_steps (diffusers' schedule has no "
+                         "warm-up): use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps")
+    if args.validation_prompt is not None and args.num_validation_images < 1:
+        raise UsageError(f"--validation_prompt samples --num_validation_images images: give at least 1, got "
+                         f"{args.num_validation_images}")
+    if not args.pretrained_model_name_or_path:
+        raise UsageError("--pretrained_model_name_or_path is empty")
+    for flag in ("image_column", "caption_column", "hand_box_column", "face_box_column", "logging_dir"):
+        if not getattr(args, flag):
+            raise UsageError(f"--{flag} is empty")
+    (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
+    if hand == face:
+        raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
+                         f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
+                         f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
+    for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
+        if column is not None and column in (args.image_column, args.caption_column):
+            raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            where = "--hub_model_id" if args.hub_model_id else "--hub_model_id (default: the --output_dir folder's name)"
+            raise UsageError(f"{where} {repo_id!r} is not a valid Hub repository id ({error})") from None
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.cache_dir is not None and os.path.isfile(args.cache_dir):
+        raise UsageError(f"--cache_dir {args.cache_dir!r} is a file, not a folder")
 
 
 def check_trackers(args) -> None:
@@ -412,6 +541,47 @@ def check_output_dir(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def error_with_causes(error: BaseException) -> str:
+    """``Type: message`` of an exception and of the causes behind it (datasets wraps the real reason in a
+    ``DatasetGenerationError`` that only says "An error occurred while generating the dataset")."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- caused by ".join(parts)
+
+
+def check_imagefolder_metadata(folder: str) -> None:
+    """The top-level metadata.jsonl of an imagefolder, line by line, before ``datasets`` reads it: UTF-8 text,
+    a JSON object per line whose ``file_name`` is a relative path inside the folder. Raises
+    :class:`UsageError` naming the line (datasets would only say that generating the dataset failed)."""
+    path = os.path.join(folder, "metadata.jsonl")
+    if not os.path.isfile(path):
+        return
+    root = os.path.realpath(folder)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"--train_data_dir: {path}, line {number} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise UsageError(f"--train_data_dir: {path}, line {number}: not valid JSON ({error})") from None
+            name = row.get("file_name") if isinstance(row, dict) else None
+            if isinstance(name, str):
+                inside = os.path.realpath(os.path.join(root, name))
+                if os.path.isabs(name) or os.path.commonpath([root, inside]) != root:
+                    raise UsageError(f"--train_data_dir: {path}, line {number}: file_name {name!r} "
+                                     "points outside the data folder; datasets reads only files inside it: copy the "
+                                     "image into the folder and give its relative path")
+
+
 def load_training_dataset(args):
     """The train split as a ``datasets.Dataset``: Hub id, local folder, save_to_disk folder or imagefolder."""
     import datasets
@@ -419,6 +589,8 @@ def load_training_dataset(args):
     flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir: no such folder {args.train_data_dir!r}")
+    if args.train_data_dir is not None:
+        check_imagefolder_metadata(args.train_data_dir)
     saved_to_disk = os.path.isdir(source) and any(
         os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "dataset_dict.json"))
     try:
@@ -431,7 +603,7 @@ def load_training_dataset(args):
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds; the user needs the flag and the cause
         empty = "corresponds to no data" in str(error) or (
             saved_to_disk and isinstance(error, IndexError))  # load_from_disk of a 0-row dataset
-        reason = "the dataset is empty" if empty else f"{type(error).__name__}: {error}"
+        reason = "the dataset is empty" if empty else error_with_causes(error)
         raise UsageError(f"{flag}: cannot load {source!r}: {reason}") from None
     if isinstance(dataset, (datasets.DatasetDict, dict)):
         if "train" not in dataset:
@@ -505,8 +677,9 @@ class _ImageDecoder(torch.utils.data.Dataset):
                 with fh.open_image(cell) as image:
                     image.load()
                     if column in self.masks:
-                        regions.append(fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox()
-                                       is not None)
+                        has_region = fh.binarize_mask_image(image, image.size, column=column, row=row).getbbox() is not None
+                        raw = image if image.mode.startswith("I") else image.convert("L")  # the values as stored
+                        regions.append((has_region, 0 if has_region else int(np.asarray(raw).max())))
             except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
                 what = "mask image" if column in self.masks else "image"
                 return row, (f"column '{column}', row {row}: cannot read the {what}{_image_file(cell)} "
@@ -550,9 +723,15 @@ def verify_images(dataset, args):
         results = gather_object(results)
     results.sort(key=lambda result: result[0])
     bad = [(row, problem) for row, problem, _ in results if problem is not None]
-    mask_regions = [region for region, kind, _ in _region_sources(args) if kind == "mask"]
+    mask_sources = [(region, column) for region, kind, column in _region_sources(args) if kind == "mask"]
     kept = [regions for _, problem, regions in results if problem is None]
-    regions = {region: [flags[k] for flags in kept] for k, region in enumerate(mask_regions)}
+    regions = {region: [flags[k][0] for flags in kept] for k, (region, _) in enumerate(mask_sources)}
+    for k, (region, column) in enumerate(mask_sources):  # FairHuman: 0/1 label maps read as masks hold no region
+        peaks = [flags[k][1] for flags in kept if not flags[k][0] and 0 < flags[k][1] <= 127]
+        if peaks:
+            logger.warning(f"column '{column}': {len(peaks)} of {len(kept)} {region} masks have pixels but none above "
+                           f"127 (values up to {max(peaks)}): they look like 0/1 label maps, which read as white-on-black "
+                           "masks hold no region; write them as 0/255 images (e.g. mask * 255)")
     if not bad:
         return dataset, regions
     listed = "; ".join(problem for _, problem in bad[:5]) + ("; ..." if len(bad) > 5 else "")
@@ -710,10 +889,12 @@ class FairHumanDataset(torch.utils.data.Dataset):
         except (OSError, UnidentifiedImageError, TypeError, ValueError) as error:
             raise UsageError(f"column '{self.args.image_column}', row {row}: cannot read the image ({error})") from None
         masks, keep = [], []
+        target = self.targets if isinstance(self.targets, int) else self.targets[row]
+        dilation = fh.source_dilation(image.size, target, self.args.mask_dilation)  # --mask_dilation: training px
         for region, kind, column in self.sources:
             if kind == "boxes":
-                masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, self.args.mask_dilation))
-                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, self.args.mask_dilation)
+                masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, dilation))
+                keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, dilation)
             else:
                 try:
                     mask = fh.open_image(example[column])
@@ -723,7 +904,6 @@ class FairHumanDataset(torch.utils.data.Dataset):
                 region = masks[-1].getbbox()
                 if region is not None:
                     keep.append(region)
-        target = self.targets if isinstance(self.targets, int) else self.targets[row]
         out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
                                   rng=rng, keep=keep if self.keep_regions else None)
         return {
@@ -850,10 +1030,11 @@ def crop_loss(checked: dict, args, targets, seed: int) -> dict:
         if not any(boxes.values()):
             continue
         keep = None
-        if not args.square_crop:
-            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1], args.mask_dilation)
         target = targets if isinstance(targets, int) else targets[row]
         target = (target, target) if isinstance(target, int) else target
+        if not args.square_crop:
+            keep = fh.region_boxes([b for region in regions for b in boxes[region]], size[0], size[1],
+                                   fh.source_dilation(size, target, args.mask_dilation))
         plan = fh.resize_crop_plan(size, target, keep=keep, center_crop=args.center_crop,
                                    rng=random.Random(fh.item_seed(seed, 0, row)))
         with_boxes += 1
@@ -882,6 +1063,9 @@ def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, g
         logger.info(f"Square crop (--square_crop): every image resized to {args.resolution}px on its short side and "
                     f"cropped {'in the centre' if args.center_crop else 'at random'} to {args.resolution}x{args.resolution}")
     else:
+        area_problem = fh.bucket_area_problem(buckets, args.resolution, step)
+        if area_problem:
+            logger.warning(f"--bucket_reso_steps: {area_problem}; memory and speed follow the largest bucket")
         used = sum(bool(rows) for rows in bucket_rows)
         logger.info(f"Aspect-ratio buckets: {used} of {len(buckets)} used (about {args.resolution}^2 pixels, sides "
                     f"multiples of {step}, aspect ratio up to {args.max_bucket_aspect_ratio:g}:1):\n"
@@ -966,17 +1150,20 @@ def model_geometry(args) -> tuple[int, int, int]:
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    path = args.pretrained_model_name_or_path
+    path, vae_path = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision,
                                                        cache_dir=args.cache_dir)
-        if args.pretrained_vae_model_name_or_path is not None:
-            vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, revision=args.revision,
-                                                   cache_dir=args.cache_dir)
-        else:
+        if vae_path is None:
             vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
     except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable diffusers model
         raise UsageError(f"--pretrained_model_name_or_path: cannot read the UNet/VAE config.json of {path!r} ({error})") from None
+    if vae_path is not None:
+        try:
+            vae_config = AutoencoderKL.load_config(vae_path, revision=args.revision, cache_dir=args.cache_dir)
+        except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable VAE
+            raise UsageError(f"--pretrained_vae_model_name_or_path: cannot read the VAE config.json of {vae_path!r} "
+                             f"({error})") from None
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
     return vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
@@ -1019,6 +1206,39 @@ def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
         pooled = out[0]
         embeds.append(out.hidden_states[-2])
     return torch.cat(embeds, dim=-1), pooled
+
+
+def caption_overflow(captions, tokenizer) -> dict:
+    """How many captions (every caption of every row) are longer than the text encoder's limit
+    (``tokenizer.model_max_length`` tokens, 77 for CLIP, start and end tokens included): their count, the
+    number of captions, the tokens cut off in all and the most cut off one caption."""
+    limit = tokenizer.model_max_length
+    lost = []
+    for start in range(0, len(captions), 256):
+        for ids in tokenizer(captions[start:start + 256], truncation=False).input_ids:
+            lost.append(max(0, len(ids) - limit))
+    long = [n for n in lost if n]
+    return {"long": len(long), "captions": len(captions), "tokens_lost": sum(long), "max_lost": max(long, default=0),
+            "limit": limit}
+
+
+def warn_long_captions(checked: dict, tokenizer) -> dict:
+    """Warn once, with numbers, when captions are cut at the text encoder's limit (the end of a long caption
+    is not seen in training)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its own "sequence length is longer than" message: ours says more
+    try:
+        counts = caption_overflow([c for row in checked["captions"] for c in row], tokenizer)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if counts["long"]:
+        logger.warning(f"{counts['long']} of {counts['captions']} captions are longer than the text encoder's "
+                       f"{counts['limit']} tokens: {counts['tokens_lost']} tokens are cut off in all (up to "
+                       f"{counts['max_lost']} in one caption), and training never sees them. Put what matters first, "
+                       "or shorten the captions")
+    return counts
 
 
 def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes, device, dtype):
@@ -1258,6 +1478,9 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
       spellings loses the renamed half in ``load_lora_weights``, which decides on the first key alone.
     * ``kohya_file`` (when given): the kohya format of :func:`fairhuman_utils.lora_to_kohya` with
       ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
+
+    Both are byte-reproducible: the adapter metadata lists sets sorted and each header is rewritten in
+    one order (:func:`fairhuman_utils.make_safetensors_reproducible`).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -1268,7 +1491,7 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         pipeline_cls.save_lora_weights(
             folder,
             unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=fh.json_ready_config(unet.peft_config["default"].to_dict()),
             safe_serialization=True,
         )
         written.append(os.path.join(folder, LORA_WEIGHT_NAME))
@@ -1278,7 +1501,25 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
         alpha = unet.peft_config["default"].lora_alpha
         save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
         written.append(path)
+    for path in written:  # the same run writes the same bytes (safetensors orders its metadata at random)
+        fh.make_safetensors_reproducible(path)
+        # safetensors writes 0600: give the user's umask (a UI running as another user reads them)
+        os.chmod(path, 0o666 & ~current_umask())
     return written
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def training_settings(args, global_step: int) -> dict:
@@ -1474,14 +1715,16 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, args, global_step: int, settings: dict | None = None) -> str:
+def save_checkpoint(accelerator, args, global_step: int, settings: dict | None = None, fair_update=None) -> str:
     """Save a resumable checkpoint atomically: written to a hidden folder, then renamed.
 
-    ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler, RNG states and the
-    registered :class:`fairhuman_utils.FairUpdate`; the marker file, written last, marks the checkpoint
-    complete and holds its step and the run's seed. A kill while writing leaves only
+    ``accelerator.save_state`` writes the LoRA (save hook), optimizer, scheduler and RNG states; the
+    :class:`fairhuman_utils.FairUpdate`'s state goes into ``fair_update_state.json`` (JSON, never a
+    pickle: a checkpoint someone hands you cannot run code); the marker file, written last, marks the
+    checkpoint complete and holds its step and the run's seed. A kill while writing leaves only
     ``.checkpoint-N.partial``, which ``latest`` never picks. Older checkpoints beyond
-    ``--checkpoints_total_limit`` are removed only after the new one is complete.
+    ``--checkpoints_total_limit`` are removed only after the new one is complete, and only checkpoints
+    of an EARLIER step: the one just written is never removed (:func:`rotate_checkpoints`).
     """
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
@@ -1493,17 +1736,76 @@ def save_checkpoint(accelerator, args, global_step: int, settings: dict | None =
         if settings is not None:
             with open(os.path.join(partial, RUN_SETTINGS_FILE), "w") as f:
                 json.dump(settings, f, indent=1)
+        if fair_update is not None:
+            with open(os.path.join(partial, FAIR_STATE_FILE), "w") as f:
+                json.dump(fair_update.state_dict(), f)
         with open(os.path.join(partial, CHECKPOINT_MARKER), "w") as f:
             json.dump({"global_step": global_step, "seed": args.seed}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
         if args.checkpoints_total_limit is not None:
-            for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+            rotate_checkpoints(args.output_dir, global_step, args.checkpoints_total_limit)
         logger.info(f"Saved state to {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def rotate_checkpoints(output_dir: str, global_step: int, limit: int) -> list[str]:
+    """Keep ``checkpoint-{global_step}`` (just written) and the newest ``limit - 1`` complete checkpoints of
+    earlier steps; remove the older ones. A checkpoint of a LATER step (another run's, which
+    :func:`settle_checkpoint_branch` moves aside before training) is never touched. Returns the removed."""
+    earlier = [path for step, path in list_checkpoints(output_dir) if step < global_step]
+    removed = earlier[: max(0, len(earlier) - (limit - 1))]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+SUPERSEDED = ".superseded"
+"""Suffix of checkpoints moved aside because a run resumed from an earlier one (``latest`` ignores them)."""
+
+
+def settle_checkpoint_branch(args, resume_path: str | None, move: bool = True) -> list[str]:
+    """Make sure ``latest`` and the rotation only ever see THIS run's checkpoints; returns what it did.
+
+    * A new run (no ``--resume_from_checkpoint``, or ``latest`` with nothing complete) in an output folder
+      that holds complete checkpoints is REFUSED (:class:`UsageError` naming them): its first checkpoint
+      would overwrite theirs, the rotation would delete it, and ``latest`` would resume the other run.
+      The way out: ``--resume_from_checkpoint latest`` to continue that run, or another ``--output_dir``.
+    * A run resumed from ``checkpoint-N`` while checkpoints of later steps exist (the earlier run went on
+      past N) branches off: with ``move`` those later checkpoints are renamed ``checkpoint-M.superseded``
+      (``.superseded-2`` ... when taken), which ``latest`` and the rotation ignore, with a warning naming
+      each. Nothing is deleted.
+    """
+    found = list_checkpoints(args.output_dir)
+    if resume_path is None:
+        if found:
+            names = ", ".join(os.path.basename(path) for _, path in found)
+            raise UsageError(f"--output_dir {args.output_dir!r} holds the checkpoints of another run ({names}): a new "
+                             "run would overwrite or rotate them away and --resume_from_checkpoint latest would then "
+                             "resume the other run. Continue that run with --resume_from_checkpoint latest, or start "
+                             "this one in another --output_dir (or move those checkpoints away)")
+        return []
+    step = read_marker(resume_path)["global_step"]
+    later = [(s, path) for s, path in found if s > step]
+    if not later:
+        return []
+    messages = []
+    for _, path in later:
+        target, n = path + SUPERSEDED, 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}{SUPERSEDED}-{n}"
+        if move:
+            os.replace(path, target)
+        messages.append(f"{os.path.basename(path)} -> {os.path.basename(target)}")
+    message = (f"resuming from {os.path.basename(os.path.normpath(resume_path))} (step {step}) while --output_dir holds "
+               f"checkpoints of later steps from the run that went on past it; moved aside so that "
+               f"--resume_from_checkpoint latest and --checkpoints_total_limit only see this run's: {'; '.join(messages)}")
+    if move:
+        logger.warning(message)
+    return [message]
 
 
 def read_marker(checkpoint: str) -> dict:
@@ -1513,26 +1815,99 @@ def read_marker(checkpoint: str) -> dict:
 
 
 def load_checkpoint(accelerator, checkpoint: str, fair_update) -> int:
-    """Restore LoRA, optimizer, scheduler, RNG states and the fair update, and register the fair update
-    for the checkpoints still to come; returns the checkpoint's optimizer step.
+    """Restore LoRA, optimizer, scheduler and RNG states (accelerate) and the fair update (from JSON);
+    returns the checkpoint's optimizer step.
 
-    The fair update is restored by accelerate (``register_for_checkpointing`` before ``load_state``).
-    Checkpoints written before it had a state of its own (their marker holds ``fair_state``) have no
-    state file for it: they are loaded first, the update registered afterwards and its state taken
-    from the marker.
+    The fair update's state is read from ``fair_update_state.json``. Older checkpoints are read too:
+    those of the previous format hold it in ``custom_checkpoint_0.pkl`` (accelerate's custom state),
+    read here with ``torch.load(weights_only=True)`` (plain lists and numbers; a file that needs more
+    is refused, nothing in it runs); those of the format before hold it in the marker (``fair_state``).
     """
     marker = read_marker(checkpoint)
-    if "fair_state" not in marker:
-        accelerator.register_for_checkpointing(fair_update)
-        accelerator.load_state(checkpoint)
-        return marker["global_step"]
-    accelerator.load_state(checkpoint)
-    accelerator.register_for_checkpointing(fair_update)
-    fair_state = marker["fair_state"] or {}
-    fair_update.load_state_dict({"weighting": "fair" if fair_state else None, "step": marker["global_step"],
-                                 "coefficients": fair_state.get("coefficients"),
-                                 "gram_scale": fair_state.get("gram_scale", 1.0)})
+    json_path, pickle_path = os.path.join(checkpoint, FAIR_STATE_FILE), os.path.join(checkpoint, LEGACY_FAIR_STATE_FILE)
+    if os.path.isfile(pickle_path):  # accelerate would unpickle it (weights_only=False): load a view without it
+        with tempfile.TemporaryDirectory(prefix=".fairhuman-resume-") as view:
+            for name in os.listdir(checkpoint):
+                if name != LEGACY_FAIR_STATE_FILE:
+                    os.symlink(os.path.abspath(os.path.join(checkpoint, name)), os.path.join(view, name))
+            accelerator.load_state(view)
+    else:
+        accelerator.load_state(checkpoint)  # the fair update is not registered with accelerate: nothing is unpickled
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            fair_update.load_state_dict(json.load(f))
+    elif os.path.isfile(pickle_path):
+        try:
+            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - the unpickler refuses anything but plain data
+            raise UsageError(f"--resume_from_checkpoint: {pickle_path} holds more than the fair update's plain state "
+                             f"and is not loaded ({type(error).__name__})") from None
+        fair_update.load_state_dict(state)
+    else:
+        fair_state = marker.get("fair_state") or {}
+        fair_update.load_state_dict({"weighting": "fair" if fair_state else None, "step": marker["global_step"],
+                                     "coefficients": fair_state.get("coefficients"),
+                                     "gram_scale": fair_state.get("gram_scale", 1.0)})
     return marker["global_step"]
+
+
+LEGACY_FAIR_STATE_FILE = "custom_checkpoint_0.pkl"  # where checkpoints of the previous format kept the fair update
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """What is missing or damaged in a complete-looking checkpoint, or ``None``: its files are checked
+    without loading any model (LoRA file: safetensors header and size; optimizer and scheduler: a torch
+    zip archive with every member's CRC; the fair update's JSON)."""
+    from safetensors import safe_open
+
+    problems = []
+    lora = os.path.join(checkpoint, LORA_WEIGHT_NAME)
+    if not os.path.isfile(lora):
+        problems.append(f"{LORA_WEIGHT_NAME} is missing")
+    else:
+        try:
+            with safe_open(lora, "pt") as f:  # checks the header covers exactly the file (truncation)
+                keys = list(f.keys())
+            if not keys:
+                problems.append(f"{LORA_WEIGHT_NAME} holds no tensor")
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error kinds
+            problems.append(f"{LORA_WEIGHT_NAME} is damaged ({error})")
+    for name in ("optimizer.bin", "scheduler.bin"):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            if name == "optimizer.bin" and os.path.isfile(os.path.join(checkpoint, "optimizer.safetensors")):
+                continue
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                problems.append(f"{name} is damaged ({bad} fails its checksum)")
+        except (zipfile.BadZipFile, OSError) as error:
+            problems.append(f"{name} is damaged ({error})")
+    fair = os.path.join(checkpoint, FAIR_STATE_FILE)
+    if os.path.isfile(fair):
+        try:
+            with open(fair) as f:
+                json.load(f)
+        except ValueError as error:
+            problems.append(f"{FAIR_STATE_FILE} is damaged ({error})")
+    return "; ".join(problems) or None
+
+
+def check_checkpoint(checkpoint: str, output_dir: str) -> None:
+    """Refuse a damaged checkpoint before any model loads, naming what is wrong and the newest complete,
+    undamaged checkpoint of an earlier step to resume from instead."""
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        return
+    step = read_marker(checkpoint)["global_step"]
+    folder = os.path.dirname(os.path.normpath(checkpoint)) or "."
+    previous = [path for s, path in list_checkpoints(folder) if s < step and checkpoint_problem(path) is None]
+    way_out = (f"resume from the previous complete checkpoint: --resume_from_checkpoint {previous[-1]}" if previous
+               else "no earlier complete checkpoint is there; start a new run in another --output_dir")
+    raise UsageError(f"--resume_from_checkpoint: {checkpoint} is damaged: {problem}. Move it away and {way_out}")
 
 
 # Settings that change what a checkpoint's weights mean: resuming with other values is refused.
@@ -1732,7 +2107,9 @@ def lora_usage(args, repo_id: str, pipeline_cls: str) -> str:
     if args.save_lora_format in ("kohya", "both"):
         files.append(f"| `{kohya_file}` | kohya format | ComfyUI: `models/loras/`; AUTOMATIC1111 / Forge: "
                      f"`models/Lora/` (diffusers `load_lora_weights` reads it too) |")
-    weight_name = "" if args.save_lora_format != "kohya" else f', weight_name="{kohya_file}"'
+    weight_name = "" if args.save_lora_format != "kohya" else f", weight_name={kohya_file!r}"
+    # trained with another prediction type than the model's: sampled with it too
+    prediction = f", prediction_type={args.prediction_type!r}" if args.prediction_type else ""
     text = f"""## How to use
 
 Weights in {args.save_precision}, UNet only, rank {args.rank}, alpha {args.lora_alpha}:
@@ -1747,9 +2124,9 @@ The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5.
 import torch
 from diffusers import {pipeline_cls}, UniPCMultistepScheduler
 
-pipe = {pipeline_cls}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
-pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-pipe.load_lora_weights("{repo_id}"{weight_name})
+pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config{prediction})
+pipe.load_lora_weights({repo_id!r}{weight_name})
 pipe.fuse_lora(lora_scale=0.3)
 image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
 ```
@@ -1758,11 +2135,39 @@ image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scal
         text += f"""
 - ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
   `strength_model` 0.3 (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: 30 steps,
-  cfg 7.5, sampler `uni_pc`.
+  cfg 7.5, sampler `uni_pc`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
 - AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:0.3>` to the
   prompt; sampler UniPC, 30 steps, CFG scale 7.5.
 """
     return text
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` when it is a Hub model id (``owner/name`` or ``name``, valid by the Hub's rules, not a
+    local path), else ``None``: a model card's ``base_model`` must name a model on the Hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name_or_path or os.path.exists(name_or_path) or name_or_path.count("/") > 1:
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def card_metadata(args, sdxl: bool) -> str:
+    """The model card's YAML front matter, written by huggingface_hub's serializer (``ModelCardData``), so
+    no value can add or change keys; ``base_model`` only when the base model is a Hub id."""
+    from huggingface_hub import ModelCardData
+
+    fields = dict(library_name="diffusers", license="other", inference=True,
+                  tags=["stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image", "diffusers", "lora",
+                        "fairhuman"])
+    base_model = hub_model_id(args.pretrained_model_name_or_path)
+    if base_model is not None:
+        fields["base_model"] = base_model
+    return ModelCardData(**fields).to_yaml()
 
 
 def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int, evaluation=None) -> str:
@@ -1793,16 +2198,7 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
                      "between (about 1.0-1.2x the cost of plain LoRA training; per-objective weights measured within "
                      "12-20 % of exact MPD; it kept 97 % of exact's hand and 85 % of its face gains on our benchmark).")
     card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-license: other
-tags:
-- {"stable-diffusion-xl" if sdxl else "stable-diffusion"}
-- text-to-image
-- diffusers
-- lora
-- fairhuman
-inference: true
+{card_metadata(args, sdxl)}
 ---
 
 # FairHuman LoRA: {repo_id}
@@ -1950,7 +2346,14 @@ def main(args):
     check_args(args)
     check_trackers(args)
     check_output_dir(args)
+    if args.hub_token is not None:
+        logging.getLogger(__name__).warning(
+            "--hub_token on the command line is seen in the process list and shell history, and accelerate launch "
+            "prints the whole command line when a run fails: log in once with `hf auth login` instead")
     resume_path = resolve_resume(args)
+    if resume_path is not None:
+        check_checkpoint(resume_path, args.output_dir)
+    settle_checkpoint_branch(args, resume_path, move=False)  # a new run over another run's checkpoints: refused now
     if resume_path is not None and args.seed is None:
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
     if args.seed is None:
@@ -1998,6 +2401,9 @@ def main(args):
     settings = run_settings(args, checked)
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)
+        if accelerator.is_main_process:  # later checkpoints of the run that went on past this one: moved aside
+            settle_checkpoint_branch(args, resume_path)
+        accelerator.wait_for_everyone()
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
@@ -2028,19 +2434,22 @@ def main(args):
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, use_fast=False))
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                          revision=rev, variant=var))
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev)
-    else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
-
+    warn_long_captions(checked, tokenizers[0])
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
     vae_dtype = torch.float32 if (sdxl and args.pretrained_vae_model_name_or_path is None) else weight_dtype
+    # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev, dtype=vae_dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, dtype=vae_dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+                                                dtype=weight_dtype)
+
     for model in [vae, unet, *text_encoders]:
         model.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=vae_dtype)
+    unet.to(accelerator.device)
+    vae.to(accelerator.device)
     for text_encoder in text_encoders:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
 
@@ -2117,7 +2526,7 @@ def main(args):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, step_rules=args.lr_step_rules,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
@@ -2129,13 +2538,12 @@ def main(args):
 
     # ---- Training loop -------------------------------------------------------------------------
     global_step = 0
+    # FairHuman: the fair update's state (schedule, coefficients, calibration) goes into every checkpoint, as JSON
     if resume_path is None:
-        # FairHuman: the fair update's state (schedule, coefficients, calibration) goes into every checkpoint
-        accelerator.register_for_checkpointing(fair_update)
         if args.resume_from_checkpoint == "latest":
             logger.info("No complete checkpoint in --output_dir; starting a new run.")
     else:
-        global_step = load_checkpoint(accelerator, resume_path, fair_update)  # registers fair_update too
+        global_step = load_checkpoint(accelerator, resume_path, fair_update)
         logger.info(f"Resumed from {resume_path} at optimizer step {global_step}")
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -2199,7 +2607,7 @@ def main(args):
                 last_step_time, step_losses = now, torch.zeros_like(step_losses)
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step, settings)
+                    save_checkpoint(accelerator, args, global_step, settings, fair_update)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
                     run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,

@@ -38,6 +38,7 @@ def base_args(model, data, out, *extra):
     argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
             "--learning_rate", "1e-3", "--seed", "5", "--report_to", "none", "--checkpointing_steps", "100",
             "--fair_update_interval", "1", "--save_precision", "fp32",  # compare the LoRAs as trained, not fp16 copies
+            "--mask_dilation", "3",  # training pixels at 32 px (the default 8 is meant at 1024 px)
             *extra]  # exact MPD every step unless a test says otherwise
     return [str(a) for a in argv]
 
@@ -246,23 +247,31 @@ def test_fair_update_interval_logs_and_resumes_mid_period(weights, tiny_sd, mixe
 
 
 def test_checkpoints_of_the_previous_format_still_resume(tiny_sd, demo_dataset, tmp_path):
-    """Before the fair update had its own checkpoint state (issue 8), its coefficients and calibration
-    travelled in the marker file as ``fair_state`` and there was no custom_checkpoint_0.pkl: such a
-    checkpoint still resumes to the same LoRA."""
+    """The fair update's state is written as JSON (fair_update_state.json, issue 20). Checkpoints of the two
+    formats before still resume to the same LoRA: the one that kept it in accelerate's custom_checkpoint_0.pkl
+    (read with weights_only=True: nothing in it runs) and the one before, with ``fair_state`` in the marker."""
+    import shutil
+
     common = ["--train_batch_size", 2, "--fair_update_interval", 4, "--checkpointing_steps", 3]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_main(*base_args(tiny_sd, demo_dataset, straight, *common, "--max_train_steps", 5))
     run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 3))
     checkpoint = os.path.join(resumed, "checkpoint-3")
-    state = torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), weights_only=False)
+    assert not os.path.exists(os.path.join(checkpoint, "custom_checkpoint_0.pkl"))  # nothing pickled any more
+    with open(os.path.join(checkpoint, train.FAIR_STATE_FILE)) as f:
+        state = json.load(f)
     assert state["step"] == 3 and state["weighting"] == "fair"
-    os.remove(os.path.join(checkpoint, "custom_checkpoint_0.pkl"))  # what the previous version wrote:
-    with open(os.path.join(checkpoint, train.CHECKPOINT_MARKER), "w") as f:
+    os.remove(os.path.join(checkpoint, train.FAIR_STATE_FILE))
+    pickled = str(tmp_path / "pickled")
+    shutil.copytree(resumed, pickled)
+    torch.save(state, os.path.join(pickled, "checkpoint-3", "custom_checkpoint_0.pkl"))  # what accelerate wrote
+    with open(os.path.join(checkpoint, train.CHECKPOINT_MARKER), "w") as f:  # the format before that
         json.dump({"global_step": 3, "seed": 5, "fair_state": {"coefficients": state["coefficients"],
                                                                "gram_scale": state["gram_scale"]}}, f)
-    run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 5,
-                        "--resume_from_checkpoint", "latest"))
-    assert_same_lora(straight, resumed, atol=0)
+    for folder in (resumed, pickled):
+        run_main(*base_args(tiny_sd, demo_dataset, folder, *common, "--max_train_steps", 5,
+                            "--resume_from_checkpoint", "latest"))
+        assert_same_lora(straight, folder, atol=0)
     # the checkpoints written now keep only the step and the seed in the marker
     assert json.load(open(os.path.join(straight, "checkpoint-3", train.CHECKPOINT_MARKER))) == {"global_step": 3, "seed": 5}
 

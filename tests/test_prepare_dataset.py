@@ -187,7 +187,7 @@ def dirs(tmp_path):
         ),
         (["--input_dir", "{photos}"], "--output_dir is required"),
         (["--input_dir", "{photos}", "--output_dir", "{busy}"], "exists and is not empty"),
-        (["--input_dir", "{photos}", "--output_dir", "{photos}"], "must not be --input_dir"),
+        (["--input_dir", "{photos}", "--output_dir", "{photos}"], "is --input_dir"),
         (["--input_dir", "{out}/missing", "--output_dir", "{out}"], "is not a folder"),
         (
             ["--input_dir", "{photos}", "--output_dir", "{out}", "--min_confidence", "1.5"],
