@@ -55,7 +55,7 @@ def test_lean_fair_update_holds_nothing_between_steps_and_bf16_rows_halve_the_re
     at the solve than float32 ones (SDXL rank 256: docs/memory.md)."""
     import memory_estimate
 
-    settings = dict(model=tiny_sd, rank=64, mixed_precision="fp16", resolution=64, cache_latents=True,
+    settings = dict(model=tiny_sd, rank=64, mixed_precision="fp16", resolution=32, cache_latents=True,
                     no_text_encoders=True)
     plain = memory_estimate.estimate(mode="plain", **settings)
     fair32 = memory_estimate.estimate(mode="fair_exact", fair_gradient_dtype="fp32", **settings)
