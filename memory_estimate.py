@@ -9,7 +9,7 @@ How: every model (UNet, VAE, text encoders) is built from its public config unde
 order the training script runs it (prepare_inputs -> UNet forward -> losses -> FairUpdate.backward ->
 FairUpdate.write_update -> unscale + clip -> optimizer.step -> zero_grad), under
 torch.distributed._tools.mem_tracker.MemTracker (live bytes by category, peak) and
-torch.utils.flop_counter.FlopCounterMode (FLOPs). The project's FairUpdate is imported from --project and
+torch.utils.flop_counter.FlopCounterMode (FLOPs). The project's FairUpdate is imported from fairhuman_utils and
 used as the script uses it, so its backward passes, retain_graph and buffers are the real ones.
 
 GPU specifics that a CPU run does not have are emulated:
@@ -25,7 +25,10 @@ Not modelled: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation/seg
 kernels' internal scratch space (flash backward's fp32 dq accumulator, ...). See the report.
 
 Usage (one configuration):
-    python estimate_memory.py --project /path/to/checkout --model sdxl --rank 256 --mode fair_exact
+    python memory_estimate.py --model sdxl --rank 256 --mode fair_exact [--cache_latents --cache_text_embeddings]
+    python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --quantization nf4 --cache_latents \
+        --cache_text_embeddings
+    python memory_estimate.py --model path/to/diffusers/folder   # config files only
 Several: --table (runs the report's grid, each configuration in a fresh subprocess; --json FILE keeps the
 results), --format_json FILE (prints the table of saved results).
 Validation on a small model with real CPU tensors: --validate.

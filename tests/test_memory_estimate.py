@@ -66,3 +66,28 @@ def test_lean_fair_update_holds_nothing_between_steps_and_bf16_rows_halve_the_re
     saved = fair32["phase_peak"]["write_update"] - fair16["phase_peak"]["write_update"]
     assert saved / (4 * lora) == pytest.approx(1.0, abs=0.05)
     assert plain["peak_total"] < fair16["peak_total"] <= fair32["peak_total"]
+
+
+def test_a_cuda_run_over_free_memory_says_so_and_names_flags(monkeypatch, caplog):
+    """On CUDA the run estimates itself first; above the free memory it warns naming the flags that help, and
+    goes on (the CUDA calls are stood in for: there is no GPU here)."""
+    import logging
+    import types
+
+    import torch
+
+    import train_fairhuman_lora as train
+
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--rank", "256"])
+    monkeypatch.setattr(train, "print_memory_estimate", lambda args, precision: 20.0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (15 * 1024**3, 16 * 1024**3))
+    accelerator = types.SimpleNamespace(device="cuda:0", mixed_precision="fp16")
+    caplog.set_level(logging.WARNING)
+    train.warn_if_over_memory(args, accelerator, logging.getLogger("t"))
+    assert "estimated peak 20.00 GiB exceeds the 15.00 GiB free" in caplog.text
+    for flag in ("--gradient_checkpointing", "--use_8bit_adam", "--cache_latents", "--cache_text_embeddings", "--rank"):
+        assert flag in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * 1024**3, 80 * 1024**3))
+    train.warn_if_over_memory(args, accelerator, logging.getLogger("t"))
+    assert "exceeds" not in caplog.text
