@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import inspect
 import json
 import math
 import os
@@ -135,10 +136,12 @@ def model_spec(model: str) -> dict:
     needed). SDXL-ness is read from the UNet config (``addition_embed_type == "text_time"``)."""
     if model in MODELS:
         return MODELS[model]
+    if os.path.isfile(os.path.join(model, "transformer", "config.json")):
+        return flow_model_spec(model)
     unet_path = os.path.join(model, "unet", "config.json")
     if not os.path.isfile(unet_path):
         raise FileNotFoundError(f"{model}: neither a built-in model ({', '.join(sorted(MODELS))}) nor a folder "
-                                f"with unet/config.json")
+                                f"with unet/config.json or transformer/config.json")
     unet = _read_config(unet_path)
     vae_path = os.path.join(model, "vae", "config.json")
     vae = _read_config(vae_path) if os.path.isfile(vae_path) else dict(VAE)
@@ -155,6 +158,43 @@ def model_spec(model: str) -> dict:
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return dict(unet=unet, vae=vae, text_encoders=text_encoders, resolution=unet.get("sample_size", 64) * factor,
                 scaling_factor=vae.get("scaling_factor", 0.13025 if sdxl else 0.18215), sdxl=sdxl)
+
+
+def flow_model_spec(model: str) -> dict:
+    """A FLUX.1 or SD3 diffusers folder's spec from its config files: ``transformer/`` (``_class_name`` tells the
+    family), ``vae/``, ``text_encoder*/`` (CLIP; the last one T5). Prompt lengths: FLUX.1 512 T5 tokens,
+    SD3 77 CLIP + 256 T5 (the diffusers training scripts' defaults)."""
+    with open(os.path.join(model, "transformer", "config.json")) as f:
+        class_name = json.load(f).get("_class_name", "")
+    family = "flux" if "Flux" in class_name else "sd3" if "SD3" in class_name else None
+    if family is None:
+        raise ValueError(f"{model}/transformer: unknown transformer {class_name!r} (FLUX.1 or SD3 expected)")
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    transformer = {k: v for k, v in _read_config(os.path.join(model, "transformer", "config.json")).items()
+                   if k in inspect.signature(cls.__init__).parameters}
+    vae = _read_config(os.path.join(model, "vae", "config.json"))
+    text_encoders = []
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        path = os.path.join(model, sub, "config.json")
+        if not os.path.isfile(path):
+            continue
+        cfg = _read_config(path)
+        if cfg.get("model_type") == "t5" or "d_model" in cfg:
+            keep = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj",
+                    "relative_attention_num_buckets", "relative_attention_max_distance")
+            text_encoders.append(("t5", {**{k: cfg[k] for k in keep if k in cfg}, "is_encoder_decoder": False}))
+        else:
+            keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings", "hidden_act", "projection_dim")
+            kind = "clip_proj" if family == "sd3" else "clip"
+            text_encoders.append((kind, {k: cfg[k] for k in keep if k in cfg}))
+    lengths = [77] * (len(text_encoders) - 1) + [512 if family == "flux" else 256]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    native = transformer.get("sample_size", 128) * factor if family == "sd3" else 1024
+    return dict(family=family, transformer=transformer, vae=vae, text_encoders=text_encoders, text_lengths=lengths,
+                resolution=native, scaling_factor=vae.get("scaling_factor", 1.0), sdxl=False)
 
 
 QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
@@ -628,7 +668,8 @@ def denoise(model, spec, noisy_latents, cond, bsz):
         b, c, h, w = noisy_latents.shape
         packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, packed.dtype)
-        pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=torch.full((b,), 3.5), img_ids=img_ids,
+        guidance = torch.full((b,), 3.5) if spec["transformer"].get("guidance_embeds") else None
+        pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, img_ids=img_ids,
                      return_dict=False, **cond)[0]
         return pred.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
     if spec.get("family") == "sd3":

@@ -91,3 +91,48 @@ def test_a_cuda_run_over_free_memory_says_so_and_names_flags(monkeypatch, caplog
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * 1024**3, 80 * 1024**3))
     train.warn_if_over_memory(args, accelerator, logging.getLogger("t"))
     assert "exceeds" not in caplog.text
+
+
+def flow_config_folder(folder, family):
+    """A FLUX.1- or SD3-shaped diffusers folder of config files only (tiny sizes)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, T5Config
+
+    if family == "flux":
+        FluxTransformer2DModel.from_config(dict(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))).save_config(os.path.join(folder, "transformer"))
+    else:
+        SD3Transformer2DModel.from_config(dict(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32, qk_norm="rms_norm")).save_config(os.path.join(folder, "transformer"))
+    AutoencoderKL.from_config(dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1, latent_channels=16,
+        norm_num_groups=32, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611)).save_config(os.path.join(folder, "vae"))
+    clip = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=77, projection_dim=32)
+    clip.save_pretrained(os.path.join(folder, "text_encoder"))
+    if family == "sd3":
+        clip.save_pretrained(os.path.join(folder, "text_encoder_2"))
+    T5Config(vocab_size=1000, d_model=32 if family == "flux" else 64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+             feed_forward_proj="gated-gelu").save_pretrained(
+        os.path.join(folder, "text_encoder_2" if family == "flux" else "text_encoder_3"))
+    return folder
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_model_estimate_matches_real_allocations(family, tmp_path):
+    """FLUX.1 / SD3-shaped folders (config files only): the flow step (packed latents, T5 + CLIP conditioning)
+    estimated on fake tensors against the same step on real CPU tensors."""
+    import memory_estimate
+
+    folder = flow_config_folder(str(tmp_path / family), family)
+    assert memory_estimate.model_spec(folder)["family"] == family
+    settings = dict(model=folder, rank=4, mode="fair_exact", resolution=64, mixed_precision="no", optimizer="adamw")
+    fake = memory_estimate.estimate(**settings)
+    real = memory_estimate.measure_real(**settings)
+    assert (fake["peak_total"] - fake["start_total"]) / real["peak_delta"] == pytest.approx(1.0, abs=0.01)
