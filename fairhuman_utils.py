@@ -731,12 +731,15 @@ class ObjectiveGradients:
         self._row(0)
         if batched and len(todo) > 1:
             rows = torch.eye(len(todo), dtype=losses.dtype, device=losses.device)
-            grads = torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
-                                        allow_unused=True)
-            for n, i in enumerate(todo):
-                for j, grad in enumerate(grads):
-                    if grad is not None:
-                        self._add(i, j, grad[n].clone() if i == 0 else grad[n])
+            grads = list(torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
+                                             allow_unused=True))
+            for j in range(len(grads)):  # parameter by parameter, each batched gradient freed once moved
+                grad, grads[j] = grads[j], None
+                if grad is not None:
+                    for n, i in enumerate(todo):
+                        # a view would keep the whole batched tensor: copy where the row takes it as it is
+                        self._add(i, j, grad[n].clone() if self.dtypes[i] == grad.dtype else grad[n])
+                del grad
             return
         saved = [p.grad for p in self.params]
         index = {id(p): j for j, p in enumerate(self.params)}
