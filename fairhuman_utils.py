@@ -687,81 +687,138 @@ def fair_equation_residual(gram: torch.Tensor, weights: torch.Tensor, alpha: flo
 
 
 class ObjectiveGradients:
-    """K per-objective gradients of a set of parameters, held as one ``(K, P)`` fp32 buffer.
+    """K per-objective gradients of a set of parameters: row ``i`` holds ``d L_i / d params``.
 
     ``accumulate(losses, ...)`` adds ``d losses[i] / d params`` to row ``i`` (one backward pass per
     objective that is present; rows of absent objectives stay zero), so the gradients of all
-    micro-batches of one optimizer step are summed before the solve. ``gram()`` is ``G^T G``;
-    ``write_combination(c)`` writes ``sum_i c_i g_i`` into each parameter's ``.grad``. Memory: K
-    copies of the trainable parameters' gradient, nothing more.
+    micro-batches of one optimizer step are summed before the solve. ``gram()`` is ``G^T G``
+    (float64 accumulation); ``write_combination(c)`` writes ``sum_i c_i g_i`` into each parameter's
+    ``.grad`` IN PLACE in row 0 and lets the other rows go.
+
+    Memory (P trainable numbers), lean by construction: row 0 is made of the float32 gradient tensors
+    autograd allocates as in a plain backward pass, and becomes the update's ``.grad``; rows
+    ``1..K-1`` are in ``row_dtype`` (float32, or bfloat16: 2 bytes per number, rounded before the
+    float64 Gram), each parameter's slice allocated when its gradient arrives (a post-accumulate-grad
+    hook moves it there and frees the float32 gradient, one parameter at a time). Every row is
+    dropped by ``write_combination`` / ``zero_``, so nothing is held between solves. At a solve step:
+    ``4 + (K-1) * itemsize(row_dtype)`` bytes per parameter, against 4 for a plain backward pass.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], num_objectives: int = len(OBJECTIVES)):
+    def __init__(self, params: Sequence[torch.nn.Parameter], num_objectives: int = len(OBJECTIVES),
+                 row_dtype: torch.dtype = torch.float32):
         self.params = list(params)
-        sizes = [p.numel() for p in self.params]
-        device = self.params[0].device
-        self.buffer = torch.zeros(num_objectives, sum(sizes), dtype=torch.float32, device=device)
-        self._views = []
-        for row in self.buffer:
-            views, offset = [], 0
-            for p, n in zip(self.params, sizes):
-                views.append(row[offset : offset + n].view_as(p))
-                offset += n
-            self._views.append(views)
+        self._num_objectives = num_objectives
+        self.dtypes = [torch.float32] + [row_dtype] * (num_objectives - 1)
+        self.rows: list[list[torch.Tensor | None]] | None = None  # rows[i][j]: objective i, parameter j
 
     @property
     def num_objectives(self) -> int:
-        return self.buffer.shape[0]
+        return self._num_objectives
+
+    def _row(self, i: int) -> list[torch.Tensor | None]:
+        if self.rows is None:
+            self.rows = [[None] * len(self.params) for _ in range(self.num_objectives)]
+        return self.rows[i]
+
+    def _add(self, i: int, j: int, grad: torch.Tensor) -> None:
+        """Add ``grad`` (parameter ``j``'s gradient of objective ``i``) to row ``i``; the first one is taken
+        as it is when its dtype is the row's (no copy)."""
+        row = self._row(i)
+        if row[j] is None:
+            row[j] = grad if grad.dtype == self.dtypes[i] else grad.to(self.dtypes[i])
+        else:
+            row[j].add_(grad)
+
+    def _flat(self, i: int) -> torch.Tensor:
+        row = self._row(i)
+        return torch.cat([(torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None
+                           else g.reshape(-1).float()) for p, g in zip(self.params, row)])
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The rows as one ``(K, P)`` float32 tensor (a copy, for inspection; zeros where nothing is held)."""
+        return torch.stack([self._flat(i) for i in range(self.num_objectives)])
 
     def zero_(self) -> None:
-        self.buffer.zero_()
+        """Drop the rows (the next ``accumulate`` starts from zero). Never writes into them: row 0 may be
+        the ``.grad`` of the update just written."""
+        self.rows = None
 
     def accumulate(self, losses: torch.Tensor, present: Sequence[bool] | None = None, batched: bool = False) -> None:
         """Add the gradient of each ``losses[i]`` to row ``i``; skip the objectives not ``present``.
 
         One vector-Jacobian product per present objective. By default, separate backward passes
-        (``retain_graph`` between them) that accumulate straight into row ``i``: each parameter's
-        ``.grad`` is pointed at its slice of the row, so autograd adds in place and no gradient is
-        copied (memory: the K rows and nothing else). With ``batched=True``, one vmapped backward
-        pass (``torch.autograd.grad(..., is_grads_batched=True)``): the same numbers and one graph
-        traversal, but K gradient-sized temporaries.
+        (``retain_graph`` between them); each parameter's gradient goes into row ``i`` as soon as
+        autograd has it (row 0: autograd accumulates into it as into ``.grad``; other rows: a
+        post-accumulate-grad hook adds it in the row's dtype and frees it). With ``batched=True``, one
+        vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``): the same numbers
+        and one graph traversal, but K gradient-sized temporaries.
         """
         present = [True] * len(losses) if present is None else list(present)
         todo = [i for i, keep in enumerate(present) if keep]
+        self._row(0)
         if batched and len(todo) > 1:
             rows = torch.eye(len(todo), dtype=losses.dtype, device=losses.device)
-            grads = torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
-                                        allow_unused=True)
-            for n, i in enumerate(todo):
-                for view, grad in zip(self._views[i], grads):
-                    if grad is not None:
-                        view.add_(grad[n].to(view.dtype))
+            grads = list(torch.autograd.grad(losses[todo], self.params, grad_outputs=rows, is_grads_batched=True,
+                                             allow_unused=True))
+            for j in range(len(grads)):  # parameter by parameter, each batched gradient freed once moved
+                grad, grads[j] = grads[j], None
+                if grad is not None:
+                    for n, i in enumerate(todo):
+                        # a view would keep the whole batched tensor: copy where the row takes it as it is
+                        self._add(i, j, grad[n].clone() if self.dtypes[i] == grad.dtype else grad[n])
+                del grad
             return
         saved = [p.grad for p in self.params]
+        index = {id(p): j for j, p in enumerate(self.params)}
+        current = [None]  # the objective whose pass is running
+
+        def move_into_row(p):
+            i = current[0]
+            if i is not None and p.grad is not None and p.grad is not self.rows[i][index[id(p)]]:
+                self._add(i, index[id(p)], p.grad)
+                p.grad = None
+
+        handles = [p.register_post_accumulate_grad_hook(move_into_row) for p in self.params]
         try:
             for n, i in enumerate(todo):
-                for p, view in zip(self.params, self._views[i]):
-                    p.grad = view
+                row = self._row(i)
+                same_dtype = self.dtypes[i] == torch.float32
+                for j, p in enumerate(self.params):  # row 0 (float32): autograd adds into it in place
+                    p.grad = row[j] if (same_dtype and row[j] is not None and row[j].dtype == p.dtype) else None
+                current[0] = i
                 torch.autograd.backward(losses[i], inputs=self.params, retain_graph=n < len(todo) - 1)
-                for p, view in zip(self.params, self._views[i]):
-                    if p.grad is not view:  # autograd replaced instead of adding in place: add it ourselves
-                        view.add_(p.grad)
+                current[0] = None
+                for j, p in enumerate(self.params):
+                    if p.grad is not None and p.grad is not row[j]:  # the hook did not run: add it ourselves
+                        self._add(i, j, p.grad)
+                    p.grad = None
         finally:
+            for handle in handles:
+                handle.remove()
             for p, grad in zip(self.params, saved):
                 p.grad = grad
 
     def gram(self, chunk: int = 1 << 20) -> torch.Tensor:
-        """``G^T G`` (K x K, float64) with ``g_i`` the rows of the buffer.
+        """``G^T G`` (K x K, float64) with ``g_i`` the rows.
 
-        Accumulated in float64 over column chunks of ``chunk`` elements: exact to float64 rounding
-        (no TF32, no float32 accumulation over millions of terms) with only ``K * chunk`` extra numbers
-        in memory, never a float64 copy of the whole buffer.
+        Accumulated in float64, parameter by parameter (column chunks of at most ``chunk`` numbers):
+        exact to float64 rounding (no TF32, no float32 accumulation over millions of terms) with only
+        ``K * chunk`` extra numbers in memory, never a float64 copy of the rows.
         """
-        k, total = self.buffer.shape
-        gram = torch.zeros(k, k, dtype=torch.float64, device=self.buffer.device)
-        for start in range(0, total, chunk):
-            block = self.buffer[:, start : start + chunk].to(torch.float64)
-            gram += block @ block.T
+        k = self.num_objectives
+        gram = torch.zeros(k, k, dtype=torch.float64, device=self.params[0].device)
+        if self.rows is None:
+            return gram
+        for j in range(len(self.params)):
+            held = [i for i in range(k) if self.rows[i][j] is not None]
+            if not held:
+                continue
+            columns = [self.rows[i][j].reshape(-1) for i in held]
+            index = torch.tensor(held, device=gram.device)
+            for start in range(0, columns[0].numel(), chunk):
+                block = torch.stack([c[start : start + chunk].to(torch.float64) for c in columns])
+                gram[index[:, None], index[None, :]] += block @ block.T
         return gram
 
     def average_across_processes(self) -> None:
@@ -770,11 +827,16 @@ class ObjectiveGradients:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
-                torch.distributed.all_reduce(self.buffer)
-                self.buffer /= world
+                for i in range(self.num_objectives):
+                    row = self._row(i)
+                    for j, p in enumerate(self.params):
+                        if row[j] is None:  # every process reduces the same tensors
+                            row[j] = torch.zeros_like(p, dtype=self.dtypes[i])
+                        torch.distributed.all_reduce(row[j])
+                        row[j] /= world
 
     def fair_update(self, alpha: float = 2.0, grad_scale: float = 1.0, stale: torch.Tensor | None = None) -> "FairStep":
-        """Average over processes, solve the weights, write the update into ``.grad``, zero the buffer.
+        """Average over processes, solve the weights, write the update into ``.grad``, drop the rows.
 
         The rows hold gradients of losses multiplied by ``grad_scale`` (the fp16 loss scale, 1 otherwise):
         the weights are solved on the unscaled Gram matrix (:func:`fair_coefficients`) and the update
@@ -798,18 +860,22 @@ class ObjectiveGradients:
         return FairStep(applied, exact, gram)
 
     def write_combination(self, coefficients: torch.Tensor) -> None:
-        """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter."""
-        # row by row: one gradient-sized result and no temporary (a (1,K) @ (K,P) matmul may copy the buffer)
+        """Set ``param.grad = sum_i coefficients[i] * g_i`` for every parameter, then drop the rows.
+
+        Written in place in row 0 (``g_0 *= c_0``, then ``+= c_i g_i`` row by row, in float32), which
+        becomes ``.grad``: no gradient-sized temporary."""
         coefficients = [float(c) for c in coefficients]
-        combined = self.buffer[0] * coefficients[0]
-        for row, c in zip(self.buffer[1:], coefficients[1:]):
-            if c != 0:
-                combined.add_(row, alpha=c)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = combined[offset : offset + n].view_as(p).to(p.dtype)  # a view: no extra copy
-            offset += n
+        rows = [self._row(i) for i in range(self.num_objectives)]
+        for j, p in enumerate(self.params):
+            combined = rows[0][j]
+            if combined is None:
+                combined = torch.zeros_like(p, dtype=torch.float32)
+            combined.mul_(coefficients[0])
+            for row, c in zip(rows[1:], coefficients[1:]):
+                if c != 0 and row[j] is not None:
+                    combined.add_(row[j], alpha=c)
+            p.grad = combined if combined.dtype == p.dtype else combined.to(p.dtype)
+        self.rows = None
 
 
 def prediction_space_gram(losses_fn, model_pred: torch.Tensor) -> torch.Tensor:
@@ -975,6 +1041,11 @@ class FairUpdate:
       far the applied update is from exact MPD (:meth:`FairStep.fidelity`, and per objective
       applied / exact weight, :meth:`FairStep.weight_ratios`).
 
+    Memory: ``row_dtype`` is the dtype of the rows of objectives ``1..K-1`` (:class:`ObjectiveGradients`;
+    row 0 is float32 and becomes ``.grad``). float32: 12 bytes per LoRA parameter on a solve step with
+    K = 3 (plain: 4), the same numbers as always; bfloat16: 8 bytes, the region gradients rounded to
+    bfloat16 (relative 2^-9 per number) before the float64 Gram. No rows are held between solves.
+
     State for a resumed run (:meth:`state_dict` / :meth:`load_state_dict`, plain JSON-able Python that
     the training script writes into each checkpoint as JSON): the number of updates written (which
     fixes the schedule), the last coefficients and the calibration ``s`` (one scale per objective).
@@ -993,6 +1064,7 @@ class FairUpdate:
         fidelity_check: bool = False,
         region_weights: Sequence[float] | None = None,
         objectives: Sequence[str] = OBJECTIVES,
+        row_dtype: torch.dtype = torch.float32,
     ):
         if weighting not in ("fair", *FIXED_COEFFICIENTS):
             raise ValueError(f"unknown weighting {weighting!r}; expected 'fair', 'equal' or 'global'")
@@ -1017,7 +1089,7 @@ class FairUpdate:
         self.batched_backward = batched_backward
         self.fidelity_check = fidelity_check and self.fair
         self.prediction_weights = self.fair and update_interval > 1 and interval_weights == "prediction"
-        self.gradients = ObjectiveGradients(params, k) if self.fair else None
+        self.gradients = ObjectiveGradients(params, k, row_dtype=row_dtype) if self.fair else None
         self.step = 0  # updates written so far (= optimizer steps, skipped ones included)
         if weighting != "equal" and any(w != 1.0 for w in region_weights):
             raise ValueError(f"region_weights are the static weights of weighting 'equal', not of {weighting!r}")

@@ -150,11 +150,15 @@ class ModelFamily:
         return lambda rows, captions: self.encode_captions(captions, device)
 
     def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
-        """VAE latents of the batch; the sample's noise drawn per example from its own generator."""
-        pixels = batch["pixel_values"].to(device, dtype=self.vae.dtype)
-        latent_dist = self.vae.encode(pixels).latent_dist
-        eps = torch.stack([torch.randn(latent_dist.mean.shape[1:], generator=g) for g in generators])
-        latents = latent_dist.mean + latent_dist.std * eps.to(latent_dist.mean)
+        """VAE latents of the batch; the sample's noise drawn per example from its own generator. With
+        ``--cache_latents`` the batch holds the posterior's cached ``latent_mean`` / ``latent_std``."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        else:
+            latent_dist = self.vae.encode(batch["pixel_values"].to(device, dtype=self.vae.dtype)).latent_dist
+            mean, std = latent_dist.mean, latent_dist.std
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        latents = mean + std * eps.to(mean)
         shift = getattr(self.vae.config, "shift_factor", None)
         if self.flow_matching and shift is not None:
             latents = latents - shift

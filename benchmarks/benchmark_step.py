@@ -35,6 +35,8 @@ MODES = {  # name -> the script's flags
     "fair-interval4": ["--weighting", "fair", "--fair_update_interval", "4"],
     "fair-interval8": ["--weighting", "fair", "--fair_update_interval", "8"],
     "fair-interval8-reuse": ["--weighting", "fair", "--fair_update_interval", "8", "--fair_interval_weights", "reuse"],
+    "global-cached": ["--weighting", "global", "--cache_latents", "--cache_text_embeddings"],
+    "fair-cached": ["--weighting", "fair", "--fair_update_interval", "1", "--cache_latents", "--cache_text_embeddings"],
 }
 
 

@@ -213,3 +213,89 @@ def test_interval_steps_solve_on_the_calibrated_prediction_gram(calibration):
     assert all(r > 0 for r in ratios) and ratios != pytest.approx([1.0, 1.0, 1.0], abs=1e-9)
     with pytest.raises(ValueError, match="calibration"):
         fh.FairUpdate(model.params, "fair", calibration="nope")
+
+
+# ---- lean buffers (issue 19): .grad is row 0, combination in place, region rows in bf16, nothing held between solves --
+
+
+def reference_fair_update(params, losses, present):
+    """The pre-issue-19 algorithm: a (K, P) float32 buffer, one backward per objective, a separate combined
+    update ``buffer[0] * c_0 + sum_i c_i buffer[i]``. Returns the coefficients and the flat update."""
+    rows = []
+    for i in range(len(losses)):
+        if present[i]:
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        else:
+            rows.append(torch.zeros(sum(p.numel() for p in params)))
+    buffer = torch.stack(rows)
+    gram = torch.zeros(3, 3, dtype=torch.float64)
+    gram += buffer.double() @ buffer.double().T
+    _, c = fh.fair_coefficients(gram)
+    combined = buffer[0] * float(c[0])
+    for row, ci in zip(buffer[1:], c[1:]):
+        if float(ci) != 0:
+            combined.add_(row, alpha=float(ci))
+    return c, combined
+
+
+@pytest.mark.parametrize("present", [[True, True, True], [True, False, True]])
+def test_float32_rows_give_the_same_update_as_one_float32_buffer(present):
+    model = PredictionModel(3)
+    update = fh.FairUpdate(model.params, "fair")
+    acc = accelerator()
+    for step in range(3):
+        pred, loss_fn = model.batch(step)
+        expected_c, expected = reference_fair_update(model.params, loss_fn(pred), present)
+        with update.no_sync(acc, model.net):
+            pred, loss_fn = model.batch(step)
+            update.backward(acc, loss_fn(pred), present)
+            update.write_update(acc)
+        written = torch.cat([p.grad.reshape(-1) for p in model.params])
+        torch.testing.assert_close(written, expected, rtol=1e-6, atol=0)  # float32 rounding (Gram summed per parameter)
+        torch.testing.assert_close(update.coefficients, expected_c, rtol=1e-12, atol=0)
+        for p in model.params:
+            p.grad = None
+
+
+def test_grad_is_row_zero_and_no_rows_are_held_after_the_update():
+    model = PredictionModel(4)
+    update = fh.FairUpdate(model.params, "fair", row_dtype=torch.bfloat16, update_interval=2)
+    acc = accelerator()
+    pred, loss_fn = model.batch(0)
+    with update.no_sync(acc, model.net):
+        update.backward(acc, loss_fn(pred), [True, True, True], loss_fn=loss_fn, model_pred=pred)
+    rows = update.gradients.rows
+    assert {t.dtype for t in rows[0]} == {torch.float32} and {t.dtype for t in rows[1] + rows[2]} == {torch.bfloat16}
+    assert all(p.grad is None for p in model.params)  # accumulated into the rows only
+    row0 = [t.data_ptr() for t in rows[0]]
+    del rows
+    update.write_update(acc)
+    assert update.gradients.rows is None  # dropped: nothing held until the next solve
+    assert [p.grad.data_ptr() for p in model.params] == row0  # the update IS row 0, written in place
+    for p in model.params:
+        p.grad = None
+    # a step between solves: one plain backward, no rows allocated at all
+    pred, loss_fn = model.batch(1)
+    update.backward(acc, loss_fn(pred), [True, True, True], loss_fn=loss_fn, model_pred=pred)
+    assert update.gradients.rows is None and all(p.grad is not None for p in model.params)
+
+
+def test_bfloat16_rows_solve_the_same_weights_to_bfloat16_rounding():
+    """Same gradients, float32 vs bfloat16 region rows (micro-batches accumulated through the hook): the
+    solved weights and the update agree to bf16 rounding (relative 2^-8 per number)."""
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = PredictionModel(5)
+        update = fh.FairUpdate(model.params, "fair", row_dtype=dtype)
+        acc = accelerator(accumulation=2)
+        for micro in range(2):
+            with acc.accumulate(model.net), update.no_sync(acc, model.net):
+                pred, loss_fn = model.batch(micro)
+                update.backward(acc, loss_fn(pred), [True, True, True])
+        update.write_update(acc)
+        results[dtype] = (update.coefficients.clone(), torch.cat([g.reshape(-1) for g in model.grads()]))
+    (c32, u32), (c16, u16) = results[torch.float32], results[torch.bfloat16]
+    weight_error = float(((c16 - c32).abs() / c32.abs()).max())
+    update_error = float((u16 - u32).norm() / u32.norm())
+    assert 0 < weight_error < 2**-8 and 0 < update_error < 2**-8
