@@ -2435,6 +2435,8 @@ def print_memory_estimate(args, mixed_precision: str) -> float:
     """``--estimate_memory``: estimate one step of this run from config files alone and print it; returns GiB."""
     import memory_estimate
 
+    if args.lora_target_modules is None:  # the family's default targets (model_index.json only, no weights)
+        args.lora_target_modules = mf.family_for_model(args).default_lora_targets
     settings = estimate_settings(args, mixed_precision)
     print(f"estimating one training step on fake tensors ({settings['mode']}, rank {args.rank}, "
           f"{mixed_precision}, batch {args.train_batch_size}) from {settings['model']} ...", flush=True)
