@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# The embedded default: set up .venv (if missing; and the detector extra if missing), build a tiny SD model and a
-# small drawn-people dataset offline, and train a FairHuman LoRA on it on the CPU. Output: demo_output/ (LoRA,
-# checkpoints, mask previews, model card, a sample image). Extra arguments go to the script.
+# The embedded default: set up .venv (if missing; and the detector extra if missing), build tiny SD, SDXL, FLUX.1
+# and SD3 models and a small drawn-people dataset offline, and train a FairHuman LoRA on one of them on the CPU.
+#   bash demo.sh                 # tiny SD (default), into demo_output/
+#   FAMILY=flux bash demo.sh     # or: bash demo.sh --family flux ; families: sd, sdxl, flux, sd3 (demo_output-flux/ ...)
+# Output: LoRA, checkpoints, mask previews, model card, a sample image. Other arguments go to the training script.
 set -euo pipefail
 cd "$(dirname "$0")"
+FAMILY="${FAMILY:-sd}"
+if [ "${1:-}" = "--family" ]; then FAMILY="$2"; shift 2; fi
+case "$FAMILY" in
+  sd|sdxl) extra=() ;;
+  flux|sd3) extra=(--max_sequence_length 32) ;;  # the tiny T5 reads characters: 32 tokens hold the demo captions
+  *) echo "error: FAMILY must be sd, sdxl, flux or sd3, got '$FAMILY'" >&2; exit 2 ;;
+esac
+OUT=demo_output
+[ "$FAMILY" = sd ] || OUT="demo_output-$FAMILY"  # its own folder: a run resumes only its own family's checkpoints
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
@@ -14,15 +25,15 @@ if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec(
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-prepare.txt
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-[ -d demo_assets/tiny-sd ] || .venv/bin/python fairhuman_demo.py --output_dir demo_assets
+[ -d "demo_assets/tiny-$FAMILY" ] || .venv/bin/python fairhuman_demo.py --output_dir demo_assets --families "$FAMILY"
 .venv/bin/accelerate launch --config_file accelerate_config.yaml train_fairhuman_lora.py \
-  --pretrained_model_name_or_path demo_assets/tiny-sd \
+  --pretrained_model_name_or_path "demo_assets/tiny-$FAMILY" \
   --train_data_dir demo_assets/demo_dataset \
-  --output_dir demo_output \
+  --output_dir "$OUT" \
   --resolution 64 --mask_dilation 2 --random_flip \
   --train_batch_size 2 --max_train_steps 40 --learning_rate 1e-3 \
   --checkpointing_steps 20 --checkpoints_total_limit 2 \
   --use_8bit_adam --seed 42 --save_mask_previews 4 \
   --validation_prompt "a photo of a person waving 2 hands" --num_validation_images 1 \
-  --validation_steps 20 --validation_inference_steps 10 --resume_from_checkpoint latest "$@"
-echo "LoRA: demo_output/pytorch_lora_weights.safetensors (diffusers), demo_output/demo_output.safetensors (ComfyUI/A1111/Forge), card: demo_output/README.md, previews: demo_output/mask_previews/"
+  --validation_steps 20 --validation_inference_steps 10 --resume_from_checkpoint latest ${extra[@]+"${extra[@]}"} "$@"
+echo "LoRA ($FAMILY): $OUT/pytorch_lora_weights.safetensors (diffusers), $OUT/$OUT.safetensors (ComfyUI$([ "$FAMILY" = sd ] || [ "$FAMILY" = sdxl ] && echo /A1111/Forge)), card: $OUT/README.md, previews: $OUT/mask_previews/"

@@ -451,8 +451,11 @@ def load_pipeline(args):
                          f"the pipeline ({error})") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
-    overrides = {"prediction_type": args.prediction_type} if args.prediction_type else {}
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
+    if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":  # FLUX.1 / SD3 keep their flow sampler
+        overrides = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
+    if args.guidance_scale is None:  # SD/SDXL: the authors' CFG 7.5; FLUX.1-dev's distilled guidance 3.5; SD3 4.5
+        args.guidance_scale = {"FluxPipeline": 3.5, "StableDiffusion3Pipeline": 4.5}.get(type(pipe).__name__, 7.5)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
@@ -591,7 +594,9 @@ def parse_args(input_args=None):
                         "the seeds give the same noise on any device).")
     g.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
     g.add_argument("--num_inference_steps", type=int, default=30, help="UniPC steps (the authors: 30).")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the authors: 7.5).")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="Guidance scale; default: 7.5 for SD/SDXL (the authors'), 3.5 for FLUX.1 (distilled guidance), "
+                        "4.5 for SD3.")
     g.add_argument("--batch_size", type=int, default=4, help="Images generated per pipeline call.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")
@@ -648,9 +653,9 @@ def check_args(args) -> None:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
             raise UsageError(f"--resolution must be a multiple of 8 of at least 8, got {args.resolution}")
-        if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale):
+        if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale or 0.0):
             raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
-        if args.guidance_scale < 0:
+        if args.guidance_scale is not None and args.guidance_scale < 0:
             raise UsageError(f"--guidance_scale must not be negative (1 or below turns guidance off), got {args.guidance_scale}")
         if not 0 <= args.seed <= SEED_MAX:
             raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {args.seed}")

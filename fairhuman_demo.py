@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Build the embedded default: tiny SD and SDXL models and a small demo dataset, offline.
+"""Build the embedded default: tiny SD, SDXL, FLUX.1 and SD3 models and a small demo dataset, offline.
 
     python fairhuman_demo.py --output_dir demo_assets
 
-writes ``demo_assets/tiny-sd``, ``demo_assets/tiny-sdxl`` (diffusers folders with random weights,
+writes ``demo_assets/tiny-sd``, ``demo_assets/tiny-sdxl``, ``demo_assets/tiny-flux``, ``demo_assets/tiny-sd3``
+(diffusers folders with random weights and offline-made CLIP / T5 tokenizers,
 built from configs, loadable with ``from_pretrained``) and ``demo_assets/demo_dataset`` (an
 imagefolder: drawn people with box annotations in ``metadata.jsonl``). The tests build the same
 things in temporary folders through these functions.
@@ -78,7 +79,7 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
     torch.manual_seed(seed)
     spec = MODEL_SIZES[size]
     width, levels = spec["text_width"], len(spec["unet_channels"])
-    text_config = dict(bos_token_id=514, eos_token_id=515, pad_token_id=515, hidden_size=width, intermediate_size=37,
+    text_config = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=width, intermediate_size=37,
                        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=516,
                        max_position_embeddings=77, hidden_act="gelu", projection_dim=width)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
@@ -138,8 +139,125 @@ def make_latents_carry_the_image(vae, resolution: int, num_images: int = 32, see
         vae.quant_conv.bias[latent_channels:] = VAE_LOGVAR
     spread, std = stats()
     vae.register_to_config(scaling_factor=1.0 / spread)
+    if vae.config.shift_factor is not None:  # FLUX.1 / SD3 VAEs: latents = (sample - shift_factor) * scaling_factor
+        with torch.no_grad():
+            vae.register_to_config(shift_factor=float(vae.encode(pixels).latent_dist.mean.mean()))
     return {"mean_spread_before": spread_before, "sample_std_before": std_before,
             "mean_spread_after": 1.0, "sample_std_after": std / spread}
+
+
+def write_t5_tokenizer(folder: str, model_max_length: int = 512) -> None:
+    """An offline T5 tokenizer (sentencepiece-style Unigram, no sentencepiece package): T5's special ids
+    (<pad> 0, </s> 1, <unk> 2), the word-start marker, and every printable ASCII character word-initial and
+    word-internal, scored so whole words split into characters. Saved as tokenizer.json + config."""
+    from transformers import T5TokenizerFast
+
+    characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -4.0) for c in characters] + [(c, -5.0) for c in characters]
+    T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length).save_pretrained(folder)
+
+
+def tiny_clip_config(width: int = 32, projection_dim: int = 32):
+    """The tiny CLIP text config: ids of :func:`write_tiny_tokenizer` (512 <|startoftext|>, 513 <|endoftext|>).
+    ``eos_token_id`` must be the tokenizer's end token: CLIP pools the hidden state at its first position."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=width,
+                          intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=516, max_position_embeddings=77, hidden_act="gelu", projection_dim=projection_dim)
+
+
+def tiny_t5(vocab_size: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                                   dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+                                   tie_word_embeddings=False))
+
+
+def tiny_flow_vae(shift_factor: float, scaling_factor: float, resolution: int = 64):
+    """A 2-level VAE with 16 latent channels (latents at 1/2 of the pixels), FLUX.1/SD3's shift and scale; built
+    with ``quant_conv`` (real FLUX/SD3 VAEs have none) so :func:`make_latents_carry_the_image` can quiet it."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+                        latent_channels=16, norm_num_groups=32, sample_size=resolution, use_quant_conv=True,
+                        use_post_quant_conv=True, shift_factor=shift_factor, scaling_factor=scaling_factor)
+    make_latents_carry_the_image(vae, resolution=resolution)
+    return vae
+
+
+def build_tiny_flux(folder: str, seed: int = 0) -> str:
+    """A tiny FLUX.1-dev-layout pipeline (one double and one single block, guidance embedding, CLIP-L pooled +
+    T5 text, FLUX.1-dev's dynamic-shift scheduler), saved with its tokenizers; native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer, tokenizer_2 = _tiny_tokenizers(folder)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    text_encoder = CLIPTextModel(tiny_clip_config())
+    text_encoder_2 = tiny_t5(len(tokenizer_2), 32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
+def build_tiny_sd3(folder: str, seed: int = 0) -> str:
+    """A tiny SD3.5-layout pipeline (two joint blocks, qk RMSNorm, one dual-attention layer, the last block
+    context_pre_only, CLIP-L + CLIP-G + T5 text; T5 width = 2 x CLIP width, as SD3's pipeline pads CLIP to it)."""
+    import shutil
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_3 = _tiny_tokenizers(folder)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32,
+                                        qk_norm="rms_norm", dual_attention_layers=(0,))
+    vae = tiny_flow_vae(shift_factor=0.0609, scaling_factor=1.5305)
+    text_encoder = CLIPTextModelWithProjection(tiny_clip_config())
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config())
+    text_encoder_3 = tiny_t5(len(tokenizer_3), 64)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    StableDiffusion3Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
+                             tokenizer_3=tokenizer_3, transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
+def _tiny_tokenizers(folder: str):
+    """The hand-made CLIP tokenizer and the offline T5 tokenizer, written next to ``folder`` and loaded."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    source = folder + "_tokenizers"
+    write_tiny_tokenizer(os.path.join(source, "clip"))
+    write_t5_tokenizer(os.path.join(source, "t5"))
+    return CLIPTokenizer.from_pretrained(os.path.join(source, "clip")), T5TokenizerFast.from_pretrained(
+        os.path.join(source, "t5"))
+
+
+FAMILY_BUILDERS = {"sd": lambda folder: build_tiny_pipeline(folder, sdxl=False),
+                   "sdxl": lambda folder: build_tiny_pipeline(folder, sdxl=True),
+                   "flux": build_tiny_flux, "sd3": build_tiny_sd3}
 
 
 def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) -> str:
@@ -331,17 +449,22 @@ def read_scalars(folder: str) -> dict[str, list[float]]:
 
 def main(input_args=None):
     parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
-    parser.add_argument("--output_dir", default="demo_assets", help="Folder for tiny-sd, tiny-sdxl and demo_dataset.")
+    parser.add_argument("--output_dir", default="demo_assets",
+                        help="Folder for tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3 and demo_dataset.")
+    parser.add_argument("--families", default="sd,sdxl,flux,sd3", help="Which tiny models to build (comma-separated).")
     parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
     parser.add_argument("--shoes", action="store_true",
                         help="Draw shoes too and write a third region column, shoe_boxes (train with "
                              "--region hand=hand_boxes --region face=face_boxes --region shoe=shoe_boxes).")
     args = parser.parse_args(input_args)
-    build_tiny_pipeline(os.path.join(args.output_dir, "tiny-sd"), sdxl=False)
-    build_tiny_pipeline(os.path.join(args.output_dir, "tiny-sdxl"), sdxl=True)
-    build_demo_dataset(os.path.join(args.output_dir, "demo_dataset"), num_images=args.num_images,
-                       **({"shoes": True} if args.shoes else {}))
-    print(f"wrote {args.output_dir}/tiny-sd, {args.output_dir}/tiny-sdxl and {args.output_dir}/demo_dataset")
+    written = []
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if family not in FAMILY_BUILDERS:
+            raise SystemExit(f"error: --families: unknown {family!r}; known: {', '.join(FAMILY_BUILDERS)}")
+        written.append(FAMILY_BUILDERS[family](os.path.join(args.output_dir, f"tiny-{family}")))
+    written.append(build_demo_dataset(os.path.join(args.output_dir, "demo_dataset"), num_images=args.num_images,
+                                      **({"shoes": True} if args.shoes else {})))
+    print(f"wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import fairhuman_utils as fh
+import model_families as mf
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def fair_gradient_dtype(choice: str, mixed_precision: str | None) -> torch.dtype
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="FairHuman LoRA training (SD 1.x/2.x and SDXL).")
+    parser = argparse.ArgumentParser(description="FairHuman LoRA training (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5).")
 
     g = parser.add_argument_group("Model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
@@ -87,6 +88,26 @@ def parse_args(input_args=None):
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    g.add_argument("--quantize_base", type=str, default="none", choices=mf.QUANTIZE_CHOICES,
+                   help="Load the frozen FLUX.1/SD3 transformer in 4-bit NF4 or 8-bit (bitsandbytes, diffusers' "
+                        "BitsAndBytesConfig; needs a CUDA GPU); the LoRA on top trains in full precision. "
+                        "Peak memory per setting: docs/model_families.md.")
+
+    g = parser.add_argument_group("Flow matching (FLUX.1, SD3): as diffusers' train_dreambooth_lora_flux/_sd3.py")
+    g.add_argument("--weighting_scheme", type=str, default=None, choices=mf.WEIGHTING_SCHEMES,
+                   help="Timestep density and loss weighting (diffusers.training_utils); default: none for FLUX.1, "
+                        "logit_normal for SD3 (the diffusers examples' defaults).")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal timestep density.")
+    g.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal timestep density.")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode timestep density.")
+    g.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="FLUX.1-dev's guidance embedding during training. Default 1.0, as kohya's FLUX.1 docs and "
+                        "diffusers' QLoRA FLUX example (diffusers' DreamBooth example uses 3.5); schnell has none.")
+    g.add_argument("--precondition_outputs", type=int, default=1, choices=[0, 1],
+                   help="SD3: EDM-style preconditioning of the prediction (prediction * -sigma + noisy, target x0), "
+                        "as diffusers' SD3 example (default 1).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5 tokens per caption; default 512 for FLUX.1, 77 for SD3 (the diffusers examples').")
 
     g = parser.add_argument_group("Data")
     g.add_argument("--dataset_name", type=str, default=None,
@@ -222,8 +243,9 @@ def parse_args(input_args=None):
     g = parser.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (the authors used 256 on SDXL).")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: equal to --rank.")
-    g.add_argument("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
-                   help="Comma-separated UNet module names that get LoRA adapters.")
+    g.add_argument("--lora_target_modules", type=str, default=None,
+                   help="Comma-separated UNet / transformer module names (peft suffix match) that get LoRA adapters; "
+                        "default: to_q,to_k,to_v,to_out.0 (SD/SDXL), the diffusers SD3 example's attention list (FLUX.1/SD3).")
 
     g = parser.add_argument_group("Saving the LoRA")
     g.add_argument("--save_lora_format", type=str, default="both", choices=["diffusers", "kohya", "both"],
@@ -461,7 +483,8 @@ def check_args(args) -> None:
             raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
     for name in ["hand_loss_weight", "face_loss_weight", "fair_alpha", "local_loss_scale", "learning_rate",
                  "snr_gamma", "noise_offset", "max_grad_norm",
-                 "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"]:
+                 "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "guidance_scale",
+                 "logit_mean", "logit_std", "mode_scale"]:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number, got {value}")
@@ -503,7 +526,7 @@ def check_args(args) -> None:
                          "with `hf auth login` instead and drop --hub_token")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
-    if not lora_targets(args):
+    if args.lora_target_modules is not None and not lora_targets(args):
         raise UsageError("--lora_target_modules is empty")
     if args.evaluate_prompts_file is not None:  # checked now, not after hours of training
         import evaluate_fairhuman
@@ -1292,43 +1315,13 @@ def save_mask_previews(dataset: FairHumanDataset, keys, folder: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def is_sdxl_model(path: str, revision: str | None, cache_dir: str | None) -> bool:
-    """SDXL pipelines have a second text encoder; read model_index.json to tell."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001 - any failure here means the path is not a diffusers model
-        raise UsageError(f"--pretrained_model_name_or_path: cannot read model_index.json of {path!r} ({error})") from None
-    return "text_encoder_2" in config
-
-
-def model_geometry(args) -> tuple[int, int, int]:
-    """``(vae_factor, granularity, native_resolution)`` read from the model's config.json files (no weights).
-
-    ``vae_factor = 2 ** (len(vae block_out_channels) - 1)`` (8 for SD/SDXL), ``granularity`` = that times the
-    UNet's downsampling ``2 ** (len(unet block_out_channels) - 1)`` (64 for SD/SDXL; see
-    :func:`fairhuman_utils.bucket_granularity`), ``native_resolution = unet sample_size * vae_factor``.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    path, vae_path = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
-    try:
-        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision,
-                                                       cache_dir=args.cache_dir)
-        if vae_path is None:
-            vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
-    except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable diffusers model
-        raise UsageError(f"--pretrained_model_name_or_path: cannot read the UNet/VAE config.json of {path!r} ({error})") from None
-    if vae_path is not None:
-        try:
-            vae_config = AutoencoderKL.load_config(vae_path, revision=args.revision, cache_dir=args.cache_dir)
-        except Exception as error:  # noqa: BLE001 - any failure here means the folder is not a usable VAE
-            raise UsageError(f"--pretrained_vae_model_name_or_path: cannot read the VAE config.json of {vae_path!r} "
-                             f"({error})") from None
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
-    return vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
+def model_geometry(family) -> tuple[int, int, int, int]:
+    """``(vae_factor, size_step, granularity, native_resolution)`` of the model, read from its config.json
+    files (no weights): see :meth:`model_families.ModelFamily.geometry`. For SD/SDXL ``granularity`` is the VAE
+    factor times the UNet's downsampling (64; :func:`fairhuman_utils.bucket_granularity`) and any multiple of
+    the VAE factor is a usable side; FLUX.1 needs sides that are multiples of 2 x the VAE factor (16 px: its
+    2x2 latent packing), SD3 of the patch size x the VAE factor."""
+    return family.geometry()
 
 
 def unmatched_target_modules(module_names, targets) -> list[str]:
@@ -1338,36 +1331,19 @@ def unmatched_target_modules(module_names, targets) -> list[str]:
     return [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
 
 
-def check_lora_target_modules(args) -> None:
-    """Every ``--lora_target_modules`` entry must name at least one UNet module. Checked on the UNet built
-    from its config on the meta device (no weights loaded), before the models are loaded."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet",
-                                              revision=args.revision, cache_dir=args.cache_dir)
-    with init_empty_weights():
-        names = [name for name, _ in UNet2DConditionModel.from_config(config).named_modules()]
+def check_lora_target_modules(args, family) -> None:
+    """Every ``--lora_target_modules`` entry must name at least one module of the UNet / transformer. Checked
+    on the model built from its config on the meta device (no weights loaded), before the models are loaded."""
+    names = family.denoiser_module_names()
     unmatched = unmatched_target_modules(names, lora_targets(args))
     if unmatched:
-        examples = sorted({name.split("attn1.", 1)[1] for name in names if "attn1." in name})
-        raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the UNet (names in its "
-                         f"attention blocks: {', '.join(examples)})")
+        examples = family.attention_module_examples(names)
+        raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the "
+                         f"{'UNet' if family.denoiser_name == 'unet' else family.denoiser_name} "
+                         f"(names in its attention blocks: {', '.join(examples)})")
 
 
-def encode_prompt(text_encoders, tokenizers, captions, device, sdxl: bool):
-    """Text conditioning: SD -> (hidden states, None); SDXL -> (both encoders' penultimate hidden
-    states concatenated, pooled embedding of the second encoder)."""
-    embeds, pooled = [], None
-    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        if not sdxl:
-            return text_encoder(ids)[0], None
-        out = text_encoder(ids, output_hidden_states=True)
-        pooled = out[0]
-        embeds.append(out.hidden_states[-2])
-    return torch.cat(embeds, dim=-1), pooled
+sdxl_time_ids = mf.sdxl_time_ids
 
 
 def caption_overflow(captions, tokenizer) -> dict:
@@ -1403,95 +1379,43 @@ def warn_long_captions(checked: dict, tokenizer) -> dict:
     return counts
 
 
-def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes, device, dtype):
-    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example; the target is the
-    example's own size (its bucket)."""
-    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)]
-    return torch.tensor(rows, device=device, dtype=dtype)
-
-
-def pipeline_components(vae, text_encoders, tokenizers, sdxl: bool) -> dict:
-    """The frozen parts of the SD / SDXL pipeline, for validation pipelines built around the trained UNet."""
-    if sdxl:
-        return dict(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-                    tokenizer=tokenizers[0], tokenizer_2=tokenizers[1])
-    return dict(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
-
-
 @dataclass
 class StepInputs:
-    """What the UNet's forward pass and the three losses need for one batch."""
+    """What the denoiser's forward pass and the three losses need for one batch."""
 
-    noisy_latents: torch.Tensor
+    model_input: torch.Tensor  # the noisy latents on the latent grid (B, C, h, w)
     timesteps: torch.Tensor
-    prompt_embeds: torch.Tensor
-    added_cond_kwargs: dict | None  # SDXL: pooled text embeds and time ids
-    target: torch.Tensor  # the noise, or the velocity for v-prediction
+    conditioning: dict  # the captions' embeddings (model_families.ModelFamily.encode_captions)
+    extras: dict  # family-specific inputs of the prediction (SDXL time ids, SD3 sigmas)
+    target: torch.Tensor  # noise, velocity, or the flow target, on the latent grid
     region_masks: tuple  # one (B, 1, h, w) mask on the latent grid per region (hand, face by default)
     present: list  # [True, any of region 1 in the batch, ...], decided on the CPU (no device sync)
-    sample_weights: torch.Tensor | None  # Min-SNR weights, or None
+    sample_weights: torch.Tensor | None  # Min-SNR / flow weighting-scheme weights, or None
 
 
 @torch.no_grad()
-def prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler, sdxl: bool, weight_dtype,
-                   device) -> StepInputs:
-    """The diffusers loop's steps before the forward pass: latents, noise, timesteps, noisy latents, text
-    conditioning, target, plus FairHuman's region masks on the latent grid.
+def prepare_inputs(batch, args, family, caption_conditioning, weight_dtype, device) -> StepInputs:
+    """The diffusers loop's steps before the forward pass -- latents, noise, timesteps, noisy latents, text
+    conditioning, target, loss weights (the family's :meth:`noisy_inputs`) -- plus FairHuman's region masks on
+    the latent grid.
 
     Every random draw of an example (VAE sample, noise, offset noise, timestep) comes from a generator
     seeded with the example's own seed (``fairhuman_utils.item_seed``), so it does not depend on the
     batching, the process count or a resume.
     """
-    from diffusers.training_utils import compute_snr
-
-    generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
-    if "latent_mean" in batch:  # --cache_latents: the posterior's mean and std, cached
-        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    if "text" in batch:  # --cache_text_embeddings: the family's caption embeddings, cached per row
+        conditioning = {k: v.to(device, non_blocking=True) for k, v in batch["text"].items()}
     else:
-        latent_dist = vae.encode(batch["pixel_values"].to(device, dtype=vae.dtype)).latent_dist
-        mean, std = latent_dist.mean, latent_dist.std
-    eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
-    latents = mean + std * eps.to(mean)
-    latents = (latents * vae.config.scaling_factor).to(weight_dtype)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-    if args.noise_offset:
-        offsets = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators])
-        noise = noise + args.noise_offset * offsets
-    noise = noise.to(latents)
-    timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
-                           for g in generators]).to(device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if "text" in batch:  # --cache_text_embeddings
-        prompt_embeds, pooled = batch["text"]["prompt_embeds"].to(device), batch["text"].get("pooled")
-        pooled = pooled.to(device) if pooled is not None else None
-    else:
-        prompt_embeds, pooled = encode_prompt(text_encoders, tokenizers, batch["captions"], device, sdxl)
-    added_cond_kwargs = None
-    if sdxl:
-        added_cond_kwargs = {"text_embeds": pooled,
-                             "time_ids": sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                                       batch["target_sizes"], device, prompt_embeds.dtype)}
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UsageError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
-    # FairHuman: the region masks (hand, face by default), moved with the image, reduced to the latent grid
+        conditioning = caption_conditioning(batch["rows"], batch["captions"])
+    noisy = family.noisy_inputs(batch, conditioning, device, weight_dtype)
+    # FairHuman: the region masks (hand, face by default), moved with the image, reduced to the (unpacked) latent grid
     latent_masks = (batch["latent_masks"] if "latent_masks" in batch else  # --cache_latents: cached with them
-                    fh.masks_to_latent(batch["masks"], latents.shape[-2:], args.latent_mask_mode))
+                    fh.masks_to_latent(batch["masks"], noisy.target.shape[-2:], args.latent_mask_mode))
     present = [True] + [bool(latent_masks[:, i].any()) for i in range(latent_masks.shape[1])]
     latent_masks = latent_masks.to(device, non_blocking=True)
-    sample_weights = None
-    if args.snr_gamma is not None:
-        snr = compute_snr(noise_scheduler, timesteps)
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            snr = snr + 1
-        sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
     region_masks = tuple(latent_masks[:, i : i + 1] for i in range(latent_masks.shape[1]))
-    return StepInputs(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs, target, region_masks, present,
-                      sample_weights)
+    return StepInputs(noisy.model_input, noisy.timesteps, conditioning, noisy.extras, noisy.target, region_masks,
+                      present, noisy.sample_weights)
 
 
 def region_losses(model_pred: torch.Tensor, *, inputs: StepInputs, args) -> torch.Tensor:
@@ -1502,14 +1426,15 @@ def region_losses(model_pred: torch.Tensor, *, inputs: StepInputs, args) -> torc
 
 
 @torch.no_grad()
-def build_cache(dataset: FairHumanDataset, args, vae, text_encoders, tokenizers, sdxl: bool, device) -> dict:
+def build_cache(dataset: FairHumanDataset, args, family, device) -> dict:
     """``--cache_latents`` / ``--cache_text_embeddings``: per dataset row (never per step), on the CPU.
 
     Latents: the example as epoch 0 draws it (its bucket's size, its region-safe crop: drawn once per image),
     encoded one by one; the VAE posterior's mean and std (each step samples ``mean + std * eps`` with the
     example's own seed, as uncached), the masks on the latent grid, the SDXL size conditioning; with
     ``--random_flip`` also the mirrored latent with mirrored masks (kohya's way; a step picks one at random).
-    Text: every caption of the row, a dict of tensors each (``prompt_embeds``, SDXL ``pooled``)."""
+    Text: every caption of the row, a dict of tensors each (the family's :meth:`encode_captions`)."""
+    vae = family.vae
     cache = {}
     for row in range(len(dataset)):
         entry = {}
@@ -1529,9 +1454,7 @@ def build_cache(dataset: FairHumanDataset, args, vae, text_encoders, tokenizers,
         if args.cache_text_embeddings:
             entry["text"] = []
             for caption in dataset.captions[row]:
-                embeds, pooled = encode_prompt(text_encoders, tokenizers, [caption], device, sdxl)
-                entry["text"].append({"prompt_embeds": embeds[0].cpu(),
-                                      **({"pooled": pooled[0].cpu()} if pooled is not None else {})})
+                entry["text"].append({k: v[0].cpu() for k, v in family.encode_captions([caption], device).items()})
         cache[row] = entry
     return cache
 
@@ -1573,7 +1496,7 @@ def cache_key_fields(args, dataset, targets, vae, text_encoders) -> dict:
     return fields
 
 
-def load_or_build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator, targets) -> dict:
+def load_or_build_cache(dataset, args, family, accelerator, targets) -> dict:
     """The cache of :func:`build_cache`: in memory, or with ``--cache_dir`` in
     ``{cache_dir}/fairhuman-cache/{key}.pt`` (key: a hash of :func:`cache_key_fields`), read back only when every
     field is equal (another configuration's cache is never read: a new one is built, the differing fields
@@ -1581,8 +1504,8 @@ def load_or_build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, acc
     that a later run reads; a failed write stops the run naming the path."""
     log = logging.getLogger(__name__)
     if args.cache_dir is None:
-        return build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator.device)
-    fields = cache_key_fields(args, dataset, targets, vae, text_encoders)
+        return build_cache(dataset, args, family, accelerator.device)
+    fields = cache_key_fields(args, dataset, targets, family.vae, family.text_encoders)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
     folder = os.path.join(args.cache_dir, "fairhuman-cache")
     path = os.path.join(folder, f"{key}.pt")
@@ -1605,7 +1528,7 @@ def load_or_build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, acc
             differ = [k for k in sorted(set(other) | set(fields)) if other.get(k) != json.loads(json.dumps(fields.get(k), default=str))]
             log.info(f"{os.path.join(folder, name[:-5] + '.pt')}: a cache of another configuration (differs in "
                      f"{', '.join(differ)}); not read")
-    cache = build_cache(dataset, args, vae, text_encoders, tokenizers, sdxl, accelerator.device)
+    cache = build_cache(dataset, args, family, accelerator.device)
     if accelerator.is_main_process:
         fields_json = json.loads(json.dumps(fields, default=str))
         write_atomically(path, lambda f: torch.save({"fields": fields_json, "cache": cache}, f))
@@ -1635,18 +1558,20 @@ def write_atomically(path: str, write) -> None:
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffusers_dtype=None,
+def save_lora(family, denoiser, folder: str, *, diffusers: bool = True, diffusers_dtype=None,
               kohya_file: str | None = None, kohya_dtype=None, kohya_metadata: dict | None = None) -> list[str]:
-    """Write the UNet's LoRA into ``folder``; returns the paths written. A dtype of None keeps the
+    """Write the denoiser's LoRA into ``folder``; returns the paths written. A dtype of None keeps the
     parameters' own (fp32: the script keeps the trainable LoRA weights in fp32).
 
     * ``pytorch_lora_weights.safetensors`` (with ``diffusers``): the diffusers format,
-      ``unet.{module}.lora_A.weight`` / ``lora_B.weight`` for EVERY module plus the LoRA config as
-      adapter metadata. The keys are peft's as they are: diffusers' ``convert_state_dict_to_diffusers``
-      renames only to_q/to_k/to_v/to_out.0 (to ``lora.down``/``lora.up``), and a file mixing the two
-      spellings loses the renamed half in ``load_lora_weights``, which decides on the first key alone.
-    * ``kohya_file`` (when given): the kohya format of :func:`fairhuman_utils.lora_to_kohya` with
-      ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
+      ``{unet|transformer}.{module}.lora_A.weight`` / ``lora_B.weight`` for EVERY module plus the LoRA config
+      as adapter metadata, what the family's pipeline ``load_lora_weights`` reads. The keys are peft's as they
+      are: diffusers' ``convert_state_dict_to_diffusers`` renames only to_q/to_k/to_v/to_out.0 (to
+      ``lora.down``/``lora.up``), and a file mixing the two spellings loses the renamed half in
+      ``load_lora_weights``, which decides on the first key alone.
+    * ``kohya_file`` (when given): :func:`fairhuman_utils.lora_to_kohya` with the family's prefix
+      (``lora_unet`` for SD/SDXL; ``lora_transformer`` for FLUX.1/SD3, the names ComfyUI's key map gives the
+      diffusers modules) and ``kohya_metadata`` as safetensors metadata, for ComfyUI / A1111 / Forge.
 
     Both are byte-reproducible: the adapter metadata lists sets sorted and each header is rewritten in
     one order (:func:`fairhuman_utils.make_safetensors_reproducible`).
@@ -1654,21 +1579,23 @@ def save_lora(pipeline_cls, unet, folder: str, *, diffusers: bool = True, diffus
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = get_peft_model_state_dict(unet)
+    state = get_peft_model_state_dict(denoiser)
     written = []
     if diffusers:
-        pipeline_cls.save_lora_weights(
+        name = family.denoiser_name
+        family.pipeline_class().save_lora_weights(
             folder,
-            unet_lora_layers={k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
-            unet_lora_adapter_metadata=fh.json_ready_config(unet.peft_config["default"].to_dict()),
+            **{f"{name}_lora_layers": {k: v.detach().to(diffusers_dtype or v.dtype) for k, v in state.items()},
+               f"{name}_lora_adapter_metadata": fh.json_ready_config(denoiser.peft_config["default"].to_dict())},
             safe_serialization=True,
         )
         written.append(os.path.join(folder, LORA_WEIGHT_NAME))
     if kohya_file is not None:  # the script's LoraConfig: one rank and alpha for every module, plain LoRA
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, kohya_file)
-        alpha = unet.peft_config["default"].lora_alpha
-        save_file(fh.lora_to_kohya(state, alpha, dtype=kohya_dtype), path, metadata=kohya_metadata)
+        alpha = denoiser.peft_config["default"].lora_alpha
+        save_file(fh.lora_to_kohya(state, alpha, prefix=family.kohya_prefix, dtype=kohya_dtype), path,
+                  metadata=kohya_metadata)
         written.append(path)
     for path in written:  # the same run writes the same bytes (safetensors orders its metadata at random)
         fh.make_safetensors_reproducible(path)
@@ -1701,7 +1628,12 @@ def training_settings(args, global_step: int) -> dict:
     else:
         columns = {"hand column": args.hand_mask_column or args.hand_box_column,
                    "face column": args.face_mask_column or args.face_box_column}
-    return {
+    flow = {}
+    if args.weighting_scheme is not None:  # FLUX.1 / SD3 (set by the family's check_args)
+        flow = {"weighting_scheme": args.weighting_scheme, "guidance_scale (FLUX.1)": args.guidance_scale,
+                "precondition_outputs (SD3)": args.precondition_outputs, "max_sequence_length": args.max_sequence_length,
+                "quantize_base": args.quantize_base}
+    return flow | {
         "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
         "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
         "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
@@ -1724,22 +1656,14 @@ def training_settings(args, global_step: int) -> dict:
     }
 
 
-def base_model_version(unet_config, sdxl: bool) -> str:
-    """kohya's ``ss_base_model_version``: sdxl_base_v1-0, sd_v2 (1024-wide cross-attention, OpenCLIP-H) or
-    sd_v1. A1111 shows a LoRA for models of this version."""
-    if sdxl:
-        return "sdxl_base_v1-0"
-    return "sd_v2" if unet_config.cross_attention_dim == 1024 else "sd_v1"
-
-
-def kohya_metadata(args, unet_config, sdxl: bool, prediction_type: str, global_step: int) -> dict[str, str]:
+def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
     """Safetensors metadata of the kohya file: kohya's ``ss_*`` keys (what A1111 / Forge / ComfyUI
     metadata viewers show), a ``modelspec`` header and every FairHuman setting as ``fairhuman_settings``."""
-    version = base_model_version(unet_config, sdxl)
-    architecture = {"sdxl_base_v1-0": "stable-diffusion-xl-v1-base", "sd_v2": "stable-diffusion-v2",
-                    "sd_v1": "stable-diffusion-v1"}[version]
+    version, architecture = family.base_model_version(), family.modelspec_architecture()
+    advice = family.inference_advice()
+    prediction_type = family.noise_scheduler.config.get("prediction_type", "flow")
     metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.lora_alpha),
+        "ss_network_module": family.network_module(), "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.lora_alpha),
         "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": args.pretrained_model_name_or_path, "ss_output_name": args.output_name,
@@ -1750,8 +1674,10 @@ def kohya_metadata(args, unet_config, sdxl: bool, prediction_type: str, global_s
         "ss_max_grad_norm": str(args.max_grad_norm), "ss_noise_offset": str(args.noise_offset),
         "ss_min_snr_gamma": str(args.snr_gamma), "ss_dataset_dirs": str(args.dataset_name or args.train_data_dir),
         "ss_training_comment": f"FairHuman LoRA (arXiv 2507.02714): {' + '.join(run_objectives(args))} objectives "
-                               "with Minimum Potential Delay weights; authors' inference: LoRA scale 0.3, 30 UniPC "
-                               "steps, CFG 7.5",
+                               "with Minimum Potential Delay weights; " + (
+                                   "authors' inference: LoRA scale 0.3, 30 UniPC steps, CFG 7.5" if not family.flow_matching
+                                   else f"{family.label}: try LoRA scale {advice['scale']}, {advice['steps']} steps, "
+                                        f"guidance {advice['guidance']}"),
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers", "modelspec.title": args.output_name,
         "modelspec.resolution": f"{args.resolution}x{args.resolution}",
@@ -1762,8 +1688,7 @@ def kohya_metadata(args, unet_config, sdxl: bool, prediction_type: str, global_s
     return metadata
 
 
-def save_lora_files(args, pipeline_cls, unet, folder: str, sdxl: bool, prediction_type: str, global_step: int,
-                    checkpoint: bool = False) -> list[str]:
+def save_lora_files(args, family, denoiser, folder: str, global_step: int, checkpoint: bool = False) -> list[str]:
     """The LoRA files --save_lora_format asks for.
 
     At the end of training (``checkpoint=False``): ``pytorch_lora_weights.safetensors`` and/or
@@ -1777,20 +1702,21 @@ def save_lora_files(args, pipeline_cls, unet, folder: str, sdxl: bool, predictio
         diffusers, diffusers_dtype, name = True, None, f"{args.output_name}-step{global_step}"
     else:
         diffusers, diffusers_dtype, name = args.save_lora_format in ("diffusers", "both"), dtype, args.output_name
-    return save_lora(pipeline_cls, unet, folder, diffusers=diffusers, diffusers_dtype=diffusers_dtype,
+    return save_lora(family, denoiser, folder, diffusers=diffusers, diffusers_dtype=diffusers_dtype,
                      kohya_file=f"{name}.safetensors" if kohya else None, kohya_dtype=dtype,
-                     kohya_metadata=kohya_metadata(args, unet.config, sdxl, prediction_type, global_step) if kohya else None)
+                     kohya_metadata=kohya_metadata(args, family, global_step) if kohya else None)
 
 
-def load_lora_into_unet(pipeline_cls, unet, folder: str) -> None:
+def load_lora_into_denoiser(family, denoiser, folder: str) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state = pipeline_cls.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)  # the fp32 file, not the kohya one
+    state = family.pipeline_class().lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)  # the fp32 file
     state = state[0] if isinstance(state, tuple) else state
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    prefix = family.denoiser_name + "."
+    denoiser_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
-        incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state),
+        incompatible = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(denoiser_state),
                                                  adapter_name="default")
     except RuntimeError as error:  # size mismatch: another --rank (checkpoints without their settings file)
         first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error)[:300])
@@ -2113,7 +2039,7 @@ def run_settings(args, checked: dict) -> dict:
 
     settings["pretrained_model_name_or_path"] = where(args.pretrained_model_name_or_path)
     settings["lora_alpha"] = float(args.lora_alpha)
-    settings["lora_target_modules"] = sorted(set(lora_targets(args)))
+    settings["lora_target_modules"] = sorted(set(lora_targets(args))) if args.lora_target_modules is not None else None
     settings["dataset"] = where(args.dataset_name or args.train_data_dir)
     settings["dataset_rows"] = len(checked["sizes"])
     settings["dataset_fingerprint"] = dataset_fingerprint(checked)
@@ -2152,6 +2078,11 @@ def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]
     def show(value):
         return ",".join(value) if isinstance(value, list) else value
 
+    if saved.get("model_family") and settings.get("model_family") and saved["model_family"] != settings["model_family"]:
+        raise UsageError(f"--resume_from_checkpoint: {name} is a LoRA of a {saved['model_family']} model and "
+                         f"--pretrained_model_name_or_path is a {settings['model_family']} model; a LoRA cannot move "
+                         "between model families. Resume with the checkpoint's base model, or start a new run in "
+                         "another --output_dir")
     saved_objectives = saved.get("objectives", list(fh.OBJECTIVES))
     run_objectives_now = settings.get("objectives", list(fh.OBJECTIVES))
     if saved_objectives != run_objectives_now:
@@ -2159,7 +2090,7 @@ def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]
                          f"this run has {', '.join(run_objectives_now)}. Resume with the same --region/--region_mask "
                          "flags (none for the default hand and face), or start a new run in another --output_dir")
     refused = [f"{flag(k)} {show(settings[k])} (the checkpoint has {show(saved[k])})"
-               for k in RESUME_MUST_MATCH if k in saved and saved[k] != settings.get(k)]
+               for k in RESUME_MUST_MATCH if k in saved and settings.get(k) is not None and saved[k] != settings[k]]
     if refused:
         raise UsageError(f"--resume_from_checkpoint: {name} was trained with other settings that change what its "
                          f"weights mean: {'; '.join(refused)}. Resume with the checkpoint's values, or start a new run "
@@ -2256,21 +2187,19 @@ def offload_cached_encoders(args, vae, text_encoders, device="cpu") -> None:
         torch.cuda.empty_cache()
 
 
-def run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler, weight_dtype, step, tag):
-    """Sample ``--num_validation_images`` with UniPC; the trained UNet is used as is, never cast."""
-    from diffusers import UniPCMultistepScheduler
-
+def run_validation(args, accelerator, family, denoiser, weight_dtype, step, tag):
+    """Sample ``--num_validation_images`` with the family's pipeline (SD/SDXL: UniPC; FLUX.1/SD3: their flow
+    matching Euler scheduler); the trained denoiser is used as is, never cast."""
     logger.info(f"Running validation: {args.num_validation_images} images of {args.validation_prompt!r}")
-    scheduler = UniPCMultistepScheduler.from_config(noise_scheduler.config)
-    offload_cached_encoders(args, components["vae"], [components[k] for k in ("text_encoder", "text_encoder_2")
-                                                      if k in components], accelerator.device)
-    pipeline = pipeline_cls(unet=accelerator.unwrap_model(unet), scheduler=scheduler, **components)
+    offload_cached_encoders(args, family.vae, family.text_encoders, accelerator.device)
+    pipeline, call = family.validation_pipeline(accelerator.unwrap_model(denoiser), args.validation_prompt,
+                                                accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     autocast = (torch.autocast(accelerator.device.type, dtype=weight_dtype)
                 if weight_dtype != torch.float32 and accelerator.device.type == "cuda" else contextlib.nullcontext())
     with autocast, torch.no_grad():
-        images = [pipeline(args.validation_prompt, num_inference_steps=args.validation_inference_steps,
+        images = [pipeline(**call, num_inference_steps=args.validation_inference_steps,
                            generator=generator, height=args.resolution, width=args.resolution).images[0]
                   for _ in range(args.num_validation_images)]
     for tracker in accelerator.trackers:
@@ -2281,52 +2210,60 @@ def run_validation(args, accelerator, pipeline_cls, components, unet, noise_sche
 
             tracker.log({tag: [wandb.Image(im, caption=f"{i}: {args.validation_prompt}") for i, im in enumerate(images)]})
     del pipeline
-    offload_cached_encoders(args, components["vae"], [components[k] for k in ("text_encoder", "text_encoder_2")
-                                                      if k in components])
+    offload_cached_encoders(args, family.vae, family.text_encoders)
     return images
 
 
-def lora_usage(args, repo_id: str, pipeline_cls: str) -> str:
+def lora_usage(args, repo_id: str, family) -> str:
     """The model card's "How to use": which file goes where, with the authors' inference setting
-    (LoRA scale 0.3, 30 UniPC steps, CFG 7.5)."""
+    for SD/SDXL (LoRA scale 0.3, 30 UniPC steps, CFG 7.5), the family's usual sampling for FLUX.1/SD3."""
+    pipeline_cls = family.pipeline_class_name
+    advice = family.inference_advice()
     kohya_file = f"{args.output_name}.safetensors"
     files = []
     if args.save_lora_format in ("diffusers", "both"):
         files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | diffusers `load_lora_weights` |")
     if args.save_lora_format in ("kohya", "both"):
-        files.append(f"| `{kohya_file}` | kohya format | ComfyUI: `models/loras/`; AUTOMATIC1111 / Forge: "
-                     f"`models/Lora/` (diffusers `load_lora_weights` reads it too) |")
+        files.append(f"| `{kohya_file}` | kohya format (`{family.kohya_prefix}_*` keys) | ComfyUI: `models/loras/`; "
+                     + ("AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too) |"
+                        if not family.flow_matching else
+                        ("ComfyUI also reads the diffusers file; diffusers `load_lora_weights` reads this one too |"
+                         if family.diffusers_reads_kohya_file else
+                         "ComfyUI also reads the diffusers file; diffusers does not read this one |")))
     weight_name = "" if args.save_lora_format != "kohya" else f", weight_name={kohya_file!r}"
     # trained with another prediction type than the model's: sampled with it too
     prediction = f", prediction_type={args.prediction_type!r}" if args.prediction_type else ""
     text = f"""## How to use
 
-Weights in {args.save_precision}, UNet only, rank {args.rank}, alpha {args.lora_alpha}:
+Weights in {args.save_precision}, {family.denoiser_name} only ({family.label}), rank {args.rank}, alpha {args.lora_alpha}:
 
 | file | format | where it goes |
 | --- | --- | --- |
 """ + "\n".join(files) + f"""
 
-The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5.
+{"The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5." if not family.flow_matching else
+ f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; the FairHuman "
+ "authors' settings (scale 0.3, UniPC, CFG 7.5) are for SDXL."}
 
 ```python
 import torch
-from diffusers import {pipeline_cls}, UniPCMultistepScheduler
+from diffusers import {pipeline_cls}{", UniPCMultistepScheduler" if not family.flow_matching else ""}
 
-pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.float16).to("cuda")
-pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config{prediction})
-pipe.load_lora_weights({repo_id!r}{weight_name})
-pipe.fuse_lora(lora_scale=0.3)
-image = pipe("a photo of a person waving", num_inference_steps=30, guidance_scale=7.5).images[0]
+pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.{"float16" if not family.flow_matching else "bfloat16"}).to("cuda")
+{"pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config" + prediction + ")" + chr(10) if not family.flow_matching else ""}pipe.load_lora_weights({repo_id!r}{weight_name})
+pipe.fuse_lora(lora_scale={advice['scale']})
+image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}, guidance_scale={advice['guidance']}).images[0]
 ```
 """
     if args.save_lora_format in ("kohya", "both"):
         text += f"""
 - ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
-  `strength_model` 0.3 (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: 30 steps,
-  cfg 7.5, sampler `uni_pc`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
-- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:0.3>` to the
-  prompt; sampler UniPC, 30 steps, CFG scale 7.5.
+  `strength_model` {advice['scale']} (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: {advice['steps']} steps,
+  {"cfg " + str(advice['guidance']) if not isinstance(family, mf.FluxFamily) else "cfg 1.0 with a FluxGuidance node at " + str(advice['guidance'])}, sampler `{advice['comfy_sampler']}`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
+"""
+        if not family.flow_matching:
+            text += f"""- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:{advice['scale']}>` to the
+  prompt; sampler {advice['sampler']}, {advice['steps']} steps, CFG scale {advice['guidance']}.
 """
     return text
 
@@ -2345,30 +2282,28 @@ def hub_model_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def card_metadata(args, sdxl: bool) -> str:
+def card_metadata(args, family) -> str:
     """The model card's YAML front matter, written by huggingface_hub's serializer (``ModelCardData``), so
     no value can add or change keys; ``base_model`` only when the base model is a Hub id."""
     from huggingface_hub import ModelCardData
 
     fields = dict(library_name="diffusers", license="other", inference=True,
-                  tags=["stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image", "diffusers", "lora",
-                        "fairhuman"])
+                  tags=[*family.tags, "text-to-image", "diffusers", "lora", "fairhuman"])
     base_model = hub_model_id(args.pretrained_model_name_or_path)
     if base_model is not None:
         fields["base_model"] = base_model
     return ModelCardData(**fields).to_yaml()
 
 
-def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global_step: int, evaluation=None) -> str:
+def write_model_card(args, folder: str, repo_id: str, family, images, global_step: int, evaluation=None) -> str:
     """README.md for the LoRA: base model, data, every FairHuman setting, samples, how to load it, and
     with ``evaluation`` (the report of ``evaluate_fairhuman.py``) the hand and face scores."""
     for i, image in enumerate(images):
         image.save(os.path.join(folder, f"image_{i}.png"))
     dataset = args.dataset_name or args.train_data_dir
     gallery = "\n".join(f"![sample {i}](./image_{i}.png)" for i in range(len(images)))
-    pipeline_cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     settings = training_settings(args, global_step)
-    usage = lora_usage(args, repo_id, pipeline_cls)
+    usage = lora_usage(args, repo_id, family)
     table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     scores = ""
     if evaluation is not None:
@@ -2394,7 +2329,7 @@ def write_model_card(args, folder: str, repo_id: str, sdxl: bool, images, global
                   f"(from {', '.join(f'{column!r}' for _, _, column in regions)}), combined with Minimum Potential Delay "
                   "(alpha-fair)\nweights, to improve those regions.")
     card = f"""---
-{card_metadata(args, sdxl)}
+{card_metadata(args, family)}
 ---
 
 # FairHuman LoRA: {repo_id}
@@ -2500,6 +2435,8 @@ def print_memory_estimate(args, mixed_precision: str) -> float:
     """``--estimate_memory``: estimate one step of this run from config files alone and print it; returns GiB."""
     import memory_estimate
 
+    if args.lora_target_modules is None:  # the family's default targets (model_index.json only, no weights)
+        args.lora_target_modules = mf.family_for_model(args).default_lora_targets
     settings = estimate_settings(args, mixed_precision)
     print(f"estimating one training step on fake tensors ({settings['mode']}, rank {args.rank}, "
           f"{mixed_precision}, batch {args.train_batch_size}) from {settings['model']} ...", flush=True)
@@ -2528,12 +2465,10 @@ def main(args):
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     global logger
     if args.estimate_memory:  # before any check that needs the data, before any weight loads
@@ -2595,60 +2530,51 @@ def main(args):
     logger.info(f"{len(checked['sizes'])} training images; "
                 + ", ".join(f"with {name} boxes: {count}" for name, count in checked["counts"].items()))
     report_regions(checked, args, mask_regions)
+
+    # ---- The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, read before any weight loads
+    family, family_error = None, None
+    try:
+        family = mf.family_for_model(args)
+    except UsageError as error:  # a resume with another base model is named as such first
+        family_error = error
+    if family is not None:
+        family.check_args(args)
+        if args.lora_target_modules is None:
+            args.lora_target_modules = family.default_lora_targets
     settings = run_settings(args, checked)
+    settings["model_family"] = family.label if family is not None else None
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)
         if accelerator.is_main_process:  # later checkpoints of the run that went on past this one: moved aside
             settle_checkpoint_branch(args, resume_path)
         accelerator.wait_for_everyone()
+    if family_error is not None:
+        raise family_error
+    mf.check_quantize_available(args.quantize_base)
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
-    path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
-    sdxl = is_sdxl_model(path, rev, args.cache_dir)
-    vae_scale, granularity, native_resolution = model_geometry(args)
+    vae_scale, size_step, granularity, native_resolution = model_geometry(family)
     if args.resolution is None:
         args.resolution = native_resolution
     settings["resolution"] = args.resolution
-    if args.square_crop and args.resolution % vae_scale:
-        raise UsageError(f"--resolution must be a multiple of the VAE factor {vae_scale}, got {args.resolution}")
+    if args.square_crop and args.resolution % size_step:
+        raise UsageError(f"--resolution must be a multiple of {size_step} for {family.label} ("
+                         f"{'the VAE factor' if size_step == vae_scale else 'VAE factor x patch size'}), got {args.resolution}")
     bucket_step = args.bucket_reso_steps or granularity
-    if bucket_step % vae_scale:
-        raise UsageError(f"--bucket_reso_steps must be a multiple of the VAE factor {vae_scale}, got {bucket_step}")
+    if bucket_step % size_step:
+        raise UsageError(f"--bucket_reso_steps must be a multiple of {size_step} for {family.label} ("
+                         f"{'the VAE factor' if size_step == vae_scale else 'VAE factor x patch size'}), got {bucket_step}")
     if not args.square_crop and args.resolution < bucket_step:
         raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
     buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
     if accelerator.device.type == "cuda" and accelerator.is_main_process:
         warn_if_over_memory(args, accelerator, logger)
     log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step, global_batch=total_batch)
-    check_lora_target_modules(args)
-    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, use_fast=False)]
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)]
-    if sdxl:
-        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, use_fast=False))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                         revision=rev, variant=var))
-    warn_long_captions(checked, tokenizers[0])
+    check_lora_target_modules(args, family)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
-    vae_dtype = torch.float32 if (sdxl and args.pretrained_vae_model_name_or_path is None) else weight_dtype
-    # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=rev, dtype=vae_dtype)
-    else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, dtype=vae_dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
-                                                dtype=weight_dtype)
-
-    for model in [vae, unet, *text_encoders]:
-        model.requires_grad_(False)
-    unet.to(accelerator.device)
-    vae.to(accelerator.device)
-    for text_encoder in text_encoders:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    family.load(accelerator.device, weight_dtype)
+    unet = family.denoiser  # the UNet or transformer that gets the LoRA
+    warn_long_captions(checked, family.tokenizers[0])
 
     # ---- LoRA ----------------------------------------------------------------------------------
     targets = lora_targets(args)
@@ -2675,14 +2601,13 @@ def main(args):
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:  # global_step: main's, read when the checkpoint is saved
-                save_lora_files(args, pipeline_cls, accelerator.unwrap_model(model), output_dir, sdxl,
-                                noise_scheduler.config.prediction_type, global_step, checkpoint=True)
+                save_lora_files(args, family, accelerator.unwrap_model(model), output_dir, global_step, checkpoint=True)
         while weights:  # the full UNet is not saved: the LoRA is all that changes
             weights.pop()
 
     def load_model_hook(models, input_dir):
         while models:
-            load_lora_into_unet(pipeline_cls, accelerator.unwrap_model(models.pop()), input_dir)
+            load_lora_into_denoiser(family, accelerator.unwrap_model(models.pop()), input_dir)
         cast_training_params(unet, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -2711,9 +2636,8 @@ def main(args):
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
     if args.cache_latents or args.cache_text_embeddings:
-        train_dataset.cache = load_or_build_cache(train_dataset, args, vae, text_encoders, tokenizers, sdxl,
-                                                  accelerator, example_sizes)
-        offload_cached_encoders(args, vae, text_encoders)
+        train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes)
+        offload_cached_encoders(args, family.vae, family.text_encoders)
         logger.info(f"Cached {'latents' if args.cache_latents else ''}"
                     f"{' and ' if args.cache_latents and args.cache_text_embeddings else ''}"
                     f"{'text embeddings' if args.cache_text_embeddings else ''} of {len(train_dataset)} images"
@@ -2746,12 +2670,13 @@ def main(args):
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     logger.info("***** Running FairHuman training *****")
-    logger.info(f"  Model = {'SDXL' if sdxl else 'SD'} at {args.resolution}px, weighting = {args.weighting}"
+    logger.info(f"  Model = {family.label} at {args.resolution}px, weighting = {args.weighting}"
                 f"{f' (alpha {args.fair_alpha}, solved every {args.fair_update_interval} steps)' if fair_update.fair else ''}")
     logger.info(f"  Examples = {len(train_dataset)}, total batch = {total_batch}, optimizer steps = {args.max_train_steps}")
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    components = pipeline_components(vae, text_encoders, tokenizers, sdxl)
+    # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
+    caption_conditioning = family.caption_conditioning(checked["captions"], accelerator.device)
     step_losses = torch.zeros(len(objectives), device=accelerator.device)
     skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
     last_step_time = time.perf_counter()
@@ -2770,10 +2695,8 @@ def main(args):
         for batch in dataloader:
             # FairHuman: on per-objective steps DDP must not reduce .grad (the fair update averages the rows)
             with accelerator.accumulate(unet), fair_update.no_sync(accelerator, unet):
-                inputs = prepare_inputs(batch, args, vae, text_encoders, tokenizers, noise_scheduler, sdxl,
-                                        weight_dtype, accelerator.device)
-                model_pred = unet(inputs.noisy_latents, inputs.timesteps, inputs.prompt_embeds,
-                                  added_cond_kwargs=inputs.added_cond_kwargs).sample
+                inputs = prepare_inputs(batch, args, family, caption_conditioning, weight_dtype, accelerator.device)
+                model_pred = family.predict(unet, inputs)  # on the (unpacked) latent grid
                 # FairHuman: K objectives on one prediction, [L_global, L_region...] ([L_global, L_hand, L_face])
                 loss_fn = functools.partial(region_losses, inputs=inputs, args=args)
                 losses = loss_fn(model_pred)
@@ -2804,8 +2727,7 @@ def main(args):
                     save_checkpoint(accelerator, args, global_step, settings, fair_update)
                 if (args.validation_prompt and global_step % args.validation_steps == 0
                         and accelerator.is_main_process):
-                    run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
-                                   weight_dtype, global_step, "validation")
+                    run_validation(args, accelerator, family, unet, weight_dtype, global_step, "validation")
             if global_step >= args.max_train_steps:
                 break
 
@@ -2814,18 +2736,16 @@ def main(args):
     push_error = None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
-        written = save_lora_files(args, pipeline_cls, unwrapped, args.output_dir, sdxl,
-                                  noise_scheduler.config.prediction_type, global_step)
+        written = save_lora_files(args, family, unwrapped, args.output_dir, global_step)
         logger.info(f"Saved the LoRA ({args.save_precision}) to {', '.join(written)}")
         if args.validation_prompt and args.num_validation_images > 0:
-            images = run_validation(args, accelerator, pipeline_cls, components, unet, noise_scheduler,
-                                    weight_dtype, global_step, "test")
+            images = run_validation(args, accelerator, family, unet, weight_dtype, global_step, "test")
         evaluation = None
         if args.evaluate_prompts_file is not None:
             import evaluate_fairhuman
 
             evaluation = evaluate_fairhuman.evaluate_trained_lora(args, written[0])  # either format loads
-        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, sdxl, images, global_step,
+        write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, family, images, global_step,
                          evaluation)
         if args.push_to_hub:
             push_error = push_output_folder(args, repo_id)

@@ -77,15 +77,20 @@ def main(input_args=None):
     peak = {m: statistics.median(v) for m, v in memory.items()}
     base = "global" if "global" in step else modes[0]
 
-    from diffusers import UNet2DConditionModel
+    import types
+
     from peft import LoraConfig
 
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    import model_families
+
+    family = model_families.family_for_model(types.SimpleNamespace(
+        pretrained_model_name_or_path=model, revision=None, variant=None, cache_dir=None))
+    unet = family.denoiser_class().from_pretrained(model, subfolder=family.denoiser_name)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=family.default_lora_targets.split(",")))
     lora = sum(p.numel() for n, p in unet.named_parameters() if "lora" in n)
     total = sum(p.numel() for p in unet.parameters()) - lora
 
-    print(f"# {args.config}: UNet {total / 1e6:.1f}M parameters, LoRA rank {args.rank} = {lora / 1e6:.3f}M "
+    print(f"# {args.config}: {family.label} {family.denoiser_name} {total / 1e6:.1f}M parameters, LoRA rank {args.rank} = {lora / 1e6:.3f}M "
           f"parameters, {resolution}px, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds")
     print(f"# machine: {machine()}")
     print(f"# K copies of the LoRA gradient (fp32, K=3): {3 * lora * 4 / 2**20:.1f} MB")

@@ -23,6 +23,9 @@ CONFIGS = {
     "mid": ("mid", 16, 128, 2),
     "sd15": ("sd15", 64, 512, 8),
     "sdxl": ("sdxl", 128, 1024, 16),
+    # the tiny FLUX.1 / SD3 of fairhuman_demo (issue 18; add --extra "--max_sequence_length 32")
+    "tiny-flux": ("flux", None, 32, 1),
+    "tiny-sd3": ("sd3", None, 32, 1),
 }
 
 PUBLIC_UNETS = {
@@ -75,6 +78,8 @@ def prepare(config: str, work_dir: str) -> tuple[str, str, int]:
     if not os.path.exists(os.path.join(model, "model_index.json")):
         if size in PUBLIC_UNETS:
             build_public_size_pipeline(model, size)
+        elif size in ("flux", "sd3"):
+            fairhuman_demo.FAMILY_BUILDERS[size](model)
         else:
             fairhuman_demo.build_tiny_pipeline(model, size=size, sample_size=sample_size)
     if not os.path.exists(os.path.join(data, "metadata.jsonl")):

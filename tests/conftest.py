@@ -156,3 +156,13 @@ def edge_photos(folder, orientations=(1,)):
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return str(folder), {size: (face, hands) for size, face, hands in layouts.values()}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return fairhuman_demo.build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return fairhuman_demo.build_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))

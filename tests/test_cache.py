@@ -23,8 +23,9 @@ def test_cached_run_gives_the_same_lora_as_uncached(tiny_sdxl, demo_dataset, tmp
     assert a.keys() == b.keys() and a
     difference = max(float((a[k] - b[k]).abs().max()) for k in a)
     scale = max(float(a[k].abs().max()) for k in a)
-    # the VAE encodes one image at a time when caching, a batch uncached: float32 rounding only
-    assert difference <= 1e-5 * scale, (difference, scale)
+    # the VAE encodes one image at a time when caching, a batch uncached: float32 rounding only (1.8e-5 of the
+    # scale on the tiny SDXL whose CLIP pools at its end token (issue 18); main's code gives the same number)
+    assert difference <= 3e-5 * scale, (difference, scale)
 
 
 def test_cache_is_keyed_by_row_and_flips_latents_with_masks(tiny_sd, demo_dataset, tmp_path):
@@ -36,7 +37,9 @@ def test_cache_is_keyed_by_row_and_flips_latents_with_masks(tiny_sd, demo_datase
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     checked = train.check_dataset(train.load_training_dataset(args), args)
     dataset = train.FairHumanDataset(checked, args, 5, 64)
-    cache = train.build_cache(dataset, args, vae, [], [], False, "cpu")
+    family = train.mf.family_for_model(args)  # the cache encodes through the model family (issue 18)
+    family.vae = vae
+    cache = train.build_cache(dataset, args, family, "cpu")
     assert sorted(cache) == list(range(len(dataset)))
     for entry in cache.values():
         plain, flipped = entry["latents"]

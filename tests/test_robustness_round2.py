@@ -247,7 +247,8 @@ def _card(tmp_path, model, *extra):
                              str(tmp_path / "o"), "--resolution", "64", *extra])
     train.check_args(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    text = open(train.write_model_card(args, args.output_dir, "me/lora", False, [], 1)).read()
+    family = train.mf.StableDiffusionFamily(args)  # the card of an SD LoRA (model_families: issue 18)
+    text = open(train.write_model_card(args, args.output_dir, "me/lora", family, [], 1)).read()
     front = yaml.safe_load(text.split("---\n")[1])
     code = text.split("```python\n")[1].split("```")[0]
     ast.parse(code)  # the usage code stays valid Python whatever the path holds

@@ -1,0 +1,707 @@
+"""Model families: what differs between SD 1.x/2.x, SDXL, FLUX.1 and SD3/3.5, one class each.
+
+The training script never asks which family it runs; it calls the same few methods on the object
+:func:`family_for_model` returns (picked from ``model_index.json``'s ``_class_name`` before any weight
+loads):
+
+==========================  ===============================================================================
+``geometry()``              ``(vae_factor, size_step, granularity, native_resolution)`` from config.json files
+``denoiser_module_names()`` module names of the UNet / transformer built on the meta device (target check)
+``load(device, dtype)``     tokenizers, text encoders, VAE, denoiser, noise scheduler
+``encode_captions(texts)``  caption conditioning: a dict of tensors, batch first (one row per caption)
+``caption_conditioning()``  rows -> that dict: per batch (SD/SDXL) or computed once per dataset row (flow)
+``noisy_inputs(batch)``     latents, noise, timesteps, noisy input, target, per-example loss weights
+``predict(denoiser, x)``    the prediction on the UNPACKED latent grid ``(B, C, h, w)``
+``validation_pipeline()``   the diffusers pipeline around the trained denoiser, and its call arguments
+``lora_file_prefix`` etc.   file naming and kohya / modelspec metadata
+==========================  ===============================================================================
+
+Adding a family (Qwen-Image, Chroma, ...) is one new subclass registered in :data:`FAMILIES`; see
+docs/model_families.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import fairhuman_utils as fh
+
+UsageError = fh.UsageError
+WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
+QUANTIZE_CHOICES = ["none", "nf4", "int8"]
+
+
+@dataclass
+class NoisyInputs:
+    """One batch's denoiser input and what the loss compares its prediction with (latent grid)."""
+
+    model_input: torch.Tensor  # noisy latents (B, C, h, w)
+    timesteps: torch.Tensor
+    target: torch.Tensor  # (B, C, h, w)
+    sample_weights: torch.Tensor | None  # per-example loss weights (Min-SNR, flow weighting scheme) or None
+    extras: dict = field(default_factory=dict)  # family-specific (e.g. SD3's sigmas for preconditioning)
+
+
+def _model_index(path: str, revision: str | None, cache_dir: str | None) -> dict:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - any failure here means the path is not a diffusers model
+        raise UsageError(f"--pretrained_model_name_or_path: cannot read model_index.json of {path!r} ({error})") from None
+
+
+class ModelFamily:
+    """The base: what every family shares. Subclasses set the class attributes and override methods."""
+
+    name = "base"  # kohya's ss_base_model_version family (sd_v1, sdxl_base_v1-0, flux1, sd3)
+    label = "base"  # for logs
+    pipeline_class_names: tuple[str, ...] = ()  # model_index.json _class_name values of this family
+    pipeline_class_name = ""  # the diffusers pipeline used for validation, evaluation and the LoRA file
+    denoiser_name = "unet"  # the subfolder, and the prefix of the diffusers LoRA file's keys
+    denoiser_class_name = "UNet2DConditionModel"
+    default_lora_targets = "to_q,to_k,to_v,to_out.0"
+    kohya_prefix = "lora_unet"
+    flow_matching = False
+    diffusers_reads_kohya_file = True  # the pipeline's load_lora_weights converts the kohya file
+    tags = ("stable-diffusion",)
+
+    def __init__(self, args):
+        self.args = args
+        self.path, self.revision, self.variant = args.pretrained_model_name_or_path, args.revision, args.variant
+        self.text_encoders: list = []
+        self.tokenizers: list = []
+        self.vae = self.denoiser = self.noise_scheduler = None
+
+    # ---- configs (no weights) ------------------------------------------------------------------
+    def denoiser_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class_name)
+
+    def denoiser_config(self) -> dict:
+        try:
+            return self.denoiser_class().load_config(self.path, subfolder=self.denoiser_name, revision=self.revision,
+                                                     cache_dir=self.args.cache_dir)
+        except Exception as error:  # noqa: BLE001 - the folder is not a usable diffusers model
+            raise UsageError(f"--pretrained_model_name_or_path: cannot read the {self.denoiser_name} config.json of "
+                             f"{self.path!r} ({error})") from None
+
+    def vae_config(self) -> dict:
+        from diffusers import AutoencoderKL
+
+        vae_path = self.args.pretrained_vae_model_name_or_path
+        try:
+            if vae_path is not None:
+                return AutoencoderKL.load_config(vae_path, revision=self.revision, cache_dir=self.args.cache_dir)
+            return AutoencoderKL.load_config(self.path, subfolder="vae", revision=self.revision,
+                                             cache_dir=self.args.cache_dir)
+        except Exception as error:  # noqa: BLE001 - the folder is not a usable diffusers model / VAE
+            if vae_path is not None:
+                raise UsageError(f"--pretrained_vae_model_name_or_path: cannot read the VAE config.json of "
+                                 f"{vae_path!r} ({error})") from None
+            raise UsageError(f"--pretrained_model_name_or_path: cannot read the VAE config.json of {self.path!r} "
+                             f"({error})") from None
+
+    def geometry(self) -> tuple[int, int, int, int]:
+        """``(vae_factor, size_step, granularity, native_resolution)``: pixels per latent cell; the step every
+        image side must be a multiple of; the default bucket step; the model's native resolution."""
+        raise NotImplementedError
+
+    def denoiser_module_names(self) -> list[str]:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = self.denoiser_class().from_config(self.denoiser_config())
+        return [name for name, _ in model.named_modules()]
+
+    def attention_module_examples(self, names) -> list[str]:
+        """Names to suggest when --lora_target_modules matches nothing."""
+        return sorted({name.split("attn1.", 1)[1] for name in names if "attn1." in name})
+
+    def check_args(self, args) -> None:
+        """Flags this family cannot use, named."""
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self, device, weight_dtype) -> None:
+        raise NotImplementedError
+
+    def load_vae(self, dtype):
+        from diffusers import AutoencoderKL
+
+        if self.args.pretrained_vae_model_name_or_path is not None:
+            return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision,
+                                                 dtype=dtype)
+        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", revision=self.revision, variant=self.variant,
+                                             dtype=dtype)
+
+    def frozen_models(self) -> list:
+        return [self.vae, self.denoiser, *self.text_encoders]
+
+    # ---- conditioning ----------------------------------------------------------------------------
+    def encode_captions(self, captions: list[str], device) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def caption_conditioning(self, captions_by_row: list[list[str]], device):
+        """A function ``(rows, captions) -> dict`` giving a batch's caption conditioning. The base encodes each
+        batch's captions when asked (the text encoders stay on the device)."""
+        return lambda rows, captions: self.encode_captions(captions, device)
+
+    def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
+        """VAE latents of the batch; the sample's noise drawn per example from its own generator. With
+        ``--cache_latents`` the batch holds the posterior's cached ``latent_mean`` / ``latent_std``."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        else:
+            latent_dist = self.vae.encode(batch["pixel_values"].to(device, dtype=self.vae.dtype)).latent_dist
+            mean, std = latent_dist.mean, latent_dist.std
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        latents = mean + std * eps.to(mean)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if self.flow_matching and shift is not None:
+            latents = latents - shift
+        return (latents * self.vae.config.scaling_factor).to(weight_dtype)
+
+    def noisy_inputs(self, batch, cond: dict, device, weight_dtype) -> NoisyInputs:
+        raise NotImplementedError
+
+    def predict(self, denoiser, inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- pipelines, files ------------------------------------------------------------------------
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def validation_pipeline(self, denoiser, prompt: str, device):
+        """``(pipeline, call kwargs)`` for sampling ``prompt`` with the trained denoiser."""
+        raise NotImplementedError
+
+    def base_model_version(self) -> str:
+        return self.name
+
+    def modelspec_architecture(self) -> str:
+        raise NotImplementedError
+
+    def network_module(self) -> str:
+        return "networks.lora"
+
+    def inference_advice(self) -> dict:
+        """What the model card suggests: LoRA scale, steps, guidance, sampler."""
+        return dict(scale=0.3, steps=30, guidance=7.5, sampler="UniPC", comfy_sampler="uni_pc")
+
+
+# =================================================================================================
+# SD 1.x/2.x and SDXL (UNet, DDPM noise, epsilon / v-prediction)
+# =================================================================================================
+
+
+def sdxl_time_ids(original_sizes, crop_top_lefts, target_sizes, device, dtype):
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per example; the target is the
+    example's own size (its bucket)."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+class StableDiffusionFamily(ModelFamily):
+    name = "sd"
+    label = "SD"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+    pipeline_class_name = "StableDiffusionPipeline"
+    sdxl = False
+
+    def check_args(self, args):
+        flow_only = [f"--{name}" for name in ("weighting_scheme", "max_sequence_length") if getattr(args, name) is not None]
+        flow_only += ["--quantize_base"] if args.quantize_base not in (None, "none") else []
+        if flow_only:
+            raise UsageError(f"{', '.join(flow_only)} {'is' if len(flow_only) == 1 else 'are'} for FLUX.1/SD3; "
+                             f"{args.pretrained_model_name_or_path!r} is an {self.label} model")
+
+    def geometry(self):
+        vae_config, unet_config = self.vae_config(), self.denoiser_config()
+        vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
+        return vae_factor, vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
+
+    def load(self, device, weight_dtype):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        path, rev, var = self.path, self.revision, self.variant
+        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+        if self.args.prediction_type is not None:
+            self.noise_scheduler.register_to_config(prediction_type=self.args.prediction_type)
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, use_fast=False)]
+        self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)]
+        if self.sdxl:
+            self.tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev,
+                                                                 use_fast=False))
+            self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                                  revision=rev, variant=var))
+        # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
+        vae_dtype = torch.float32 if (self.sdxl and self.args.pretrained_vae_model_name_or_path is None) else weight_dtype
+        # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
+        self.vae = self.load_vae(dtype=vae_dtype)
+        self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+                                                             dtype=weight_dtype)
+        for model in self.frozen_models():
+            model.requires_grad_(False)
+        self.denoiser.to(device)
+        self.vae.to(device)
+        for text_encoder in self.text_encoders:
+            text_encoder.to(device, dtype=weight_dtype)
+
+    def encode_captions(self, captions, device):
+        """SD: ``encoder_hidden_states``; SDXL: both encoders' penultimate hidden states concatenated, and the
+        second encoder's pooled embedding as ``text_embeds``."""
+        embeds, pooled = [], None
+        for text_encoder, tokenizer in zip(self.text_encoders, self.tokenizers):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            if not self.sdxl:
+                return {"encoder_hidden_states": text_encoder(ids)[0]}
+            out = text_encoder(ids, output_hidden_states=True)
+            pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(embeds, dim=-1), "text_embeds": pooled}
+
+    def noisy_inputs(self, batch, cond, device, weight_dtype):
+        """DDPM: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``, t uniform in [0, T); target the noise or the
+        velocity; Min-SNR weights with --snr_gamma. Every draw from the example's own generator."""
+        from diffusers.training_utils import compute_snr
+
+        args, scheduler = self.args, self.noise_scheduler
+        generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
+        latents = self.latents(batch, generators, device, weight_dtype)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        if args.noise_offset:
+            offsets = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators])
+            noise = noise + args.noise_offset * offsets
+        noise = noise.to(latents)
+        timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
+                               for g in generators]).to(device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise UsageError(f"unsupported prediction type {scheduler.config.prediction_type!r}")
+        sample_weights = None
+        if args.snr_gamma is not None:
+            snr = compute_snr(scheduler, timesteps)
+            if scheduler.config.prediction_type == "v_prediction":
+                snr = snr + 1
+            sample_weights = torch.clamp(snr, max=args.snr_gamma) / snr
+        return NoisyInputs(noisy_latents, timesteps, target, sample_weights,
+                           {"time_ids": self.time_ids(batch, device, cond["encoder_hidden_states"].dtype)})
+
+    def time_ids(self, batch, device, dtype):
+        """SDXL's micro-conditioning (:func:`sdxl_time_ids`); None for SD."""
+        if not self.sdxl:
+            return None
+        return sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], device, dtype)
+
+    def predict(self, unet, inputs):
+        added_cond_kwargs = None
+        if self.sdxl:
+            added_cond_kwargs = {"text_embeds": inputs.conditioning["text_embeds"],
+                                 "time_ids": inputs.extras["time_ids"]}
+        return unet(inputs.model_input, inputs.timesteps, inputs.conditioning["encoder_hidden_states"],
+                    added_cond_kwargs=added_cond_kwargs).sample
+
+    def pipeline_components(self) -> dict:
+        if self.sdxl:
+            return dict(vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
+                        tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1])
+        return dict(vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False)
+
+    def validation_pipeline(self, denoiser, prompt, device):
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler = UniPCMultistepScheduler.from_config(self.noise_scheduler.config)
+        pipeline = self.pipeline_class()(unet=denoiser, scheduler=scheduler, **self.pipeline_components())
+        return pipeline, {"prompt": prompt}
+
+    def base_model_version(self):
+        """kohya's ``ss_base_model_version``: sd_v2 (1024-wide cross-attention, OpenCLIP-H) or sd_v1."""
+        return "sd_v2" if self.denoiser.config.cross_attention_dim == 1024 else "sd_v1"
+
+    def modelspec_architecture(self):
+        return {"sd_v2": "stable-diffusion-v2", "sd_v1": "stable-diffusion-v1"}[self.base_model_version()]
+
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    name = "sdxl"
+    label = "SDXL"
+    pipeline_class_names = ("StableDiffusionXLPipeline",)
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    sdxl = True
+    tags = ("stable-diffusion-xl",)
+
+    def base_model_version(self):
+        return "sdxl_base_v1-0"
+
+    def modelspec_architecture(self):
+        return "stable-diffusion-xl-v1-base"
+
+
+# =================================================================================================
+# Flow matching transformers: FLUX.1 and SD3/3.5 (as diffusers' train_dreambooth_lora_{flux,sd3}.py)
+# =================================================================================================
+
+
+class FlowMatchingFamily(ModelFamily):
+    """Rectified flow: ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, ``s`` from the model's
+    ``FlowMatchEulerDiscreteScheduler`` at an index drawn by ``--weighting_scheme``
+    (``diffusers.training_utils.compute_density_for_timestep_sampling``, per example from its own generator),
+    per-example loss weights ``compute_loss_weighting_for_sd3``. Caption embeddings are computed once per
+    dataset row, then the text encoders leave the accelerator."""
+
+    denoiser_name = "transformer"
+    kohya_prefix = "lora_transformer"  # ComfyUI's key map: "lora_transformer_{diffusers name, '.' -> '_'}"
+    flow_matching = True
+    # train_dreambooth_lora_sd3.py's default targets; with peft's suffix match they cover both streams'
+    # attention of the joint blocks (and FLUX's single blocks' to_q/k/v). Every name is in ComfyUI's key map.
+    default_lora_targets = ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,"
+                            "attn.add_v_proj,attn.to_add_out")
+    default_weighting_scheme = "none"
+    default_max_sequence_length = 512
+    unsupported = {"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0}
+
+    def check_args(self, args):
+        for flag, default in self.unsupported.items():
+            if getattr(args, flag) != default:
+                raise UsageError(f"--{flag} is for SD/SDXL (DDPM noise); {self.label} trains with flow matching "
+                                 "(see --weighting_scheme)")
+        if args.weighting_scheme is None:
+            args.weighting_scheme = self.default_weighting_scheme
+        if args.max_sequence_length is None:
+            args.max_sequence_length = self.default_max_sequence_length
+        if args.max_sequence_length < 1 or args.max_sequence_length > 512:
+            raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5), got {args.max_sequence_length}")
+
+    def attention_module_examples(self, names):
+        """``attn.to_q``, ``attn.add_q_proj``, ... : the block-relative names of the attention layers."""
+        return sorted({name.split(".", 2)[2] for name in names if name.count(".") >= 3
+                       and name.split(".", 2)[2].startswith(("attn.to_", "attn.add_", "attn2.to_"))})
+
+    def geometry(self):
+        vae_config = self.vae_config()
+        vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        step = vae_factor * self.patch_size()
+        return vae_factor, step, step, self.native_resolution(vae_config, vae_factor)
+
+    def native_resolution(self, vae_config, vae_factor) -> int:
+        return int(vae_config.get("sample_size") or 1024)
+
+    def patch_size(self) -> int:
+        return 2
+
+    def load(self, device, weight_dtype):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        path, rev, var = self.path, self.revision, self.variant
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+        self.load_text_models(path, rev, var)
+        self.vae = self.load_vae(dtype=weight_dtype)
+        quantization = quantization_config(self.args.quantize_base)
+        kwargs = {} if quantization is None else dict(quantization_config=quantization)
+        self.denoiser = self.denoiser_class().from_pretrained(path, subfolder="transformer", revision=rev, variant=var,
+                                                              dtype=weight_dtype, **kwargs)
+        for model in self.frozen_models():
+            model.requires_grad_(False)
+        if quantization is None:
+            self.denoiser.to(device)
+        else:
+            keep_4bit_layers_trainable_on_cpu(self.denoiser)
+        self.vae.to(device)
+        for text_encoder in self.text_encoders:
+            text_encoder.to(device, dtype=weight_dtype)
+
+    def load_text_models(self, path, rev, var):
+        raise NotImplementedError
+
+    def text_pipeline(self):
+        """The pipeline with only its text parts, for its own ``encode_prompt``."""
+        raise NotImplementedError
+
+    def caption_conditioning(self, captions_by_row, device):
+        """Every caption of every dataset row encoded once, kept on the CPU BY ROW AND CAPTION (not by step:
+        diffusers' FLUX/SD3 examples index their cache by step while the loader shuffles, issue #14430);
+        then the text encoders leave the accelerator. The validation prompt's embeddings are kept too."""
+        cache = {}
+        with torch.no_grad():
+            for row, captions in enumerate(captions_by_row):
+                for caption in dict.fromkeys(captions):
+                    cache[row, caption] = {k: v[0].cpu() for k, v in self.encode_captions([caption], device).items()}
+            prompt = self.args.validation_prompt
+            self.validation_embeds = None
+            if prompt:
+                self.validation_embeds = (self.encode_captions([prompt], device), self.encode_captions([""], device))
+        for text_encoder in self.text_encoders:
+            text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+        def lookup(rows, captions):
+            entries = [cache[row, caption] for row, caption in zip(rows, captions)]
+            return {k: torch.stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
+
+        return lookup
+
+    def sigmas_for(self, generators, device):
+        """Timesteps and sigmas of the training schedule at indices drawn per example (the scripts' get_sigmas)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        args, scheduler = self.args, self.noise_scheduler
+        u = torch.cat([compute_density_for_timestep_sampling(weighting_scheme=args.weighting_scheme, batch_size=1,
+                                                             logit_mean=args.logit_mean, logit_std=args.logit_std,
+                                                             mode_scale=args.mode_scale, generator=g)
+                       for g in generators])
+        indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
+        return scheduler.timesteps[indices].to(device), scheduler.sigmas[indices].to(device)
+
+    def noisy_inputs(self, batch, cond, device, weight_dtype):
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        generators = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
+        latents = self.latents(batch, generators, device, weight_dtype)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
+        timesteps, sigmas = self.sigmas_for(generators, device)
+        sigmas = sigmas.to(latents.dtype).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=self.args.weighting_scheme, sigmas=sigmas)
+        target, extras = noise - latents, {"sigmas": sigmas}
+        if self.preconditioned():  # SD3's EDM-style preconditioning: the prediction becomes x0's estimate
+            target = latents
+        return NoisyInputs(noisy, timesteps, target, weighting.view(-1).float(), extras)
+
+    def preconditioned(self) -> bool:
+        return False
+
+    def validation_pipeline(self, denoiser, prompt, device):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+        # the prompt embeddings were computed with the captions' (text encoders now off the device), so the
+        # pipeline gets no text encoder: its execution device is the denoiser's
+        components = {k: (None if k.startswith("text_encoder") else v) for k, v in self.text_pipeline().components.items()}
+        components.update(vae=self.vae, scheduler=scheduler, **{self.denoiser_name: denoiser})
+        pipeline = self.pipeline_class()(**components)
+        embeds, negative = self.validation_embeds
+        return pipeline, self.embeds_call_kwargs(embeds, negative)
+
+    def embeds_call_kwargs(self, embeds, negative) -> dict:
+        raise NotImplementedError
+
+
+class FluxFamily(FlowMatchingFamily):
+    """FLUX.1 (dev, schnell and fine-tunes of the same layout): CLIP-L pooled + T5, 2x2 packed latents, the
+    guidance embedding (``--guidance_scale``, default 1.0: kohya's FLUX.1 docs and diffusers' QLoRA FLUX example
+    train the guidance-distilled dev model at 1.0; diffusers' DreamBooth example uses 3.5)."""
+
+    name = "flux1"
+    label = "FLUX.1"
+    pipeline_class_names = ("FluxPipeline",)
+    pipeline_class_name = "FluxPipeline"
+    denoiser_class_name = "FluxTransformer2DModel"
+    default_weighting_scheme = "none"  # train_dreambooth_lora_flux.py's default
+    default_max_sequence_length = 512
+    tags = ("flux", "flux-diffusers")
+
+    def patch_size(self):  # 2x2 packing of the latent grid into tokens
+        return 2
+
+    def load_text_models(self, path, rev, var):
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
+                           AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev)]
+        self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var),
+                              T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=rev,
+                                                             variant=var)]
+
+    def text_pipeline(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(scheduler=None, vae=None, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0],
+                            text_encoder_2=self.text_encoders[1], tokenizer_2=self.tokenizers[1], transformer=None)
+
+    def encode_captions(self, captions, device):
+        embeds, pooled, _ = self.text_pipeline().encode_prompt(captions, prompt_2=None, device=device,
+                                                               max_sequence_length=self.args.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, transformer, inputs):
+        """Pack (B, C, h, w) into (B, h/2 * w/2, 4C) tokens, run the transformer with the guidance embedding,
+        unpack the prediction back onto the latent grid (packing is a permutation: the losses see cells)."""
+        from diffusers import FluxPipeline
+
+        x = inputs.model_input
+        b, c, h, w = x.shape
+        packed = FluxPipeline._pack_latents(x, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        text = inputs.conditioning["encoder_hidden_states"]
+        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
+        config = getattr(transformer, "config", None) or transformer.module.config
+        guidance = torch.full((b,), self.args.guidance_scale, device=x.device) if config.guidance_embeds else None
+        pred = transformer(hidden_states=packed, timestep=inputs.timesteps / 1000, guidance=guidance,
+                           pooled_projections=inputs.conditioning["pooled_projections"], encoder_hidden_states=text,
+                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        factor = self.vae_factor()
+        return FluxPipeline._unpack_latents(pred, height=h * factor, width=w * factor, vae_scale_factor=factor)
+
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"],
+                    guidance_scale=3.5)
+
+    def schnell(self) -> bool:
+        return not self.denoiser_config().get("guidance_embeds", True)
+
+    def modelspec_architecture(self):
+        return "flux-1-schnell" if self.schnell() else "flux-1-dev"
+
+    def network_module(self):
+        return "networks.lora_flux"
+
+    def inference_advice(self):
+        if self.schnell():
+            return dict(scale=0.5, steps=4, guidance=0.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+        return dict(scale=0.5, steps=28, guidance=3.5, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+
+class SD3Family(FlowMatchingFamily):
+    """SD3 / SD3.5: CLIP-L + CLIP-G + T5, patchified inside the transformer, logit-normal timesteps and
+    ``--precondition_outputs`` as diffusers' SD3 example (prediction * (-sigma) + noisy, target x0)."""
+
+    name = "sd3"
+    label = "SD3"
+    pipeline_class_names = ("StableDiffusion3Pipeline",)
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    denoiser_class_name = "SD3Transformer2DModel"
+    default_weighting_scheme = "logit_normal"  # train_dreambooth_lora_sd3.py's default
+    default_max_sequence_length = 77  # train_dreambooth_lora_sd3.py's default
+    diffusers_reads_kohya_file = False  # StableDiffusion3Pipeline.load_lora_weights finds no key in lora_transformer_*
+    tags = ("sd3", "sd3-diffusers")
+
+    def patch_size(self):
+        return int(self.denoiser_config().get("patch_size", 2))
+
+    def native_resolution(self, vae_config, vae_factor):
+        return int(self.denoiser_config()["sample_size"]) * vae_factor
+
+    def preconditioned(self):
+        return bool(self.args.precondition_outputs)
+
+    def load_text_models(self, path, rev, var):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=rev)
+                           for s in ("", "_2", "_3")]
+        self.text_encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f"text_encoder{s}",
+                                                                          revision=rev, variant=var) for s in ("", "_2")]
+        self.text_encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", revision=rev,
+                                                                 variant=var))
+
+    def text_pipeline(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        te, tok = self.text_encoders, self.tokenizers
+        return StableDiffusion3Pipeline(scheduler=None, vae=None, transformer=None, text_encoder=te[0], tokenizer=tok[0],
+                                        text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2],
+                                        tokenizer_3=tok[2])
+
+    def encode_captions(self, captions, device):
+        embeds, _, pooled, _ = self.text_pipeline().encode_prompt(
+            captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.args.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, transformer, inputs):
+        pred = transformer(hidden_states=inputs.model_input, timestep=inputs.timesteps,
+                           encoder_hidden_states=inputs.conditioning["encoder_hidden_states"],
+                           pooled_projections=inputs.conditioning["pooled_projections"], return_dict=False)[0]
+        if self.preconditioned():
+            pred = pred * (-inputs.extras["sigmas"]) + inputs.model_input
+        return pred
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"],
+                    negative_prompt_embeds=negative["encoder_hidden_states"],
+                    negative_pooled_prompt_embeds=negative["pooled_projections"], guidance_scale=5.0)
+
+    def modelspec_architecture(self):
+        return "stable-diffusion-3"
+
+    def network_module(self):
+        return "networks.lora_sd3"
+
+    def inference_advice(self):
+        return dict(scale=0.5, steps=28, guidance=4.5, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+
+FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family]
+
+
+def family_for_model(args) -> ModelFamily:
+    """The family of ``--pretrained_model_name_or_path`` from its ``model_index.json`` ``_class_name`` (no weights
+    read). An unknown class is a :class:`UsageError` naming it and the known ones."""
+    config = _model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    class_name = config.get("_class_name")
+    for family in FAMILIES:
+        if class_name in family.pipeline_class_names:
+            return family(args)
+    if class_name is None and "unet" in config:  # an older SD folder without _class_name
+        return (StableDiffusionXLFamily if "text_encoder_2" in config else StableDiffusionFamily)(args)
+    known = ", ".join(f"{f.label} ({', '.join(f.pipeline_class_names)})" for f in FAMILIES)
+    raise UsageError(f"--pretrained_model_name_or_path: {args.pretrained_model_name_or_path!r} is a {class_name!r} "
+                     f"model (model_index.json _class_name); this script trains {known}")
+
+
+def quantization_config(mode: str | None):
+    """diffusers' ``BitsAndBytesConfig`` for ``--quantize_base`` (the denoiser's linear layers; the LoRA on top
+    stays in full precision), or None."""
+    if mode in (None, "none"):
+        return None
+    from diffusers import BitsAndBytesConfig
+
+    if mode == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def keep_4bit_layers_trainable_on_cpu(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 CPU inference path on every ``Linear4bit`` of ``model``: it repacks the
+    NF4 weights in place on an eval/no-grad forward (validation images), which fails for layers whose sizes are
+    not multiples of 64/32 and breaks every later training forward. No effect on a GPU. Returns the count."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def check_quantize_available(mode: str | None) -> None:
+    """--quantize_base needs bitsandbytes and a device diffusers' bitsandbytes quantizer accepts (CUDA/XPU);
+    checked before any weight loads."""
+    if mode in (None, "none"):
+        return
+    try:
+        import bitsandbytes  # noqa: F401 - only whether it imports
+    except ImportError:
+        raise UsageError(f"--quantize_base {mode} needs bitsandbytes: pip install bitsandbytes") from None
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if not (torch.cuda.is_available() or has_xpu):
+        raise UsageError(f"--quantize_base {mode}: diffusers' bitsandbytes quantization needs a CUDA (or XPU) GPU and "
+                         "none is available here; train without --quantize_base (--quantize_base none)")
