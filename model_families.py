@@ -144,6 +144,11 @@ class ModelFamily:
     def encode_captions(self, captions: list[str], device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def caption_token_limits(self) -> list[tuple]:
+        """``(tokenizer, limit, name, flag)`` per text-encoder limit that cuts captions (``flag``: the flag that
+        sets it, or None): CLIP's ``model_max_length`` (77 tokens)."""
+        return [(self.tokenizers[0], self.tokenizers[0].model_max_length, "text encoder", None)]
+
     def caption_conditioning(self, captions_by_row: list[list[str]], device):
         """A function ``(rows, captions) -> dict`` giving a batch's caption conditioning. The base encodes each
         batch's captions when asked (the text encoders stay on the device)."""
@@ -372,6 +377,11 @@ class FlowMatchingFamily(ModelFamily):
     default_weighting_scheme = "none"
     default_max_sequence_length = 512
     unsupported = {"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0}
+
+    def caption_token_limits(self) -> list[tuple]:
+        """CLIP's 77 tokens, and T5's ``--max_sequence_length`` (the last tokenizer)."""
+        return super().caption_token_limits() + [(self.tokenizers[-1], self.args.max_sequence_length,
+                                                  "T5 text encoder", "--max_sequence_length")]
 
     def check_args(self, args):
         for flag, default in self.unsupported.items():

@@ -1346,11 +1346,11 @@ def check_lora_target_modules(args, family) -> None:
 sdxl_time_ids = mf.sdxl_time_ids
 
 
-def caption_overflow(captions, tokenizer) -> dict:
-    """How many captions (every caption of every row) are longer than the text encoder's limit
-    (``tokenizer.model_max_length`` tokens, 77 for CLIP, start and end tokens included): their count, the
-    number of captions, the tokens cut off in all and the most cut off one caption."""
-    limit = tokenizer.model_max_length
+def caption_overflow(captions, tokenizer, limit: int | None = None) -> dict:
+    """How many captions (every caption of every row) are longer than the text encoder's limit (``limit``,
+    default ``tokenizer.model_max_length`` tokens, 77 for CLIP, start and end tokens included): their count,
+    the number of captions, the tokens cut off in all and the most cut off one caption."""
+    limit = tokenizer.model_max_length if limit is None else limit
     lost = []
     for start in range(0, len(captions), 256):
         for ids in tokenizer(captions[start:start + 256], truncation=False).input_ids:
@@ -1360,7 +1360,8 @@ def caption_overflow(captions, tokenizer) -> dict:
             "limit": limit}
 
 
-def warn_long_captions(checked: dict, tokenizer) -> dict:
+def warn_long_captions(checked: dict, tokenizer, limit: int | None = None, encoder: str = "text encoder",
+                       flag: str | None = None) -> dict:
     """Warn once, with numbers, when captions are cut at the text encoder's limit (the end of a long caption
     is not seen in training)."""
     import transformers
@@ -1368,14 +1369,14 @@ def warn_long_captions(checked: dict, tokenizer) -> dict:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its own "sequence length is longer than" message: ours says more
     try:
-        counts = caption_overflow([c for row in checked["captions"] for c in row], tokenizer)
+        counts = caption_overflow([c for row in checked["captions"] for c in row], tokenizer, limit)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if counts["long"]:
-        logger.warning(f"{counts['long']} of {counts['captions']} captions are longer than the text encoder's "
+        logger.warning(f"{counts['long']} of {counts['captions']} captions are longer than the {encoder}'s "
                        f"{counts['limit']} tokens: {counts['tokens_lost']} tokens are cut off in all (up to "
                        f"{counts['max_lost']} in one caption), and training never sees them. Put what matters first, "
-                       "or shorten the captions")
+                       "or shorten the captions" + (f" (or raise {flag})" if flag else ""))
     return counts
 
 
@@ -2574,7 +2575,8 @@ def main(args):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family.load(accelerator.device, weight_dtype)
     unet = family.denoiser  # the UNet or transformer that gets the LoRA
-    warn_long_captions(checked, family.tokenizers[0])
+    for tokenizer, limit, encoder, flag in family.caption_token_limits():
+        warn_long_captions(checked, tokenizer, limit, encoder, flag)
 
     # ---- LoRA ----------------------------------------------------------------------------------
     targets = lora_targets(args)

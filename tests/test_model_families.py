@@ -366,3 +366,25 @@ def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name,
         got.conditioning = {"encoder_hidden_states": None, "pooled_projections": None}
         pred = family.predict(lambda **kwargs: (velocity,), got)  # preconditioned: x0 estimate = noisy - s v
         torch.testing.assert_close(pred, got.model_input - got.extras["sigmas"] * velocity)
+
+
+def test_captions_past_t5s_max_sequence_length_are_counted(tiny_flux, caplog):
+    """FLUX.1 / SD3 cut captions at --max_sequence_length T5 tokens as well as CLIP's 77: both limits are checked."""
+    import logging
+
+    from accelerate import PartialState
+
+    PartialState()  # main() has made the module's logger accelerate's, as in a run
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_flux, "--train_data_dir", "x",
+                             "--max_sequence_length", "16"])
+    family = mf.family_for_model(args)
+    family.check_args(args)
+    family.load("cpu", torch.float32)
+    limits = family.caption_token_limits()
+    assert [entry[1:] for entry in limits] == [(77, "text encoder", None), (16, "T5 text encoder", "--max_sequence_length")]
+    checked = {"captions": [["a person waving both hands at the camera"], ["a face"]]}  # > 16 T5 tokens, < 77 CLIP
+    with caplog.at_level(logging.WARNING):
+        counts = [train.warn_long_captions(checked, *entry) for entry in limits]
+    assert counts[0]["long"] == 0 and counts[1]["long"] == 1 and counts[1]["limit"] == 16
+    assert any("longer than the T5 text encoder's 16 tokens" in r.getMessage()
+               and r.getMessage().endswith("(or raise --max_sequence_length)") for r in caplog.records)
