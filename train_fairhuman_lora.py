@@ -488,6 +488,11 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number, got {value}")
+    if args.cache_latents and args.square_crop and not args.center_crop:
+        raise UsageError("--cache_latents holds one crop per image, but --square_crop without --center_crop draws a "
+                         "new random square crop every epoch, which the cache cannot hold: add --center_crop, or drop "
+                         "--square_crop (buckets train each image whole; their region-safe crop is drawn once per "
+                         "image when latents are cached), or drop --cache_latents")
     if not (math.isfinite(args.max_bucket_aspect_ratio) and args.max_bucket_aspect_ratio >= 1):
         raise UsageError(f"--max_bucket_aspect_ratio must be a number of at least 1, got {args.max_bucket_aspect_ratio}")
     if args.square_crop and (args.bucket_reso_steps is not None or args.max_bucket_aspect_ratio != 4.0):

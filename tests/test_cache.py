@@ -88,3 +88,15 @@ def test_disk_cache_is_reused_rebuilt_for_another_configuration_and_a_full_disk_
         run_main(*args_for(tiny_sd, demo_dataset, tmp_path / "fourth", *flags, "--mask_dilation", "1"))
     assert len([n for n in os.listdir(folder) if n.endswith(".pt")]) == 2
     assert not [n for n in os.listdir(folder) if ".tmp-" in n]
+
+
+def test_cache_latents_with_a_random_square_crop_is_named(demo_dataset, tmp_path):
+    """A random square crop changes every epoch: one cached latent per image cannot hold it (kohya refuses the
+    same). Named before any model loads (the model path does not exist)."""
+    import train_fairhuman_lora as train
+
+    argv = ["--pretrained_model_name_or_path", tmp_path / "no-model", "--train_data_dir", demo_dataset,
+            "--output_dir", tmp_path / "out", "--cache_latents", "--square_crop"]
+    with pytest.raises(train.UsageError, match="--cache_latents holds one crop per image, but --square_crop"):
+        train.main(train.parse_args([str(a) for a in argv]))
+    train.check_args(train.parse_args([str(a) for a in argv + ["--center_crop"]]))  # a fixed crop: fine
