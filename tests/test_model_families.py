@@ -331,8 +331,9 @@ def test_tiny_clip_pools_at_the_end_token_so_prompts_differ(tiny_sdxl):
     assert (pooled[0] - pooled[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family_name, scheme", [("flux", "sigma_sqrt"), ("sd3", "logit_normal")])
-def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name, scheme, request):
+@pytest.mark.parametrize("family_name, scheme, precondition", [("flux", "sigma_sqrt", None), ("sd3", "logit_normal", 1),
+                                                               ("sd3", "mode", 0)])
+def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name, scheme, precondition, request):
     """noisy = (1 - s) x0 + s noise with s = scheduler.sigmas[int(u * 1000)], u from
     compute_density_for_timestep_sampling; target noise - x0 (FLUX) or x0 with the prediction preconditioned to
     pred * (-s) + noisy (SD3); weights compute_loss_weighting_for_sd3. Every draw from the example's generator."""
@@ -340,7 +341,8 @@ def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name,
 
     model = request.getfixturevalue(f"tiny_{family_name}")
     args = train.parse_args(["--pretrained_model_name_or_path", model, "--train_data_dir", "x",
-                             "--max_sequence_length", "16", "--weighting_scheme", scheme])
+                             "--max_sequence_length", "16", "--weighting_scheme", scheme]
+                            + ([] if precondition is None else ["--precondition_outputs", str(precondition)]))
     family = mf.family_for_model(args)
     family.check_args(args)
     family.load("cpu", torch.float32)
@@ -356,7 +358,7 @@ def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name,
         sigma = family.noise_scheduler.sigmas[index]
         assert got.timesteps[i] == family.noise_scheduler.timesteps[index]
         torch.testing.assert_close(got.model_input[i], (1 - sigma) * latents + sigma * noise)
-        expected_target = latents if family_name == "sd3" else noise - latents
+        expected_target = latents if precondition else noise - latents
         torch.testing.assert_close(got.target[i], expected_target)
         weight = compute_loss_weighting_for_sd3(scheme, sigmas=sigma.view(1, 1, 1, 1)).view(-1)
         torch.testing.assert_close(got.sample_weights[i:i + 1], weight.float())
@@ -365,7 +367,8 @@ def test_flow_noising_target_and_weights_are_the_diffusers_examples(family_name,
         velocity = torch.randn_like(got.model_input)
         got.conditioning = {"encoder_hidden_states": None, "pooled_projections": None}
         pred = family.predict(lambda **kwargs: (velocity,), got)  # preconditioned: x0 estimate = noisy - s v
-        torch.testing.assert_close(pred, got.model_input - got.extras["sigmas"] * velocity)
+        expected = got.model_input - got.extras["sigmas"] * velocity if precondition else velocity
+        torch.testing.assert_close(pred, expected)
 
 
 def test_captions_past_t5s_max_sequence_length_are_counted(tiny_flux, caplog):
