@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import textwrap
 
 import numpy as np

@@ -386,7 +386,6 @@ def _build_models(args, spec, weight_dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if spec.get("family") == "flux":
         from diffusers import FluxTransformer2DModel
@@ -698,7 +697,6 @@ def simulate(args):
 
 
 def simulate_once(args, measure):
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -194,6 +194,10 @@ class ModelFamily:
     def network_module(self) -> str:
         return "networks.lora"
 
+    def training_settings(self) -> dict:
+        """This family's own training settings, for the model card's table and the kohya metadata."""
+        return {}
+
     def inference_advice(self) -> dict:
         """What the model card suggests: LoRA scale, steps, guidance, sampler."""
         return dict(scale=0.3, steps=30, guidance=7.5, sampler="UniPC", comfy_sampler="uni_pc")
@@ -378,6 +382,10 @@ class FlowMatchingFamily(ModelFamily):
     default_max_sequence_length = 512
     unsupported = {"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0}
 
+    def training_settings(self) -> dict:
+        return {"weighting_scheme": self.args.weighting_scheme, "max_sequence_length": self.args.max_sequence_length,
+                "quantize_base": self.args.quantize_base}
+
     def caption_token_limits(self) -> list[tuple]:
         """CLIP's 77 tokens, and T5's ``--max_sequence_length`` (the last tokenizer)."""
         return super().caption_token_limits() + [(self.tokenizers[-1], self.args.max_sequence_length,
@@ -524,6 +532,8 @@ class FluxFamily(FlowMatchingFamily):
     default_max_sequence_length = 512
     tags = ("flux", "flux-diffusers")
 
+    def training_settings(self) -> dict:
+        return {**super().training_settings(), "guidance_scale": self.args.guidance_scale}
     def patch_size(self):  # 2x2 packing of the latent grid into tokens
         return 2
 
@@ -602,6 +612,8 @@ class SD3Family(FlowMatchingFamily):
     diffusers_reads_kohya_file = False  # StableDiffusion3Pipeline.load_lora_weights finds no key in lora_transformer_*
     tags = ("sd3", "sd3-diffusers")
 
+    def training_settings(self) -> dict:
+        return {**super().training_settings(), "precondition_outputs": self.args.precondition_outputs}
     def patch_size(self):
         return int(self.denoiser_config().get("patch_size", 2))
 

@@ -1624,7 +1624,7 @@ def current_umask() -> int:
     return mask
 
 
-def training_settings(args, global_step: int) -> dict:
+def training_settings(args, global_step: int, family) -> dict:
     """The settings a LoRA was trained with: the model card's table and the kohya file's metadata."""
     sources = region_sources(args)
     names = [name for name, _, _ in sources]
@@ -1634,12 +1634,7 @@ def training_settings(args, global_step: int) -> dict:
     else:
         columns = {"hand column": args.hand_mask_column or args.hand_box_column,
                    "face column": args.face_mask_column or args.face_box_column}
-    flow = {}
-    if args.weighting_scheme is not None:  # FLUX.1 / SD3 (set by the family's check_args)
-        flow = {"weighting_scheme": args.weighting_scheme, "guidance_scale (FLUX.1)": args.guidance_scale,
-                "precondition_outputs (SD3)": args.precondition_outputs, "max_sequence_length": args.max_sequence_length,
-                "quantize_base": args.quantize_base}
-    return flow | {
+    return family.training_settings() | {
         "weighting": args.weighting, "fair_alpha": args.fair_alpha, "fair_update_interval": args.fair_update_interval,
         "fair_interval_weights": args.fair_interval_weights if args.fair_update_interval > 1 else "-",
         "fair_interval_calibration": (args.fair_interval_calibration if args.fair_update_interval > 1
@@ -1687,7 +1682,7 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers", "modelspec.title": args.output_name,
         "modelspec.resolution": f"{args.resolution}x{args.resolution}",
-        "fairhuman_settings": json.dumps(training_settings(args, global_step)),
+        "fairhuman_settings": json.dumps(training_settings(args, global_step, family)),
     }
     if args.pretrained_vae_model_name_or_path:
         metadata["ss_vae_name"] = args.pretrained_vae_model_name_or_path
@@ -2308,7 +2303,7 @@ def write_model_card(args, folder: str, repo_id: str, family, images, global_ste
         image.save(os.path.join(folder, f"image_{i}.png"))
     dataset = args.dataset_name or args.train_data_dir
     gallery = "\n".join(f"![sample {i}](./image_{i}.png)" for i in range(len(images)))
-    settings = training_settings(args, global_step)
+    settings = training_settings(args, global_step, family)
     usage = lora_usage(args, repo_id, family)
     table = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     scores = ""

@@ -1,8 +1,6 @@
 """--cache_latents / --cache_text_embeddings (issue 19): keyed by dataset row, the masks cached with the latents,
 flipped latents cached for --random_flip, and with augmentation off the same LoRA as an uncached run."""
 
-import random
-
 import pytest
 import torch
 

@@ -8,7 +8,6 @@ check come later, the error would name the model instead.
 import json
 import logging
 import os
-import pickle
 
 import pytest
 import torch
