@@ -106,8 +106,11 @@ class ModelFamily:
                              f"({error})") from None
 
     def geometry(self) -> tuple[int, int, int, int]:
-        """``(vae_factor, size_step, granularity, native_resolution)``: pixels per latent cell; the step every
-        image side must be a multiple of; the default bucket step; the model's native resolution."""
+        """``(vae_factor, size_step, granularity, native_resolution)`` from the config.json files (no weights):
+        pixels per latent cell; the step every image side must be a multiple of; the default bucket step; the
+        model's native resolution. SD/SDXL: any multiple of the VAE factor, granularity the VAE factor times the
+        UNet's downsampling (64; :func:`fairhuman_utils.bucket_granularity`); FLUX.1: 2 x the VAE factor (its
+        2x2 latent packing, 16 px); SD3: the patch size x the VAE factor."""
         raise NotImplementedError
 
     def denoiser_module_names(self) -> list[str]:

@@ -384,11 +384,6 @@ def region_sources(args) -> list[tuple[str, str, str]]:
     return sources
 
 
-def _region_sources(args):
-    """(region, 'boxes' | 'mask', column) per region: :func:`region_sources`."""
-    return region_sources(args)
-
-
 def run_objectives(args) -> tuple[str, ...]:
     """The run's objectives, ``("global", *regions)``: the order of losses, weights, logs and checkpoints."""
     return fh.objective_names([name for name, _, _ in region_sources(args)])
@@ -624,7 +619,7 @@ def check_value_domains(args) -> None:
         if not getattr(args, flag):
             raise UsageError(f"--{flag} is empty")
     if not args.region_specs:
-        (_, hand_kind, hand), (_, face_kind, face) = _region_sources(args)
+        (_, hand_kind, hand), (_, face_kind, face) = region_sources(args)
         if hand == face:
             raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
                              f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
@@ -634,7 +629,7 @@ def check_value_domains(args) -> None:
                 raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
     else:  # named regions: the same rules, each region named with its flag
         readers = {}
-        for name, kind, column in _region_sources(args):
+        for name, kind, column in region_sources(args):
             flag = f"--{'region' if kind == 'boxes' else 'region_mask'} {name}={column}"
             if column in readers:
                 raise UsageError(f"{readers[column]} and {flag} read the same column {column!r}: give each region "
@@ -782,7 +777,7 @@ def load_training_dataset(args):
 
 
 def _image_columns(args) -> list[str]:
-    return [args.image_column] + [c for _, kind, c in _region_sources(args) if kind == "mask"]
+    return [args.image_column] + [c for _, kind, c in region_sources(args) if kind == "mask"]
 
 
 def recipe_columns(dataset, args):
@@ -795,7 +790,7 @@ def recipe_columns(dataset, args):
 
     columns = list(dataset.column_names)
     needed = [("--image_column", args.image_column), ("--caption_column", args.caption_column)]
-    for region, kind, column in _region_sources(args):
+    for region, kind, column in region_sources(args):
         if args.region_specs:
             needed.append((f"--{'region' if kind == 'boxes' else 'region_mask'} {region}={column}", column))
         else:
@@ -883,7 +878,7 @@ def verify_images(dataset, args):
         results = gather_object(results)
     results.sort(key=lambda result: result[0])
     bad = [(row, problem) for row, problem, _ in results if problem is not None]
-    mask_sources = [(region, column) for region, kind, column in _region_sources(args) if kind == "mask"]
+    mask_sources = [(region, column) for region, kind, column in region_sources(args) if kind == "mask"]
     kept = [regions for _, problem, regions in results if problem is None]
     regions = {region: [flags[k][0] for flags in kept] for k, (region, _) in enumerate(mask_sources)}
     for k, (region, column) in enumerate(mask_sources):  # FairHuman: 0/1 label maps read as masks hold no region
@@ -919,7 +914,7 @@ def check_dataset(dataset, args) -> dict:
     the image's size. Raises :class:`UsageError` naming the column and row of the first problem.
     """
     dataset = recipe_columns(dataset, args)
-    regions = [region for region, _, _ in _region_sources(args)]
+    regions = [region for region, _, _ in region_sources(args)]
     sizes, boxes, captions = [], {region: [] for region in regions}, []
     counts = {region: 0 for region in regions}
     ranges = {}  # box column -> [smallest, largest] number over all its boxes
@@ -936,7 +931,7 @@ def check_dataset(dataset, args) -> dict:
             captions.append(list(caption))
         else:
             raise UsageError(f"column '{args.caption_column}', row {row}: expected a string or a list of strings, got {caption!r}")
-        for region, kind, column in _region_sources(args):
+        for region, kind, column in region_sources(args):
             if kind == "boxes":
                 try:
                     parsed = fh.parse_boxes(example[column], width=size[0], height=size[1], box_format=args.box_format,
@@ -973,7 +968,7 @@ def report_regions(checked: dict, args, mask_regions: dict | None = None) -> lis
     mask has a region pixel; from :func:`verify_images`). Returns the warnings, each also logged."""
     warnings, total = [], len(checked["sizes"])
     present, columns = {}, {}
-    for region, kind, column in _region_sources(args):
+    for region, kind, column in region_sources(args):
         columns[region] = column
         if kind == "boxes":
             given = sum(len(cell) for cell in checked["dataset"][column] if isinstance(cell, (list, tuple)))
@@ -1026,7 +1021,7 @@ class FairHumanDataset(torch.utils.data.Dataset):
         self.dataset = checked["dataset"]
         self.boxes = checked["boxes"]
         self.captions = checked["captions"]
-        self.sources = _region_sources(args)
+        self.sources = region_sources(args)
         self.args = args
         self.seed = seed
         self.targets = targets
@@ -1185,7 +1180,7 @@ def crop_loss(checked: dict, args, targets, seed: int) -> dict:
     area, images losing a whole region (all their hand or all their face box area), and the fraction of
     all box area lost.
     """
-    regions = [region for region, kind, _ in _region_sources(args) if kind == "boxes"]
+    regions = [region for region, kind, _ in region_sources(args) if kind == "boxes"]
     with_boxes = lose_some = lose_region = 0
     kept_all = total_all = 0.0
     for row, size in enumerate(checked["sizes"]):
@@ -1239,7 +1234,7 @@ def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, g
                     f"{sum(repeats)} repeated examples per epoch")
     loss = crop_loss(checked, args, targets, args.seed)
     if loss["with_boxes"]:
-        names = [name for name, kind, _ in _region_sources(args) if kind == "boxes"]
+        names = [name for name, kind, _ in region_sources(args) if kind == "boxes"]
         message = (f"{loss['lose_some']} of {loss['with_boxes']} images with boxes lose {'/'.join(names)} box area to the "
                    f"crop, {loss['lose_region']} a whole region ({' or '.join(f'all their {n}' for n in names)} boxes); "
                    f"{100 * loss['lost_fraction']:.1f} % of all box area is cut away (epoch 0's crops)")
@@ -1320,15 +1315,6 @@ def save_mask_previews(dataset: FairHumanDataset, keys, folder: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def model_geometry(family) -> tuple[int, int, int, int]:
-    """``(vae_factor, size_step, granularity, native_resolution)`` of the model, read from its config.json
-    files (no weights): see :meth:`model_families.ModelFamily.geometry`. For SD/SDXL ``granularity`` is the VAE
-    factor times the UNet's downsampling (64; :func:`fairhuman_utils.bucket_granularity`) and any multiple of
-    the VAE factor is a usable side; FLUX.1 needs sides that are multiples of 2 x the VAE factor (16 px: its
-    2x2 latent packing), SD3 of the patch size x the VAE factor."""
-    return family.geometry()
-
-
 def unmatched_target_modules(module_names, targets) -> list[str]:
     """The ``targets`` that name no module, matched as peft matches a list of names: a module ``name``
     is targeted by ``t`` when ``name == t`` or ``name`` ends with ``"." + t``."""
@@ -1346,9 +1332,6 @@ def check_lora_target_modules(args, family) -> None:
         raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the "
                          f"{'UNet' if family.denoiser_name == 'unet' else family.denoiser_name} "
                          f"(names in its attention blocks: {', '.join(examples)})")
-
-
-sdxl_time_ids = mf.sdxl_time_ids
 
 
 def caption_overflow(captions, tokenizer, limit: int | None = None) -> dict:
@@ -1511,14 +1494,15 @@ def load_or_build_cache(dataset, args, family, accelerator, targets) -> dict:
     log = logging.getLogger(__name__)
     if args.cache_dir is None:
         return build_cache(dataset, args, family, accelerator.device)
-    fields = cache_key_fields(args, dataset, targets, family.vae, family.text_encoders)
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    fields = json.loads(json.dumps(cache_key_fields(args, dataset, targets, family.vae, family.text_encoders),
+                                   default=str))  # as stored: JSON values
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     folder = os.path.join(args.cache_dir, "fairhuman-cache")
     path = os.path.join(folder, f"{key}.pt")
     if os.path.exists(path):
         try:
             stored = torch.load(path, weights_only=True)
-            if stored.get("fields") == json.loads(json.dumps(fields, default=str)):
+            if stored.get("fields") == fields:
                 log.info(f"Reading the latent/text cache {path}")
                 return stored["cache"]
             log.warning(f"{path} was written for another configuration; building a new cache")
@@ -1531,14 +1515,13 @@ def load_or_build_cache(dataset, args, family, accelerator, targets) -> dict:
                     other = json.load(f)
             except (OSError, ValueError):
                 continue
-            differ = [k for k in sorted(set(other) | set(fields)) if other.get(k) != json.loads(json.dumps(fields.get(k), default=str))]
+            differ = [k for k in sorted(set(other) | set(fields)) if other.get(k) != fields.get(k)]
             log.info(f"{os.path.join(folder, name[:-5] + '.pt')}: a cache of another configuration (differs in "
                      f"{', '.join(differ)}); not read")
     cache = build_cache(dataset, args, family, accelerator.device)
     if accelerator.is_main_process:
-        fields_json = json.loads(json.dumps(fields, default=str))
-        write_atomically(path, lambda f: torch.save({"fields": fields_json, "cache": cache}, f))
-        write_atomically(os.path.join(folder, f"{key}.json"), lambda f: f.write(json.dumps(fields_json, indent=1).encode()))
+        write_atomically(path, lambda f: torch.save({"fields": fields, "cache": cache}, f))
+        write_atomically(os.path.join(folder, f"{key}.json"), lambda f: f.write(json.dumps(fields, indent=1).encode()))
         log.info(f"Wrote the latent/text cache {path}")
     return cache
 
@@ -2554,7 +2537,7 @@ def main(args):
     mf.check_quantize_available(args.quantize_base)
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
-    vae_scale, size_step, granularity, native_resolution = model_geometry(family)
+    vae_scale, size_step, granularity, native_resolution = family.geometry()
     if args.resolution is None:
         args.resolution = native_resolution
     settings["resolution"] = args.resolution

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import fairhuman_utils as fh
+import model_families as mf
 import train_fairhuman_lora as train
 from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
 from fairhuman_demo import read_scalars
@@ -211,7 +212,7 @@ def test_sdxl_trains_and_lora_loads(tiny_sdxl, demo_dataset, tmp_path):
 
 
 def test_sdxl_time_ids_use_real_sizes_crops_and_bucket():
-    ids = train.sdxl_time_ids([(480, 640), (100, 50)], [(0, 80), (7, 0)], [(56, 72), (64, 64)], "cpu", torch.float32)
+    ids = mf.sdxl_time_ids([(480, 640), (100, 50)], [(0, 80), (7, 0)], [(56, 72), (64, 64)], "cpu", torch.float32)
     assert ids.tolist() == [[480, 640, 0, 80, 56, 72], [100, 50, 7, 0, 64, 64]]
 
 
