@@ -2345,35 +2345,40 @@ Training data: `{dataset}`.
 # ---------------------------------------------------------------------------------------------
 
 
-MODEL_CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json")
+MODEL_CONFIG_FILES = ("vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                      "text_encoder_3/config.json")
+"""The config files the estimate reads beside the denoiser's (those a model lacks, e.g. SD 1.x's text_encoder_2,
+are skipped)."""
 
 
-def model_config_folder(args) -> str:
+def model_config_folder(args, family) -> str:
     """A folder holding the model's config files: ``--pretrained_model_name_or_path`` itself when it is a folder,
-    else the Hub snapshot of its config files alone (``hf_hub_download`` of each; no weights)."""
+    else the Hub snapshot of its config files alone (``hf_hub_download`` of each; no weights): the family's
+    denoiser config (``unet/`` or ``transformer/``), which must be there, and :data:`MODEL_CONFIG_FILES`."""
     if os.path.isdir(args.pretrained_model_name_or_path):
         return args.pretrained_model_name_or_path
     from huggingface_hub import hf_hub_download
 
+    required = f"{family.denoiser_name}/config.json"
     folder = None
-    for name in MODEL_CONFIG_FILES:
+    for name in (required, *MODEL_CONFIG_FILES):
         try:
             path = hf_hub_download(args.pretrained_model_name_or_path, name, revision=args.revision,
                                    cache_dir=args.cache_dir)
         except Exception as error:  # noqa: BLE001 - a missing text_encoder_2 (SD 1.x) is normal
-            if name.startswith("unet"):
+            if name == required:
                 raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot read "
-                                 f"unet/config.json ({error})") from None
+                                 f"{required} ({error})") from None
             continue
         folder = folder or os.path.dirname(os.path.dirname(path))
     return folder
 
 
-def estimate_settings(args, mixed_precision: str) -> dict:
+def estimate_settings(args, mixed_precision: str, family) -> dict:
     """The settings of :func:`memory_estimate.estimate` for this run's flags (the worst step: hands and faces
     present, an exact fair solve)."""
     return dict(
-        model=model_config_folder(args), rank=args.rank, resolution=args.resolution,
+        model=model_config_folder(args, family), rank=args.rank, resolution=args.resolution,
         mode="plain" if args.weighting != "fair" else "fair_exact", num_regions=len(run_objectives(args)) - 1,
         batch_size=args.train_batch_size,
         gradient_checkpointing=bool(args.gradient_checkpointing), mixed_precision=mixed_precision,
@@ -2419,9 +2424,10 @@ def print_memory_estimate(args, mixed_precision: str) -> float:
     """``--estimate_memory``: estimate one step of this run from config files alone and print it; returns GiB."""
     import memory_estimate
 
-    if args.lora_target_modules is None:  # the family's default targets (model_index.json only, no weights)
-        args.lora_target_modules = mf.family_for_model(args).default_lora_targets
-    settings = estimate_settings(args, mixed_precision)
+    family = mf.family_for_model(args)  # model_index.json only, no weights
+    if args.lora_target_modules is None:  # the family's default targets
+        args.lora_target_modules = family.default_lora_targets
+    settings = estimate_settings(args, mixed_precision, family)
     print(f"estimating one training step on fake tensors ({settings['mode']}, rank {args.rank}, "
           f"{mixed_precision}, batch {args.train_batch_size}) from {settings['model']} ...", flush=True)
     result = memory_estimate.estimate(**settings)

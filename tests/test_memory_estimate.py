@@ -150,3 +150,40 @@ def test_estimate_counts_one_gradient_row_per_region_objective(tiny_sd):
     fair = [step_bytes("fair_exact", k) for k in (1, 2, 4)]
     assert fair[0] < fair[1] < fair[2]
     assert step_bytes("plain", 1) == step_bytes("plain", 4)
+
+
+def test_estimate_of_a_hub_id_fetches_the_families_config_files_only(tiny_flux, tmp_path, monkeypatch):
+    """A Hub id (the download mocked: the tiny FLUX.1 folder plays the Hub) gets the FLUX transformer's config,
+    the VAE's and the text encoders' -- config files only, no weights; without the denoiser's config, named."""
+    import huggingface_hub
+
+    import model_families as mf
+    import train_fairhuman_lora as train
+
+    fetched = []
+
+    def fake_download(repo_id, filename, revision=None, cache_dir=None):
+        source = os.path.join(tiny_flux, filename)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(filename)
+        fetched.append(filename)
+        target = tmp_path / "snapshot" / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    family = mf.family_for_model(train.parse_args(["--pretrained_model_name_or_path", tiny_flux,
+                                                   "--train_data_dir", "x"]))
+    args = train.parse_args(["--pretrained_model_name_or_path", "someone/tiny-flux", "--train_data_dir", "x"])
+    folder = train.model_config_folder(args, family)
+    assert fetched[0] == "transformer/config.json" and "vae/config.json" in fetched
+    assert {"text_encoder/config.json", "text_encoder_2/config.json"} <= set(fetched)
+    assert all(name.endswith("config.json") for name in fetched)
+    assert os.path.isfile(os.path.join(folder, "transformer", "config.json"))
+
+    sd_family = mf.family_for_model(train.parse_args(["--pretrained_model_name_or_path", tiny_flux,
+                                                      "--train_data_dir", "x"]))
+    sd_family.denoiser_name = "unet"  # a model whose denoiser config the Hub does not have
+    with pytest.raises(train.UsageError, match="cannot read unet/config.json"):
+        train.model_config_folder(args, sd_family)
