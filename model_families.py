@@ -223,7 +223,6 @@ class StableDiffusionFamily(ModelFamily):
     label = "SD"
     pipeline_class_names = ("StableDiffusionPipeline",)
     pipeline_class_name = "StableDiffusionPipeline"
-    sdxl = False
 
     def check_args(self, args):
         flow_only = [f"--{name}" for name in ("weighting_scheme", "max_sequence_length") if getattr(args, name) is not None]
@@ -240,23 +239,14 @@ class StableDiffusionFamily(ModelFamily):
 
     def load(self, device, weight_dtype):
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         path, rev, var = self.path, self.revision, self.variant
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
         if self.args.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=self.args.prediction_type)
-        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, use_fast=False)]
-        self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)]
-        if self.sdxl:
-            self.tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev,
-                                                                 use_fast=False))
-            self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                                  revision=rev, variant=var))
-        # The SDXL VAE overflows in fp16: keep it fp32 unless a separate (fp16-fix) VAE was given.
-        vae_dtype = torch.float32 if (self.sdxl and self.args.pretrained_vae_model_name_or_path is None) else weight_dtype
+        self.load_text_encoders()
         # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
-        self.vae = self.load_vae(dtype=vae_dtype)
+        self.vae = self.load_vae(dtype=self.vae_dtype(weight_dtype))
         self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
                                                              dtype=weight_dtype)
         for model in self.frozen_models():
@@ -266,19 +256,25 @@ class StableDiffusionFamily(ModelFamily):
         for text_encoder in self.text_encoders:
             text_encoder.to(device, dtype=weight_dtype)
 
+    def load_text_encoders(self):
+        """SD: one CLIP text encoder and its tokenizer."""
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=self.revision,
+                                                         use_fast=False)]
+        self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", revision=self.revision,
+                                                            variant=self.variant)]
+
+    def vae_dtype(self, weight_dtype):
+        return weight_dtype
+
+    def caption_ids(self, tokenizer, captions, device):
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
     def encode_captions(self, captions, device):
-        """SD: ``encoder_hidden_states``; SDXL: both encoders' penultimate hidden states concatenated, and the
-        second encoder's pooled embedding as ``text_embeds``."""
-        embeds, pooled = [], None
-        for text_encoder, tokenizer in zip(self.text_encoders, self.tokenizers):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
-            if not self.sdxl:
-                return {"encoder_hidden_states": text_encoder(ids)[0]}
-            out = text_encoder(ids, output_hidden_states=True)
-            pooled = out[0]
-            embeds.append(out.hidden_states[-2])
-        return {"encoder_hidden_states": torch.cat(embeds, dim=-1), "text_embeds": pooled}
+        """SD: the text encoder's last hidden states as ``encoder_hidden_states``."""
+        return {"encoder_hidden_states": self.text_encoders[0](self.caption_ids(self.tokenizers[0], captions, device))[0]}
 
     def noisy_inputs(self, batch, cond, device, weight_dtype):
         """DDPM: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``, t uniform in [0, T); target the noise or the
@@ -312,23 +308,18 @@ class StableDiffusionFamily(ModelFamily):
                            {"time_ids": self.time_ids(batch, device, cond["encoder_hidden_states"].dtype)})
 
     def time_ids(self, batch, device, dtype):
-        """SDXL's micro-conditioning (:func:`sdxl_time_ids`); None for SD."""
-        if not self.sdxl:
-            return None
-        return sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], device, dtype)
+        """SDXL's micro-conditioning; None for SD."""
+        return None
+
+    def added_cond_kwargs(self, inputs):
+        """The UNet's ``added_cond_kwargs``: None for SD."""
+        return None
 
     def predict(self, unet, inputs):
-        added_cond_kwargs = None
-        if self.sdxl:
-            added_cond_kwargs = {"text_embeds": inputs.conditioning["text_embeds"],
-                                 "time_ids": inputs.extras["time_ids"]}
         return unet(inputs.model_input, inputs.timesteps, inputs.conditioning["encoder_hidden_states"],
-                    added_cond_kwargs=added_cond_kwargs).sample
+                    added_cond_kwargs=self.added_cond_kwargs(inputs)).sample
 
     def pipeline_components(self) -> dict:
-        if self.sdxl:
-            return dict(vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
-                        tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1])
         return dict(vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], safety_checker=None,
                     feature_extractor=None, requires_safety_checker=False)
 
@@ -348,12 +339,47 @@ class StableDiffusionFamily(ModelFamily):
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL: two CLIP text encoders (penultimate hidden states concatenated, the second's pooled embedding), the
+    size micro-conditioning, a VAE kept in fp32 (it overflows in fp16) unless an fp16-fix VAE is given."""
+
     name = "sdxl"
     label = "SDXL"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     pipeline_class_name = "StableDiffusionXLPipeline"
-    sdxl = True
     tags = ("stable-diffusion-xl",)
+
+    def load_text_encoders(self):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        super().load_text_encoders()
+        self.tokenizers.append(AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer_2", revision=self.revision,
+                                                             use_fast=False))
+        self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+            self.path, subfolder="text_encoder_2", revision=self.revision, variant=self.variant))
+
+    def vae_dtype(self, weight_dtype):
+        return torch.float32 if self.args.pretrained_vae_model_name_or_path is None else weight_dtype
+
+    def encode_captions(self, captions, device):
+        """Both encoders' penultimate hidden states concatenated as ``encoder_hidden_states``, the second
+        encoder's pooled embedding as ``text_embeds``."""
+        embeds, pooled = [], None
+        for text_encoder, tokenizer in zip(self.text_encoders, self.tokenizers):
+            out = text_encoder(self.caption_ids(tokenizer, captions, device), output_hidden_states=True)
+            pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(embeds, dim=-1), "text_embeds": pooled}
+
+    def time_ids(self, batch, device, dtype):
+        """(original h, w, crop top, left, target h, w) per example (:func:`sdxl_time_ids`)."""
+        return sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], device, dtype)
+
+    def added_cond_kwargs(self, inputs):
+        return {"text_embeds": inputs.conditioning["text_embeds"], "time_ids": inputs.extras["time_ids"]}
+
+    def pipeline_components(self) -> dict:
+        return dict(vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
+                    tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1])
 
     def base_model_version(self):
         return "sdxl_base_v1-0"
