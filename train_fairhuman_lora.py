@@ -1415,14 +1415,16 @@ def region_losses(model_pred: torch.Tensor, *, inputs: StepInputs, args) -> torc
 
 
 @torch.no_grad()
-def build_cache(dataset: FairHumanDataset, args, family, device) -> dict:
+def build_cache(dataset: FairHumanDataset, args, family, device, caption_conditioning) -> dict:
     """``--cache_latents`` / ``--cache_text_embeddings``: per dataset row (never per step), on the CPU.
 
     Latents: the example as epoch 0 draws it (its bucket's size, its region-safe crop: drawn once per image),
     encoded one by one; the VAE posterior's mean and std (each step samples ``mean + std * eps`` with the
     example's own seed, as uncached), the masks on the latent grid, the SDXL size conditioning; with
     ``--random_flip`` also the mirrored latent with mirrored masks (kohya's way; a step picks one at random).
-    Text: every caption of the row, a dict of tensors each (the family's :meth:`encode_captions`)."""
+    Text: every caption of the row, a dict of tensors each, from ``caption_conditioning`` (the family's
+    :meth:`~model_families.ModelFamily.caption_conditioning`: SD/SDXL encode here; FLUX.1/SD3 have encoded every
+    caption once already, and the cache copies those)."""
     vae = family.vae
     cache = {}
     for row in range(len(dataset)):
@@ -1443,7 +1445,7 @@ def build_cache(dataset: FairHumanDataset, args, family, device) -> dict:
         if args.cache_text_embeddings:
             entry["text"] = []
             for caption in dataset.captions[row]:
-                entry["text"].append({k: v[0].cpu() for k, v in family.encode_captions([caption], device).items()})
+                entry["text"].append({k: v[0].cpu() for k, v in caption_conditioning([row], [caption]).items()})
         cache[row] = entry
     return cache
 
@@ -1453,7 +1455,7 @@ CACHE_KEY_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pret
                    "hand_box_column", "face_box_column", "box_format", "relative_boxes", "hand_mask_column",
                    "face_mask_column", "region_specs", "max_train_samples", "resolution", "center_crop", "square_crop",
                    "bucket_reso_steps", "max_bucket_aspect_ratio", "random_flip", "mask_dilation", "latent_mask_mode",
-                   "cache_latents", "cache_text_embeddings")
+                   "max_sequence_length", "cache_latents", "cache_text_embeddings")
 """The flags a cached latent or text embedding depends on (with the data, the buckets and the encoders' dtypes)."""
 
 
@@ -1485,7 +1487,7 @@ def cache_key_fields(args, dataset, targets, vae, text_encoders) -> dict:
     return fields
 
 
-def load_or_build_cache(dataset, args, family, accelerator, targets) -> dict:
+def load_or_build_cache(dataset, args, family, accelerator, targets, caption_conditioning) -> dict:
     """The cache of :func:`build_cache`: in memory, or with ``--cache_dir`` in
     ``{cache_dir}/fairhuman-cache/{key}.pt`` (key: a hash of :func:`cache_key_fields`), read back only when every
     field is equal (another configuration's cache is never read: a new one is built, the differing fields
@@ -1493,7 +1495,7 @@ def load_or_build_cache(dataset, args, family, accelerator, targets) -> dict:
     that a later run reads; a failed write stops the run naming the path."""
     log = logging.getLogger(__name__)
     if args.cache_dir is None:
-        return build_cache(dataset, args, family, accelerator.device)
+        return build_cache(dataset, args, family, accelerator.device, caption_conditioning)
     fields = json.loads(json.dumps(cache_key_fields(args, dataset, targets, family.vae, family.text_encoders),
                                    default=str))  # as stored: JSON values
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -1518,7 +1520,7 @@ def load_or_build_cache(dataset, args, family, accelerator, targets) -> dict:
             differ = [k for k in sorted(set(other) | set(fields)) if other.get(k) != fields.get(k)]
             log.info(f"{os.path.join(folder, name[:-5] + '.pt')}: a cache of another configuration (differs in "
                      f"{', '.join(differ)}); not read")
-    cache = build_cache(dataset, args, family, accelerator.device)
+    cache = build_cache(dataset, args, family, accelerator.device, caption_conditioning)
     if accelerator.is_main_process:
         write_atomically(path, lambda f: torch.save({"fields": fields, "cache": cache}, f))
         write_atomically(os.path.join(folder, f"{key}.json"), lambda f: f.write(json.dumps(fields, indent=1).encode()))
@@ -2626,8 +2628,11 @@ def main(args):
         keys = [key for batch in batch_sampler.global_batches(0) for key in batch][: args.save_mask_previews]
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
+    # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
+    caption_conditioning = family.caption_conditioning(checked["captions"], accelerator.device)
     if args.cache_latents or args.cache_text_embeddings:
-        train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes)
+        train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes,
+                                                  caption_conditioning)
         offload_cached_encoders(args, family.vae, family.text_encoders)
         logger.info(f"Cached {'latents' if args.cache_latents else ''}"
                     f"{' and ' if args.cache_latents and args.cache_text_embeddings else ''}"
@@ -2666,8 +2671,6 @@ def main(args):
     logger.info(f"  Examples = {len(train_dataset)}, total batch = {total_batch}, optimizer steps = {args.max_train_steps}")
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
-    caption_conditioning = family.caption_conditioning(checked["captions"], accelerator.device)
     step_losses = torch.zeros(len(objectives), device=accelerator.device)
     skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
     last_step_time = time.perf_counter()

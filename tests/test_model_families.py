@@ -391,3 +391,28 @@ def test_captions_past_t5s_max_sequence_length_are_counted(tiny_flux, caplog):
     assert counts[0]["long"] == 0 and counts[1]["long"] == 1 and counts[1]["limit"] == 16
     assert any("longer than the T5 text encoder's 16 tokens" in r.getMessage()
                and r.getMessage().endswith("(or raise --max_sequence_length)") for r in caplog.records)
+
+
+def test_flux_cached_text_embeddings_are_the_ones_it_encodes_once(tiny_flux, demo_dataset, tmp_path, monkeypatch):
+    """--cache_text_embeddings with FLUX.1: the cache holds the per-row embeddings the family computes anyway
+    (every caption encoded as often as without the flag, not twice), and trains the same LoRA."""
+    calls = []
+    encode = mf.FluxFamily.encode_captions
+
+    def counting(self, captions, device):
+        calls.append(len(captions))
+        return encode(self, captions, device)
+
+    monkeypatch.setattr(mf.FluxFamily, "encode_captions", counting)
+
+    def run(name, *extra):
+        calls.clear()
+        out = str(tmp_path / name)
+        run_main(*flow_args(tiny_flux, demo_dataset, out, 3, "--save_precision", "fp32", "--train_batch_size", "2",
+                            *extra))
+        return out, sum(calls)
+
+    plain, plain_calls = run("plain")
+    cached, cached_calls = run("cached", "--cache_text_embeddings", "--cache_dir", tmp_path / "cache")
+    assert cached_calls == plain_calls > 0
+    assert_same_lora(plain, cached, atol=0)
