@@ -2388,8 +2388,8 @@ def estimate_settings(args, mixed_precision: str, family) -> dict:
         fair_gradient_dtype=args.fair_gradient_dtype, fair_batched_backward=bool(args.fair_batched_backward),
         vae_dtype="auto" if args.pretrained_vae_model_name_or_path is None else
         {"fp16": "fp16", "bf16": "bf16"}.get(mixed_precision, "fp32"),
-        cache_latents=bool(getattr(args, "cache_latents", False)),
-        no_text_encoders=bool(getattr(args, "cache_text_embeddings", False)))
+        cache_latents=args.cache_latents, no_text_encoders=args.cache_text_embeddings,
+        quantization=args.quantize_base)
 
 
 def memory_estimate_lines(result) -> list[str]:
@@ -2414,7 +2414,7 @@ def memory_advice(args) -> str:
     if not args.use_8bit_adam:
         advice.append("--use_8bit_adam")
     for flag in ("cache_latents", "cache_text_embeddings"):
-        if hasattr(args, flag) and not getattr(args, flag):
+        if not getattr(args, flag):
             advice.append(f"--{flag}")
     if args.pretrained_vae_model_name_or_path is None:
         advice.append("--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix (SDXL)")

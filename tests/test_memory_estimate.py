@@ -187,3 +187,23 @@ def test_estimate_of_a_hub_id_fetches_the_families_config_files_only(tiny_flux, 
     sd_family.denoiser_name = "unet"  # a model whose denoiser config the Hub does not have
     with pytest.raises(train.UsageError, match="cannot read unet/config.json"):
         train.model_config_folder(args, sd_family)
+
+
+def test_the_runs_estimate_counts_quantize_base(tiny_flux):
+    """--estimate_memory and the start-up check estimate the run as configured: --quantize_base nf4 stores the
+    frozen transformer in 4 bits, so its estimate is below the unquantized one."""
+    import memory_estimate
+
+    import model_families as mf
+    import train_fairhuman_lora as train
+
+    peaks = {}
+    for mode in ("none", "nf4"):
+        args = train.parse_args(["--pretrained_model_name_or_path", tiny_flux, "--train_data_dir", "x", "--rank", "4",
+                                 "--resolution", "64", "--quantize_base", mode])
+        family = mf.family_for_model(args)
+        args.lora_target_modules = family.default_lora_targets
+        settings = train.estimate_settings(args, "no", family)
+        assert settings["quantization"] == mode
+        peaks[mode] = memory_estimate.estimate(**settings)["peak_total"]
+    assert peaks["nf4"] < peaks["none"]
