@@ -29,9 +29,8 @@ Usage (one configuration):
     python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --quantization nf4 --cache_latents \
         --cache_text_embeddings
     python memory_estimate.py --model path/to/diffusers/folder   # config files only
-Several: --table (runs the report's grid, each configuration in a fresh subprocess; --json FILE keeps the
-results), --format_json FILE (prints the table of saved results).
-Validation on a small model with real CPU tensors: --validate.
+Several: benchmarks/benchmark_memory.py (the table of docs/memory.md). Validation against real CPU
+allocations: tests/test_memory_estimate.py (:func:`measure_real`).
 """
 from __future__ import annotations
 
@@ -43,7 +42,6 @@ import inspect
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -497,9 +495,12 @@ def make_fake_mode():
 DATA_DEPENDENT: list[str] = []
 
 
-def patch_fair_solver(fh):
+@contextlib.contextmanager
+def fair_solver_on_fake_grams(fh):
     """The alpha-fair solve is a K x K problem on the CPU; under fake tensors the Gram has no values, so the
-    real solver runs on a fixed real Gram (typical magnitudes) and returns REAL weights, as the script has."""
+    real solver runs on a fixed real Gram (typical magnitudes) and returns REAL weights, as the script has.
+    ``fh.fair_coefficients`` is swapped for the step and restored after it (the training process that asks
+    for an estimate keeps the real solver)."""
     from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
     original = fh.fair_coefficients
@@ -515,6 +516,10 @@ def patch_fair_solver(fh):
         return original(gram, alpha, grad_scale)
 
     fh.fair_coefficients = fair_coefficients
+    try:
+        yield
+    finally:
+        fh.fair_coefficients = original
 
 
 def make_optimizer(args, params):
@@ -697,10 +702,14 @@ def simulate(args):
 
 
 def simulate_once(args, measure):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import fairhuman_utils as fh
+
+    with fair_solver_on_fake_grams(fh):
+        return _simulate_once(args, measure, fh)
+
+
+def _simulate_once(args, measure, fh):
+    from torch.utils.flop_counter import FlopCounterMode
 
     spec = model_spec(args.model)
     resolution = args.resolution or spec["resolution"]
@@ -710,7 +719,6 @@ def simulate_once(args, measure):
     timings = {}
 
     fake = contextlib.nullcontext() if args.real else make_fake_mode()
-    patch_fair_solver(fh)
     t0 = time.time()
     with fake:
         unet, vae, text_encoders = build_models(args, spec, weight_dtype)
@@ -907,88 +915,6 @@ def print_result(r):
     print("   wall seconds:", ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
 
 
-def validate(args):
-    """The method against reality on a small model: the fake-tensor estimate of the step's peak (bytes above
-    what is resident at the step's start) vs the peak measured from the CPU allocator's own events
-    (torch.profiler, profile_memory=True) on real tensors, same step, same code path, fp32 on the CPU."""
-    rows = []
-    for mode in ("plain", "fair_exact"):
-        for gc_on in (True, False):
-            a = argparse.Namespace(**vars(args))
-            a.model, a.mode, a.gradient_checkpointing, a.mixed_precision = "small", mode, gc_on, "no"
-            a.rank, a.resolution, a.flops = args.rank, args.resolution or 512, False
-            a.real = False
-            fake = simulate_once(a, measure="memory")
-            a.real = True
-            t = time.time()
-            real = simulate_once(a, measure="profile")["profile"]
-            est = fake["peak_total"] - fake["start_total"]
-            phase_est = {}
-            for k, v in fake["phase_peak"].items():  # the measured 'backward' range holds every backward pass
-                key = "backward" if "backward" in k else k
-                phase_est[key] = max(phase_est.get(key, 0), v - fake["start_total"])
-            rows.append((mode, gc_on, est, real["peak_delta"], fake["peak_phase"], real["peak_phase"], phase_est,
-                         real["phase_peak_delta"], time.time() - t))
-    MiB = 1024**2
-    print("\nValidation: small SD-shaped model (UNet %s), real CPU tensors, fp32, rank %d, %dpx"
-          % (SMALL_UNET["block_out_channels"], args.rank, args.resolution or 512))
-    print(f"{'mode':11s} {'ckpt':4s} {'fake est. MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  peak phase (est / measured)")
-    for mode, gc_on, est, meas, pe, pm, phase_est, phase_meas, sec in rows:
-        print(f"{mode:11s} {'on' if gc_on else 'off':4s} {est/MiB:13.1f} {meas/MiB:12.1f} {est/max(meas,1):6.3f}  {pe} / {pm}")
-        for k in ("vae_encode", "unet_forward", "backward", "write_update", "optimizer_step"):
-            if k in phase_meas:
-                print(f"      {k:15s} est {phase_est.get(k, 0)/MiB:9.1f}  measured {phase_meas[k]/MiB:9.1f}")
-    return rows
-
-
-TABLE_GRID = [  # (model, rank, mode, extra flags)
-    ("sdxl", 256, "plain", []), ("sdxl", 256, "fair_exact", []), ("sdxl", 256, "fair_interval", []),
-    ("sdxl", 256, "plain", ["--vae_dtype", "fp16", "--no_flops"]),
-    ("sdxl", 256, "fair_exact", ["--vae_dtype", "fp16", "--no_flops"]),
-    ("sdxl", 256, "fair_exact", ["--optimizer", "adamw", "--no_flops"]),
-    ("sdxl", 256, "plain", ["--no_gradient_checkpointing"]),
-    ("sdxl", 256, "fair_exact", ["--no_gradient_checkpointing"]),
-    ("sdxl", 16, "plain", []), ("sdxl", 16, "fair_exact", []),
-    ("sd15", 256, "plain", []), ("sd15", 256, "fair_exact", []), ("sd15", 256, "fair_interval", []),
-    ("sd15", 16, "plain", []), ("sd15", 16, "fair_exact", []),
-]
-
-
-def unet_step_peak(r):
-    """The largest live total outside the VAE / text encoding (the UNet forward, backward, update)."""
-    return max(v for k, v in r["phase_peak"].items() if k not in ("vae_encode", "text_encode"))
-
-
-def format_table(results):
-    lines = ["| model | res | rank | mode | ckpt | optimizer | VAE | resident at step start | UNet step peak (phase) | "
-             "VAE-encode peak | **step peak** | UNet fwd+bwd TFLOP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        unet_peak_phase = max((k for k in r["phase_peak"] if k not in ("vae_encode", "text_encode")),
-                              key=lambda k: r["phase_peak"][k])
-        fl = r.get("flops") or {}
-        tf = (fl.get("unet_forward", 0) + fl.get("backward", 0)) / 1e12 if fl else None
-        opt = "8-bit" if "8bit" in r["optimizer"].lower() else "fp32 AdamW"
-        lines.append(
-            f"| {r['model']} | {r['resolution']} | {r['rank']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {opt} | "
-            f"{r['vae_dtype']} | {r['start_total']/GiB:.2f} | {unet_step_peak(r)/GiB:.2f} ({unet_peak_phase}) | "
-            f"{r['phase_peak'].get('vae_encode', 0)/GiB:.2f} | **{r['peak_total']/GiB:.2f}** | "
-            f"{'' if tf is None else f'{tf:.1f}'} |")
-    return "\n".join(lines)
-
-
-def run_table(args):
-    out = args.json or "memsim_table.jsonl"
-    for model, rank, mode, extra in TABLE_GRID:
-        cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--rank",
-               str(rank), "--mode", mode, "--json", out, "--quiet", *extra]
-        print("running:", " ".join(cmd[2:]), flush=True)
-        subprocess.run(cmd, check=False)
-    with open(out) as f:
-        results = [json.loads(line) for line in f if line.strip()]
-    print(format_table(results))
-
-
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sdxl",
@@ -1019,14 +945,10 @@ def build_parser():
                     help="auto: as the script (SDXL VAE fp32 unless an fp16-fix VAE is given; SD1.5 in fp16)")
     ap.add_argument("--fair_interval_weights", choices=["prediction", "reuse"], default="prediction")
     ap.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0")
-    ap.add_argument("--no_text_encoders", action="store_true", help="same as --cache_text_embeddings")
     ap.add_argument("--unet_config", default=None, help="a UNet config.json instead of the built-in one")
     ap.add_argument("--vae_config", default=None)
     ap.add_argument("--no_flops", dest="flops", action="store_false", default=True)
     ap.add_argument("--real", action="store_true", help="real CPU tensors instead of fake ones (small models only)")
-    ap.add_argument("--table", action="store_true", help="run the report's grid (each in a subprocess) and print it")
-    ap.add_argument("--format_json", default=None, help="print the table of the results in this JSON-lines file")
-    ap.add_argument("--validate", action="store_true", help="check the method on a small model with real CPU tensors")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--quiet", action="store_true")
     return ap
@@ -1068,14 +990,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    if args.validate:
-        return validate(args)
-    if args.table:
-        return run_table(args)
-    if args.format_json:
-        with open(args.format_json) as f:
-            print(format_table([json.loads(line) for line in f if line.strip()]))
-        return None
     result = simulate(args)
     if not args.quiet:
         print_result(result)

@@ -30,7 +30,6 @@ GRID = [  # (model, rank, mode, extra flags of memory_estimate.py); nf4 rows are
 ]
 CARDS = (12, 16, 24, 48, 80)
 OVERHEAD_GIB = 1.0  # CUDA context + workspaces, on top of the tensors; and 10% allocator overhead
-MODES = {"plain": "--weighting global", "fair_exact": "--weighting fair (exact every step, or any --fair_update_interval)"}
 
 
 def fits(peak_gib):

@@ -207,3 +207,15 @@ def test_the_runs_estimate_counts_quantize_base(tiny_flux):
         assert settings["quantization"] == mode
         peaks[mode] = memory_estimate.estimate(**settings)["peak_total"]
     assert peaks["nf4"] < peaks["none"]
+
+
+def test_the_estimate_leaves_the_real_fair_solver_in_place(tiny_sd):
+    """The estimate swaps the solver for fake Grams during its step only: a training process that asked for an
+    estimate (the CUDA start-up check) trains with fairhuman_utils' own solver."""
+    import fairhuman_utils as fh
+    import memory_estimate
+
+    solver = fh.fair_coefficients
+    memory_estimate.estimate(model=tiny_sd, rank=4, mode="fair_exact", mixed_precision="no", resolution=64,
+                             optimizer="adamw")
+    assert fh.fair_coefficients is solver
