@@ -453,10 +453,20 @@ def load_pipeline(args):
     if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":  # FLUX.1 / SD3 keep their flow sampler
         overrides = {"prediction_type": args.prediction_type} if args.prediction_type else {}
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
-    if args.guidance_scale is None:  # SD/SDXL: the authors' CFG 7.5; FLUX.1-dev's distilled guidance 3.5; SD3 4.5
-        args.guidance_scale = {"FluxPipeline": 3.5, "StableDiffusion3Pipeline": 4.5}.get(type(pipe).__name__, 7.5)
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance_scale(pipe, args)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
+
+
+def default_guidance_scale(pipe, args) -> float:
+    """The guidance the model family's card advises (SD/SDXL: the authors' CFG 7.5; FLUX.1-dev's distilled
+    guidance 3.5, schnell 0; SD3 4.5: :meth:`model_families.ModelFamily.inference_advice`); 7.5 for other
+    pipelines."""
+    import model_families as mf
+
+    family = mf.family_for_pipeline(pipe, args)
+    return 7.5 if family is None else family.inference_advice()["guidance"]
 
 
 def lora_prediction_type(paths) -> str | None:
@@ -594,8 +604,8 @@ def parse_args(input_args=None):
     g.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
     g.add_argument("--num_inference_steps", type=int, default=30, help="UniPC steps (the authors: 30).")
     g.add_argument("--guidance_scale", type=float, default=None,
-                   help="Guidance scale; default: 7.5 for SD/SDXL (the authors'), 3.5 for FLUX.1 (distilled guidance), "
-                        "4.5 for SD3.")
+                   help="Guidance scale; default: the model family's advice: 7.5 for SD/SDXL (the authors'), 3.5 for "
+                        "FLUX.1-dev (distilled guidance), 0 for FLUX.1-schnell, 4.5 for SD3.")
     g.add_argument("--batch_size", type=int, default=4, help="Images generated per pipeline call.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")

@@ -717,6 +717,13 @@ def family_for_model(args) -> ModelFamily:
                      f"model (model_index.json _class_name); this script trains {known}")
 
 
+def family_for_pipeline(pipeline, args) -> ModelFamily | None:
+    """The family of a loaded diffusers pipeline (by its class), or None for a pipeline this script does not
+    train; ``args`` as for :func:`family_for_model`."""
+    name = type(pipeline).__name__
+    return next((family(args) for family in FAMILIES if name in family.pipeline_class_names), None)
+
+
 def quantization_config(mode: str | None):
     """diffusers' ``BitsAndBytesConfig`` for ``--quantize_base`` (the denoiser's linear layers; the LoRA on top
     stays in full precision), or None."""

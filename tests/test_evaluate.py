@@ -385,3 +385,25 @@ def test_filtered_stderr_keeps_real_messages(capfd):
         print("a real python warning", file=sys.stderr)
     print("after", file=sys.stderr)
     assert capfd.readouterr().err.splitlines() == ["E0000 a real native error", "a real python warning", "after"]
+
+
+def test_default_guidance_is_the_model_familys_advice(tiny_flux, tmp_path):
+    """Without --guidance_scale the evaluation samples with the guidance the family's model card advises:
+    FLUX.1-dev 3.5, FLUX.1-schnell (no guidance embedding) 0, another pipeline the authors' 7.5."""
+    import types
+
+    schnell = tmp_path / "tiny-flux-schnell"
+    shutil.copytree(tiny_flux, schnell)
+    config_path = schnell / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["guidance_embeds"] = False
+    config_path.write_text(json.dumps(config))
+
+    def default(model, pipeline_class):
+        args = types.SimpleNamespace(pretrained_model_name_or_path=str(model), revision=None, variant=None,
+                                     cache_dir=None, pretrained_vae_model_name_or_path=None)
+        return ev.default_guidance_scale(type(pipeline_class, (), {})(), args)
+
+    assert default(tiny_flux, "FluxPipeline") == 3.5
+    assert default(schnell, "FluxPipeline") == 0.0
+    assert default(tiny_flux, "SomeOtherPipeline") == 7.5
