@@ -74,14 +74,11 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     spec = MODEL_SIZES[size]
     width, levels = spec["text_width"], len(spec["unet_channels"])
-    text_config = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=width, intermediate_size=37,
-                       layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=516,
-                       max_position_embeddings=77, hidden_act="gelu", projection_dim=width)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
     up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
     unet_kwargs = dict(block_out_channels=spec["unet_channels"], layers_per_block=spec["layers_per_block"],
@@ -100,8 +97,8 @@ def build_tiny_pipeline(folder: str, sdxl: bool = False, sample_size: int = 16, 
                         up_block_types=("UpDecoderBlock2D",) * vae_levels, latent_channels=4,
                         sample_size=sample_size * 2 ** (vae_levels - 1), norm_num_groups=32)
     make_latents_carry_the_image(vae, resolution=sample_size * 2 ** (vae_levels - 1))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config)) if sdxl else None
+    text_encoder = CLIPTextModel(tiny_clip_config(width, width))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(width, width)) if sdxl else None
     return save_pipeline(folder, unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
 
 
