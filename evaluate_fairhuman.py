@@ -666,8 +666,8 @@ def check_args(args) -> None:
             raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
         if args.guidance_scale is not None and args.guidance_scale < 0:
             raise UsageError(f"--guidance_scale must not be negative (1 or below turns guidance off), got {args.guidance_scale}")
-        if not 0 <= args.seed <= SEED_MAX:
-            raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {args.seed}")
+        if not 0 <= args.seed <= fh.SEED_MAX:
+            raise UsageError(f"--seed must be an integer from 0 to {fh.SEED_MAX} (2**32 - 1), got {args.seed}")
         check_device(args.device)
     elif args.prediction_type is not None:
         raise UsageError("--prediction_type only applies to generation mode (--pretrained_model_name_or_path)")
@@ -730,9 +730,6 @@ def _read_manifest(output_dir: str) -> list[str]:
     except (ValueError, KeyError, TypeError):
         return []
     return [f for f in files if isinstance(f, str)]
-
-
-SEED_MAX = 2**32 - 1
 
 
 def check_device(device: str | None) -> None:

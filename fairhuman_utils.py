@@ -78,6 +78,11 @@ class UsageError(ValueError):
     and ``evaluate_fairhuman.py`` raise the same class (also when one runs as ``__main__``)."""
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed the scripts take: ``accelerate.utils.set_seed`` seeds numpy's legacy generator, which takes
+0 .. 2**32 - 1."""
+
+
 class AnnotationError(ValueError):
     """A dataset cell that cannot be turned into a region mask; the message names column and row."""
 

@@ -543,10 +543,6 @@ def check_args(args) -> None:
         raise UsageError(f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint!r}")
 
 
-SEED_MAX = 2**32 - 1
-"""The largest seed: ``set_seed`` seeds numpy's legacy generator, which takes 0 .. 2**32 - 1."""
-
-
 def lr_scheduler_names() -> list[str]:
     from diffusers.optimization import SchedulerType
 
@@ -581,8 +577,8 @@ def parse_step_rules(rules: str) -> list[tuple[float, int | None]]:
 def check_value_domains(args) -> None:
     """Every value flag within its domain, as the optimizer, scheduler, clipping and seeding functions that
     take it would require -- checked here, before any model loads, naming the flag."""
-    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
-        raise UsageError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1, numpy's limit), got {args.seed}")
+    if args.seed is not None and not 0 <= args.seed <= fh.SEED_MAX:
+        raise UsageError(f"--seed must be an integer from 0 to {fh.SEED_MAX} (2**32 - 1, numpy's limit), got {args.seed}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
