@@ -862,15 +862,15 @@ def coco_regions(args) -> list[tuple[str, list[str]]]:
     return out
 
 
-def objects_to_boxes(cell, args, hand_values, face_values, width, height, row, regions=None):
-    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image); with
-    ``regions`` (name -> category values, :func:`coco_regions`) the boxes of those categories go into
-    ``regions_out[name]`` too: returns ``(hands, faces)``, or ``(hands, faces, regions_out)`` with ``regions``."""
+def objects_to_boxes(cell, args, hand_values, face_values, width, height, row, regions):
+    """Split one COCO-style objects cell into hand and face ``xyxy`` boxes (clipped to the image), and the boxes
+    of the named ``regions`` (name -> category values, :func:`coco_regions`; may be empty) into
+    ``regions_out[name]``: returns ``(hands, faces, regions_out)``."""
     where = f"column '{args.objects_column}', row {row}"
     bbox_key, category_key = args.objects_bbox_key, args.objects_category_key
-    named = {name: [] for name in (regions or {})}
+    named = {name: [] for name in regions}
     if cell is None:
-        return ([], []) if regions is None else ([], [], named)
+        return [], [], named
     if isinstance(cell, dict):
         bboxes, categories = cell.get(bbox_key) or [], cell.get(category_key) or []
         if len(bboxes) != len(categories):
@@ -889,7 +889,7 @@ def objects_to_boxes(cell, args, hand_values, face_values, width, height, row, r
         elif category in face_values:
             target = faces
         else:
-            target = next((named[name] for name, values in (regions or {}).items() if category in values), None)
+            target = next((named[name] for name, values in regions.items() if category in values), None)
             if target is None:
                 continue
         try:
@@ -898,7 +898,7 @@ def objects_to_boxes(cell, args, hand_values, face_values, width, height, row, r
             raise PrepareError(f"{where}, object {index}: '{bbox_key}': {error}") from None
         if box is not None:
             target.append(list(box))
-    return (hands, faces) if regions is None else (hands, faces, named)
+    return hands, faces, named
 
 
 def prepare_from_dataset(args):
