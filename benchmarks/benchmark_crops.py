@@ -70,7 +70,7 @@ def write_previews(argv: list[str], out: str, step: int) -> list[int]:
     train.check_args(args)
     checked = train.check_dataset(train.load_training_dataset(args), args)
     _, example_sizes, bucket_rows = train.plan_buckets(checked, args, step)
-    loss = train.crop_loss(checked, args, example_sizes, args.seed)
+    loss = train.crop_statistics(checked, args, example_sizes, args.seed)
     dataset = train.FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
     sampler = train.BucketBatchSampler(bucket_rows, args.train_batch_size, args.gradient_accumulation_steps, args.seed)
     keys = [key for batch in sampler.global_batches(0) for key in batch][: args.save_mask_previews]

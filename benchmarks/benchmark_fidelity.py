@@ -18,7 +18,6 @@ import os
 import tempfile
 
 import numpy as np
-
 from common import CONFIGS, machine, prepare, read_scalars, run_training
 
 

@@ -3,7 +3,6 @@ flipped latents cached for --random_flip, and with augmentation off the same LoR
 
 import pytest
 import torch
-
 from conftest import lora_tensors, run_main
 
 
@@ -57,8 +56,9 @@ def test_disk_cache_is_reused_rebuilt_for_another_configuration_and_a_full_disk_
     import logging
     import os
 
-    import train_fairhuman_lora as train
     from conftest import assert_same_lora
+
+    import train_fairhuman_lora as train
 
     cache_dir = tmp_path / "cache"
     folder = cache_dir / "fairhuman-cache"

@@ -18,11 +18,11 @@ import time
 
 import pytest
 import torch
+from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main, three_objective_model
 
 import fairhuman_utils as fh
-from fairhuman_demo import read_scalars
 import train_fairhuman_lora as train
-from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main, three_objective_model
+from fairhuman_demo import read_scalars
 
 STEPS = 12
 

@@ -6,7 +6,6 @@ import os
 import re
 
 import pytest
-
 from conftest import REPO
 
 README_LIMIT = 15_000

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import OFFLINE_ENV, REPO, run_main
+from PIL import Image
+from test_prepare_dataset import PHOTOS, bundled_file, needs_mediapipe  # noqa: E402
 
 import evaluate_fairhuman as ev  # noqa: E402
 import fairhuman_utils as fh  # noqa: E402
 import prepare_fairhuman_dataset as prep  # noqa: E402
-from test_prepare_dataset import PHOTOS, bundled_file, needs_mediapipe  # noqa: E402
 
 NOISE = ("inference_feedback_manager", "GetPrototype", "XNNPACK", "absl::InitializeLog", "W0000")
 
@@ -257,8 +256,9 @@ def test_generation_pairs_seeds_and_kohya_equals_diffusers(tiny_sd, sd_lora, tmp
 
 def build_tiny_clip(folder):
     """A CLIP model from a small config, with the hand-made tokenizer; saved to ``folder``."""
-    import fairhuman_demo
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    import fairhuman_demo
 
     fairhuman_demo.write_tiny_tokenizer(str(folder))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))

@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import three_objective_model
 from PIL import Image, ImageDraw
 
 import fairhuman_utils as fh
-from conftest import three_objective_model
 
 # ---- boxes ---------------------------------------------------------------------------------------
 
@@ -514,12 +514,11 @@ def test_kohya_names_of_public_size_unets_map_back_through_diffusers(which):
     kohya name that diffusers' own kohya converter maps back to exactly that module, with alpha intact."""
     import sys
 
+    from conftest import REPO
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    from conftest import REPO
 
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from common import PUBLIC_UNETS

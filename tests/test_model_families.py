@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_lora, run_main
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,7 +17,6 @@ from safetensors.torch import load_file
 import fairhuman_utils as fh
 import model_families as mf
 import train_fairhuman_lora as train
-from conftest import assert_same_lora, run_main
 
 FAMILY_CLASSES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
 

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import torch
+from conftest import OFFLINE_ENV, REPO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fairhuman_utils as fh
-from conftest import OFFLINE_ENV, REPO
 
 SAVE_IN_A_FRESH_PROCESS = """
 import sys, torch

@@ -11,11 +11,11 @@ import os
 import sys
 
 import pytest
+from conftest import lora_tensors, reset_accelerate_state, run_main
 from PIL import Image
+from test_train import _argv, _dataset, _error, common
 
 import train_fairhuman_lora as train
-from conftest import lora_tensors, reset_accelerate_state, run_main
-from test_train import _argv, _dataset, _error, common
 
 
 def _cli_error(argv):
@@ -236,7 +236,8 @@ def test_vanishing_regions_are_counted(tmp_path, tiny_sd, caplog):
             "--weighting fair has nothing to balance for it") in caplog.text
 
     # regions given as mask images count too (all face masks black here)
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     hand = Image.new("L", (48, 32), 0)
     hand.paste(255, (4, 4, 20, 20))

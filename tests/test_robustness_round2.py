@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
+from conftest import lora_tensors, run_main
 from PIL import Image
+from test_train import _argv, _dataset, _error, common
 
 import train_fairhuman_lora as train
-from conftest import lora_tensors, run_main
-from test_train import _argv, _dataset, _error, common
 
 
 def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=False):
@@ -177,8 +177,9 @@ def test_scoring_mode_keeps_a_users_grid_0_png(tmp_path):
 
 @pytest.mark.parametrize("where, relation", [("same", "is"), ("parent", "contains"), ("child", "is inside")])
 def test_prepare_refuses_an_output_over_a_local_dataset(where, relation, tmp_path, capsys):
-    import prepare_fairhuman_dataset as prep
     from datasets import Dataset
+
+    import prepare_fairhuman_dataset as prep
 
     source = tmp_path / "src"
     Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "o": [[]]}).save_to_disk(str(source))
@@ -414,6 +415,7 @@ def test_16_bit_png_faces_are_found_by_prepare_and_evaluate(tmp_path):
 
 def test_coco_category_list_matching_nothing_is_refused(tmp_path):
     import datasets
+
     import prepare_fairhuman_dataset as prep
 
     datasets.Dataset.from_dict({
@@ -517,7 +519,8 @@ def test_long_captions_counted_and_warned_once(tiny_sd, caplog):
 
 
 def test_label_map_masks_are_named_as_such(tmp_path, caplog):
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     label = Image.new("L", (48, 32), 0)
     label.paste(1, (4, 4, 20, 20))  # a 0/1 label map: the hand is there, at value 1

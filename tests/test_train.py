@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
 from PIL import Image
 
 import fairhuman_utils as fh
 import model_families as mf
 import train_fairhuman_lora as train
-from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
 from fairhuman_demo import read_scalars
 
 
@@ -181,7 +181,6 @@ def test_sd_lora_loads_changes_output_rotates_checkpoints_and_resumes(tiny_sd, d
 
 def test_sdxl_trains_and_lora_loads(tiny_sdxl, demo_dataset, tmp_path):
     from diffusers import StableDiffusionXLPipeline
-
     from safetensors import safe_open
 
     out = str(tmp_path / "xl")
@@ -325,7 +324,8 @@ def test_unreadable_image_names_row(tmp_path):
 
 
 def test_empty_dataset(tmp_path):
-    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
 
     features = Features({"image": ImageFeature(), "text": Value("string"),
                          "hand_boxes": Sequence(Sequence(Value("float32"))),
@@ -341,7 +341,8 @@ def test_empty_dataset(tmp_path):
 
 
 def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     image = Image.new("RGB", (48, 32), (10, 10, 10))
     hand = Image.new("L", (48, 32), 0)
