@@ -436,7 +436,7 @@ def model_names(paths, taken=("base",)) -> list[str]:
 def load_pipeline(args):
     """The base pipeline with a UniPC scheduler on ``args.device`` in ``args.dtype``."""
     import torch
-    from diffusers import AutoencoderKL, DiffusionPipeline, UniPCMultistepScheduler
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     kwargs = {"dtype": dtype, "revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
@@ -450,23 +450,24 @@ def load_pipeline(args):
                          f"the pipeline ({error})") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
-    if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":  # FLUX.1 / SD3 keep their flow sampler
-        overrides = {"prediction_type": args.prediction_type} if args.prediction_type else {}
-        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
+    family = sampling_family(pipe, args)
+    pipe.scheduler = family.sampling_scheduler(pipe.scheduler, args.prediction_type)  # UniPC; FLUX.1 / SD3: their own
+    advice = family.inference_advice()
     if args.guidance_scale is None:
-        args.guidance_scale = default_guidance_scale(pipe, args)
+        args.guidance_scale = advice["guidance"]
+    if args.num_inference_steps is None:
+        args.num_inference_steps = advice["steps"]
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
 
-def default_guidance_scale(pipe, args) -> float:
-    """The guidance the model family's card advises (SD/SDXL: the authors' CFG 7.5; FLUX.1-dev's distilled
-    guidance 3.5, schnell 0; SD3 4.5: :meth:`model_families.ModelFamily.inference_advice`); 7.5 for other
-    pipelines."""
+def sampling_family(pipe, args):
+    """The model family of ``pipe``, whose :meth:`~model_families.ModelFamily.inference_advice` gives the default
+    steps and guidance (SD/SDXL: the authors' 30 UniPC steps, CFG 7.5; FLUX.1-dev 28 steps, distilled guidance 3.5,
+    schnell 4 steps, 0; SD3 28 steps, 4.5) and whose sampler is used; the base family's for other pipelines."""
     import model_families as mf
 
-    family = mf.family_for_pipeline(pipe, args)
-    return 7.5 if family is None else family.inference_advice()["guidance"]
+    return mf.family_for_pipeline(pipe, args) or mf.ModelFamily(args)
 
 
 def lora_prediction_type(paths) -> str | None:
@@ -579,7 +580,7 @@ def parse_args(input_args=None):
 
     g = parser.add_argument_group("Generation mode: the base model and the LoRAs")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="Hub id or local folder of the diffusers SD 1.x/2.x or SDXL base model the LoRAs were trained on.")
+                   help="Hub id or local folder of the diffusers base model the LoRAs were trained on (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5).")
     g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                    help="A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
     g.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
@@ -602,7 +603,9 @@ def parse_args(input_args=None):
                    help="Image j of prompt i is drawn from seed + i * num_images_per_prompt + j (a CPU generator, so "
                         "the seeds give the same noise on any device).")
     g.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
-    g.add_argument("--num_inference_steps", type=int, default=30, help="UniPC steps (the authors: 30).")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help="Sampling steps; default: the model family's advice: 30 UniPC steps for SD/SDXL (the "
+                        "authors'), 28 for FLUX.1-dev and SD3, 4 for FLUX.1-schnell.")
     g.add_argument("--guidance_scale", type=float, default=None,
                    help="Guidance scale; default: the model family's advice: 7.5 for SD/SDXL (the authors'), 3.5 for "
                         "FLUX.1-dev (distilled guidance), 0 for FLUX.1-schnell, 4.5 for SD3.")
@@ -658,7 +661,7 @@ def check_args(args) -> None:
             if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
                 raise UsageError(f"--lora_paths: the folder {path!r} holds no .safetensors file")
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
             raise UsageError(f"--resolution must be a multiple of 8 of at least 8, got {args.resolution}")
@@ -850,11 +853,11 @@ def evaluate_trained_lora(train_args, lora_file: str) -> dict:
             "--lora_paths", lora_file, "--prompts_file", train_args.evaluate_prompts_file,
             "--output_dir", os.path.join(train_args.output_dir, "evaluation"), "--overwrite_output_dir",
             "--num_images_per_prompt", str(max(1, train_args.num_validation_images)),
-            "--num_inference_steps", str(train_args.validation_inference_steps), "--seed", str(train_args.seed)]
+            "--seed", str(train_args.seed)]
     for flag in ("pretrained_vae_model_name_or_path", "revision", "variant", "cache_dir", "resolution",
-                 "prediction_type"):
+                 "prediction_type", "validation_inference_steps"):
         if getattr(train_args, flag, None) is not None:
-            argv += [f"--{flag}", str(getattr(train_args, flag))]
+            argv += [f"--{flag.replace('validation_', 'num_')}", str(getattr(train_args, flag))]
     if train_args.mixed_precision in ("no", "fp16", "bf16"):  # the precision the run resolved to
         argv += ["--mixed_precision", train_args.mixed_precision]
     return main(parse_args(argv))

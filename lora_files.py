@@ -136,12 +136,9 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
     """Safetensors metadata of the kohya file: kohya's ``ss_*`` keys (what A1111 / Forge / ComfyUI
     metadata viewers show), a ``modelspec`` header and every FairHuman setting as ``fairhuman_settings``."""
     version, architecture = family.base_model_version(), family.modelspec_architecture()
-    advice = family.inference_advice()
-    prediction_type = family.noise_scheduler.config.get("prediction_type", "flow")
     metadata = {
         "ss_network_module": family.network_module(), "ss_network_dim": str(args.rank), "ss_network_alpha": str(args.lora_alpha),
-        "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
-        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_base_model_version": version, **family.kohya_version_fields(),
         "ss_sd_model_name": args.pretrained_model_name_or_path, "ss_output_name": args.output_name,
         "ss_resolution": f"({args.resolution}, {args.resolution})", "ss_steps": str(global_step),
         "ss_learning_rate": str(args.learning_rate), "ss_lr_scheduler": args.lr_scheduler,
@@ -150,10 +147,7 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
         "ss_max_grad_norm": str(args.max_grad_norm), "ss_noise_offset": str(args.noise_offset),
         "ss_min_snr_gamma": str(args.snr_gamma), "ss_dataset_dirs": str(args.dataset_name or args.train_data_dir),
         "ss_training_comment": f"FairHuman LoRA (arXiv 2507.02714): {' + '.join(run_objectives(args))} objectives "
-                               "with Minimum Potential Delay weights; " + (
-                                   "authors' inference: LoRA scale 0.3, 30 UniPC steps, CFG 7.5" if not family.flow_matching
-                                   else f"{family.label}: try LoRA scale {advice['scale']}, {advice['steps']} steps, "
-                                        f"guidance {advice['guidance']}"),
+                               f"with Minimum Potential Delay weights; {family.kohya_training_comment()}",
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers", "modelspec.title": args.output_name,
         "modelspec.resolution": f"{args.resolution}x{args.resolution}",

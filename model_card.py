@@ -6,7 +6,6 @@ import logging
 import os
 
 import fairhuman_utils as fh
-import model_families as mf
 from lora_files import LORA_WEIGHT_NAME, training_settings
 from regions import region_sources
 
@@ -25,14 +24,11 @@ def lora_usage(args, repo_id: str, family) -> str:
         files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | diffusers `load_lora_weights` |")
     if args.save_lora_format in ("kohya", "both"):
         files.append(f"| `{kohya_file}` | kohya format (`{family.kohya_prefix}_*` keys) | ComfyUI: `models/loras/`; "
-                     + ("AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too) |"
-                        if not family.flow_matching else
-                        ("ComfyUI also reads the diffusers file; diffusers `load_lora_weights` reads this one too |"
-                         if family.diffusers_reads_kohya_file else
-                         "ComfyUI also reads the diffusers file; diffusers does not read this one |")))
+                     + f"{family.kohya_file_readers()} |")
     weight_name = "" if args.save_lora_format != "kohya" else f", weight_name={kohya_file!r}"
     # trained with another prediction type than the model's: sampled with it too
     prediction = f", prediction_type={args.prediction_type!r}" if args.prediction_type else ""
+    scheduler_import, dtype, scheduler_line = family.card_code(prediction)
     text = f"""## How to use
 
 Weights in {args.save_precision}, {family.denoiser_name} only ({family.label}), rank {args.rank}, alpha {args.lora_alpha}:
@@ -41,16 +37,14 @@ Weights in {args.save_precision}, {family.denoiser_name} only ({family.label}), 
 | --- | --- | --- |
 """ + "\n".join(files) + f"""
 
-{"The authors sampled with LoRA scale 0.3, 30 UniPC steps and CFG 7.5." if not family.flow_matching else
- f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; the FairHuman "
- "authors' settings (scale 0.3, UniPC, CFG 7.5) are for SDXL."}
+{family.card_sampling_note()}
 
 ```python
 import torch
-from diffusers import {pipeline_cls}{", UniPCMultistepScheduler" if not family.flow_matching else ""}
+from diffusers import {pipeline_cls}{scheduler_import}
 
-pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.{"float16" if not family.flow_matching else "bfloat16"}).to("cuda")
-{"pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config" + prediction + ")" + chr(10) if not family.flow_matching else ""}pipe.load_lora_weights({repo_id!r}{weight_name})
+pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.{dtype}).to("cuda")
+{scheduler_line}pipe.load_lora_weights({repo_id!r}{weight_name})
 pipe.fuse_lora(lora_scale={advice['scale']})
 image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}, guidance_scale={advice['guidance']}).images[0]
 ```
@@ -59,12 +53,9 @@ image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}
         text += f"""
 - ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
   `strength_model` {advice['scale']} (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: {advice['steps']} steps,
-  {"cfg " + str(advice['guidance']) if not isinstance(family, mf.FluxFamily) else "cfg 1.0 with a FluxGuidance node at " + str(advice['guidance'])}, sampler `{advice['comfy_sampler']}`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
+  {family.comfyui_guidance()}, sampler `{advice['comfy_sampler']}`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
 """
-        if not family.flow_matching:
-            text += f"""- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{args.output_name}:{advice['scale']}>` to the
-  prompt; sampler {advice['sampler']}, {advice['steps']} steps, CFG scale {advice['guidance']}.
-"""
+        text += family.a1111_usage(kohya_file, args.output_name)
     return text
 
 

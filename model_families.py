@@ -205,6 +205,61 @@ class ModelFamily:
         """What the model card suggests: LoRA scale, steps, guidance, sampler."""
         return dict(scale=0.3, steps=30, guidance=7.5, sampler="UniPC", comfy_sampler="uni_pc")
 
+    # ---- what the model card and the kohya file say (every sampling number from inference_advice) -------
+    def kohya_training_comment(self) -> str:
+        """The sampling advice at the end of the kohya file's ``ss_training_comment``."""
+        advice = self.inference_advice()
+        return (f"authors' inference: LoRA scale {advice['scale']}, {advice['steps']} {advice['sampler']} steps, "
+                f"CFG {advice['guidance']}")
+
+    def kohya_version_fields(self) -> dict[str, str]:
+        """kohya's ``ss_v2`` and ``ss_v_parameterization`` for this model."""
+        prediction_type = self.noise_scheduler.config.get("prediction_type")
+        return {"ss_v2": str(self.base_model_version() == "sd_v2"),
+                "ss_v_parameterization": str(prediction_type == "v_prediction")}
+
+    def kohya_file_readers(self) -> str:
+        """The model card's "where it goes" for the kohya file, after ComfyUI's folder."""
+        return "AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too)"
+
+    def card_sampling_note(self) -> str:
+        """The model card's sentence on how to sample with the LoRA."""
+        advice = self.inference_advice()
+        return (f"The authors sampled with LoRA scale {advice['scale']}, {advice['steps']} {advice['sampler']} steps "
+                f"and CFG {advice['guidance']}.")
+
+    def card_code(self, prediction: str) -> tuple[str, str, str]:
+        """The model card's diffusers snippet: ``(extra import, torch dtype, scheduler line)``; ``prediction`` is
+        the ``, prediction_type=...`` argument when the run trained another prediction type than the model's."""
+        return (", UniPCMultistepScheduler", "float16",
+                f"pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config{prediction})\n")
+
+    def comfyui_guidance(self) -> str:
+        """The KSampler's guidance in the model card's ComfyUI advice."""
+        return f"cfg {self.inference_advice()['guidance']}"
+
+    def a1111_usage(self, kohya_file: str, output_name: str) -> str:
+        """The model card's AUTOMATIC1111 / Forge advice ('' where those UIs are not advised)."""
+        advice = self.inference_advice()
+        return (f"- AUTOMATIC1111 / Forge: put `{kohya_file}` in `models/Lora/` and add `<lora:{output_name}:{advice['scale']}>` to the\n"
+                f"  prompt; sampler {advice['sampler']}, {advice['steps']} steps, CFG scale {advice['guidance']}.\n")
+
+    def sampling_scheduler(self, scheduler, prediction_type: str | None = None):
+        """The scheduler that samples for the card's advice, from the pipeline's ``scheduler``: UniPC (the authors'),
+        with ``prediction_type`` when the LoRA was trained with another one than the model's."""
+        from diffusers import UniPCMultistepScheduler
+
+        overrides = {"prediction_type": prediction_type} if prediction_type else {}
+        return UniPCMultistepScheduler.from_config(scheduler.config, **overrides)
+
+    def nonfinite_advice(self) -> str:
+        """What this family adds to the advice when steps keep coming out non-finite ('' or ', ...')."""
+        return ""
+
+    def denoiser_label(self) -> str:
+        """The denoiser as messages name it."""
+        return "UNet" if self.denoiser_name == "unet" else self.denoiser_name
+
 
 # =================================================================================================
 # SD 1.x/2.x and SDXL (UNet, DDPM noise, epsilon / v-prediction)
@@ -387,6 +442,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def modelspec_architecture(self):
         return "stable-diffusion-xl-v1-base"
 
+    def nonfinite_advice(self):
+        return (", the fp16-fix VAE (--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix)"
+                if self.args.pretrained_vae_model_name_or_path is None else "")
+
 
 # =================================================================================================
 # Flow matching transformers: FLUX.1 and SD3/3.5 (as diffusers' train_dreambooth_lora_{flux,sd3}.py)
@@ -546,6 +605,32 @@ class FlowMatchingFamily(ModelFamily):
     def embeds_call_kwargs(self, embeds, negative) -> dict:
         raise NotImplementedError
 
+    def kohya_training_comment(self):
+        advice = self.inference_advice()
+        return f"{self.label}: try LoRA scale {advice['scale']}, {advice['steps']} steps, guidance {advice['guidance']}"
+
+    def kohya_version_fields(self):
+        return {"ss_v2": "False", "ss_v_parameterization": "False"}
+
+    def kohya_file_readers(self):
+        return ("ComfyUI also reads the diffusers file; diffusers `load_lora_weights` reads this one too"
+                if self.diffusers_reads_kohya_file else
+                "ComfyUI also reads the diffusers file; diffusers does not read this one")
+
+    def card_sampling_note(self):
+        advice = self.inference_advice()
+        return (f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; "
+                "the FairHuman authors' settings (scale 0.3, UniPC, CFG 7.5) are for SDXL.")
+
+    def card_code(self, prediction):
+        return "", "bfloat16", ""
+
+    def a1111_usage(self, kohya_file, output_name):
+        return ""
+
+    def sampling_scheduler(self, scheduler, prediction_type=None):
+        return scheduler  # the pipeline's own flow-matching Euler scheduler
+
 
 class FluxFamily(FlowMatchingFamily):
     """FLUX.1 (dev, schnell and fine-tunes of the same layout): CLIP-L pooled + T5, 2x2 packed latents, the
@@ -609,8 +694,7 @@ class FluxFamily(FlowMatchingFamily):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def embeds_call_kwargs(self, embeds, negative):
-        return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"],
-                    guidance_scale=3.5)
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"])
 
     def schnell(self) -> bool:
         return not self.denoiser_config().get("guidance_embeds", True)
@@ -625,6 +709,9 @@ class FluxFamily(FlowMatchingFamily):
         if self.schnell():
             return dict(scale=0.5, steps=4, guidance=0.0, sampler="Euler (flow matching)", comfy_sampler="euler")
         return dict(scale=0.5, steps=28, guidance=3.5, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+    def comfyui_guidance(self):
+        return f"cfg 1.0 with a FluxGuidance node at {self.inference_advice()['guidance']}"
 
 
 class SD3Family(FlowMatchingFamily):
@@ -687,7 +774,7 @@ class SD3Family(FlowMatchingFamily):
     def embeds_call_kwargs(self, embeds, negative):
         return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"],
                     negative_prompt_embeds=negative["encoder_hidden_states"],
-                    negative_pooled_prompt_embeds=negative["pooled_projections"], guidance_scale=5.0)
+                    negative_pooled_prompt_embeds=negative["pooled_projections"])
 
     def modelspec_architecture(self):
         return "stable-diffusion-3"

@@ -312,7 +312,9 @@ def parse_args(input_args=None):
     g.add_argument("--validation_prompt", type=str, default=None, help="Prompt to sample during and after training.")
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=500, help="Sample every N optimizer steps.")
-    g.add_argument("--validation_inference_steps", type=int, default=30, help="UniPC steps per validation image.")
+    g.add_argument("--validation_inference_steps", type=int, default=None,
+                   help="Sampling steps per validation image; default: the model family's advice (30 UniPC steps for "
+                        "SD/SDXL, 28 for FLUX.1-dev and SD3, 4 for FLUX.1-schnell). Guidance: the family's too.")
     g.add_argument("--evaluate_prompts_file", type=str, default=None,
                    help="After training, run evaluate_fairhuman.py on the saved LoRA: these prompts (one per line), "
                         "--num_validation_images per prompt, base model vs LoRA from the same seeds, MediaPipe hand and "
@@ -733,8 +735,9 @@ class SkippedSteps:
     """Counts the optimizer steps skipped for non-finite losses or gradients: a warning for each, and
     :class:`TrainingStopped` with advice after ``max_in_a_row`` in a row."""
 
-    def __init__(self, max_in_a_row: int):
+    def __init__(self, max_in_a_row: int, family_advice: str = ""):
         self.max_in_a_row, self.in_a_row, self.total = max_in_a_row, 0, 0
+        self.family_advice = family_advice  # the family's own way out (ModelFamily.nonfinite_advice)
 
     def record(self, skipped: bool, step: int) -> None:
         self.in_a_row = self.in_a_row + 1 if skipped else 0
@@ -745,8 +748,7 @@ class SkippedSteps:
         if self.in_a_row >= self.max_in_a_row:
             raise TrainingStopped(
                 f"{self.in_a_row} optimizer steps in a row had non-finite losses or gradients. Try a lower "
-                "--learning_rate, --mixed_precision bf16 or no, the fp16-fix VAE "
-                "(--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or check the data.")
+                f"--learning_rate, --mixed_precision bf16 or no{self.family_advice}, or check the data.")
 
 
 SHORT_LOSS_NAMES = {"global": "L_g", "hand": "L_h", "face": "L_f"}
@@ -801,12 +803,13 @@ def run_validation(args, accelerator, family, denoiser, weight_dtype, step, tag)
     pipeline, call = family.validation_pipeline(accelerator.unwrap_model(denoiser), args.validation_prompt,
                                                 accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
+    advice = family.inference_advice()  # the family's sampling steps and guidance, as the card advises
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     autocast = (torch.autocast(accelerator.device.type, dtype=weight_dtype)
                 if weight_dtype != torch.float32 and accelerator.device.type == "cuda" else contextlib.nullcontext())
     with autocast, torch.no_grad():
-        images = [pipeline(**call, num_inference_steps=args.validation_inference_steps,
-                           generator=generator, height=args.resolution, width=args.resolution).images[0]
+        images = [pipeline(**call, num_inference_steps=args.validation_inference_steps or advice["steps"],
+                           guidance_scale=advice["guidance"], generator=generator, height=args.resolution, width=args.resolution).images[0]
                   for _ in range(args.num_validation_images)]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -1150,7 +1153,7 @@ def main(args):
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     step_losses = torch.zeros(len(objectives), device=accelerator.device)
-    skipped_steps, images = SkippedSteps(args.max_nonfinite_steps), []
+    skipped_steps, images = SkippedSteps(args.max_nonfinite_steps, family.nonfinite_advice()), []
     last_step_time = time.perf_counter()
     denoiser.train()
     if global_step >= args.max_train_steps:

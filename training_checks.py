@@ -41,12 +41,12 @@ def check_args(args) -> None:
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise UsageError("--dataset_name and --train_data_dir are exclusive; give one")
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                "validation_steps", "validation_inference_steps", "rank", "max_nonfinite_steps"]
+                "validation_steps", "rank", "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval",
-                 "bucket_reso_steps"]:
+                 "bucket_reso_steps", "validation_inference_steps"]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
@@ -553,7 +553,7 @@ def check_lora_target_modules(args, family) -> None:
     if unmatched:
         examples = family.attention_module_examples(names)
         raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the "
-                         f"{'UNet' if family.denoiser_name == 'unet' else family.denoiser_name} "
+                         f"{family.denoiser_label()} "
                          f"(names in its attention blocks: {', '.join(examples)})")
 
 

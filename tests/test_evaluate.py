@@ -402,7 +402,7 @@ def test_default_guidance_is_the_model_familys_advice(tiny_flux, tmp_path):
     def default(model, pipeline_class):
         args = types.SimpleNamespace(pretrained_model_name_or_path=str(model), revision=None, variant=None,
                                      cache_dir=None, pretrained_vae_model_name_or_path=None)
-        return ev.default_guidance_scale(type(pipeline_class, (), {})(), args)
+        return ev.sampling_family(type(pipeline_class, (), {})(), args).inference_advice()["guidance"]
 
     assert default(tiny_flux, "FluxPipeline") == 3.5
     assert default(schnell, "FluxPipeline") == 0.0
