@@ -739,11 +739,6 @@ class ObjectiveGradients:
         return torch.cat([(torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if g is None
                            else g.reshape(-1).float()) for p, g in zip(self.params, row)])
 
-    @property
-    def buffer(self) -> torch.Tensor:
-        """The rows as one ``(K, P)`` float32 tensor (a copy, for inspection; zeros where nothing is held)."""
-        return torch.stack([self._flat(i) for i in range(self.num_objectives)])
-
     def zero_(self) -> None:
         """Drop the rows (the next ``accumulate`` starts from zero). Never writes into them: row 0 may be
         the ``.grad`` of the update just written."""
@@ -1226,8 +1221,6 @@ def _loss_scale(accelerator) -> float:
 # The LoRA file for ComfyUI / AUTOMATIC1111 / Forge (kohya format)
 # ---------------------------------------------------------------------------------------------
 
-KOHYA_KEY = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
-"""A kohya-format LoRA key: ``{prefix}_{module path with '.' -> '_'}.{lora_down.weight | lora_up.weight | alpha}``."""
 
 
 def lora_to_kohya(

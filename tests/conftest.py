@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -166,3 +167,14 @@ def tiny_flux(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     return fairhuman_demo.build_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
+
+
+KOHYA_KEY = re.compile(r"(lora_unet|lora_transformer|lora_te1|lora_te2|lora_te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+"""A kohya-format LoRA key: ``{prefix}_{module path with '.' -> '_'}.{lora_down.weight | lora_up.weight | alpha}``."""
+
+
+def objective_rows(grads):
+    """An ``ObjectiveGradients``' rows as one ``(K, P)`` float32 tensor (zeros where nothing is held)."""
+    import torch
+
+    return torch.stack([grads._flat(i) for i in range(grads.num_objectives)])

@@ -5,6 +5,8 @@ import pytest
 import torch
 from conftest import lora_tensors, run_main
 
+import latent_cache
+
 
 def args_for(model, data, out, *extra):
     return [str(a) for a in ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
@@ -36,7 +38,7 @@ def test_cache_is_keyed_by_row_and_flips_latents_with_masks(tiny_sd, demo_datase
     dataset = train.FairHumanDataset(checked, args, 5, 64)
     family = train.mf.family_for_model(args)  # the cache encodes through the model family (issue 18)
     family.vae = vae
-    cache = train.build_cache(dataset, args, family, "cpu", family.caption_conditioning(checked["captions"], "cpu"))
+    cache = latent_cache.build_cache(dataset, args, family, "cpu", family.caption_conditioning(checked["captions"], "cpu"))
     assert sorted(cache) == list(range(len(dataset)))
     for entry in cache.values():
         plain, flipped = entry["latents"]

@@ -8,7 +8,6 @@ pixels, 4 px steps) hold as 5 (40x24), 3 (24x40) and 2 (32x32) images: the last 
 buckets is filled with a repeat.
 """
 
-import json
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ import pytest
 import torch
 from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main, three_objective_model
 
+import checkpoints
 import fairhuman_utils as fh
 import train_fairhuman_lora as train
 from fairhuman_demo import read_scalars
@@ -128,14 +128,14 @@ def test_sigkill_mid_training_then_resume_gives_the_same_lora(reference, tiny_sd
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not os.path.exists(os.path.join(out, "checkpoint-4", train.CHECKPOINT_MARKER)):
+        while not os.path.exists(os.path.join(out, "checkpoint-4", checkpoints.CHECKPOINT_MARKER)):
             assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    latest = train.list_checkpoints(out)[-1][0]
+    latest = checkpoints.list_checkpoints(out)[-1][0]
     assert 4 <= latest < STEPS
     done = subprocess.run([*cmd, *run, "--max_train_steps", str(STEPS), "--resume_from_checkpoint", "latest"], cwd=REPO,
                           env=OFFLINE_ENV, capture_output=True, text=True, timeout=600)
@@ -244,36 +244,6 @@ def test_fair_update_interval_logs_and_resumes_mid_period(weights, tiny_sd, mixe
         assert w[0] == w[1] == w[2] == w[3] and w[4] == w[5] == w[6] and w[4] != w[3]
     else:  # re-solved every step on the prediction-space Gram
         assert len(set(w[:4])) == 4
-
-
-def test_checkpoints_of_the_previous_format_still_resume(tiny_sd, demo_dataset, tmp_path):
-    """The fair update's state is written as JSON (fair_update_state.json, issue 20). Checkpoints of the two
-    formats before still resume to the same LoRA: the one that kept it in accelerate's custom_checkpoint_0.pkl
-    (read with weights_only=True: nothing in it runs) and the one before, with ``fair_state`` in the marker."""
-    import shutil
-
-    common = ["--train_batch_size", 2, "--fair_update_interval", 4, "--checkpointing_steps", 3]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_main(*base_args(tiny_sd, demo_dataset, straight, *common, "--max_train_steps", 5))
-    run_main(*base_args(tiny_sd, demo_dataset, resumed, *common, "--max_train_steps", 3))
-    checkpoint = os.path.join(resumed, "checkpoint-3")
-    assert not os.path.exists(os.path.join(checkpoint, "custom_checkpoint_0.pkl"))  # nothing pickled any more
-    with open(os.path.join(checkpoint, train.FAIR_STATE_FILE)) as f:
-        state = json.load(f)
-    assert state["step"] == 3 and state["weighting"] == "fair"
-    os.remove(os.path.join(checkpoint, train.FAIR_STATE_FILE))
-    pickled = str(tmp_path / "pickled")
-    shutil.copytree(resumed, pickled)
-    torch.save(state, os.path.join(pickled, "checkpoint-3", "custom_checkpoint_0.pkl"))  # what accelerate wrote
-    with open(os.path.join(checkpoint, train.CHECKPOINT_MARKER), "w") as f:  # the format before that
-        json.dump({"global_step": 3, "seed": 5, "fair_state": {"coefficients": state["coefficients"],
-                                                               "gram_scale": state["gram_scale"]}}, f)
-    for folder in (resumed, pickled):
-        run_main(*base_args(tiny_sd, demo_dataset, folder, *common, "--max_train_steps", 5,
-                            "--resume_from_checkpoint", "latest"))
-        assert_same_lora(straight, folder, atol=0)
-    # the checkpoints written now keep only the step and the seed in the marker
-    assert json.load(open(os.path.join(straight, "checkpoint-3", train.CHECKPOINT_MARKER))) == {"global_step": 3, "seed": 5}
 
 
 def test_fidelity_check_logs_cosine_and_error(tiny_sd, mixed_dataset, tmp_path):

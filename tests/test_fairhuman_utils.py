@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import three_objective_model
+from conftest import KOHYA_KEY, objective_rows, three_objective_model
 from PIL import Image, ImageDraw
 
 import fairhuman_utils as fh
@@ -246,7 +246,7 @@ def test_objective_gradients_combination_equals_K_G_w_on_a_small_model():
         gi = torch.autograd.grad(losses()[i], params)
         expected_rows.append(torch.cat([t.reshape(-1) for t in gi]))
     G = torch.stack(expected_rows)
-    assert torch.allclose(grads.buffer, G)
+    assert torch.allclose(objective_rows(grads), G)
     assert torch.allclose(grads.gram(), (G @ G.T).double(), rtol=1e-5)
     w, coeffs = fh.fair_coefficients(grads.gram())
     grads.write_combination(coeffs)
@@ -258,7 +258,7 @@ def test_objective_gradients_combination_equals_K_G_w_on_a_small_model():
     grads.zero_()
     grads.accumulate(losses(), present=[True, False, True])
     grads.accumulate(losses(), present=[True, False, True])
-    assert torch.allclose(grads.buffer[0], 2 * G[0]) and torch.count_nonzero(grads.buffer[1]) == 0
+    assert torch.allclose(objective_rows(grads)[0], 2 * G[0]) and torch.count_nonzero(objective_rows(grads)[1]) == 0
 
 
 # ---- cheaper fair modes ----------------------------------------------------------------------------
@@ -269,8 +269,8 @@ def test_batched_backward_gives_the_same_rows():
     separate, batched = fh.ObjectiveGradients(params), fh.ObjectiveGradients(params)
     separate.accumulate(losses(), present=[True, False, True])
     batched.accumulate(losses(), present=[True, False, True], batched=True)
-    torch.testing.assert_close(batched.buffer, separate.buffer)
-    assert torch.count_nonzero(batched.buffer[1]) == 0
+    torch.testing.assert_close(objective_rows(batched), objective_rows(separate))
+    assert torch.count_nonzero(objective_rows(batched)[1]) == 0
 
 
 def test_prediction_space_gram_is_exact_when_the_model_is_the_prediction():
@@ -461,7 +461,7 @@ def test_lora_to_kohya_keys_and_alpha():
     kohya = fh.lora_to_kohya(state, 5.0)
     assert sorted(kohya) == sorted(f"lora_unet_block_{m}.{k}" for m in ("to_q", "conv1")
                                    for k in ("lora_down.weight", "lora_up.weight", "alpha"))
-    assert all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    assert all(KOHYA_KEY.fullmatch(k) for k in kohya)
     assert kohya["lora_unet_block_to_q.alpha"].item() == 5.0  # the LoRA alpha, not the rank (2)
     assert torch.equal(kohya["lora_unet_block_conv1.lora_down.weight"], state["block.conv1.lora_A.weight"])
     assert kohya["lora_unet_block_conv1.lora_up.weight"].shape == (4, 2, 1, 1)
@@ -529,7 +529,7 @@ def test_kohya_names_of_public_size_unets_map_back_through_diffusers(which):
                                                                        "conv2", "proj_in", "ff.net.2"]))
     modules = {name for name, module in unet.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)}
     kohya = fh.lora_to_kohya({k: torch.zeros(v.shape) for k, v in get_peft_model_state_dict(unet).items()}, 2.0)
-    assert len(kohya) == 3 * len(modules) and all(fh.KOHYA_KEY.fullmatch(k) for k in kohya)
+    assert len(kohya) == 3 * len(modules) and all(KOHYA_KEY.fullmatch(k) for k in kohya)
     pipeline_cls = StableDiffusionXLPipeline if which == "sdxl" else StableDiffusionPipeline
     state, alphas = pipeline_cls.lora_state_dict(kohya)
     peft_state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()})

@@ -13,8 +13,10 @@ import torch
 from conftest import run_main
 from PIL import Image
 
+import checkpoints
 import fairhuman_demo
 import fairhuman_utils as fh
+import mask_previews
 import train_fairhuman_lora as train
 
 # ---- the pieces at K objectives -----------------------------------------------------------------
@@ -271,7 +273,7 @@ def test_three_regions_end_to_end_k4(tiny_sd, shoes_dataset, tmp_path, caplog):
     image, overlay = Image.open(previews / "0_image.png"), Image.open(previews / "0_overlay.png")
     assert overlay.height == image.height + 3 * 11 + 2
     legend = np.asarray(overlay.convert("RGB"))[image.height:]
-    for colour in train.REGION_COLOURS[:3]:
+    for colour in mask_previews.REGION_COLOURS[:3]:
         assert (legend == colour).all(axis=-1).any()
     # the card, the kohya metadata and fairhuman_settings name the regions
     card = (out / "README.md").read_text()
@@ -283,7 +285,7 @@ def test_three_regions_end_to_end_k4(tiny_sd, shoes_dataset, tmp_path, caplog):
     settings = json.loads(metadata["fairhuman_settings"])
     assert settings["regions"] == "hand=hand_boxes (boxes), face=face_boxes (boxes), shoe=shoe_boxes (boxes)"
     assert "global + hand + face + shoe objectives" in metadata["ss_training_comment"]
-    with open(out / "checkpoint-4" / train.RUN_SETTINGS_FILE) as f:
+    with open(out / "checkpoint-4" / checkpoints.RUN_SETTINGS_FILE) as f:
         assert json.load(f)["objectives"] == ["global", "hand", "face", "shoe"]
 
     # resuming with another region set is refused, naming both

@@ -15,6 +15,7 @@ from conftest import lora_tensors, reset_accelerate_state, run_main
 from PIL import Image
 from test_train import _argv, _dataset, _error, common
 
+import checkpoints
 import train_fairhuman_lora as train
 
 
@@ -128,9 +129,9 @@ def test_resume_latest_at_max_steps_trains_nothing_and_finishes(tmp_path, tiny_s
 def test_resume_refuses_lora_changes_and_warns_on_others(tmp_path, tiny_sd, demo_dataset, caplog):
     out = tmp_path / "run"
     run_main(*common(tiny_sd, demo_dataset, out, 2, "--checkpointing_steps", 2))
-    saved = json.loads((out / "checkpoint-2" / train.RUN_SETTINGS_FILE).read_text())
+    saved = json.loads((out / "checkpoint-2" / checkpoints.RUN_SETTINGS_FILE).read_text())
     assert saved["rank"] == 4 and saved["dataset_rows"] == 8 and "global_step" not in saved
-    assert "rank" not in json.loads((out / "checkpoint-2" / train.CHECKPOINT_MARKER).read_text())
+    assert "rank" not in json.loads((out / "checkpoint-2" / checkpoints.CHECKPOINT_MARKER).read_text())
 
     resume = common(tiny_sd, demo_dataset, out, 3, "--resume_from_checkpoint", "latest", "--checkpointing_steps", 1)
     message = _error([*resume, "--rank", 8])
@@ -148,12 +149,12 @@ def test_resume_refuses_lora_changes_and_warns_on_others(tmp_path, tiny_sd, demo
     assert "resuming checkpoint-2 with changed settings: --weighting fair -> equal; dataset rows 8 -> 6; " in caplog.text
     assert "dataset fingerprint" in caplog.text
 
-    os.remove(out / "checkpoint-3" / train.RUN_SETTINGS_FILE)  # a checkpoint written before the settings file
+    os.remove(out / "checkpoint-3" / checkpoints.RUN_SETTINGS_FILE)  # a checkpoint written before the settings file
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         run_main(*common(tiny_sd, demo_dataset, out, 4, "--resume_from_checkpoint", "latest", "--checkpointing_steps", 4))
-    assert f"checkpoint-3 has no {train.RUN_SETTINGS_FILE} (written by an earlier version" in caplog.text
-    assert os.path.exists(out / "checkpoint-4" / train.RUN_SETTINGS_FILE)
+    assert f"checkpoint-3 has no {checkpoints.RUN_SETTINGS_FILE} (written by an earlier version" in caplog.text
+    assert os.path.exists(out / "checkpoint-4" / checkpoints.RUN_SETTINGS_FILE)
 
 
 # ---- 5. every --lora_target_modules entry must match a module -------------------------------------------

@@ -15,16 +15,18 @@ from conftest import lora_tensors, run_main
 from PIL import Image
 from test_train import _argv, _dataset, _error, common
 
+import checkpoints
+import lora_files
 import train_fairhuman_lora as train
 
 
-def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=False):
+def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=False, fair_state=True):
     """A checkpoint folder with the files save_checkpoint writes (tiny contents, no model needed)."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     if lora:
-        path = os.path.join(folder, train.LORA_WEIGHT_NAME)
+        path = os.path.join(folder, lora_files.LORA_WEIGHT_NAME)
         save_file({"unet.a.lora_A.weight": torch.zeros(4, 8)}, path)
         if truncate_lora:
             payload = open(path, "rb").read()
@@ -32,7 +34,10 @@ def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=F
     if optimizer:
         torch.save({"state": {}}, os.path.join(folder, "optimizer.bin"))
     torch.save({"last_epoch": step}, os.path.join(folder, "scheduler.bin"))
-    with open(os.path.join(folder, train.CHECKPOINT_MARKER), "w") as f:
+    if fair_state:
+        with open(os.path.join(folder, checkpoints.FAIR_STATE_FILE), "w") as f:
+            json.dump({"step": step, "weighting": "fair", "coefficients": [1.0, 2.0, 3.0], "gram_scale": None}, f)
+    with open(os.path.join(folder, checkpoints.CHECKPOINT_MARKER), "w") as f:
         json.dump({"global_step": step, "seed": 1}, f)
     return str(folder)
 
@@ -55,7 +60,7 @@ def test_resume_from_an_older_checkpoint_moves_later_ones_aside(tiny_sd, demo_da
     assert train.resolve_resume(args) == str(out / "checkpoint-3")  # the new work, not the old branch
     assert lora_tensors(out / "checkpoint-4.superseded")  # still whole
     # 7. the LoRA files get the permissions of the user's umask (safetensors alone writes 0600)
-    mode = 0o666 & ~train.current_umask()
+    mode = 0o666 & ~lora_files.current_umask()
     for path in [out / "pytorch_lora_weights.safetensors", out / "run.safetensors",
                  out / "checkpoint-3" / "pytorch_lora_weights.safetensors"]:
         assert os.stat(path).st_mode & 0o777 == mode, path
@@ -73,7 +78,7 @@ def test_new_run_over_another_runs_checkpoints_is_refused(tmp_path):
 def test_rotation_keeps_the_checkpoint_just_written(tmp_path):
     for step in (2, 4, 6):
         _fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
-    removed = train.rotate_checkpoints(str(tmp_path), 4, 1)  # another run's checkpoint-6 is newer
+    removed = checkpoints.rotate_checkpoints(str(tmp_path), 4, 1)  # another run's checkpoint-6 is newer
     assert removed == [str(tmp_path / "checkpoint-2")]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
 
@@ -96,15 +101,10 @@ def test_damaged_checkpoint_named_with_the_previous_one(damage, expected, tmp_pa
     assert f"--resume_from_checkpoint {out / 'checkpoint-2'}" in message
 
 
-# ---- 8. the fair update's state is JSON; an old pickle is read without running anything -----------------
+# ---- 8. the fair update's state is JSON, read as JSON; a checkpoint without it is refused by name ------------
 
 
-class _Boom:
-    def __reduce__(self):
-        return (os.system, ("touch /tmp/fairhuman-pwned",))
-
-
-def test_fair_update_state_is_never_unpickled_with_code(tmp_path):
+def test_fair_update_state_is_read_from_json_and_its_absence_refused(tmp_path):
     import fairhuman_utils as fh
 
     class FakeAccelerator:
@@ -112,19 +112,14 @@ def test_fair_update_state_is_never_unpickled_with_code(tmp_path):
             self.loaded = sorted(os.listdir(folder))
 
     checkpoint = _fake_checkpoint(tmp_path / "checkpoint-3", 3)
-    torch.save({"step": 3, "weighting": "fair", "coefficients": [1.0, 2.0, 3.0], "gram_scale": None, "x": _Boom()},
-               os.path.join(checkpoint, "custom_checkpoint_0.pkl"))
     update = fh.FairUpdate([torch.nn.Parameter(torch.zeros(2))], "fair")
-    accelerator = FakeAccelerator()
-    with pytest.raises(train.UsageError, match="holds more than the fair update's plain state"):
-        train.load_checkpoint(accelerator, checkpoint, update)
-    assert "custom_checkpoint_0.pkl" not in accelerator.loaded  # accelerate never sees (unpickles) it
-    assert not os.path.exists("/tmp/fairhuman-pwned")
-    # a plain old-format state loads
-    torch.save({"step": 3, "weighting": "fair", "coefficients": [1.0, 2.0, 3.0], "gram_scale": None},
-               os.path.join(checkpoint, "custom_checkpoint_0.pkl"))
-    assert train.load_checkpoint(accelerator, checkpoint, update) == 3
+    assert checkpoints.load_checkpoint(FakeAccelerator(), checkpoint, update) == 3
     assert update.step == 3 and update.coefficients.tolist() == [1.0, 2.0, 3.0]
+    assert checkpoints.checkpoint_problem(checkpoint) is None
+    os.remove(os.path.join(checkpoint, checkpoints.FAIR_STATE_FILE))
+    assert checkpoints.checkpoint_problem(checkpoint) == f"{checkpoints.FAIR_STATE_FILE} is missing"
+    with pytest.raises(fh.UsageError, match=f"checkpoint-3 is damaged: {checkpoints.FAIR_STATE_FILE} is missing"):
+        checkpoints.check_checkpoint(checkpoint, str(tmp_path))
 
 
 # ---- 2. evaluate_fairhuman.py --overwrite_output_dir removes only its own outputs -----------------------

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
+from conftest import KOHYA_KEY, OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
 from PIL import Image
 
+import checkpoints
 import fairhuman_utils as fh
 import model_families as mf
 import train_fairhuman_lora as train
@@ -64,7 +65,7 @@ def read_kohya_file(path, modules, alpha):
     tensors = load_file(path)
     parts = {}
     for key in tensors:
-        match = fh.KOHYA_KEY.fullmatch(key)
+        match = KOHYA_KEY.fullmatch(key)
         assert match and match.group(1) == "lora_unet", f"key off the pattern: {key}"
         parts.setdefault(key.rpartition(".lora_")[0] if ".lora_" in key else key[: -len(".alpha")], []).append(key)
     expected = {"lora_unet_" + name.replace(".", "_"): name for name in modules}
@@ -411,7 +412,7 @@ def test_checkpoint_latest_ignores_partial_and_foreign_folders(tmp_path):
                          ("checkpoint-5", True), ("checkpoint-x", True)]:
         os.makedirs(out / name)
         if marker:
-            (out / name / train.CHECKPOINT_MARKER).write_text(json.dumps({"global_step": 0, "seed": 0}))
+            (out / name / checkpoints.CHECKPOINT_MARKER).write_text(json.dumps({"global_step": 0, "seed": 0}))
     args = train.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", str(out),
                              "--resume_from_checkpoint", "latest"])
     assert train.resolve_resume(args) == str(out / "checkpoint-5")
