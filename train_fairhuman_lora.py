@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""FairHuman LoRA training for Stable Diffusion 1.x/2.x and SDXL.
+"""FairHuman LoRA training for Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev, schnell) and SD3/3.5.
 
 Shaped like diffusers' ``examples/text_to_image/train_text_to_image_lora.py``: ``parse_args`` and a
 ``main`` that reads top to bottom (accelerator, data check, models, LoRA, optimizer, data, loop,
 save, card, push). What is FairHuman-specific -- region masks from boxes, the paired transform, the
-three losses and the Minimum Potential Delay weights -- lives in ``fairhuman_utils.py``.
+K losses (global plus one per region) and the Minimum Potential Delay weights -- lives in ``fairhuman_utils.py``;
+what differs between model families in ``model_families.py``; what is not training (checks, checkpoints, LoRA
+files, card, Hub, cache) in modules named for it (README.md, "Copying the recipe").
 
     accelerate launch train_fairhuman_lora.py \
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
@@ -88,7 +90,8 @@ def parse_args(input_args=None):
 
     g = parser.add_argument_group("Model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                   help="Hub id or local folder of a diffusers SD 1.x/2.x or SDXL model (SDXL is recognised by text_encoder_2).")
+                   help="Hub id or local folder of a diffusers SD 1.x/2.x, SDXL, FLUX.1 or SD3/3.5 model (the family is read "
+                        "from its model_index.json).")
     g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                    help="A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (what the authors used for SDXL in fp16).")
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
@@ -651,7 +654,7 @@ def collate_fn(examples):
 
 @dataclass
 class StepInputs:
-    """What the denoiser's forward pass and the three losses need for one batch."""
+    """What the denoiser's forward pass and the K losses need for one batch."""
 
     model_input: torch.Tensor  # the noisy latents on the latent grid (B, C, h, w)
     timesteps: torch.Tensor
@@ -1091,7 +1094,7 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, lora_params, accelerator.device)
-    # FairHuman: how the three objectives' gradients become the update (every --weighting mode)
+    # FairHuman: how the K objectives' gradients become the update (every --weighting mode)
     fair_update = fh.FairUpdate(lora_params, args.weighting, alpha=args.fair_alpha,
                                 update_interval=args.fair_update_interval, interval_weights=args.fair_interval_weights,
                                 calibration=args.fair_interval_calibration,
