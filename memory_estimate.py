@@ -829,6 +829,11 @@ def _simulate_once(args, measure, fh, family):
         step_phase_peak={k: step_phase_peak[k] for k in tracker.order},
         step_peak_snap=tracker.phase_snap[max(tracker.order, key=lambda k: tracker.phase_peak[k])],
         data_dependent_scalars=list(DATA_DEPENDENT),
+        # (bytes saved, largest dequantized weight) of each storage: the denoiser's, the large text encoders'
+        quantization_options={q: quantization_saving(denoiser, q) for q in QUANTIZED_BYTES},
+        text_encoder_quantization_options={q: (sum(quantization_saving(te, q)[0] for te in large),
+                                               max([quantization_saving(te, q)[1] for te in large], default=0))
+                                           for q in QUANTIZED_BYTES},
     )
 
 
