@@ -1,35 +1,45 @@
 #!/usr/bin/env python
-"""Estimate the peak GPU memory and the FLOPs of ONE training step of train_fairhuman_lora.py, on a CPU,
-without weights and without a GPU (the project's estimator core: used by ``train_fairhuman_lora.py
---estimate_memory`` and ``benchmarks/benchmark_memory.py``; grown from ../shared/tools/estimate_memory.py,
-whose method and validation are described in docs/memory.md).
+"""Estimate the peak accelerator memory of a train_fairhuman_lora.py run, phase by phase, on a CPU, without
+weights and without a GPU (used by ``train_fairhuman_lora.py --estimate_memory``, by the run's start-up check
+on CUDA and by ``benchmarks/benchmark_memory.py``; grown from ../shared/tools/estimate_memory.py, whose method
+and validation are described in docs/memory.md).
 
-How: every model (UNet, VAE, text encoders) is built from its public config under torch's FakeTensorMode
-(tensors have shapes, dtypes and storages sizes, but no data), and one training step is replayed in the
-order the training script runs it (prepare_inputs -> UNet forward -> losses -> FairUpdate.backward ->
-FairUpdate.write_update -> unscale + clip -> optimizer.step -> zero_grad), under
-torch.distributed._tools.mem_tracker.MemTracker (live bytes by category, peak) and
-torch.utils.flop_counter.FlopCounterMode (FLOPs). The project's FairUpdate is imported from fairhuman_utils and
-used as the script uses it, so its backward passes, retain_graph and buffers are the real ones.
+How: the model's family (``model_families.family_for_model``, from ``model_index.json``'s ``_class_name``)
+builds its text encoders, VAE and denoiser from their config.json files under torch's FakeTensorMode (tensors
+have shapes, dtypes and storage sizes, but no data), and the run is replayed in its stages, each under
+torch.distributed._tools.mem_tracker.MemTracker (live bytes, peak) holding only what the run holds then:
+
+1. caption embedding: the text encoders (``--quantize_text_encoders``: the family's large ones, T5, stored by
+   bitsandbytes) and one ``family.encode_captions`` call at the run's sequence lengths;
+2. latent caching (``--cache_latents``): the VAE and one encode at the training resolution;
+3. the training step: the denoiser (``--quantize_base``), its LoRA, the optimizer, the VAE / text encoders the
+   step still needs (``family.text_encoders_in_step``), ``family.noisy_inputs`` -> ``family.predict`` under
+   autocast -> losses -> FairUpdate.backward -> write_update -> unscale + clip -> optimizer.step -> zero_grad
+   (the project's FairUpdate from fairhuman_utils, so its backward passes, retain_graph and buffers are real);
+4. validation sampling (``--validation_prompt``): what the run keeps resident mid-run (denoiser, LoRA,
+   optimizer states) + one ``family.predict`` at the validation resolution on the sampling batch (two rows
+   where the family samples with classifier-free guidance) + the VAE decode;
+5. evaluation sampling (``--evaluate_prompts_file``): the same with evaluation's images per call.
+
+Nothing here asks which family it runs: what differs (models, captions, noise, packing, CFG, which encoders
+stay) comes from the family's methods. FLOPs of the step: torch.utils.flop_counter.FlopCounterMode.
 
 GPU specifics that a CPU run does not have are emulated:
-* fp16 mixed precision: torch.autocast('cpu', float16) casts linear/conv/matmul/SDPA inputs to fp16 like
-  CUDA autocast; a TorchFunctionMode adds CUDA autocast's fp32 policy for group_norm, layer_norm,
-  softmax, log_softmax (CPU autocast leaves these in the input dtype). Autocast's weight-cast cache
-  (fp16 copies of the fp32 LoRA weights during the forward) is real autocast behaviour on both devices.
-* attention: F.scaled_dot_product_attention on fake CPU tensors dispatches to the fused (flash) CPU
-  kernel, which keeps the same tensors for backward as CUDA flash / memory-efficient attention
-  (q, k, v, out, logsumexp): no N x N matrix. Its FLOPs are registered with the flash formula.
+* fp16/bf16 mixed precision: torch.autocast('cpu', ...) casts linear/conv/matmul/SDPA inputs like CUDA
+  autocast; a wrapper adds CUDA autocast's fp32 policy for group_norm, layer_norm, softmax, log_softmax.
+* attention: F.scaled_dot_product_attention on fake CPU tensors dispatches to the fused (flash) CPU kernel,
+  which keeps the same tensors for backward as CUDA flash / memory-efficient attention: no N x N matrix.
 * allocations are rounded up to 512 bytes as the CUDA caching allocator does.
-Not modelled: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation/segment rounding, the
-kernels' internal scratch space (flash backward's fp32 dq accumulator, ...). See the report.
+* bitsandbytes storage (NF4 / int8) of frozen Linear weights: analytic (the bytes saved, plus one dequantized
+  weight at a time).
+Not modelled: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation, kernels' scratch space.
 
 Usage (one configuration):
     python memory_estimate.py --model sdxl --rank 256 --mode fair_exact [--cache_latents --cache_text_embeddings]
-    python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --quantization nf4 --cache_latents \
-        --cache_text_embeddings
-    python memory_estimate.py --model path/to/diffusers/folder   # config files only
-Several: benchmarks/benchmark_memory.py (the table of docs/memory.md). Validation against real CPU
+    python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --quantization nf4 --cache_latents \\
+        --cache_text_embeddings --validation [--quantize_text_encoders nf4]
+    python memory_estimate.py --model path/to/diffusers/folder   # config files only (model_index.json, */config.json)
+Several: benchmarks/benchmark_memory.py (the tables of docs/memory.md). Validation against real CPU
 allocations: tests/test_memory_estimate.py (:func:`measure_real`).
 """
 from __future__ import annotations
@@ -38,12 +48,13 @@ import argparse
 import contextlib
 import functools
 import gc
-import inspect
 import json
 import math
 import os
 import sys
+import tempfile
 import time
+import types
 import warnings
 
 import torch
@@ -52,147 +63,132 @@ import torch.nn.functional as F
 GiB = 1024**3
 
 # ---------------------------------------------------------------------------------------------
-# Public configs (diffusers / transformers config.json values of the released checkpoints)
+# Named models: the config files of public checkpoints (data only; the family is read from the
+# model_index.json's _class_name, as for any folder)
 # ---------------------------------------------------------------------------------------------
 
-SDXL_UNET = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
-    class_embed_type=None, class_embeddings_concat=False, conv_in_kernel=3, conv_out_kernel=3,
-    cross_attention_dim=2048, cross_attention_norm=None,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
-    dual_cross_attention=False, encoder_hid_dim=None, encoder_hid_dim_type=None, flip_sin_to_cos=True, freq_shift=0,
-    in_channels=4, layers_per_block=2, mid_block_only_cross_attention=None, mid_block_scale_factor=1,
-    mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-05, norm_num_groups=32, num_attention_heads=None,
-    num_class_embeds=None, only_cross_attention=False, out_channels=4, projection_class_embeddings_input_dim=2816,
-    resnet_out_scale_factor=1.0, resnet_skip_time_act=False, resnet_time_scale_shift="default", sample_size=128,
-    time_cond_proj_dim=None, time_embedding_act_fn=None, time_embedding_dim=None, time_embedding_type="positional",
-    timestep_post_act=None, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], upcast_attention=None,
-    use_linear_projection=True,
-)
-SD15_UNET = dict(
+_CLIP_L = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=768, intermediate_size=3072,
+               num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+               projection_dim=768)
+_CLIP_BIGG = dict(_CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  hidden_act="gelu", projection_dim=1280)
+_T5_XXL = dict(model_type="t5", vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
+_VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+            in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
+            up_block_types=["UpDecoderBlock2D"] * 4)
+_DDPM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+             prediction_type="epsilon", steps_offset=1, clip_sample=False)
+_SD15_UNET = dict(
     act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
     cross_attention_dim=768,
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
     mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-)
-VAE = dict(  # SD 1.x and SDXL VAEs share the architecture (83.65 M parameters)
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+_SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
+    cross_attention_dim=2048, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-05, norm_num_groups=32,
+    out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True)
 
-# a small SD-1.x-shaped model for checking the method against real CPU tensors (--validate)
-SMALL_UNET = dict(SD15_UNET, block_out_channels=[64, 128, 256, 256], cross_attention_dim=256)
-SMALL_VAE = dict(VAE, block_out_channels=[32, 64, 128, 128])
-SMALL_CLIP = dict(CLIP_L, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                  projection_dim=256)
 
-# FLUX.1-dev and SD3.5-large: the transformer / VAE / text-encoder config.json values of the released checkpoints
-FLUX_DEV_TRANSFORMER = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
-                            num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1,
-                            pooled_projection_dim=768, axes_dims_rope=[16, 56, 56])
-FLOW_VAE = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # FLUX.1 (SD3.5: with)
-SD35_LARGE_TRANSFORMER = dict(attention_head_dim=64, caption_projection_dim=2432, in_channels=16, joint_attention_dim=4096,
-                              num_attention_heads=38, num_layers=38, out_channels=16, patch_size=2,
-                              pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128)
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
+def _index(pipeline, **components):
+    return {"_class_name": pipeline, **{name: list(library_class) for name, library_class in components.items()}}
+
 
 MODELS = {
-    "flux-dev": dict(family="flux", transformer=FLUX_DEV_TRANSFORMER, vae=FLOW_VAE,
-                     text_encoders=[("clip", CLIP_L), ("t5", T5_XXL)], text_lengths=[77, 512], resolution=1024,
-                     scaling_factor=0.3611, sdxl=False),
-    "sd35-large": dict(family="sd3", transformer=SD35_LARGE_TRANSFORMER,
-                       vae=dict(FLOW_VAE, use_quant_conv=True, use_post_quant_conv=True),
-                       text_encoders=[("clip_proj", CLIP_L), ("clip_proj", CLIP_BIGG), ("t5", T5_XXL)],
-                       text_lengths=[77, 77, 256], resolution=1024, scaling_factor=1.5305, sdxl=False),
-    "sdxl": dict(unet=SDXL_UNET, text_encoders=[("clip", CLIP_L), ("clip_proj", CLIP_BIGG)], resolution=1024,
-                 scaling_factor=0.13025, sdxl=True),
-    "sd15": dict(unet=SD15_UNET, text_encoders=[("clip", CLIP_L)], resolution=512, scaling_factor=0.18215, sdxl=False),
-    "small": dict(unet=SMALL_UNET, vae=SMALL_VAE, text_encoders=[("clip", SMALL_CLIP)], resolution=512,
-                  scaling_factor=0.18215, sdxl=False),
+    "sd15": {
+        "model_index.json": _index("StableDiffusionPipeline", text_encoder=("transformers", "CLIPTextModel"),
+                                   unet=("diffusers", "UNet2DConditionModel"), vae=("diffusers", "AutoencoderKL")),
+        "unet/config.json": _SD15_UNET, "vae/config.json": dict(_VAE, scaling_factor=0.18215, sample_size=512),
+        "text_encoder/config.json": _CLIP_L, "scheduler/scheduler_config.json": _DDPM},
+    "sdxl": {
+        "model_index.json": _index("StableDiffusionXLPipeline", text_encoder=("transformers", "CLIPTextModel"),
+                                   text_encoder_2=("transformers", "CLIPTextModelWithProjection"),
+                                   unet=("diffusers", "UNet2DConditionModel"), vae=("diffusers", "AutoencoderKL")),
+        "unet/config.json": _SDXL_UNET, "vae/config.json": dict(_VAE, scaling_factor=0.13025, sample_size=1024),
+        "text_encoder/config.json": _CLIP_L, "text_encoder_2/config.json": _CLIP_BIGG,
+        "scheduler/scheduler_config.json": _DDPM},
+    "flux-dev": {
+        "model_index.json": _index("FluxPipeline", text_encoder=("transformers", "CLIPTextModel"),
+                                   text_encoder_2=("transformers", "T5EncoderModel"),
+                                   transformer=("diffusers", "FluxTransformer2DModel"),
+                                   vae=("diffusers", "AutoencoderKL")),
+        "transformer/config.json": dict(attention_head_dim=128, guidance_embeds=True, in_channels=64,
+                                        joint_attention_dim=4096, num_attention_heads=24, num_layers=19,
+                                        num_single_layers=38, patch_size=1, pooled_projection_dim=768,
+                                        axes_dims_rope=[16, 56, 56]),
+        "vae/config.json": dict(_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                                scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024),
+        "text_encoder/config.json": _CLIP_L, "text_encoder_2/config.json": _T5_XXL,
+        "scheduler/scheduler_config.json": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15)},
+    "sd35-large": {
+        "model_index.json": _index("StableDiffusion3Pipeline",
+                                   text_encoder=("transformers", "CLIPTextModelWithProjection"),
+                                   text_encoder_2=("transformers", "CLIPTextModelWithProjection"),
+                                   text_encoder_3=("transformers", "T5EncoderModel"),
+                                   transformer=("diffusers", "SD3Transformer2DModel"),
+                                   vae=("diffusers", "AutoencoderKL")),
+        "transformer/config.json": dict(attention_head_dim=64, caption_projection_dim=2432, in_channels=16,
+                                        joint_attention_dim=4096, num_attention_heads=38, num_layers=38,
+                                        out_channels=16, patch_size=2, pooled_projection_dim=2048,
+                                        pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128),
+        "vae/config.json": dict(_VAE, latent_channels=16, use_quant_conv=True, use_post_quant_conv=True,
+                                scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024),
+        "text_encoder/config.json": _CLIP_L, "text_encoder_2/config.json": _CLIP_BIGG,
+        "text_encoder_3/config.json": _T5_XXL,
+        "scheduler/scheduler_config.json": dict(num_train_timesteps=1000, shift=3.0)},
 }
+"""Named models: each a diffusers folder's config files (released checkpoints' values), written to a temporary
+folder and read like any model folder."""
 
 
-
-def _read_config(path):
-    with open(path) as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-
-
-def model_spec(model: str) -> dict:
-    """The built-in spec ``model`` (``sdxl``, ``sd15``, ``small``) or one read from a diffusers model folder's
-    config files (``unet/config.json``, ``vae/config.json``, ``text_encoder[_2]/config.json``; no weights
-    needed). SDXL-ness is read from the UNet config (``addition_embed_type == "text_time"``)."""
-    if model in MODELS:
-        return MODELS[model]
-    if os.path.isfile(os.path.join(model, "transformer", "config.json")):
-        return flow_model_spec(model)
-    unet_path = os.path.join(model, "unet", "config.json")
-    if not os.path.isfile(unet_path):
-        raise FileNotFoundError(f"{model}: neither a built-in model ({', '.join(sorted(MODELS))}) nor a folder "
-                                f"with unet/config.json or transformer/config.json")
-    unet = _read_config(unet_path)
-    vae_path = os.path.join(model, "vae", "config.json")
-    vae = _read_config(vae_path) if os.path.isfile(vae_path) else dict(VAE)
-    text_encoders = []
-    for sub, kind in (("text_encoder", "clip"), ("text_encoder_2", "clip_proj")):
-        path = os.path.join(model, sub, "config.json")
-        if os.path.isfile(path):
-            cfg = _read_config(path)
-            cfg = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                       "num_attention_heads", "max_position_embeddings", "hidden_act",
-                                       "projection_dim") if k in cfg}
-            text_encoders.append((kind, cfg))
-    sdxl = unet.get("addition_embed_type") == "text_time"
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return dict(unet=unet, vae=vae, text_encoders=text_encoders, resolution=unet.get("sample_size", 64) * factor,
-                scaling_factor=vae.get("scaling_factor", 0.13025 if sdxl else 0.18215), sdxl=sdxl)
+@contextlib.contextmanager
+def model_folder(model: str):
+    """A folder of ``model``'s config files: ``model`` itself, or a named model's files written to a temporary
+    folder (removed afterwards)."""
+    if model not in MODELS:
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise FileNotFoundError(f"{model}: neither a named model ({', '.join(sorted(MODELS))}) nor a diffusers "
+                                    "folder with model_index.json")
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix=f"memory-estimate-{model}-") as folder:
+        for name, config in MODELS[model].items():
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(config, f)
+        yield folder
 
 
-def flow_model_spec(model: str) -> dict:
-    """A FLUX.1 or SD3 diffusers folder's spec from its config files: ``transformer/`` (``_class_name`` tells the
-    family), ``vae/``, ``text_encoder*/`` (CLIP; the last one T5). Prompt lengths: FLUX.1 512 T5 tokens,
-    SD3 77 CLIP + 256 T5 (the diffusers training scripts' defaults)."""
-    with open(os.path.join(model, "transformer", "config.json")) as f:
-        class_name = json.load(f).get("_class_name", "")
-    family = "flux" if "Flux" in class_name else "sd3" if "SD3" in class_name else None
-    if family is None:
-        raise ValueError(f"{model}/transformer: unknown transformer {class_name!r} (FLUX.1 or SD3 expected)")
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+class ShapeTokenizer:
+    """Stands in for a tokenizer (config folders have none): token ids of the length the caller pads to
+    (``padding="max_length"``), one token otherwise; the text encoder's ``max_position_embeddings`` as
+    ``model_max_length``. The ids' values never matter to memory, their shapes do."""
 
-    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
-    transformer = {k: v for k, v in _read_config(os.path.join(model, "transformer", "config.json")).items()
-                   if k in inspect.signature(cls.__init__).parameters}
-    vae = _read_config(os.path.join(model, "vae", "config.json"))
-    text_encoders = []
-    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        path = os.path.join(model, sub, "config.json")
-        if not os.path.isfile(path):
-            continue
-        cfg = _read_config(path)
-        if cfg.get("model_type") == "t5" or "d_model" in cfg:
-            keep = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj",
-                    "relative_attention_num_buckets", "relative_attention_max_distance")
-            text_encoders.append(("t5", {**{k: cfg[k] for k in keep if k in cfg}, "is_encoder_decoder": False}))
-        else:
-            keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings", "hidden_act", "projection_dim")
-            kind = "clip_proj" if family == "sd3" else "clip"
-            text_encoders.append((kind, {k: cfg[k] for k in keep if k in cfg}))
-    lengths = [77] * (len(text_encoders) - 1) + [512 if family == "flux" else 256]
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    native = transformer.get("sample_size", 128) * factor if family == "sd3" else 1024
-    return dict(family=family, transformer=transformer, vae=vae, text_encoders=text_encoders, text_lengths=lengths,
-                resolution=native, scaling_factor=vae.get("scaling_factor", 1.0), sdxl=False)
+    added_tokens_encoder: dict = {}
+
+    def __init__(self, text_encoder):
+        self.model_max_length = getattr(text_encoder.config, "max_position_embeddings", 512)
+
+    def __call__(self, text, padding=None, max_length=None, **_kwargs):
+        count = len(text) if isinstance(text, (list, tuple)) else 1
+        ids = torch.zeros(count, (max_length or self.model_max_length) if padding == "max_length" else 1,
+                          dtype=torch.long)
+        return types.SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    def tokenize(self, text):
+        return []
+
+    def batch_decode(self, ids, **_kwargs):
+        return [""] * len(ids)
 
 
 QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
@@ -373,69 +369,6 @@ def fake_safe_module_to():
         yield
     finally:
         torch.nn.Module.to = original
-
-
-def build_models(args, spec, weight_dtype):
-    with fake_safe_module_to():
-        return _build_models(args, spec, weight_dtype)
-
-
-def _build_models(args, spec, weight_dtype):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
-    if spec.get("family") == "flux":
-        from diffusers import FluxTransformer2DModel
-        unet = FluxTransformer2DModel(**spec["transformer"])
-    elif spec.get("family") == "sd3":
-        from diffusers import SD3Transformer2DModel
-        unet = SD3Transformer2DModel(**spec["transformer"])
-    else:
-        unet_cfg = dict(spec["unet"])
-        if args.unet_config:
-            with open(args.unet_config) as f:
-                unet_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-        unet = UNet2DConditionModel(**unet_cfg)
-    unet.requires_grad_(False)
-    to_dtype(unet, weight_dtype)
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=targets))
-    cast_training_params(unet, dtype=torch.float32)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-
-    vae_cfg = dict(spec.get("vae", VAE))
-    if args.vae_config:
-        with open(args.vae_config) as f:
-            vae_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    if args.cache_latents:  # --cache_latents: the VAE has left the accelerator once the cache is built
-        return unet, None, [] if args.no_text_encoders else _text_encoders(args, spec, weight_dtype)
-    vae = AutoencoderKL(**vae_cfg)
-    vae.requires_grad_(False)
-    # the script: the SDXL VAE stays fp32 unless --pretrained_vae_model_name_or_path (fp16-fix) is given
-    vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype] if args.vae_dtype != "auto" else (
-        torch.float32 if spec["sdxl"] else weight_dtype)
-    to_dtype(vae, vae_dtype)
-
-    return unet, vae, [] if args.no_text_encoders else _text_encoders(args, spec, weight_dtype)
-
-
-def _text_encoders(args, spec, weight_dtype):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    text_encoders = []
-    for kind, cfg in spec["text_encoders"]:
-        if kind == "t5":
-            from transformers import T5Config, T5EncoderModel
-            te = T5EncoderModel(T5Config(**cfg))
-        else:
-            te = (CLIPTextModelWithProjection if kind == "clip_proj" else CLIPTextModel)(CLIPTextConfig(**cfg))
-        te.requires_grad_(False)
-        to_dtype(te, weight_dtype)
-        text_encoders.append(te)
-    return text_encoders
 
 
 class StubScaler:
@@ -619,82 +552,46 @@ def profile_peaks(prof):
                 n_events=len(mem))
 
 
-def sd_text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype):
-    """SD 1.x / SDXL conditioning as the script encodes it (SDXL: penultimate hidden states of both encoders,
-    the pooled output of the second); with cached embeddings (no encoders) tensors of the same sizes."""
-    embeds, pooled = [], None
-    for te, ids in zip(text_encoders, input_ids):
-        if not spec["sdxl"]:
-            embeds.append(te(ids)[0])
-            break
-        out = te(ids, output_hidden_states=True)
-        pooled = out[0]
-        embeds.append(out.hidden_states[-2])
-        del out
-    if not text_encoders:
-        embeds = [torch.randn(bsz, 77, spec["unet"]["cross_attention_dim"], dtype=weight_dtype)]
-        pooled = torch.randn(bsz, 1280, dtype=weight_dtype) if spec["sdxl"] else None
-    prompt_embeds = torch.cat(embeds, dim=-1) if len(embeds) > 1 else embeds[0]
-    added = None
-    if spec["sdxl"]:
-        added = {"text_embeds": pooled, "time_ids": torch.zeros(bsz, 6, dtype=prompt_embeds.dtype)}
-    return dict(encoder_hidden_states=prompt_embeds, added_cond_kwargs=added)
 
 
-def flow_text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype):
-    """FLUX.1: T5 hidden states + the CLIP-L pooled output; SD3: CLIP-L/G penultimate states (padded to the T5
-    width) joined with T5's along the sequence, both pooled outputs. Cached: tensors of the same sizes."""
-    cfg = spec["transformer"]
-    lengths = spec["text_lengths"]
-    if text_encoders:
-        outs = [te(ids, output_hidden_states=True) for te, ids in zip(text_encoders, input_ids)]
-        t5 = outs[-1].last_hidden_state
-        clip = [o for o in outs[:-1]]
-        pooled = torch.cat([o.text_embeds if "text_embeds" in o else o.pooler_output for o in clip], dim=-1)
-        if spec["family"] == "sd3":
-            states = torch.cat([o.hidden_states[-2] for o in clip], dim=-1)
-            states = torch.nn.functional.pad(states, (0, t5.shape[-1] - states.shape[-1]))
-            t5 = torch.cat([states, t5], dim=-2)
-        del outs, clip
-    else:
-        tokens = lengths[-1] + (lengths[0] if spec["family"] == "sd3" else 0)
-        t5 = torch.randn(bsz, tokens, cfg["joint_attention_dim"], dtype=weight_dtype)
-        pooled = torch.randn(bsz, cfg["pooled_projection_dim"], dtype=weight_dtype)
-    cond = dict(encoder_hidden_states=t5, pooled_projections=pooled)
-    if spec["family"] == "flux":
-        cond["txt_ids"] = torch.zeros(t5.shape[1], 3, dtype=weight_dtype)
-    return cond
+# ---------------------------------------------------------------------------------------------
+# The run, stage by stage, through the model's family
+# ---------------------------------------------------------------------------------------------
+
+PHASES = ("caption", "latents", "step", "validation", "evaluation")
+"""The run's phases in order (keys of ``result["phases"]``); their printed names come from :func:`phase_name`."""
 
 
-def denoise(model, spec, noisy_latents, cond, bsz):
-    """One forward of the denoiser in the layout the family needs; the prediction in the latents' layout."""
-    timesteps = torch.full((bsz,), 500.0)
-    if spec.get("family") == "flux":
-        from diffusers import FluxPipeline
-
-        b, c, h, w = noisy_latents.shape
-        packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, packed.dtype)
-        guidance = torch.full((b,), 3.5) if spec["transformer"].get("guidance_embeds") else None
-        pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, img_ids=img_ids,
-                     return_dict=False, **cond)[0]
-        return pred.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-    if spec.get("family") == "sd3":
-        return model(hidden_states=noisy_latents, timestep=timesteps, return_dict=False, **cond)[0]
-    return model(noisy_latents, timesteps.long(), **cond).sample
+def phase_name(key: str, family, args, resolution: int) -> str:
+    """What a phase is, in words (the denoiser named as the family names it: a transformer is not a UNet)."""
+    return {
+        "caption": "caption embedding by the text encoders",
+        "latents": f"latent caching by the VAE at {resolution} px",
+        "step": f"{family.denoiser_label} training step",
+        "validation": f"validation sampling at {args.validation_resolution or resolution} px",
+        "evaluation": f"evaluation sampling at {args.evaluation_resolution or resolution} px, "
+                      f"{args.evaluation_images} images per call",
+    }[key]
 
 
-def vae_encode(vae, pixels, spec, weight_dtype):
-    """The script's latents: a sample of the VAE's posterior, scaled, in the weight dtype."""
-    latent_dist = vae.encode(pixels).latent_dist
-    eps = torch.randn(latent_dist.mean.shape)
-    latents = latent_dist.mean + latent_dist.std * eps.to(latent_dist.mean)
-    return (latents * spec["scaling_factor"]).to(weight_dtype)
+def family_for_settings(args, folder: str):
+    """The model family of ``folder`` (``model_families.family_for_model``: its model_index.json's _class_name)
+    over the training script's own flag defaults, with the family's defaults filled in (``check_args``)."""
+    import model_families as mf
+    import train_fairhuman_lora as train
+
+    argv = ["--pretrained_model_name_or_path", folder, "--train_data_dir", "-"]
+    if args.max_sequence_length is not None:
+        argv += ["--max_sequence_length", str(args.max_sequence_length)]
+    run_args = train.parse_args(argv)
+    family = mf.family_for_model(run_args)
+    family.check_args(run_args)
+    return family
 
 
 def simulate(args):
-    """Memory pass (MemTracker) and, separately, FLOP pass (FlopCounterMode): FlopCounterMode's module
-    tracker keeps tensors alive through backward, so it must not run under the memory tracker."""
+    """Memory pass (MemTracker) and, separately, FLOP pass of the step (FlopCounterMode): FlopCounterMode's
+    module tracker keeps tensors alive through backward, so it must not run under the memory tracker."""
     result = simulate_once(args, measure="memory")
     if args.flops:
         result["flops"] = simulate_once(args, measure="flops")["flops"]
@@ -704,31 +601,89 @@ def simulate(args):
 def simulate_once(args, measure):
     import fairhuman_utils as fh
 
-    with fair_solver_on_fake_grams(fh):
-        return _simulate_once(args, measure, fh)
+    with fair_solver_on_fake_grams(fh), model_folder(args.model) as folder:
+        return _simulate_once(args, measure, fh, family_for_settings(args, folder))
 
 
-def _simulate_once(args, measure, fh):
+def nbytes(tensors) -> int:
+    return sum(math.ceil(t.numel() * t.element_size() / 512) * 512 for t in tensors)
+
+
+def _simulate_once(args, measure, fh, family):
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = model_spec(args.model)
-    resolution = args.resolution or spec["resolution"]
+    vae_factor, _step, _granularity, native = family.geometry()
+    resolution = args.resolution or native
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     register_cpu_sdpa_flops()
     fp32_policy = CudaAutocastFp32Policy()
+    device = torch.device("cpu")
     timings = {}
+    memory = measure == "memory" and not args.real
+    profiling = measure == "profile"
+    count_flops = measure == "flops"
+    amp = (functools.partial(torch.autocast, "cpu", dtype=weight_dtype) if args.mixed_precision in ("fp16", "bf16")
+           else contextlib.nullcontext)
+    phases, trackers = {}, {}
+
+    def run_phase(key, tracked, body, sub_phases=False):
+        """``body()`` under a fresh tracker that holds ``tracked`` (what the run has on the device then)."""
+        if not memory:
+            return body()
+        tracker = make_tracker()
+        tracker.track_external(*tracked)
+        gc.collect()
+        with tracker, fp32_policy:
+            tracker.set_phase(key)
+            start = tracker.current_total()
+            out = body()
+            tracker._note()
+        trackers[key] = (tracker, start)
+        phases[key] = max(tracker.phase_peak.values())
+        return out
 
     fake = contextlib.nullcontext() if args.real else make_fake_mode()
     t0 = time.time()
     with fake:
-        unet, vae, text_encoders = build_models(args, spec, weight_dtype)
-        lora_params = [p for p in unet.parameters() if p.requires_grad]
+        with fake_safe_module_to():
+            family.build_from_configs(weight_dtype, ShapeTokenizer)
+            if args.vae_dtype != "auto":
+                to_dtype(family.vae, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype])
+            add_lora(args, family.denoiser)
+        denoiser, vae, text_encoders = family.denoiser, family.vae, family.text_encoders
+        lora_params = [p for p in denoiser.parameters() if p.requires_grad]
         n_lora = sum(p.numel() for p in lora_params)
-        n_unet = sum(p.numel() for p in unet.parameters()) - n_lora
-        n_vae = sum(p.numel() for p in vae.parameters()) if vae is not None else 0
-        n_te = sum(p.numel() for te in text_encoders for p in te.parameters())
+        params = dict(denoiser=sum(p.numel() for p in denoiser.parameters()) - n_lora, lora=n_lora,
+                      vae=sum(p.numel() for p in vae.parameters()),
+                      text_encoders=sum(p.numel() for te in text_encoders for p in te.parameters()))
         timings["build_s"] = time.time() - t0
+        bsz = args.batch_size
+        latent_channels = vae.config.latent_channels
+        in_step = family.text_encoders_in_step(args)
 
+        # ---- 1. caption embedding: the text encoders alone, one caption at the run's sequence lengths ----
+        def embed():
+            with torch.no_grad():
+                return family.encode_captions(["a photo of a person"], device)
+
+        if profiling or count_flops:  # the step only
+            caption = embed()
+        else:
+            caption = run_phase("caption", text_encoders, embed)
+
+        # ---- 2. latent caching: the VAE alone, one image at the training resolution ----
+        if args.cache_latents and memory:
+            pixels = torch.randn(1, 3, resolution, resolution).to(vae.dtype)
+
+            def encode():
+                with torch.no_grad():
+                    dist = vae.encode(pixels).latent_dist
+                    return dist.mean, dist.std
+
+            run_phase("latents", [vae, pixels], encode)
+            del pixels
+
+        # ---- 3. the training step ----
         optimizer, opt_name = make_optimizer(args, lora_params)
         weighting = "global" if args.mode == "plain" else "fair"
         interval = 8 if args.mode == "fair_interval" else 1
@@ -740,50 +695,26 @@ def _simulate_once(args, measure, fh):
                                     interval_weights=args.fair_interval_weights, row_dtype=row_dtype,
                                     batched_backward=args.fair_batched_backward)
         accelerator = StubAccelerator(65536.0 if args.mixed_precision == "fp16" else None)
-        if not args.real:  # the script keeps these on the CPU: real tensors, not fake ones
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-            with unset_fake_temporarily():
-                if fair_update.coefficients is not None:  # the fixed coefficients of 'global' (region weights 1)
-                    fair_update.coefficients = fh.fixed_coefficients(weighting, (1.0,) * args.num_regions)
-                fair_update._prediction_gram_sum = torch.zeros(len(objectives), len(objectives), dtype=torch.float64)
+        steady_state(args, fh, fair_update, optimizer, lora_params, objectives, weighting)
 
-        # steady state: the optimizer already holds its states (created on the first step)
-        for p in lora_params:
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if args.mode == "fair_interval":  # a step between exact solves: coefficients and calibration exist
-            fair_update.step = 1
-            with unset_fake_temporarily():
-                fair_update.coefficients = torch.tensor([1.0] + [0.5] * args.num_regions, dtype=torch.float64)
-                fair_update.gram_scale = torch.ones(len(objectives), dtype=torch.float64)
-            assert not fair_update.exact_step and not fair_update.per_objective
-
-        # the batch (CPU side: pixel values, masks; the script moves pixels to the device in the VAE dtype)
-        bsz = args.batch_size
-        h = w = resolution
-        vae_cfg = spec.get("vae", VAE)
-        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        latent_hw = (h // factor, w // factor)
-        if vae is not None:
-            pixels = torch.randn(bsz, 3, h, w).to(vae.dtype)
-        else:  # --cache_latents: the cached latent of the batch, in the weight dtype
-            pixels = torch.randn(bsz, vae_cfg.get("latent_channels", 4), *latent_hw).to(weight_dtype)
+        latent_hw = (resolution // vae_factor, resolution // vae_factor)
+        if args.cache_latents:  # the batch's cached posterior, in the weight dtype
+            batch = family.memory_batch(bsz, latents=torch.randn(bsz, latent_channels, *latent_hw).to(weight_dtype))
+        else:  # pixels, moved to the device in the VAE's dtype
+            batch = family.memory_batch(bsz, pixels=torch.randn(bsz, 3, resolution, resolution).to(vae.dtype))
         region_masks = [torch.zeros(bsz, 1, *latent_hw) for _ in range(args.num_regions)]
-        lengths = spec.get("text_lengths", [77] * len(spec["text_encoders"]))
-        input_ids = [torch.zeros(bsz, n, dtype=torch.long) for n, _ in zip(lengths, text_encoders)]
-        persistent_other = [pixels, *region_masks, *input_ids]
+        stored = None if in_step else {k: torch.cat([v] * bsz) for k, v in caption.items()}
+        persistent = [t for t in batch.values() if isinstance(t, torch.Tensor)] + region_masks
+        persistent += list(stored.values()) if stored else []
+        step_models = [denoiser, optimizer, *([] if args.cache_latents else [vae]), *(text_encoders if in_step else [])]
 
-        tracker = None if (args.real or measure != "memory") else make_tracker()
-        count_flops = measure == "flops"
+        tracker = make_tracker() if memory else None
         flops: dict[str, int] = {}
-
-        profiling = measure == "profile"
         prof = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
                 if profiling else None)
 
         @contextlib.contextmanager
-        def phase(name):
+        def sub_phase(name):
             if profiling:
                 with torch.profiler.record_function("phase:" + name):
                     yield
@@ -801,130 +732,207 @@ def _simulate_once(args, measure, fh):
                 tracker._note()
 
         if tracker is not None:
-            tracker.track_external(*[m for m in (unet, vae) if m is not None], *text_encoders, optimizer,
-                                   *persistent_other)
+            tracker.track_external(*step_models, *persistent)
         gc.collect()
         with (tracker if tracker is not None else prof if profiling else contextlib.nullcontext()), fp32_policy:
             start_total = tracker.current_total() if tracker is not None else 0
-            # ---- prepare_inputs (torch.no_grad) ----
-            with torch.no_grad():
-                with phase("vae_encode"):
-                    latents = pixels if vae is None else vae_encode(vae, pixels, spec, weight_dtype)
-                with phase("text_encode"):
-                    text_inputs = flow_text_inputs if spec.get("family") in ("flux", "sd3") else sd_text_inputs
-                    cond = text_inputs(spec, text_encoders, input_ids, bsz, weight_dtype)
-                    noise = torch.randn(latents.shape).to(latents)
-                    noisy_latents = latents * 0.5 + noise * 0.5  # add_noise / (1 - sigma) x + sigma n: same sizes
-                    target = noise - latents if spec.get("family") else noise
-                    present = [True] * len(objectives)  # worst case: every region in the batch
-            # ---- forward (accelerate: autocast + outputs converted to fp32) ----
-            with phase("unet_forward"):
-                amp = (torch.autocast("cpu", dtype=weight_dtype) if args.mixed_precision in ("fp16", "bf16")
-                       else contextlib.nullcontext())
-                with amp:
-                    model_pred = denoise(unet, spec, noisy_latents, cond, bsz)
+            with torch.no_grad(), sub_phase("prepare_inputs"):  # the script's prepare_inputs
+                cond = family.encode_captions(["a photo of a person"] * bsz, device) if in_step else stored
+                noisy = family.noisy_inputs(batch, cond, device, weight_dtype)
+                inputs = types.SimpleNamespace(model_input=noisy.model_input, timesteps=noisy.timesteps,
+                                               conditioning=cond, extras=noisy.extras)
+                present = [True] * len(objectives)  # worst case: every region in the batch
+            with sub_phase("forward"):  # accelerate: autocast + outputs converted to fp32
+                with amp():
+                    model_pred = family.predict(denoiser, inputs)
                 model_pred = model_pred.float()
-                def loss_fn(pred, target=target, masks=tuple(region_masks)):
-                    return fh.fairhuman_losses(pred, target, *masks, local_loss_scale=5.0, normalization="latent")
+
+                def loss_fn(pred, target=noisy.target, masks=tuple(region_masks), weights=noisy.sample_weights):
+                    return fh.fairhuman_losses(pred, target, *masks, local_loss_scale=5.0, normalization="latent",
+                                               sample_weights=weights)
 
                 losses = loss_fn(model_pred)
-            # ---- FairUpdate.backward: per-objective passes (exact) or one pass of sum_i c_i L_i ----
-            with phase("backward"), numbered_backward_phases(tracker):
+            with sub_phase("backward"), numbered_backward_phases(tracker):
                 fair_update.backward(accelerator, losses, present, loss_fn=loss_fn, model_pred=model_pred)
-            del model_pred, losses, loss_fn
-            # ---- write_update, unscale + clip, optimizer step, zero_grad ----
-            with phase("write_update"):
+            del model_pred, losses, loss_fn, inputs, noisy, cond
+            with sub_phase("write_update"):
                 fair_update.write_update(accelerator)
-            with phase("clip"):
+            with sub_phase("clip"):
                 accelerator.unscale_and_clip(lora_params, 1.0)
-            with phase("optimizer_step"):
+            with sub_phase("optimizer_step"):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if tracker is not None:
                 tracker.set_phase("end")
+        del batch, region_masks, persistent
+        if profiling:
+            return dict(profile=profile_peaks(prof), timings=timings)
+        if count_flops:
+            return dict(flops=flops, timings=timings)
+        phases["step"] = max(tracker.phase_peak.values())
 
-    if profiling:
-        return dict(profile=profile_peaks(prof), timings=timings)
-    # ---- resident bytes by what they are (analytic, from the tensors themselves) ----
-    def nbytes(tensors):
-        return sum(math.ceil(t.numel() * t.element_size() / 512) * 512 for t in tensors)
+        # ---- 4./5. sampling mid-run and after training: what stays resident + the denoiser + the VAE decode ----
+        resident = [denoiser, optimizer, vae, *(text_encoders if in_step else []), *caption.values()]
+        rows = 2 if family.cfg_sampling else 1
+        for key, images, sample_resolution in (("validation", 1 if args.validation else 0, args.validation_resolution),
+                                               ("evaluation", args.evaluation_images, args.evaluation_resolution)):
+            if images:
+                run_phase(key, resident, functools.partial(
+                    sample, family, caption, images * rows, images, (sample_resolution or resolution) // vae_factor,
+                    latent_channels, weight_dtype, amp, device))
+
+    # ---- bitsandbytes storage, analytic: the bytes saved by every phase that holds the model ----
+    saved, dequantized = quantization_saving(denoiser, args.quantization)
+    step_phase_peak = dict(tracker.phase_peak)
+    if saved:
+        step_phase_peak = {k: v - saved + (dequantized if k != "prepare_inputs" else 0) for k, v in step_phase_peak.items()}
+        start_total -= saved
+        for key in ("step", "validation", "evaluation"):
+            if key in phases:
+                phases[key] += dequantized - saved
+        phases["step"] = max(step_phase_peak.values())
+    large = family.large_text_encoders()
+    te_saved = te_dequantized = 0
+    for text_encoder in large:
+        s, d = quantization_saving(text_encoder, args.quantize_text_encoders)
+        te_saved, te_dequantized = te_saved + s, max(te_dequantized, d)
+    phases["caption"] += te_dequantized - te_saved
+    if in_step:  # the encoders stay for the step and the sampling
+        for key in ("step", "validation", "evaluation"):
+            if key in phases:
+                phases[key] -= te_saved
+        step_phase_peak = {k: v - te_saved for k, v in step_phase_peak.items()}
+        start_total -= te_saved
 
     opt_states = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    resident = {
-        "UNet frozen weights": nbytes([p for p in unet.parameters() if not p.requires_grad]) + nbytes(list(unet.buffers())),
-        "text encoders": nbytes([p for te in text_encoders for p in te.parameters()]) + nbytes([b for te in text_encoders for b in te.buffers()]),
-        "VAE": nbytes(list(vae.parameters())) if vae is not None else 0,
+    resident_bytes = {
+        "denoiser frozen weights": nbytes([p for p in denoiser.parameters() if not p.requires_grad])
+        + nbytes(list(denoiser.buffers())) - saved,
+        "text encoders": (nbytes([p for te in text_encoders for p in te.parameters()]) - te_saved) if in_step else 0,
+        "VAE": 0 if args.cache_latents else nbytes(list(vae.parameters())),
         "LoRA params (fp32)": nbytes(lora_params),
         "optimizer states": nbytes(opt_states),
     }
-    result = dict(
-        model=args.model, resolution=resolution, rank=args.rank, mode=args.mode, gc=args.gradient_checkpointing,
-        optimizer=opt_name, mixed_precision=args.mixed_precision,
-        vae_dtype="cached" if vae is None else str(vae.dtype).replace("torch.", ""),
-        cache_latents=bool(args.cache_latents), cache_text_embeddings=bool(args.no_text_encoders),
-        fair_batched_backward=bool(args.fair_batched_backward),
-        quantization=args.quantization,
-        params=dict(unet=n_unet, lora=n_lora, vae=n_vae, text_encoders=n_te),
-        resident=resident, timings=timings, flops=flops,
+    names = {key: phase_name(key, family, args, resolution) for key in phases}
+    peak_key = max(phases, key=phases.get)
+    return dict(
+        model=args.model, family=family.label, resolution=resolution, rank=args.rank, mode=args.mode,
+        gc=args.gradient_checkpointing, optimizer=opt_name, mixed_precision=args.mixed_precision,
+        vae_dtype=str(vae.dtype).replace("torch.", ""), cache_latents=bool(args.cache_latents),
+        cache_text_embeddings=bool(args.cache_text_embeddings), fair_batched_backward=bool(args.fair_batched_backward),
+        quantization=args.quantization, quantize_text_encoders=args.quantize_text_encoders,
+        validation=bool(args.validation), evaluation_images=args.evaluation_images,
+        params=params, resident=resident_bytes, timings=timings, flops={},
+        phases={key: phases[key] for key in PHASES if key in phases}, phase_names=names,
+        peak_total=phases[peak_key], peak_phase=peak_key, peak_name=names[peak_key],
+        step_peak=phases["step"], start_total=start_total,
+        step_phase_peak={k: step_phase_peak[k] for k in tracker.order},
+        step_peak_snap=tracker.phase_snap[max(tracker.order, key=lambda k: tracker.phase_peak[k])],
+        data_dependent_scalars=list(DATA_DEPENDENT),
+        # (bytes saved, largest dequantized weight) of each storage: the denoiser's, the large text encoders'
+        quantization_options={q: quantization_saving(denoiser, q) for q in QUANTIZED_BYTES},
+        text_encoder_quantization_options={q: (sum(quantization_saving(te, q)[0] for te in large),
+                                               max([quantization_saving(te, q)[1] for te in large], default=0))
+                                           for q in QUANTIZED_BYTES},
     )
-    if tracker is not None:
-        result["quantization_options"] = {q: quantization_saving(unet, q) for q in QUANTIZED_BYTES}
-        saved, dequantized = quantization_saving(unet, args.quantization)
-        result["quantization_saved"] = saved
-        if saved:
-            resident["UNet frozen weights"] -= saved
-            tracker.phase_peak = {k: v - saved + (dequantized if k not in ("vae_encode", "text_encode") else 0)
-                                  for k, v in tracker.phase_peak.items()}
-            start_total -= saved
-        result["start_total"] = start_total
-        result["peak_total"] = max(tracker.phase_peak.values())
-        result["phase_peak"] = {k: tracker.phase_peak[k] for k in tracker.order}
-        result["phase_snap"] = {k: tracker.phase_snap[k] for k in tracker.order}
-        peak_phase = max(tracker.order, key=lambda k: tracker.phase_peak[k])
-        result["peak_phase"] = peak_phase
-        result["peak_snap"] = tracker.phase_snap[peak_phase]
-        result["data_dependent_scalars"] = list(DATA_DEPENDENT)
-    return result
+
+
+def add_lora(args, denoiser):
+    """The run's LoRA on the denoiser (fp32 trainable weights) and gradient checkpointing, as the script sets them."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    denoiser.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                    target_modules=targets))
+    cast_training_params(denoiser, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+
+
+def steady_state(args, fh, fair_update, optimizer, lora_params, objectives, weighting):
+    """The step as it runs after the first: the optimizer holds its states; an interval run between solves."""
+    if not args.real:  # the script keeps these on the CPU: real tensors, not fake ones
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            if fair_update.coefficients is not None:  # the fixed coefficients of 'global' (region weights 1)
+                fair_update.coefficients = fh.fixed_coefficients(weighting, (1.0,) * args.num_regions)
+            fair_update._prediction_gram_sum = torch.zeros(len(objectives), len(objectives), dtype=torch.float64)
+    for p in lora_params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if args.mode == "fair_interval":  # a step between exact solves: coefficients and calibration exist
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        fair_update.step = 1
+        with unset_fake_temporarily():
+            fair_update.coefficients = torch.tensor([1.0] + [0.5] * args.num_regions, dtype=torch.float64)
+            fair_update.gram_scale = torch.ones(len(objectives), dtype=torch.float64)
+        assert not fair_update.exact_step and not fair_update.per_objective
+
+
+def sample(family, caption, rows, images, latent_side, latent_channels, weight_dtype, amp, device):
+    """One sampling step of the pipeline (``rows`` = images x 2 with classifier-free guidance) on the stored
+    caption embeddings, through the family's own ``noisy_inputs`` / ``predict``, then the VAE decode of the
+    images (no gradients, under the run's autocast)."""
+    with torch.no_grad():
+        latents = torch.randn(rows, latent_channels, latent_side, latent_side).to(weight_dtype)
+        cond = {k: torch.cat([v] * rows) for k, v in caption.items()}
+        noisy = family.noisy_inputs(family.memory_batch(rows, latents=latents), cond, device, weight_dtype)
+        inputs = types.SimpleNamespace(model_input=noisy.model_input, timesteps=noisy.timesteps, conditioning=cond,
+                                       extras=noisy.extras)
+        with amp():
+            prediction = family.predict(family.denoiser, inputs)
+        del prediction, inputs, noisy, cond, latents
+        decoded = family.vae.decode(torch.randn(images, latent_channels, latent_side, latent_side)
+                                    .to(family.vae.dtype)).sample
+        del decoded
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def gib(x):
-    return f"{x / GiB:6.2f}"
+def memory_estimate_lines(result) -> list[str]:
+    """What ``--estimate_memory`` prints: what the training step holds, one line per phase
+    (``phase NAME: N.NN GiB``), and last ``estimated peak: N.NN GiB (NAME)``."""
+    resident = ", ".join(f"{k} {v / GiB:.2f}" for k, v in result["resident"].items() if v)
+    lines = [f"resident through training: {result['start_total'] / GiB:.2f} GiB ({resident})"]
+    lines += [f"phase {result['phase_names'][key]}: {value / GiB:.2f} GiB" for key, value in result["phases"].items()]
+    lines.append("Tensors only: add the CUDA context (0.3-1 GiB) and 5-20% allocator overhead (docs/memory.md).")
+    lines.append(f"estimated peak: {result['peak_total'] / GiB:.2f} GiB ({result['peak_name']})")
+    return lines
 
 
 def print_result(r):
     p = r["params"]
-    print(f"\n== {r['model']} @ {r['resolution']}px, rank {r['rank']}, mode {r['mode']}, "
-          f"gradient checkpointing {'on' if r['gc'] else 'off'}, {r['mixed_precision']}, {r['optimizer']}, VAE {r['vae_dtype']}")
-    print(f"   params: UNet {p['unet']/1e6:.1f} M frozen, LoRA {p['lora']/1e6:.2f} M trainable, VAE {p['vae']/1e6:.1f} M, "
-          f"text encoders {p['text_encoders']/1e6:.1f} M")
-    print("   resident (GiB):", ", ".join(f"{k} {v/GiB:.2f}" for k, v in r["resident"].items() if v))
-    if "peak_total" in r:
-        print(f"   PEAK tracked tensor memory: {r['peak_total']/GiB:.2f} GiB in phase '{r['peak_phase']}' "
-              f"(resident at step start {r['start_total']/GiB:.2f} GiB)")
-        print("   phase peaks (GiB):", ", ".join(f"{k} {v/GiB:.2f}" for k, v in r["phase_peak"].items()))
-        snap = r["peak_snap"]
-        print("   at the peak, by MemTracker category (GiB):",
-              ", ".join(f"{k} {v/GiB:.2f}" for k, v in snap.items() if k != "Total" and v))
+    print(f"\n== {r['model']} ({r['family']}) @ {r['resolution']}px, rank {r['rank']}, mode {r['mode']}, gradient "
+          f"checkpointing {'on' if r['gc'] else 'off'}, {r['mixed_precision']}, {r['optimizer']}, VAE {r['vae_dtype']}")
+    print(f"   params: denoiser {p['denoiser']/1e6:.1f} M frozen, LoRA {p['lora']/1e6:.2f} M trainable, "
+          f"VAE {p['vae']/1e6:.1f} M, text encoders {p['text_encoders']/1e6:.1f} M")
+    if "phases" in r:
+        print("   training step phases (GiB):", ", ".join(f"{k} {v/GiB:.2f}" for k, v in r["step_phase_peak"].items()))
+        for line in memory_estimate_lines(r):
+            print("   " + line)
     if r["flops"]:
         print("   FLOPs (TFLOP):", ", ".join(f"{k} {v/1e12:.2f}" for k, v in r["flops"].items() if v))
-        print(f"   UNet training FLOPs (forward + backward): {(r['flops'].get('unet_forward',0)+r['flops'].get('backward',0))/1e12:.2f} TFLOP")
+        print(f"   denoiser training FLOPs (forward + backward): "
+              f"{(r['flops'].get('forward', 0) + r['flops'].get('backward', 0))/1e12:.2f} TFLOP")
     print("   wall seconds:", ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
 
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sdxl",
-                    help=f"built-in configs ({', '.join(sorted(MODELS))}) or a diffusers model folder with config files")
+                    help=f"a named model ({', '.join(sorted(MODELS))}) or a diffusers folder with its config files")
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--mode", choices=["plain", "fair_exact", "fair_interval"], default="fair_exact")
     ap.add_argument("--num_regions", type=int, default=2,
                     help="region objectives beside the global one (2: hand, face; K = num_regions + 1 rows)")
-    ap.add_argument("--resolution", type=int, default=None, help="default: 1024 (sdxl), 512 (sd15)")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's native resolution")
     ap.add_argument("--batch_size", type=int, default=1)
+    ap.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default: the family's)")
     gcg = ap.add_mutually_exclusive_group()
     gcg.add_argument("--gradient_checkpointing", dest="gradient_checkpointing", action="store_true", default=True)
     gcg.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
@@ -933,20 +941,26 @@ def build_parser():
                     help="as train_fairhuman_lora.py (auto: bf16 under fp16/bf16 mixed precision)")
     ap.add_argument("--fair_batched_backward", action="store_true",
                     help="as train_fairhuman_lora.py: the per-objective gradients from one vmapped backward pass")
-    ap.add_argument("--cache_latents", action="store_true", help="latents cached: no VAE on the accelerator")
-    ap.add_argument("--cache_text_embeddings", dest="no_text_encoders", action="store_true",
-                    help="text embeddings cached: no text encoders on the accelerator")
+    ap.add_argument("--cache_latents", action="store_true",
+                    help="latents cached before training (a latent-caching phase; no VAE in the step)")
+    ap.add_argument("--cache_text_embeddings", action="store_true",
+                    help="text embeddings cached before training (families that embed per batch keep no encoder)")
     ap.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
-                    help="frozen Linear weights of the denoiser stored by bitsandbytes (modelled analytically)")
+                    help="--quantize_base: the denoiser's frozen Linear weights stored by bitsandbytes (analytic)")
+    ap.add_argument("--quantize_text_encoders", choices=["none", "nf4", "int8"], default="none",
+                    help="the family's large text encoders (T5) stored by bitsandbytes for the caption pass (analytic)")
+    ap.add_argument("--validation", action="store_true", help="validation sampling mid-run (--validation_prompt)")
+    ap.add_argument("--validation_resolution", type=int, default=None, help="default: --resolution")
+    ap.add_argument("--evaluation_images", type=int, default=0,
+                    help="images per pipeline call of the evaluation (--evaluate_prompts_file); 0: none")
+    ap.add_argument("--evaluation_resolution", type=int, default=None, help="default: --resolution")
     ap.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit")
     ap.add_argument("--try_bnb", action="store_true", help="try bitsandbytes' own AdamW8bit under fake tensors "
                     "(default: a stub with its exact state tensors; its update kernel is in place)")
     ap.add_argument("--vae_dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                    help="auto: as the script (SDXL VAE fp32 unless an fp16-fix VAE is given; SD1.5 in fp16)")
+                    help="auto: the family's (SDXL: fp32 unless an fp16-fix VAE is given; others the weight dtype)")
     ap.add_argument("--fair_interval_weights", choices=["prediction", "reuse"], default="prediction")
-    ap.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0")
-    ap.add_argument("--unet_config", default=None, help="a UNet config.json instead of the built-in one")
-    ap.add_argument("--vae_config", default=None)
+    ap.add_argument("--lora_target_modules", default=None, help="default: the family's default targets")
     ap.add_argument("--no_flops", dest="flops", action="store_false", default=True)
     ap.add_argument("--real", action="store_true", help="real CPU tensors instead of fake ones (small models only)")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
@@ -954,15 +968,28 @@ def build_parser():
     return ap
 
 
-def estimate(**settings) -> dict:
-    """One configuration's estimate (the flags of :func:`build_parser` as keyword arguments; memory only
-    unless ``flops=True``). Returns the result dict: ``peak_total`` (bytes), ``phase_peak``, ``resident``..."""
-    settings.setdefault("flops", False)
+def _args(settings):
     args = build_parser().parse_args([])
     for key, value in settings.items():
         if not hasattr(args, key):
             raise TypeError(f"estimate() got an unknown setting {key!r}")
         setattr(args, key, value)
+    return args
+
+
+def _default_targets(args):
+    if args.lora_target_modules is None:
+        with model_folder(args.model) as folder:
+            args.lora_target_modules = family_for_settings(args, folder).default_lora_targets
+
+
+def estimate(**settings) -> dict:
+    """One configuration's estimate (the flags of :func:`build_parser` as keyword arguments; memory only
+    unless ``flops=True``). Returns the result dict: ``phases`` (bytes by phase key), ``peak_total``,
+    ``peak_phase``, ``step_peak``, ``start_total``, ``step_phase_peak``, ``resident``..."""
+    settings.setdefault("flops", False)
+    args = _args(settings)
+    _default_targets(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
@@ -971,18 +998,118 @@ def estimate(**settings) -> dict:
 
 
 def measure_real(**settings) -> dict:
-    """The same step with REAL CPU tensors (small models only), its allocations read from the CPU allocator's
+    """The training step with REAL CPU tensors (small models only), its allocations read from the CPU allocator's
     own events (``torch.profiler``, ``profile_memory=True``): ``peak_delta`` is the peak of bytes allocated
-    above what was live at the step's start; compare with ``estimate()['peak_total'] - ['start_total']``."""
+    above what was live at the step's start; compare with ``estimate()['step_peak'] - ['start_total']``."""
     settings.setdefault("flops", False)
-    args = build_parser().parse_args([])
-    for key, value in settings.items():
-        setattr(args, key, value)
+    args = _args(settings)
     args.real = True
+    _default_targets(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         return simulate_once(args, measure="profile")["profile"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run's estimate: --estimate_memory and the start-up check on CUDA
+# ---------------------------------------------------------------------------------------------
+
+MODEL_CONFIG_FILES = ("model_index.json", "scheduler/scheduler_config.json", "vae/config.json",
+                      "text_encoder/config.json", "text_encoder_2/config.json", "text_encoder_3/config.json")
+"""The config files the estimate reads beside the denoiser's (those a model lacks, e.g. SD 1.x's text_encoder_2,
+are skipped)."""
+
+
+def model_config_folder(args, family) -> str:
+    """A folder holding the model's config files: ``--pretrained_model_name_or_path`` itself when it is a folder,
+    else the Hub snapshot of its config files alone (``hf_hub_download`` of each; no weights): the family's
+    denoiser config (``unet/`` or ``transformer/``), which must be there, and :data:`MODEL_CONFIG_FILES`."""
+    import model_families as mf
+
+    if os.path.isdir(args.pretrained_model_name_or_path):
+        return args.pretrained_model_name_or_path
+    from huggingface_hub import hf_hub_download
+
+    required = f"{family.denoiser_name}/config.json"
+    folder = None
+    for name in (required, *MODEL_CONFIG_FILES):
+        try:
+            path = hf_hub_download(args.pretrained_model_name_or_path, name, revision=args.revision,
+                                   cache_dir=args.cache_dir)
+        except Exception as error:  # noqa: BLE001 - a missing text_encoder_2 (SD 1.x) is normal
+            if name == required:
+                raise mf.UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot "
+                                    f"read {required} ({error})") from None
+            continue
+        folder = folder or os.path.dirname(os.path.dirname(path))
+    return folder
+
+
+def estimate_settings(args, mixed_precision: str, family) -> dict:
+    """The settings of :func:`estimate` for this run's flags (the worst step: hands and faces present, an exact
+    fair solve; validation sampling when --validation_prompt is given, evaluation with --evaluate_prompts_file)."""
+    import evaluate_fairhuman
+    import train_fairhuman_lora as train
+
+    evaluation_batch = evaluate_fairhuman.parse_args(
+        ["--pretrained_model_name_or_path", "-", "--prompts_file", "-", "--output_dir", "-"]).batch_size
+    return dict(
+        model=model_config_folder(args, family), rank=args.rank, resolution=args.resolution,
+        mode="plain" if args.weighting != "fair" else "fair_exact", num_regions=len(train.run_objectives(args)) - 1,
+        batch_size=args.train_batch_size, max_sequence_length=args.max_sequence_length,
+        gradient_checkpointing=bool(args.gradient_checkpointing), mixed_precision=mixed_precision,
+        optimizer="adamw8bit" if args.use_8bit_adam else "adamw", lora_target_modules=args.lora_target_modules,
+        fair_gradient_dtype=args.fair_gradient_dtype, fair_batched_backward=bool(args.fair_batched_backward),
+        vae_dtype="auto" if args.pretrained_vae_model_name_or_path is None else
+        {"fp16": "fp16", "bf16": "bf16"}.get(mixed_precision, "fp32"),
+        cache_latents=args.cache_latents, cache_text_embeddings=args.cache_text_embeddings,
+        quantization=args.quantize_base, quantize_text_encoders=args.quantize_text_encoders,
+        validation=bool(args.validation_prompt) and args.num_validation_images > 0,
+        validation_resolution=args.resolution,  # run_validation samples at --resolution
+        evaluation_images=(min(evaluation_batch, max(1, args.num_validation_images))
+                           if args.evaluate_prompts_file is not None else 0),
+        evaluation_resolution=args.resolution)
+
+
+def run_family(args):
+    """The run's family (model_index.json only, no weights) with its default LoRA targets filled in."""
+    import model_families as mf
+
+    family = mf.family_for_model(args)
+    if args.lora_target_modules is None:
+        args.lora_target_modules = family.default_lora_targets
+    return family
+
+
+def print_memory_estimate(args, mixed_precision: str) -> dict:
+    """``--estimate_memory``: estimate this run, phase by phase, from config files alone and print it."""
+    family = run_family(args)
+    settings = estimate_settings(args, mixed_precision, family)
+    print(f"estimating the run on fake tensors ({settings['mode']}, rank {args.rank}, {mixed_precision}, "
+          f"batch {args.train_batch_size}) from {settings['model']} ...", flush=True)
+    result = estimate(**settings)
+    for line in memory_estimate_lines(result):
+        print(line)
+    return result
+
+
+def warn_if_over_memory(args, accelerator, logger) -> None:
+    """On CUDA: estimate the run (config files only, before any weight loads) and say up front when its peak
+    exceeds the device's free memory, naming the phase that peaks and the flags that lower it (the family's
+    :meth:`~model_families.ModelFamily.memory_advice`). The run still starts: it is an estimate."""
+    try:
+        result = print_memory_estimate(args, accelerator.mixed_precision)
+        advice = run_family(args).memory_advice(args, result["peak_phase"])
+    except Exception as error:  # noqa: BLE001 - an estimate that fails must never stop a run
+        logger.warning(f"memory estimate unavailable ({error!r})")
+        return
+    estimated = result["peak_total"] / GiB
+    free = torch.cuda.mem_get_info(accelerator.device)[0] / GiB
+    if estimated > free:
+        logger.warning(f"estimated peak {estimated:.2f} GiB ({result['peak_name']}) exceeds the {free:.2f} GiB free "
+                       f"on {accelerator.device}; expect an out-of-memory error or a slow, swapping run. Flags that "
+                       f"lower that phase: {', '.join(advice) or 'none'}. Starting anyway.")
 
 
 def main(argv=None):
@@ -990,6 +1117,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
+    _default_targets(args)
+    DATA_DEPENDENT.clear()
     result = simulate(args)
     if not args.quiet:
         print_result(result)

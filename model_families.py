@@ -256,9 +256,81 @@ class ModelFamily:
         """What this family adds to the advice when steps keep coming out non-finite ('' or ', ...')."""
         return ""
 
-    def denoiser_label(self) -> str:
-        """The denoiser as messages name it."""
-        return "UNet" if self.denoiser_name == "unet" else self.denoiser_name
+    # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
+    # What the estimate builds and replays for this family; everything else it takes from the methods above
+    # (configs, encode_captions, noisy_inputs, predict), so the estimate and the training step cannot drift.
+    denoiser_label = "UNet"  # the phase names say what the denoiser is
+    scheduler_class_name = "DDPMScheduler"  # the noise scheduler load() builds (its config only is read)
+    cfg_sampling = True  # validation / evaluation sample with classifier-free guidance: the denoiser sees 2 rows
+
+    def vae_dtype(self, weight_dtype):
+        return weight_dtype
+
+    def build_from_configs(self, weight_dtype, tokenizer) -> None:
+        """The run's models from their config.json files alone, no weights (memory_estimate.py calls this under
+        FakeTensorMode): the text encoders of ``model_index.json`` (its classes, in ``text_encoder``,
+        ``text_encoder_2``, ... order), the VAE in :meth:`vae_dtype`, the denoiser in ``weight_dtype``, the noise
+        scheduler; ``tokenizer(text_encoder)`` gives each encoder's stand-in tokenizer."""
+        import diffusers
+        import transformers
+
+        index = _model_index(self.path, self.revision, self.args.cache_dir)
+        self.text_encoders = []
+        for name in sorted(k for k in index if k.startswith("text_encoder")):
+            entry = index[name]
+            if not isinstance(entry, (list, tuple)) or entry[-1] is None:
+                continue
+            cls = getattr(transformers, entry[-1])
+            config = cls.config_class.from_pretrained(self.path, subfolder=name, revision=self.revision,
+                                                      cache_dir=self.args.cache_dir)
+            self.text_encoders.append(cls(config).requires_grad_(False).to(weight_dtype))
+        self.tokenizers = [tokenizer(text_encoder) for text_encoder in self.text_encoders]
+        self.vae = diffusers.AutoencoderKL.from_config(self.vae_config()).requires_grad_(False)
+        self.vae.to(self.vae_dtype(weight_dtype))
+        self.denoiser = self.denoiser_class().from_config(self.denoiser_config()).requires_grad_(False)
+        self.denoiser.to(weight_dtype)
+        scheduler_class = getattr(diffusers, self.scheduler_class_name)
+        self.noise_scheduler = scheduler_class.from_config(
+            scheduler_class.load_config(self.path, subfolder="scheduler", revision=self.revision,
+                                        cache_dir=self.args.cache_dir))
+
+    def text_encoders_in_step(self, args) -> bool:
+        """Whether the text encoders stay on the device through training (they embed each batch)."""
+        return not args.cache_text_embeddings
+
+    def large_text_encoders(self) -> list:
+        """The encoders ``--quantize_text_encoders`` quantizes (T5 / LLM); none for CLIP-only families."""
+        return []
+
+    def memory_batch(self, count, latents=None, pixels=None) -> dict:
+        """A batch of ``count`` examples as :meth:`noisy_inputs` reads it: cached latents or pixels, seeds."""
+        batch = {"seeds": list(range(count))}
+        if pixels is not None:
+            batch["pixel_values"] = pixels
+        else:
+            batch["latent_mean"] = batch["latent_std"] = latents
+        return batch
+
+    def memory_advice(self, args, phase: str) -> list[str]:
+        """The flags that lower ``phase`` (caption, latents, step, validation, evaluation) of this run, those
+        not already given, largest saving first."""
+        advice = []
+        if phase == "step":
+            if args.weighting == "fair" and args.fair_gradient_dtype == "fp32":
+                advice.append("--fair_gradient_dtype bf16")
+            if not args.gradient_checkpointing:
+                advice.append("--gradient_checkpointing")
+            if not args.use_8bit_adam:
+                advice.append("--use_8bit_adam")
+            advice += [f"--{flag}" for flag in ("cache_latents", "cache_text_embeddings") if not getattr(args, flag)]
+            advice.append(f"a lower --rank than {args.rank}")
+        if phase in ("latents", "step", "validation", "evaluation"):
+            advice.append(f"a lower --resolution than {args.resolution}" if args.resolution else "a lower --resolution")
+        if phase == "evaluation" and args.num_validation_images > 1:
+            advice.append("--num_validation_images 1 (evaluation samples up to 4 images per call)")
+        if phase == "validation":
+            advice.append("no --validation_prompt")
+        return advice
 
 
 # =================================================================================================
@@ -446,6 +518,20 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return (", the fp16-fix VAE (--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix)"
                 if self.args.pretrained_vae_model_name_or_path is None else "")
 
+    # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
+    def memory_batch(self, count, latents=None, pixels=None) -> dict:
+        """With the size micro-conditioning of each example (its own size, no crop)."""
+        batch = super().memory_batch(count, latents, pixels)
+        size = tuple((pixels if pixels is not None else latents).shape[-2:])
+        batch.update(original_sizes=[size] * count, crop_top_lefts=[(0, 0)] * count, target_sizes=[size] * count)
+        return batch
+
+    def memory_advice(self, args, phase):
+        advice = super().memory_advice(args, phase)
+        uses_vae = phase in ("latents", "validation", "evaluation") or (phase == "step" and not args.cache_latents)
+        if uses_vae and args.pretrained_vae_model_name_or_path is None:  # the fp32 VAE
+            advice.insert(0, "--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix")
+        return advice
 
 # =================================================================================================
 # Flow matching transformers: FLUX.1 and SD3/3.5 (as diffusers' train_dreambooth_lora_{flux,sd3}.py)
@@ -630,6 +716,26 @@ class FlowMatchingFamily(ModelFamily):
 
     def sampling_scheduler(self, scheduler, prediction_type=None):
         return scheduler  # the pipeline's own flow-matching Euler scheduler
+    # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
+    denoiser_label = "transformer"
+    scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+
+    def text_encoders_in_step(self, args) -> bool:
+        return False  # every caption is embedded once before training (caption_conditioning)
+
+    def large_text_encoders(self) -> list:
+        return self.text_encoders[-1:]  # T5-XXL
+
+    def memory_advice(self, args, phase):
+        advice = super().memory_advice(args, phase)
+        if phase == "caption" and args.quantize_text_encoders in (None, "none"):
+            advice.insert(0, "--quantize_text_encoders nf4")
+        if phase == "caption":
+            advice.append(f"a lower --max_sequence_length than {args.max_sequence_length}"
+                          if args.max_sequence_length else "a lower --max_sequence_length")
+        if phase in ("step", "validation", "evaluation") and args.quantize_base in (None, "none"):
+            advice.insert(0, "--quantize_base nf4")
+        return [flag for flag in advice if not flag.startswith("--cache_text_embeddings")]
 
 
 class FluxFamily(FlowMatchingFamily):
@@ -712,6 +818,8 @@ class FluxFamily(FlowMatchingFamily):
 
     def comfyui_guidance(self):
         return f"cfg 1.0 with a FluxGuidance node at {self.inference_advice()['guidance']}"
+    # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
+    cfg_sampling = False  # FLUX.1's guidance is an embedding: one row per image
 
 
 class SD3Family(FlowMatchingFamily):

@@ -553,7 +553,7 @@ def check_lora_target_modules(args, family) -> None:
     if unmatched:
         examples = family.attention_module_examples(names)
         raise UsageError(f"--lora_target_modules: {', '.join(unmatched)} match no module of the "
-                         f"{family.denoiser_label()} "
+                         f"{family.denoiser_label} "
                          f"(names in its attention blocks: {', '.join(examples)})")
 
 

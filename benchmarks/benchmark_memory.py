@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Accelerator memory of one training step of train_fairhuman_lora.py at real size, estimated on the CPU from
-public configs on fake tensors (memory_estimate.py: FakeTensorMode + MemTracker; FLOPs with FlopCounterMode in
-a separate pass), over a grid of settings; prints a markdown table (docs/memory.md, benchmarks/RESULTS.md).
+"""Accelerator memory of train_fairhuman_lora.py runs at real size, phase by phase (caption embedding, latent
+caching, training step, validation sampling), estimated on the CPU from public configs on fake tensors
+(memory_estimate.py, through the model's family), over a grid of settings; prints a markdown table
+(docs/memory.md, README.md, benchmarks/RESULTS.md).
 
     python benchmarks/benchmark_memory.py                    # the docs' grid (each setting in a subprocess)
     python benchmarks/benchmark_memory.py --quick            # SD 1.5 only
     python benchmarks/benchmark_memory.py --format out.jsonl # the table of saved results
-    python memory_estimate.py --model sdxl --rank 256 --mode fair_exact   # one setting, with details
+    python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --validation   # one, with details
+
+Each setting runs once unquantized; its ``--quantize_base nf4`` and ``--quantize_text_encoders nf4`` rows are
+derived from the same run (bitsandbytes' storage is analytic in memory_estimate.py as well: the bytes saved,
+plus one dequantized weight, in each phase that holds the quantized model).
 """
 import argparse
 import json
@@ -18,18 +23,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 CACHED = ["--cache_latents", "--cache_text_embeddings"]
-GRID = [  # (model, rank, mode, extra flags of memory_estimate.py); nf4 rows are derived from each run (see table())
-    ("sd15", 16, "plain", []), ("sd15", 16, "fair_exact", []), ("sd15", 16, "fair_exact", CACHED),
-    ("sdxl", 16, "plain", CACHED), ("sdxl", 16, "fair_exact", CACHED), ("sdxl", 16, "fair_exact", []),
-    ("sdxl", 64, "plain", CACHED), ("sdxl", 64, "fair_exact", CACHED),
-    ("sdxl", 256, "plain", []), ("sdxl", 256, "fair_exact", []), ("sdxl", 256, "plain", CACHED),
-    ("sdxl", 256, "fair_exact", CACHED),
-    ("flux-dev", 16, "plain", CACHED), ("flux-dev", 16, "fair_exact", CACHED), ("flux-dev", 64, "fair_exact", CACHED),
-    ("sd35-large", 16, "plain", CACHED), ("sd35-large", 16, "fair_exact", CACHED),
-    ("sd35-large", 64, "fair_exact", CACHED),
+VALIDATION = ["--validation"]
+GRID = [  # (model, rank, mode, extra flags of memory_estimate.py)
+    ("sd15", 16, "fair_exact", VALIDATION), ("sdxl", 16, "fair_exact", CACHED + VALIDATION),
+    ("flux-dev", 16, "fair_exact", CACHED + VALIDATION), ("sd35-large", 16, "fair_exact", CACHED + VALIDATION),
 ]
 CARDS = (12, 16, 24, 48, 80)
 OVERHEAD_GIB = 1.0  # CUDA context + workspaces, on top of the tensors; and 10% allocator overhead
+STEP_PHASES = ("step", "validation", "evaluation")  # the phases that hold the denoiser
 
 
 def fits(peak_gib):
@@ -38,25 +39,38 @@ def fits(peak_gib):
     return next((f"{card} GB" for card in CARDS if need <= card), ">80 GB")
 
 
-def quantized_peak(r, quantization):
-    """The run's peak with the denoiser's frozen Linear weights in ``quantization`` (memory_estimate's model:
-    minus the bytes saved everywhere, plus one dequantized weight in the denoiser's phases)."""
-    if quantization == "none":
-        return r["peak_total"]
-    saved, largest = r["quantization_options"][quantization]
-    return max(v - saved + (largest if k not in ("vae_encode", "text_encode") else 0) for k, v in r["phase_peak"].items())
+def derived_phases(r, quantization="none", text_quantization="none"):
+    """The run's phases with the denoiser in ``quantization`` and the large text encoders in
+    ``text_quantization`` (``r`` estimated with neither)."""
+    assert r["quantization"] == "none" and r["quantize_text_encoders"] == "none"
+    saved, dequantized = r["quantization_options"].get(quantization, (0, 0))
+    te_saved, te_dequantized = r["text_encoder_quantization_options"].get(text_quantization, (0, 0))
+    phases = dict(r["phases"])
+    for key in phases:
+        if key in STEP_PHASES and saved:
+            phases[key] += dequantized - saved
+        if key == "caption" and te_saved:
+            phases[key] += te_dequantized - te_saved
+    return phases
 
 
-def table(results, quantizations=("none", "nf4")):
-    lines = ["| model | res | rank | weighting | caches | quant. | precision | peak tensors GiB | smallest card |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def table(results):
+    lines = ["| model | res | rank | weighting | caches | base quant. | text-encoder quant. | caption embedding | "
+             "latent caching | training step | validation sampling | **run peak** (phase) | smallest card |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cached = r.get("cache_latents") and r.get("cache_text_embeddings")
-        for q in quantizations if r["model"] in ("flux-dev", "sd35-large") else ("none",):
-            peak = quantized_peak(r, q) / 1024**3
-            lines.append(f"| {r['model']} | {r['resolution']} | {r['rank']} | {r['mode']} | "
-                         f"{'latents + text' if cached else 'none'} | {q} | {r['mixed_precision']} | {peak:.2f} | "
-                         f"{fits(peak)} |")
+        large_encoders = r["text_encoder_quantization_options"]["nf4"][0] > 0
+        for q in ("none", "nf4") if large_encoders else ("none",):
+            for tq in ("none", "nf4") if large_encoders else ("none",):
+                phases = derived_phases(r, q, tq)
+                peak = max(phases, key=phases.get)
+                cells = [f"{phases[k] / 1024**3:.2f}" if k in phases else "-"
+                         for k in ("caption", "latents", "step", "validation")]
+                gib = phases[peak] / 1024**3
+                lines.append(f"| {r['model']} | {r['resolution']} | {r['rank']} | {r['mode']} | "
+                             f"{'latents + text' if cached else 'none'} | {q} | {tq} | {' | '.join(cells)} | "
+                             f"**{gib:.2f}** ({peak}) | {fits(gib)} |")
     return "\n".join(lines)
 
 
