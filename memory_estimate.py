@@ -32,7 +32,10 @@ GPU specifics that a CPU run does not have are emulated:
 * allocations are rounded up to 512 bytes as the CUDA caching allocator does.
 * bitsandbytes storage (NF4 / int8) of frozen Linear weights: analytic (the bytes saved, plus one dequantized
   weight at a time).
-Not modelled: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation, kernels' scratch space.
+Not modelled: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation, the GPU kernels' scratch space.
+The CPU's flash-attention kernels' scratch (per-thread fp32 tiles allocated inside the kernel, which neither
+FakeTensorMode nor MemTracker sees) is modelled on request (``--kernel_workspace cpu``): the real-allocation
+checks on a CPU need it, a GPU estimate does not (:func:`cpu_attention_workspace`).
 
 Usage (one configuration):
     python memory_estimate.py --model sdxl --rank 256 --mode fair_exact [--cache_latents --cache_text_embeddings]
@@ -271,7 +274,76 @@ def register_cpu_sdpa_flops():
 # Memory tracking with phases
 # ---------------------------------------------------------------------------------------------
 
-def make_tracker(round_like_cuda: bool = True):
+def _rounded(nbytes: int) -> int:
+    return math.ceil(nbytes / 512) * 512 if nbytes else 0
+
+
+def cpu_attention_workspace(func, args) -> int:
+    """Bytes PyTorch's CPU flash-attention kernels (ATen's FlashAttentionKernel.cpp) allocate INSIDE the kernel,
+    live only while it runs: per thread a tile of the score matrix in the accumulation dtype (forward: the
+    q x kv tile, row max and sum, the output tile; backward: the score and score-gradient tiles and the row sums
+    of grad_out * out), the reduced-precision copies of those tiles for fp16/bf16, and in backward a contiguous
+    copy of a non-contiguous grad_out. No tensor comes out of these allocations, so FakeTensorMode and MemTracker
+    never see them; the real CPU step does (``num_threads`` of them: 1 MiB a thread at 768+ tokens). 0 for any
+    other op. Tiles: ``min(q_split, q_len) x min(512, kv_len)`` with ``q_split`` 256 from 768 query tokens, 64
+    from 192, else 32. (fp16 on CPUs with oneDNN packing adds packed K/V copies: not modelled.)"""
+    ops = torch.ops.aten
+    if func is ops.convolution.default:
+        return cpu_convolution_workspace(*args[:9])
+    if func is ops._scaled_dot_product_flash_attention_for_cpu.default:
+        query, key, value = args[:3]
+        backward = False
+    elif func is ops._scaled_dot_product_flash_attention_for_cpu_backward.default:
+        grad_out, query, key, value = args[:4]
+        backward = True
+    else:
+        return 0
+    q_len, kv_len, head = query.shape[-2], key.shape[-2], value.shape[-1]
+    q_tile = min(256 if q_len >= 768 else 64 if q_len >= 192 else 32, q_len)
+    kv_tile = min(512, kv_len)
+    threads = torch.get_num_threads()
+    size = query.element_size()
+    accumulate = 8 if query.dtype == torch.float64 else 4
+    reduced = query.dtype in (torch.float16, torch.bfloat16)
+    if not backward:
+        return (_rounded(threads * (q_tile * kv_tile + 2 * q_tile + q_tile * head) * accumulate)
+                + _rounded(threads * q_tile * kv_tile * size if reduced else 0))
+    copy = 0 if grad_out.transpose(1, 2).is_contiguous() else grad_out.numel() * grad_out.element_size()
+    chunks = min(threads, math.prod(query.shape[:-2]))  # parallel over batch x heads, one row-sum buffer each
+    return (_rounded(copy) + _rounded(threads * 2 * q_tile * kv_tile * accumulate)
+            + _rounded(threads * 2 * q_tile * kv_tile * size if reduced else 0)
+            + chunks * _rounded(q_tile * accumulate))
+
+
+def cpu_convolution_workspace(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> int:
+    """A float32 forward convolution that ATen gives oneDNN (its ``use_mkldnn`` rule: more than one thread, or
+    a strided / dilated / non-1x1 / batched one; and grouped, batched, 5x5+ or over 20480 input elements):
+    oneDNN reorders the input and the weight into its blocked layout and computes the output there, then
+    copies it back -- ``max(input + weight, output)`` bytes beyond the output, for the op's duration."""
+    if x.dtype != torch.float32 or transposed or x.dim() != 4:
+        return 0
+    one_by_one = weight.shape[-1] == 1 and weight.shape[-2] == 1
+    eligible = ((any(s != 1 for s in stride) or any(d != 1 for d in dilation) or x.shape[0] >= 16 or not one_by_one
+                 or torch.get_num_threads() > 1)
+                and (groups > 1 or (weight.shape[-1] > 3 and weight.shape[-2] > 3) or x.shape[0] > 1
+                     or x.numel() > 20480))
+    if not eligible:
+        return 0
+    out = math.prod(x.shape[:1]) * weight.shape[0] * 4 * math.prod(
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, pad, dil, k, st in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
+    return max(_rounded(x.numel() * 4) + _rounded(weight.numel() * 4), _rounded(out))
+
+
+KERNEL_WORKSPACES = {"none": None, "cpu": cpu_attention_workspace}
+"""``--kernel_workspace``: the attention kernels' internal scratch to count (none: the GPU estimate's default)."""
+
+WORKSPACE = "Kernel workspace"  # its key in the tracker's breakdown
+
+
+def make_tracker(round_like_cuda: bool = True, kernel_workspace=None):
+    """A MemTracker with phases; ``kernel_workspace(func, args) -> bytes`` (:data:`KERNEL_WORKSPACES`) adds each
+    op's internal scratch on top of what is live when the op has made its outputs, for the op's duration."""
     from torch.distributed._tools import mem_tracker as mtmod
 
     if round_like_cuda and not getattr(mtmod._WeakRefInfo, "_memsim_patched", False):
@@ -333,6 +405,20 @@ def make_tracker(round_like_cuda: bool = True):
 
         def current_total(self):
             return sum(d.get("Total", 0) for d in self._curr_mem_snap.values())
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            extra = kernel_workspace(func, args) if kernel_workspace is not None else 0
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if extra and tensor is not None and tensor.device in self._curr_mem_snap:
+                # the kernel's scratch, allocated after its outputs and freed before it returns
+                snap = self._curr_mem_snap[tensor.device]
+                snap["Total"] += extra
+                snap[WORKSPACE] = extra
+                self._update_peak_stats(None)
+                snap["Total"] -= extra
+                snap[WORKSPACE] = 0
+            return out
 
     return PhaseTracker()
 
@@ -625,12 +711,13 @@ def _simulate_once(args, measure, fh, family):
     amp = (functools.partial(torch.autocast, "cpu", dtype=weight_dtype) if args.mixed_precision in ("fp16", "bf16")
            else contextlib.nullcontext)
     phases, trackers = {}, {}
+    workspace = KERNEL_WORKSPACES[args.kernel_workspace]
 
     def run_phase(key, tracked, body, sub_phases=False):
         """``body()`` under a fresh tracker that holds ``tracked`` (what the run has on the device then)."""
         if not memory:
             return body()
-        tracker = make_tracker()
+        tracker = make_tracker(kernel_workspace=workspace)
         tracker.track_external(*tracked)
         gc.collect()
         with tracker, fp32_policy:
@@ -708,7 +795,7 @@ def _simulate_once(args, measure, fh, family):
         persistent += list(stored.values()) if stored else []
         step_models = [denoiser, optimizer, *([] if args.cache_latents else [vae]), *(text_encoders if in_step else [])]
 
-        tracker = make_tracker() if memory else None
+        tracker = make_tracker(kernel_workspace=workspace) if memory else None
         flops: dict[str, int] = {}
         prof = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
                 if profiling else None)
@@ -962,6 +1049,9 @@ def build_parser():
     ap.add_argument("--fair_interval_weights", choices=["prediction", "reuse"], default="prediction")
     ap.add_argument("--lora_target_modules", default=None, help="default: the family's default targets")
     ap.add_argument("--no_flops", dest="flops", action="store_false", default=True)
+    ap.add_argument("--kernel_workspace", choices=sorted(KERNEL_WORKSPACES), default="none",
+                    help="the attention kernels' internal scratch to count: none (a GPU estimate) or cpu (PyTorch's "
+                    "CPU flash kernels at this process's thread count: to compare with real CPU allocations)")
     ap.add_argument("--real", action="store_true", help="real CPU tensors instead of fake ones (small models only)")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--quiet", action="store_true")

@@ -29,7 +29,7 @@ def test_estimate_matches_real_allocations_on_a_small_model(tiny_sd, mode):
     import memory_estimate
 
     settings = dict(model=tiny_sd, rank=4, mode=mode, mixed_precision="no", resolution=64, optimizer="adamw")
-    fake = memory_estimate.estimate(**settings)
+    fake = memory_estimate.estimate(**settings, kernel_workspace="cpu")  # the CPU kernels' scratch, as measured
     real = memory_estimate.measure_real(**settings)
     estimated = fake["step_peak"] - fake["start_total"]
     assert real["peak_delta"] > 0
@@ -143,19 +143,19 @@ def flow_config_folder(folder, family):
     return folder
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 25): since the step runs through the family's noisy_inputs/"
-                   "predict, the real CPU step of these tiny flow models allocates more than the fake one sees "
-                   "(estimate/measured 0.61 FLUX.1, 0.91 SD3; SD 0.99); cause not found yet")
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_flow_model_estimate_matches_real_allocations(family, tmp_path):
     """FLUX.1 / SD3-shaped folders (config files only; head sizes the CPU's fused attention takes, as the real
     models' do on a GPU): the flow step through the family's packing and conditioning, estimated on fake tensors
-    against the same step on real CPU tensors."""
+    against the same step on real CPU tensors. These steps embed no caption (FLUX.1/SD3 embed them before
+    training), so their peak is inside a CPU kernel: the transformer's flash-attention backward (FLUX.1: 1 MiB of
+    fp32 tiles per thread, 0.61 of the real peak unmodelled at 2 threads) or the VAE encoder's oneDNN convolution
+    (SD3: 0.91) -- scratch no tensor comes out of, counted by ``kernel_workspace="cpu"``."""
     import memory_estimate
 
     folder = flow_config_folder(str(tmp_path / family), family)
     settings = dict(model=folder, rank=4, mode="fair_exact", resolution=64, mixed_precision="no", optimizer="adamw")
-    fake = memory_estimate.estimate(**settings)
+    fake = memory_estimate.estimate(**settings, kernel_workspace="cpu")
     real = memory_estimate.measure_real(**settings)
     assert (fake["step_peak"] - fake["start_total"]) / real["peak_delta"] == pytest.approx(1.0, abs=0.01)
 
