@@ -13,11 +13,14 @@ import subprocess
 
 import pytest
 import torch
-
-import fairhuman_utils as fh
-import train_fairhuman_lora as train
 from conftest import OFFLINE_ENV, REPO, lora_tensors, run_main
 from test_train import _argv, _dataset, common
+
+import checkpoints
+import fairhuman_utils as fh
+import latent_cache
+import train_fairhuman_lora as train
+import training_checks
 
 # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -274,14 +277,15 @@ def test_resume_names_a_changed_sd3_preconditioning_and_mode_scale(tiny_sd3, dem
 def test_sdxl_cached_flip_has_the_uncached_flips_size_conditioning(tiny_sdxl, demo_dataset, tmp_path):
     """SDXL's crop conditioning is in the frame of the image the model sees: a mirrored crop starts at
     ``resized_width - left - width``. The cached mirror must say so, as the uncached loader does."""
-    import model_families as mf
     from diffusers import AutoencoderKL
+
+    import model_families as mf
 
     def dataset_for(*extra):
         args = train.parse_args([str(a) for a in common(tiny_sdxl, demo_dataset, tmp_path / "o", 1, "--random_flip",
                                                         *extra)])
-        checked = train.check_dataset(train.load_training_dataset(args), args)
-        targets = [(48, 48)] * len(checked["sizes"])  # 120 x 72 -> 80 x 48: 32 pixels of horizontal slack
+        checked = training_checks.check_dataset(train.load_training_dataset(args), args)
+        targets = [(48, 48)] * len(checked["captions"])  # 120 x 72 -> 80 x 48: 32 pixels of horizontal slack
         return args, train.FairHumanDataset(checked, args, 5, targets)
 
     row = 3
@@ -293,7 +297,7 @@ def test_sdxl_cached_flip_has_the_uncached_flips_size_conditioning(tiny_sdxl, de
     family = mf.family_for_model(args)
     family.vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
     dataset.dataset = dataset.dataset.select(range(row + 1))
-    cache = train.build_cache(dataset, args, family, "cpu", None)
+    cache = latent_cache.build_cache(dataset, args, family, "cpu", None)
     plain, mirrored = cache[row]["latents"]
     (top, left), (mirrored_top, mirrored_left) = plain["crop_top_left"], mirrored["crop_top_left"]
     assert left != slack // 2  # a region-safe random crop off the centre, or the check below proves nothing
@@ -357,7 +361,8 @@ def test_schnell_card_does_not_list_a_guidance_it_never_used(tiny_flux, demo_dat
     out = tmp_path / "o"
     run_main(*common(model, demo_dataset, out, 1, "--max_sequence_length", 16))
     card = (out / "README.md").read_text()
-    assert "guidance_scale" not in card and "| guidance" not in card
+    assert "| guidance_scale |" not in card  # the settings table lists what trained, not a flag that did nothing
+    assert "| max_sequence_length | 16 |" in card
 
 
 # ---- 13. family checks before the data pass --------------------------------------------------------------------
@@ -376,16 +381,23 @@ def test_quantization_without_a_gpu_is_named_before_the_data_pass(tiny_flux, dem
 
 
 def test_bare_target_suffix_matching_a_top_level_module_is_warned(tiny_flux, demo_dataset, tmp_path, caplog):
+    """peft matches a bare suffix anywhere, FLUX.1's final ``proj_out`` included: said, and both files still load
+    (the diffusers file into the pipeline, every kohya module into ComfyUI's key map)."""
     from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    from test_model_families import comfyui_key_map, modules
 
     out = tmp_path / "o"
     with caplog.at_level(logging.WARNING):
         run_main(*common(tiny_flux, demo_dataset, out, 1, "--max_sequence_length", 16, "--lora_target_modules",
                          "to_q,proj_out"))
-    assert "proj_out" in caplog.text and "top-level" in caplog.text
+    assert "proj_out also matches the top-level module of the transformer" in caplog.text
+    assert "to_q" not in caplog.text.split("--lora_target_modules:")[-1].split("\n")[0].split("also")[0]
+    diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
+    assert "transformer.proj_out" in modules(diffusers_keys)  # it did train, as peft matched it
     pipe = FluxPipeline.from_pretrained(tiny_flux)
-    pipe.load_lora_weights(str(out), weight_name=f"{out.name}.safetensors")  # the kohya file stays loadable
-    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors", adapter_name="d")
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    assert modules(load_file(out / "o.safetensors")) <= comfyui_key_map("flux", 1, 1)
 
 
 def test_empty_validation_prompt_is_refused(tmp_path):
@@ -393,9 +405,9 @@ def test_empty_validation_prompt_is_refused(tmp_path):
     assert "--validation_prompt" in _usage_error(_argv(data, tmp_path / "o", "--validation_prompt", ""))
 
 
-def test_region_mask_on_a_box_column_says_to_use_region(tmp_path):
+def test_region_mask_on_a_box_column_says_to_use_region(tiny_sd, tmp_path):
     data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [[1, 1, 5, 5]], "face_boxes": []}])
-    message = _usage_error(_argv(data, tmp_path / "o", "--region_mask", "hand=hand_boxes"))
+    message = _usage_error(common(tiny_sd, data, tmp_path / "o", 1, "--region_mask", "hand=hand_boxes"))
     assert "--region hand=hand_boxes" in message, message
 
 
@@ -512,9 +524,8 @@ def test_disk_cache_key_holds_the_resolution_and_the_buckets(change, tiny_sd, de
 
 def test_hand_boxes_make_the_hand_objective_and_face_boxes_the_face_objective(tiny_sd, tmp_path):
     """Only hand boxes in the data: the face objective is absent (weight 0), the hand one is not."""
-    from PIL import Image
-
     from conftest import write_imagefolder
+    from PIL import Image
 
     rows = [{"file_name": f"{i}.png", "text": "a person", "hand_boxes": [[4, 4, 20, 20]], "face_boxes": []}
             for i in range(2)]
@@ -522,7 +533,7 @@ def test_hand_boxes_make_the_hand_objective_and_face_boxes_the_face_objective(ti
                                                         for i, r in enumerate(rows)})
     out = tmp_path / "o"
     run_main(*common(tiny_sd, data, out, 1, "--checkpointing_steps", 1, "--resolution", 64))
-    state = json.loads((out / "checkpoint-1" / train.FAIR_STATE_FILE).read_text())
+    state = json.loads((out / "checkpoint-1" / checkpoints.FAIR_STATE_FILE).read_text())
     global_, hand, face = state["coefficients"]
     assert hand > 0 and face == 0, state["coefficients"]
 
@@ -532,5 +543,5 @@ def test_rotation_removes_the_oldest_and_keeps_the_newest(tmp_path):
 
     for step in (2, 4, 6):
         _fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
-    assert train.rotate_checkpoints(str(tmp_path), 6, 2) == [str(tmp_path / "checkpoint-2")]
+    assert checkpoints.rotate_checkpoints(str(tmp_path), 6, 2) == [str(tmp_path / "checkpoint-2")]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
