@@ -214,7 +214,10 @@ RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_p
                           "fair_update_interval", "fair_interval_weights", "local_loss_scale",
                           "local_loss_normalization", "mask_dilation", "latent_mask_mode", "resolution",
                           "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed",
-                          "dataset", "dataset_rows", "dataset_fingerprint")
+                          "dataset", "dataset_rows", "dataset_fingerprint",
+                          # the family's flags (None where the family does not use them: never compared)
+                          "max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                          "guidance_scale", "precondition_outputs", "quantize_base", "quantize_text_encoders")
 
 
 def rows_fingerprint(checked: dict) -> str:
@@ -223,8 +226,9 @@ def rows_fingerprint(checked: dict) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
-def run_settings(args, checked: dict) -> dict:
-    """The settings a checkpoint is written with (``fairhuman_run_settings.json``), to check a resume against."""
+def run_settings(args, checked: dict | None) -> dict:
+    """The settings a checkpoint is written with (``fairhuman_run_settings.json``), to check a resume against
+    (``checked`` None: those known before the data pass)."""
     names = [n for n in RESUME_MUST_MATCH + RESUME_WARN_IF_CHANGED if hasattr(args, n)]
     settings = {name: getattr(args, name) for name in names}
     def where(source):  # a local folder by its absolute path, so ./model and /abs/model compare equal
@@ -234,13 +238,23 @@ def run_settings(args, checked: dict) -> dict:
     settings["lora_alpha"] = float(args.lora_alpha)
     settings["lora_target_modules"] = sorted(set(lora_targets(args))) if args.lora_target_modules is not None else None
     settings["dataset"] = where(args.dataset_name or args.train_data_dir)
-    settings["dataset_rows"] = len(checked["sizes"])
-    settings["dataset_fingerprint"] = rows_fingerprint(checked)
+    if checked is not None:
+        settings["dataset_rows"] = len(checked["sizes"])
+        settings["dataset_fingerprint"] = rows_fingerprint(checked)
     if settings.get("region_loss_weight") is None:  # only stored when given
         settings.pop("region_loss_weight", None)
     if args.region_specs:  # named regions (absent: the default global, hand, face)
         settings["objectives"] = list(run_objectives(args))
     return settings
+
+
+def saved_setting(resume_path: str, key: str):
+    """One setting the checkpoint was written with (``None`` when it has no settings file or no such key)."""
+    path = os.path.join(resume_path, RUN_SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get(key)
 
 
 def check_resume_compatible(resume_path: str, settings: dict, args) -> list[str]:

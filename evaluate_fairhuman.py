@@ -457,6 +457,8 @@ def load_pipeline(args):
         args.guidance_scale = advice["guidance"]
     if args.num_inference_steps is None:
         args.num_inference_steps = advice["steps"]
+    if args.lora_scale is None:
+        args.lora_scale = advice["scale"]
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
@@ -506,6 +508,11 @@ def load_loras(pipe, paths, names) -> None:
             raise UsageError(f"--lora_paths {path!r}: cannot load it into {args_model(pipe)} (a LoRA for another base "
                              f"model?): {type(error).__name__}: {detail}") from None
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), "pytorch_lora_weights.safetensors")
+            if os.path.isfile(path) and os.path.isfile(beside) and os.path.abspath(path) != beside:
+                raise UsageError(f"--lora_paths {path!r}: diffusers reads no key of this file (the kohya/ComfyUI "
+                                 f"format, which {type(pipe).__name__} cannot load); evaluate the diffusers file "
+                                 f"written beside it: --lora_paths {beside}")
             raise UsageError(f"--lora_paths {path!r}: no LoRA key of this file matches the model "
                              f"{args_model(pipe)} (a LoRA for another base model?)")
 
@@ -589,8 +596,9 @@ def parse_args(input_args=None):
     g.add_argument("--lora_paths", type=str, nargs="+", default=[],
                    help="One or more LoRAs: a folder with pytorch_lora_weights.safetensors or a .safetensors file, in "
                         "diffusers or kohya format (A1111/ComfyUI files). Each becomes a column next to the base model.")
-    g.add_argument("--lora_scale", type=float, default=0.3,
-                   help="Strength of every LoRA (0.3 = what the FairHuman authors sampled with; 1 = full strength).")
+    g.add_argument("--lora_scale", type=float, default=None,
+                   help="Strength of every LoRA. Default: what the model family's card advises (SD/SDXL 0.3, what the "
+                        "FairHuman authors sampled with; FLUX.1/SD3 0.5); 1 = full strength.")
 
     g = parser.add_argument_group("Generation mode: sampling")
     g.add_argument("--prompts_file", type=str, default=None,
@@ -665,7 +673,7 @@ def check_args(args) -> None:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
             raise UsageError(f"--resolution must be a multiple of 8 of at least 8, got {args.resolution}")
-        if not math.isfinite(args.lora_scale) or not math.isfinite(args.guidance_scale or 0.0):
+        if not math.isfinite(args.lora_scale or 0.0) or not math.isfinite(args.guidance_scale or 0.0):
             raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
         if args.guidance_scale is not None and args.guidance_scale < 0:
             raise UsageError(f"--guidance_scale must not be negative (1 or below turns guidance off), got {args.guidance_scale}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import fairhuman_utils as fh
@@ -33,9 +34,23 @@ def hub_errors() -> tuple:
 HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*", "evaluation/images/*"]
 
 
+def ignore_patterns(args) -> list[str]:
+    """What the upload leaves out: checkpoints, step samples, evaluation images, the logs, and a ``--cache_dir``
+    inside the output folder (its latents decode back to the training images; the datasets cache too)."""
+    patterns = HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"]
+    if args.cache_dir is not None:
+        inside = os.path.relpath(os.path.abspath(args.cache_dir), os.path.abspath(args.output_dir))
+        if inside == ".":
+            raise UsageError("--cache_dir is --output_dir: the cache would be uploaded with the LoRA by "
+                             "--push_to_hub; give the cache a folder of its own")
+        if not inside.startswith(".."):
+            patterns.append(f"{Path(inside).as_posix()}/*")
+    return patterns
+
+
 def upload_command(args, repo_id: str) -> str:
     """The command that pushes the output folder by hand, as the script would."""
-    excludes = " ".join(f"--exclude '{p}'" for p in HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"])
+    excludes = " ".join(f"--exclude '{p}'" for p in ignore_patterns(args))
     return f"hf upload {repo_id} {args.output_dir} {excludes}"
 
 
@@ -60,7 +75,7 @@ def push_output_folder(args, repo_id: str) -> str | None:
 
     try:
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                      token=args.hub_token, ignore_patterns=HUB_IGNORE_PATTERNS + [f"{args.logging_dir}/*"])
+                      token=args.hub_token, ignore_patterns=ignore_patterns(args))
     except hub_errors() as error:
         return (f"--push_to_hub: the upload to {repo_id!r} failed ({type(error).__name__}: {error}). Nothing is lost: "
                 f"the LoRA ({LORA_WEIGHT_NAME}) and its model card are saved in {args.output_dir!r}. Push them later "

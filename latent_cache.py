@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import torch
 
@@ -38,9 +39,11 @@ def build_cache(dataset, args, family, device, caption_conditioning) -> dict:
             variants = []
             for flip in ((False, True) if args.random_flip else (False,)):
                 pixels, masks = example["pixel_values"], example["masks"]
-                if flip:
+                if flip:  # FairHuman: the masks mirrored with the image
                     pixels, masks = pixels.flip(-1), masks.flip(-1)
+                    sizes = {**sizes, "crop_top_left": mirrored_crop_top_left(example)}
                 dist = vae.encode(pixels[None].to(device, dtype=vae.dtype)).latent_dist
+                # FairHuman: the region masks on the latent grid, cached with the latents they weigh
                 latent_masks = fh.masks_to_latent(masks[None], dist.mean.shape[-2:], args.latent_mask_mode)[0]
                 variants.append({"latent_mean": dist.mean[0].cpu(), "latent_std": dist.std[0].cpu(),
                                  "latent_masks": latent_masks, **sizes})
@@ -51,6 +54,36 @@ def build_cache(dataset, args, family, device, caption_conditioning) -> dict:
                 entry["text"].append({k: v[0].cpu() for k, v in caption_conditioning([row], [caption]).items()})
         cache[row] = entry
     return cache
+
+
+def mirrored_crop_top_left(example) -> tuple[int, int]:
+    """SDXL's crop conditioning of an example mirrored left-right: the crop's left edge measured in the mirrored
+    resized image, ``resized_width - left - width`` (as :func:`fairhuman_utils.paired_transform` reports a flip)."""
+    (height, width), (top, left), (target_h, target_w) = (example["original_size"], example["crop_top_left"],
+                                                          example["target_size"])
+    resized_width = fh.resize_crop_plan((width, height), (target_w, target_h), center_crop=True).resized[0]
+    return top, resized_width - left - target_w
+
+
+def weights_fingerprint(args, family) -> str | None:
+    """The size and modification time of every file of the models the cache is made with: the model folder
+    without the denoiser's subfolder (VAE, text encoders, tokenizers), and a separate VAE folder. A weight file
+    changed in place gives another key. A Hub id is identified by ``--revision`` alone (``None`` here)."""
+    roots = [(args.pretrained_model_name_or_path, family.denoiser_name),
+             (args.pretrained_vae_model_name_or_path, None)]
+    digest, local = hashlib.sha256(), False
+    for root, skip in roots:
+        if root is None or not os.path.isdir(root):
+            continue
+        local = True
+        entries = []
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs[:] = [d for d in dirs if not (folder == root and d == skip)]
+            for name in files:
+                stat = os.stat(os.path.join(folder, name))
+                entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}|{stat.st_size}|{stat.st_mtime_ns}")
+        digest.update("\n".join(sorted(entries)).encode() + b"\n")
+    return digest.hexdigest() if local else None
 
 
 CACHE_KEY_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
@@ -76,9 +109,11 @@ def source_fingerprint(args, dataset) -> str:
     return str(getattr(dataset, "_fingerprint", None))
 
 
-def cache_key_fields(args, dataset, targets, vae, text_encoders) -> dict:
+def cache_key_fields(args, dataset, targets, family) -> dict:
     """Everything the cache's content depends on; a cache on disk is read only when all of it is equal."""
+    vae, text_encoders = family.vae, family.text_encoders
     fields = {flag: getattr(args, flag) for flag in CACHE_KEY_FLAGS}
+    fields["weights"] = weights_fingerprint(args, family)
     fields["data"] = source_fingerprint(args, dataset)
     fields["rows"] = len(dataset)
     fields["buckets"] = hashlib.sha256(json.dumps(targets if isinstance(targets, int) else [list(t) for t in targets])
@@ -98,7 +133,7 @@ def load_or_build_cache(dataset, args, family, accelerator, targets, caption_con
     that a later run reads; a failed write stops the run naming the path."""
     if args.cache_dir is None:
         return build_cache(dataset, args, family, accelerator.device, caption_conditioning)
-    fields = json.loads(json.dumps(cache_key_fields(args, dataset, targets, family.vae, family.text_encoders),
+    fields = json.loads(json.dumps(cache_key_fields(args, dataset, targets, family),
                                    default=str))  # as stored: JSON values
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     folder = os.path.join(args.cache_dir, "fairhuman-cache")
@@ -141,8 +176,11 @@ def write_atomically(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UsageError(f"--cache_dir: cannot write {path} ({error.strerror or error}); free space there, or leave "
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(os.path.dirname(path)).free / 2**20:.1f} MiB free there"
+        raise UsageError(f"--cache_dir: cannot write {path} ({reason}); free space there, or leave "
                          "out --cache_dir to keep the cache in memory") from None

@@ -22,6 +22,10 @@ docs/model_families.md.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +35,19 @@ import fairhuman_utils as fh
 UsageError = fh.UsageError
 WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
 QUANTIZE_CHOICES = ["none", "nf4", "int8"]
+logger = logging.getLogger(__name__)
+MODE_SCALE_RANGE = (-1.0, 1.0 / (math.pi / 2 - 1))
+"""--mode_scale s for which diffusers' mode density ``1 - u - s (cos^2(pi u / 2) - 1 + u)`` maps [0, 1] onto [0, 1]
+(monotone: its derivative ``-1 - s + s (pi / 2) sin(pi u)`` stays <= 0 exactly for -1 <= s <= 1 / (pi/2 - 1))."""
+FAMILY_FLAGS = {
+    "guidance_scale": "the guidance embedding of a guidance-distilled model (FLUX.1-dev) during training",
+    "precondition_outputs": "SD3's preconditioning of the prediction",
+    "logit_mean": "the logit_normal timestep density of flow-matching training",
+    "logit_std": "the logit_normal timestep density of flow-matching training",
+    "mode_scale": "the mode timestep density of flow-matching training",
+}
+"""Flags only some families use (:meth:`ModelFamily.family_flags`), with what they set; ``None`` on the command
+line means "not given"."""
 
 
 @dataclass
@@ -124,8 +141,49 @@ class ModelFamily:
         """Names to suggest when --lora_target_modules matches nothing."""
         return sorted({name.split("attn1.", 1)[1] for name in names if "attn1." in name})
 
+    def family_flags(self) -> dict:
+        """The optional flags of :data:`FAMILY_FLAGS` this family uses, with their defaults (``None`` on the
+        command line means "not given")."""
+        return {}
+
     def check_args(self, args) -> None:
-        """Flags this family cannot use, named."""
+        """Flags this family cannot use, named: one of :data:`FAMILY_FLAGS` that it does not use is refused (it
+        would do nothing); the ones it uses get their defaults."""
+        used = self.family_flags()
+        for name, what in FAMILY_FLAGS.items():
+            if name not in used and getattr(args, name) is not None:
+                raise UsageError(f"--{name} does nothing for {self.label} ({self.path!r}): it sets {what}, which this "
+                                 "model does not have; leave it out")
+        for name, default in used.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+
+    def check_parts(self) -> None:
+        """A local model folder holds every part its ``model_index.json`` lists, each ``config.json`` readable:
+        one error naming the missing folder or the broken file, before any data is read or weight loaded. (A Hub
+        id is checked by the download itself.)"""
+        if not os.path.isdir(self.path):
+            return
+        index = _model_index(self.path, self.revision, self.args.cache_dir)
+        for part, entry in sorted(index.items()):
+            if part.startswith("_") or not isinstance(entry, (list, tuple)) or entry[-1] is None:
+                continue
+            folder = os.path.join(self.path, part)
+            if not os.path.isdir(folder):
+                raise UsageError(f"--pretrained_model_name_or_path: {self.path!r} has no {part}/ folder, which its "
+                                 f"model_index.json lists ({entry[-1]}); copy the whole model folder")
+            config = os.path.join(folder, "config.json")
+            if os.path.isfile(config):
+                try:
+                    with open(config) as f:
+                        json.load(f)
+                except (OSError, ValueError) as error:
+                    raise UsageError(f"--pretrained_model_name_or_path: cannot read {config} ({error})") from None
+
+    def max_image_side(self) -> tuple[int, str] | None:
+        """The largest image side in pixels the denoiser can take, and the config value that limits it; ``None``
+        when it has no such limit."""
+        return None
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self, device, weight_dtype) -> None:
@@ -135,9 +193,9 @@ class ModelFamily:
         from diffusers import AutoencoderKL
 
         if self.args.pretrained_vae_model_name_or_path is not None:
-            return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision,
+            return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision, cache_dir=self.args.cache_dir,
                                                  dtype=dtype)
-        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", revision=self.revision, variant=self.variant,
+        return AutoencoderKL.from_pretrained(self.path, subfolder="vae", revision=self.revision, cache_dir=self.args.cache_dir, variant=self.variant,
                                              dtype=dtype)
 
     def frozen_models(self) -> list:
@@ -352,6 +410,7 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_class_name = "StableDiffusionPipeline"
 
     def check_args(self, args):
+        super().check_args(args)
         flow_only = [f"--{name}" for name in ("weighting_scheme", "max_sequence_length") if getattr(args, name) is not None]
         flow_only += ["--quantize_base"] if args.quantize_base not in (None, "none") else []
         if flow_only:
@@ -368,13 +427,13 @@ class StableDiffusionFamily(ModelFamily):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         path, rev, var = self.path, self.revision, self.variant
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev, cache_dir=self.args.cache_dir)
         if self.args.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=self.args.prediction_type)
         self.load_text_encoders()
         # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
         self.vae = self.load_vae(dtype=self.vae_dtype(weight_dtype))
-        self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+        self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, cache_dir=self.args.cache_dir, variant=var,
                                                              dtype=weight_dtype)
         for model in self.frozen_models():
             model.requires_grad_(False)
@@ -387,9 +446,9 @@ class StableDiffusionFamily(ModelFamily):
         """SD: one CLIP text encoder and its tokenizer."""
         from transformers import AutoTokenizer, CLIPTextModel
 
-        self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=self.revision,
+        self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=self.revision, cache_dir=self.args.cache_dir,
                                                          use_fast=False)]
-        self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", revision=self.revision,
+        self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", revision=self.revision, cache_dir=self.args.cache_dir,
                                                             variant=self.variant)]
 
     def vae_dtype(self, weight_dtype):
@@ -479,10 +538,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         super().load_text_encoders()
-        self.tokenizers.append(AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer_2", revision=self.revision,
+        self.tokenizers.append(AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer_2", revision=self.revision, cache_dir=self.args.cache_dir,
                                                              use_fast=False))
         self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-            self.path, subfolder="text_encoder_2", revision=self.revision, variant=self.variant))
+            self.path, subfolder="text_encoder_2", revision=self.revision, cache_dir=self.args.cache_dir, variant=self.variant))
 
     def vae_dtype(self, weight_dtype):
         return torch.float32 if self.args.pretrained_vae_model_name_or_path is None else weight_dtype
@@ -570,12 +629,20 @@ class FlowMatchingFamily(ModelFamily):
             if getattr(args, flag) != default:
                 raise UsageError(f"--{flag} is for SD/SDXL (DDPM noise); {self.label} trains with flow matching "
                                  "(see --weighting_scheme)")
+        super().check_args(args)
+        if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
+            logger.warning(f"--mixed_precision fp16 with {self.label}: every reference trains it in bf16 (diffusers' "
+                           "examples, kohya, SimpleTuner, ai-toolkit); its activations overflow fp16. Use "
+                           "--mixed_precision bf16 (any GPU since Ampere)")
         if args.weighting_scheme is None:
             args.weighting_scheme = self.default_weighting_scheme
         if args.max_sequence_length is None:
             args.max_sequence_length = self.default_max_sequence_length
         if args.max_sequence_length < 1 or args.max_sequence_length > 512:
             raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5), got {args.max_sequence_length}")
+
+    def family_flags(self):
+        return {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}  # diffusers' examples' defaults
 
     def attention_module_examples(self, names):
         """``attn.to_q``, ``attn.add_q_proj``, ... : the block-relative names of the attention layers."""
@@ -598,12 +665,12 @@ class FlowMatchingFamily(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         path, rev, var = self.path, self.revision, self.variant
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev, cache_dir=self.args.cache_dir)
         self.load_text_models(path, rev, var)
         self.vae = self.load_vae(dtype=weight_dtype)
         quantization = quantization_config(self.args.quantize_base)
         kwargs = {} if quantization is None else dict(quantization_config=quantization)
-        self.denoiser = self.denoiser_class().from_pretrained(path, subfolder="transformer", revision=rev, variant=var,
+        self.denoiser = self.denoiser_class().from_pretrained(path, subfolder="transformer", revision=rev, cache_dir=self.args.cache_dir, variant=var,
                                                               dtype=weight_dtype, **kwargs)
         for model in self.frozen_models():
             model.requires_grad_(False)
@@ -655,7 +722,9 @@ class FlowMatchingFamily(ModelFamily):
                                                              logit_mean=args.logit_mean, logit_std=args.logit_std,
                                                              mode_scale=args.mode_scale, generator=g)
                        for g in generators])
-        indices = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.timesteps) - 1)
+        # u is in [0, 1] for every accepted --mode_scale / --logit_std (checked up front); the clamp keeps the
+        # index inside the table at both ends (a negative index would read the schedule from its end)
+        indices = (u * scheduler.config.num_train_timesteps).long().clamp(0, len(scheduler.timesteps) - 1)
         return scheduler.timesteps[indices].to(device), scheduler.sigmas[indices].to(device)
 
     def noisy_inputs(self, batch, cond, device, weight_dtype):
@@ -752,18 +821,25 @@ class FluxFamily(FlowMatchingFamily):
     default_max_sequence_length = 512
     tags = ("flux", "flux-diffusers")
 
+    def family_flags(self):
+        guidance = {} if self.schnell() else {"guidance_scale": 1.0}  # schnell has no guidance embedding
+        return {**super().family_flags(), **guidance}
+
     def training_settings(self) -> dict:
+        if self.schnell():
+            return super().training_settings()
         return {**super().training_settings(), "guidance_scale": self.args.guidance_scale}
+
     def patch_size(self):  # 2x2 packing of the latent grid into tokens
         return 2
 
     def load_text_models(self, path, rev, var):
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
-                           AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev)]
-        self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var),
-                              T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=rev,
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, cache_dir=self.args.cache_dir),
+                           AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, cache_dir=self.args.cache_dir)]
+        self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, cache_dir=self.args.cache_dir, variant=var),
+                              T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=rev, cache_dir=self.args.cache_dir,
                                                              variant=var)]
 
     def text_pipeline(self):
@@ -836,8 +912,17 @@ class SD3Family(FlowMatchingFamily):
     diffusers_reads_kohya_file = False  # StableDiffusion3Pipeline.load_lora_weights finds no key in lora_transformer_*
     tags = ("sd3", "sd3-diffusers")
 
+    def family_flags(self):
+        return {**super().family_flags(), "precondition_outputs": 1}
+
     def training_settings(self) -> dict:
         return {**super().training_settings(), "precondition_outputs": self.args.precondition_outputs}
+
+    def max_image_side(self):
+        """SD3's position embedding covers ``pos_embed_max_size`` patches per side."""
+        config = self.denoiser_config()
+        vae_factor = self.geometry()[0]
+        return config["pos_embed_max_size"] * config["patch_size"] * vae_factor, "pos_embed_max_size"
     def patch_size(self):
         return int(self.denoiser_config().get("patch_size", 2))
 
@@ -850,11 +935,11 @@ class SD3Family(FlowMatchingFamily):
     def load_text_models(self, path, rev, var):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=rev)
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=rev, cache_dir=self.args.cache_dir)
                            for s in ("", "_2", "_3")]
         self.text_encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f"text_encoder{s}",
-                                                                          revision=rev, variant=var) for s in ("", "_2")]
-        self.text_encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", revision=rev,
+                                                                          revision=rev, cache_dir=self.args.cache_dir, variant=var) for s in ("", "_2")]
+        self.text_encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", revision=rev, cache_dir=self.args.cache_dir,
                                                                  variant=var))
 
     def text_pipeline(self):

@@ -52,8 +52,9 @@ from regions import RegionAction, region_loss_weights, region_sources, run_objec
 from training_checks import (
     check_args,
     check_dataset,
+    check_image_sides,
     check_imagefolder_metadata,
-    check_lora_target_modules,
+    check_model,
     check_output_dir,
     check_trackers,
     error_with_causes,
@@ -109,13 +110,17 @@ def parse_args(input_args=None):
     g.add_argument("--weighting_scheme", type=str, default=None, choices=mf.WEIGHTING_SCHEMES,
                    help="Timestep density and loss weighting (diffusers.training_utils); default: none for FLUX.1, "
                         "logit_normal for SD3 (the diffusers examples' defaults).")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal timestep density.")
-    g.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal timestep density.")
-    g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode timestep density.")
-    g.add_argument("--guidance_scale", type=float, default=1.0,
+    g.add_argument("--logit_mean", type=float, default=None,
+                   help="Mean of the logit_normal timestep density (default 0.0).")
+    g.add_argument("--logit_std", type=float, default=None,
+                   help="Std of the logit_normal timestep density, positive (default 1.0).")
+    g.add_argument("--mode_scale", type=float, default=None,
+                   help="Scale of the mode timestep density (default 1.29), from -1 to 1.75: beyond, the density "
+                        "draws times outside [0, 1].")
+    g.add_argument("--guidance_scale", type=float, default=None,
                    help="FLUX.1-dev's guidance embedding during training. Default 1.0, as kohya's FLUX.1 docs and "
                         "diffusers' QLoRA FLUX example (diffusers' DreamBooth example uses 3.5); schnell has none.")
-    g.add_argument("--precondition_outputs", type=int, default=1, choices=[0, 1],
+    g.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1],
                    help="SD3: EDM-style preconditioning of the prediction (prediction * -sigma + noisy, target x0), "
                         "as diffusers' SD3 example (default 1).")
     g.add_argument("--max_sequence_length", type=int, default=None,
@@ -844,7 +849,9 @@ def main(args):
 
     import memory_estimate
 
-    if args.estimate_memory:  # before any check that needs the data, before any weight loads
+    if args.estimate_memory:  # the run's checks of flags and configs, no data, no weights
+        check_args(args)
+        check_model(args, None)
         memory_estimate.print_memory_estimate(args, args.mixed_precision
                                               or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         return
@@ -867,6 +874,8 @@ def main(args):
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
+    # The model family (SD, SDXL, FLUX.1, SD3) and its checks from config files: before the data pass, no weights
+    family, bucket_step = check_model(args, resume_path)
 
     # ---- Accelerator -------------------------------------------------------------------------
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -895,8 +904,6 @@ def main(args):
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)  # the LoRA initialisation; per-example draws use fairhuman_utils.item_seed
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = create_hub_repo(args)
@@ -910,46 +917,22 @@ def main(args):
                 + ", ".join(f"with {name} boxes: {count}" for name, count in checked["counts"].items()))
     report_regions(checked, args, mask_regions)
 
-    # ---- The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, read before any weight loads
-    family, family_error = None, None
-    try:
-        family = mf.family_for_model(args)
-    except UsageError as error:  # a resume with another base model is named as such first
-        family_error = error
-    if family is not None:
-        family.check_args(args)
-        if args.lora_target_modules is None:
-            args.lora_target_modules = family.default_lora_targets
     settings = run_settings(args, checked)
-    settings["model_family"] = family.label if family is not None else None
+    settings["model_family"] = family.label
     if resume_path is not None:
         check_resume_compatible(resume_path, settings, args)
         if accelerator.is_main_process:  # later checkpoints of the run that went on past this one: moved aside
             settle_checkpoint_branch(args, resume_path)
         accelerator.wait_for_everyone()
-    if family_error is not None:
-        raise family_error
-    mf.check_quantize_available(args.quantize_base)
+    if accelerator.is_main_process:  # made once every check has passed: a refused run leaves no empty folder
+        os.makedirs(args.output_dir, exist_ok=True)
 
     # ---- Models (configs first: resolution and buckets are known before any weights load) -------
-    vae_scale, size_step, granularity, native_resolution = family.geometry()
-    if args.resolution is None:
-        args.resolution = native_resolution
-    settings["resolution"] = args.resolution
-    if args.square_crop and args.resolution % size_step:
-        raise UsageError(f"--resolution must be a multiple of {size_step} for {family.label} ("
-                         f"{'the VAE factor' if size_step == vae_scale else 'VAE factor x patch size'}), got {args.resolution}")
-    bucket_step = args.bucket_reso_steps or granularity
-    if bucket_step % size_step:
-        raise UsageError(f"--bucket_reso_steps must be a multiple of {size_step} for {family.label} ("
-                         f"{'the VAE factor' if size_step == vae_scale else 'VAE factor x patch size'}), got {bucket_step}")
-    if not args.square_crop and args.resolution < bucket_step:
-        raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
     buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
+    check_image_sides(family, [side for bucket in buckets for side in bucket], "--max_bucket_aspect_ratio")
     if accelerator.device.type == "cuda" and accelerator.is_main_process:
         memory_estimate.warn_if_over_memory(args, accelerator, logger)
     log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step, global_batch=total_batch)
-    check_lora_target_modules(args, family)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family.load(accelerator.device, weight_dtype)
     denoiser = family.denoiser  # the UNet or transformer that gets the LoRA

@@ -18,6 +18,9 @@ import torch
 from PIL import UnidentifiedImageError
 
 import fairhuman_utils as fh
+import model_families as mf
+from checkpoints import check_resume_compatible, run_settings, saved_setting
+from hub import ignore_patterns as hub_ignore_patterns
 from lora_files import LORA_WEIGHT_NAME, lora_targets
 from regions import check_regions, region_sources
 
@@ -36,7 +39,7 @@ TRACKERS_RECORDING_ARGV = ("wandb", "all")  # --report_to values whose tracker r
 
 def check_args(args) -> None:
     """Refuse impossible flag combinations up front, naming the flags."""
-    if args.dataset_name is None and args.train_data_dir is None:
+    if args.dataset_name is None and args.train_data_dir is None and not args.estimate_memory:
         raise UsageError("give a dataset: --dataset_name or --train_data_dir")
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise UsageError("--dataset_name and --train_data_dir are exclusive; give one")
@@ -186,6 +189,17 @@ def check_value_domains(args) -> None:
     if args.lr_warmup_steps and args.lr_scheduler in ("constant", "piecewise_constant"):
         raise UsageError(f"--lr_scheduler {args.lr_scheduler} ignores --lr_warmup_steps (diffusers' schedule has no "
                          "warm-up): use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps")
+    if args.validation_prompt is not None and not args.validation_prompt.strip():
+        raise UsageError("--validation_prompt is empty: give a prompt to sample, or leave the flag out (no validation)")
+    if args.logit_std is not None and not args.logit_std > 0:
+        raise UsageError(f"--logit_std must be positive (the spread of the logit_normal timestep density), got "
+                         f"{args.logit_std}")
+    low, high = mf.MODE_SCALE_RANGE
+    if args.mode_scale is not None and not low <= args.mode_scale <= high:
+        raise UsageError(f"--mode_scale must be from {low:g} to {high:.2f}, got {args.mode_scale:g}: beyond that the "
+                         "mode density draws times outside [0, 1], which index the schedule from its other end")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise UsageError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
     if args.validation_prompt is not None and args.num_validation_images < 1:
         raise UsageError(f"--validation_prompt samples --num_validation_images images: give at least 1, got "
                          f"{args.num_validation_images}")
@@ -222,10 +236,55 @@ def check_value_domains(args) -> None:
         except HFValidationError as error:
             where = "--hub_model_id" if args.hub_model_id else "--hub_model_id (default: the --output_dir folder's name)"
             raise UsageError(f"{where} {repo_id!r} is not a valid Hub repository id ({error})") from None
+        hub_ignore_patterns(args)  # a --cache_dir that is the output folder itself is refused now
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     if args.cache_dir is not None and os.path.isfile(args.cache_dir):
         raise UsageError(f"--cache_dir {args.cache_dir!r} is a file, not a folder")
+
+
+def check_model(args, resume_path: str | None):
+    """The model family (``model_index.json``) and every check that needs only config files and flags: the
+    folder's parts, the family's flags, quantization, the sizes the denoiser takes. Run before the data pass
+    and before any weight loads. Sets the family's defaults (LoRA targets; the resolution: the checkpoint's when
+    resuming, else the model's native one). Returns ``(family, bucket_step)``."""
+    try:
+        family = mf.family_for_model(args)
+    except UsageError:
+        if resume_path is not None:  # a resume with another base model is named as such first
+            check_resume_compatible(resume_path, run_settings(args, None), args)
+        raise
+    family.check_parts()
+    family.check_args(args)
+    if args.lora_target_modules is None:
+        args.lora_target_modules = family.default_lora_targets
+    check_lora_target_modules(args, family)
+    mf.check_quantize_available(args.quantize_base)
+    vae_scale, size_step, granularity, native_resolution = family.geometry()
+    if args.resolution is None:
+        args.resolution = (saved_setting(resume_path, "resolution") if resume_path else None) or native_resolution
+    why = "the VAE factor" if size_step == vae_scale else "VAE factor x patch size"
+    if args.square_crop and args.resolution % size_step:
+        raise UsageError(f"--resolution must be a multiple of {size_step} for {family.label} ({why}), got "
+                         f"{args.resolution}")
+    bucket_step = args.bucket_reso_steps or granularity
+    if bucket_step % size_step:
+        raise UsageError(f"--bucket_reso_steps must be a multiple of {size_step} for {family.label} ({why}), got "
+                         f"{bucket_step}")
+    if not args.square_crop and args.resolution < bucket_step:
+        raise UsageError(f"--resolution {args.resolution} is below the bucket step {bucket_step} (--bucket_reso_steps)")
+    check_image_sides(family, [args.resolution], "--resolution")
+    return family, bucket_step
+
+
+def check_image_sides(family, sides, flag: str) -> None:
+    """Image sides larger than the denoiser takes (:meth:`model_families.ModelFamily.max_image_side`), named."""
+    limit = family.max_image_side()
+    if limit is not None and max(sides) > limit[0]:
+        largest, setting = limit
+        raise UsageError(f"{flag}: {family.label} takes images of at most {largest} px a side (its transformer's "
+                         f"{setting}), got {max(sides)}; train at --resolution {largest} or less"
+                         + ("" if flag == "--resolution" else " or with a lower --max_bucket_aspect_ratio"))
 
 
 def check_trackers(args) -> None:
@@ -266,6 +325,8 @@ def check_output_dir(args) -> None:
     """Every folder the run writes -- the output folder (LoRA, checkpoints, card, samples), the logs, the
     mask previews -- must be writable, tested by writing a file before any model is loaded."""
     _check_writable(args.output_dir, "--output_dir")
+    if args.cache_dir is not None:  # the datasets cache, the Hub downloads and --cache_latents' files go there
+        _check_writable(args.cache_dir, "--cache_dir")
     if args.report_to != "none":
         _check_writable(os.path.join(args.output_dir, args.logging_dir), "--logging_dir")
     if args.save_mask_previews:
@@ -336,6 +397,12 @@ def recipe_columns(dataset, args):
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
     dataset = dataset.select_columns(list(dict.fromkeys(column for _, column in needed)))
+    for region, kind, column in region_sources(args):  # a mask flag on a column of boxes: say which flag reads it
+        feature = dataset.features.get(column)
+        if kind == "mask" and isinstance(feature, (list, datasets.Sequence, datasets.LargeList)):
+            flag = (f"--region_mask {region}={column}" if args.region_specs else f"--{region}_mask_column {column}")
+            instead = (f"--region {region}={column}" if args.region_specs else f"--{region}_box_column {column}")
+            raise UsageError(f"{flag}: column '{column}' holds boxes, not mask images; use {instead}")
     for column in _image_columns(args):
         if isinstance(dataset.features.get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
@@ -549,6 +616,14 @@ def check_lora_target_modules(args, family) -> None:
     """Every ``--lora_target_modules`` entry must name at least one module of the UNet / transformer. Checked
     on the model built from its config on the meta device (no weights loaded), before the models are loaded."""
     names = family.denoiser_module_names()
+    top_level = sorted(t for t in lora_targets(args) if "." not in t and t in names)
+    if top_level:  # peft matches a bare suffix anywhere: the top-level module of that name trains too
+        nested = {t: sum(name.endswith("." + t) for name in names) for t in top_level}
+        logger.warning(f"--lora_target_modules: {', '.join(top_level)} also match{'es' if len(top_level) == 1 else ''} "
+                       f"the top-level module{'s' if len(top_level) > 1 else ''} of the {family.denoiser_label} of that "
+                       f"name, besides the nested ones ({', '.join(f'{n} {t}' for t, n in nested.items())}): it trains "
+                       "too. "
+                       "Name the nested ones with their parent (e.g. attn.to_q) to leave it out")
     unmatched = unmatched_target_modules(names, lora_targets(args))
     if unmatched:
         examples = family.attention_module_examples(names)

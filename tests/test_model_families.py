@@ -278,6 +278,7 @@ def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
     assert params and all(p.dtype == torch.float32 for p in params)  # the LoRA stays full precision
     frozen = {n: p.detach().clone() for n, p in transformer.named_parameters() if p.dtype == torch.uint8}
     optimizer = torch.optim.AdamW(params, lr=1e-2)
+    initial = [p.detach().clone() for p in params]
     batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "masks": torch.ones(2, 2, 32, 32), "seeds": [1, 2],
              "rows": [0, 0], "captions": ["a person"] * 2}
     conditioning = family.caption_conditioning([["a person"]], "cpu")
@@ -294,6 +295,7 @@ def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
         with torch.no_grad():  # a validation-style forward between steps must not break the next training step
             family.predict(transformer, inputs)
     assert all(torch.equal(p, frozen[n]) for n, p in transformer.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(params, initial))  # every LoRA matrix trained
 
 
 def test_flux_two_processes_equal_one_process(tiny_flux, demo_dataset, tmp_path):

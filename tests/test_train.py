@@ -236,8 +236,10 @@ def test_every_mode_logs_losses_and_weights(weighting, save_format, tiny_sd, dem
     elif weighting == "equal":
         assert scalars["weight/face"] == [1.0] * 3 and scalars["weight/hand"] == [0.5] * 3  # static region weights
         assert "(0.5, 1.0)" in open(os.path.join(out, "README.md")).read()  # and the model card says so
-    else:
+    else:  # the fair weights are solved each step: positive, not the equal ones, and not the same every step
         assert all(w > 0 for w in scalars["weight/global"]) and all(w > 0 for w in scalars["weight/face"])
+        assert any(abs(w - 1.0) > 1e-3 for tag in ("weight/hand", "weight/face") for w in scalars[tag])
+        assert len({round(w, 9) for w in scalars["weight/hand"]}) > 1
     assert all(v > 0 for v in scalars["loss/global"])
 
 
