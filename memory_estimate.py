@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Estimate the peak GPU memory and the FLOPs of ONE training step of train_fairhuman_lora.py, on a CPU,
 without weights and without a GPU (the project's estimator core: used by ``train_fairhuman_lora.py
---estimate_memory`` and ``benchmarks/benchmark_memory.py``; grown from ../shared/tools/estimate_memory.py,
-whose method and validation are described in docs/memory.md).
+--estimate_memory`` and ``benchmarks/benchmark_memory.py``; its method and validation are described in
+docs/memory.md).
 
 How: every model (UNet, VAE, text encoders) is built from its public config under torch's FakeTensorMode
 (tensors have shapes, dtypes and storages sizes, but no data), and one training step is replayed in the

@@ -186,8 +186,8 @@ def parse_args(input_args=None):
     g.add_argument("--local_loss_normalization", type=str, default="latent", choices=["latent", "area"],
                    help="'latent': region losses average over the whole latent (the authors'); 'area': over the region only.")
     g.add_argument("--weighting", type=str, default="fair", choices=["fair", "equal", "global"],
-                   help="fair: alpha-fair (MPD) weights on the three objective gradients (FairHuman); equal: plain sum "
-                        "of the three losses; global: plain diffusers LoRA training (the baseline).")
+                   help="fair: alpha-fair (MPD) weights on the K objective gradients (global plus one per region; FairHuman); "
+                        "equal: plain sum of the K losses; global: plain diffusers LoRA training (the baseline).")
     g.add_argument("--hand_loss_weight", type=float, default=1.0,
                    help="With --weighting equal: the static weight of the hand loss, the update being that of L_global "
                         "+ hand_loss_weight * L_hand + face_loss_weight * L_face (a tuned static baseline for MPD).")
