@@ -393,6 +393,7 @@ def _gray16_face_photo(path):
 
 def test_16_bit_png_faces_are_found_by_prepare_and_evaluate(tmp_path):
     pytest.importorskip("mediapipe")
+    import detector as det
     import evaluate_fairhuman as ev
     import prepare_fairhuman_dataset as prep
 
@@ -403,7 +404,7 @@ def test_16_bit_png_faces_are_found_by_prepare_and_evaluate(tmp_path):
                                          "--disable_progress_bar"]))
     rows = [json.loads(line) for line in open(tmp_path / "prepared" / "metadata.jsonl")]
     assert len(rows[0]["face_boxes"]) == 1, summary
-    with prep.MediaPipeDetector() as detector:
+    with det.MediaPipeDetector() as detector:
         records = ev.score_images(ev.read_folder(str(photos)), detector, disable_progress_bar=True)
     assert records[0]["faces"] == 1
 
