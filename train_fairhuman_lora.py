@@ -50,6 +50,7 @@ from mask_previews import save_mask_previews
 from model_card import write_model_card
 from regions import RegionAction, region_loss_weights, region_sources, run_objectives
 from training_checks import (
+    CheckedDataset,
     check_args,
     check_dataset,
     check_imagefolder_metadata,
@@ -394,10 +395,10 @@ class FairHumanDataset(torch.utils.data.Dataset):
     gets its own stream). Images and mask images are read upright (:func:`fairhuman_utils.open_image`).
     """
 
-    def __init__(self, checked: dict, args, seed: int, targets, keep_regions: bool = True):
-        self.dataset = checked["dataset"]
-        self.boxes = checked["boxes"]
-        self.captions = checked["captions"]
+    def __init__(self, checked: CheckedDataset, args, seed: int, targets, keep_regions: bool = True):
+        self.dataset = checked.dataset
+        self.boxes = checked.boxes
+        self.captions = checked.captions
         self.sources = region_sources(args)
         self.args = args
         self.seed = seed
@@ -524,7 +525,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                 yield keys[i * self.batch_size:(i + 1) * self.batch_size]
 
 
-def plan_buckets(checked: dict, args, step: int):
+def plan_buckets(checked: CheckedDataset, args, step: int):
     """The example size of every row and the rows of each bucket.
 
     Aspect-ratio buckets (:func:`fairhuman_utils.make_buckets` at ``--resolution`` with sides multiples of
@@ -532,9 +533,9 @@ def plan_buckets(checked: dict, args, step: int):
     ``resolution x resolution`` bucket. Returns ``(buckets, targets, bucket_rows)``.
     """
     if args.square_crop:
-        return [(args.resolution, args.resolution)], args.resolution, [list(range(len(checked["sizes"])))]
+        return [(args.resolution, args.resolution)], args.resolution, [list(range(len(checked.sizes)))]
     buckets = fh.make_buckets(args.resolution, step, args.max_bucket_aspect_ratio)
-    assigned = [fh.assign_bucket(size, buckets) for size in checked["sizes"]]
+    assigned = [fh.assign_bucket(size, buckets) for size in checked.sizes]
     bucket_rows = [[row for row, b in enumerate(assigned) if b == i] for i in range(len(buckets))]
     return buckets, [buckets[b] for b in assigned], bucket_rows
 
@@ -548,7 +549,7 @@ def bucket_table(buckets, bucket_rows, repeats) -> str:
     return "\n".join(lines)
 
 
-def crop_statistics(checked: dict, args, targets, seed: int) -> dict:
+def crop_statistics(checked: CheckedDataset, args, targets, seed: int) -> dict:
     """How much hand/face box area the crops of epoch 0 cut away (box columns only; flips change nothing).
 
     Replays each row's epoch-0 crop (:func:`fairhuman_utils.resize_crop_plan` with the same random
@@ -560,8 +561,8 @@ def crop_statistics(checked: dict, args, targets, seed: int) -> dict:
     regions = [region for region, kind, _ in region_sources(args) if kind == "boxes"]
     with_boxes = lose_some = lose_region = 0
     kept_all = total_all = 0.0
-    for row, size in enumerate(checked["sizes"]):
-        boxes = {region: checked["boxes"][region][row] for region in regions}
+    for row, size in enumerate(checked.sizes):
+        boxes = {region: checked.boxes[region][row] for region in regions}
         if not any(boxes.values()):
             continue
         keep = None
@@ -591,7 +592,7 @@ CROP_CUT_WARNING = 0.05
 """Warn when more than this fraction of the images with boxes lose box area to the crop."""
 
 
-def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
+def log_buckets(checked: CheckedDataset, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
     """Log the bucket table, the rule for short buckets and how much box area the crops cut away."""
     repeats = [BucketBatchSampler.repeats_needed(len(rows), global_batch) for rows in bucket_rows]
     if args.square_crop:
@@ -1003,8 +1004,8 @@ def main(args):
     dataset, mask_regions = verify_images(load_training_dataset(args), args)
     checked = check_dataset(dataset, args)
     objectives = run_objectives(args)  # FairHuman: ("global", *regions); hand and face by default
-    logger.info(f"{len(checked['sizes'])} training images; "
-                + ", ".join(f"with {name} boxes: {count}" for name, count in checked["counts"].items()))
+    logger.info(f"{len(checked.sizes)} training images; "
+                + ", ".join(f"with {name} boxes: {count}" for name, count in checked.counts.items()))
     report_regions(checked, args, mask_regions)
 
     # ---- The model family (SD, SDXL, FLUX.1, SD3) from model_index.json, read before any weight loads
@@ -1113,7 +1114,7 @@ def main(args):
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
     # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
-    caption_conditioning = family.caption_conditioning(checked["captions"], accelerator.device)
+    caption_conditioning = family.caption_conditioning(checked.captions, accelerator.device)
     if args.cache_latents or args.cache_text_embeddings:
         train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes,
                                                   caption_conditioning)

@@ -18,6 +18,7 @@ from test_train import _argv, _dataset, _error, common
 import checkpoints
 import lora_files
 import train_fairhuman_lora as train
+from training_checks import CheckedDataset
 
 
 def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=False, fair_state=True):
@@ -504,7 +505,7 @@ def test_long_captions_counted_and_warned_once(tiny_sd, caplog):
     long = " ".join(["hand"] * limit)
     lost = len(tokenizer(long).input_ids) - limit
     assert lost > 0 and len(tokenizer("a person").input_ids) <= limit
-    checked = {"captions": [["a person"], [long, "short"], [long]]}
+    checked = CheckedDataset(dataset=None, sizes=[], boxes={}, counts={}, captions=[["a person"], [long, "short"], [long]])
     with caplog.at_level(logging.WARNING):
         counts = train.warn_long_captions(checked, tokenizer)
     assert counts == {"long": 2, "captions": 4, "tokens_lost": 2 * lost, "max_lost": lost, "limit": limit}
