@@ -427,7 +427,7 @@ class FairHumanDataset(torch.utils.data.Dataset):
         masks, keep = [], []
         target = self.targets if isinstance(self.targets, int) else self.targets[row]
         dilation = fh.source_dilation(image.size, target, self.args.mask_dilation)  # --mask_dilation: training px
-        for region, kind, column in self.sources:
+        for region, kind, column in self.sources:  # FairHuman: one mask per region, built from its boxes or mask image
             if kind == "boxes":
                 masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, dilation))
                 keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, dilation)
@@ -440,6 +440,7 @@ class FairHumanDataset(torch.utils.data.Dataset):
                 region = masks[-1].getbbox()
                 if region is not None:
                     keep.append(region)
+        # FairHuman: the masks are resized, cropped and flipped with the image (one plan for both)
         out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
                                   rng=rng, keep=keep if self.keep_regions else None)
         return {
@@ -634,7 +635,7 @@ def collate_fn(examples):
                "latent_std": torch.stack([e["latent_std"] for e in examples]),
                "latent_masks": torch.stack([e["latent_masks"] for e in examples])} if "latent_mean" in first else
               {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
-               "masks": torch.stack([e["masks"] for e in examples])})
+               "masks": torch.stack([e["masks"] for e in examples])})  # FairHuman: the masks batch with the images
     if "text" in first:  # --cache_text_embeddings: a dict of tensors per example
         images["text"] = {k: torch.stack([e["text"][k] for e in examples]) for k in first["text"]}
     return {
@@ -1002,7 +1003,7 @@ def main(args):
 
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
     dataset, mask_regions = verify_images(load_training_dataset(args), args)
-    checked = check_dataset(dataset, args)
+    checked = check_dataset(dataset, args)  # FairHuman: every row's boxes (or mask images) parsed and checked
     objectives = run_objectives(args)  # FairHuman: ("global", *regions); hand and face by default
     logger.info(f"{len(checked.sizes)} training images; "
                 + ", ".join(f"with {name} boxes: {count}" for name, count in checked.counts.items()))
@@ -1116,6 +1117,7 @@ def main(args):
     # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
     caption_conditioning = family.caption_conditioning(checked.captions, accelerator.device)
     if args.cache_latents or args.cache_text_embeddings:
+        # FairHuman: the latent cache holds each row's latent region masks with its latents (flipped with them)
         train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes,
                                                   caption_conditioning)
         offload_cached_encoders(args, family.vae, family.text_encoders)
