@@ -14,6 +14,7 @@ import zipfile
 import fairhuman_utils as fh
 from lora_files import LORA_WEIGHT_NAME, lora_targets
 from regions import run_objectives
+from training_checks import CheckedDataset
 
 UsageError = fh.UsageError
 logger = logging.getLogger(__name__)
@@ -220,13 +221,13 @@ RESUME_WARN_IF_CHANGED = ("revision", "variant", "pretrained_vae_model_name_or_p
                           "guidance_scale", "precondition_outputs", "quantize_base", "quantize_text_encoders")
 
 
-def rows_fingerprint(checked: dict) -> str:
+def rows_fingerprint(checked: CheckedDataset) -> str:
     """A short hash of what the run reads from the dataset: image sizes, boxes and captions of every row."""
-    content = json.dumps([checked["sizes"], checked["boxes"], checked["captions"]], sort_keys=True, default=str)
+    content = json.dumps([checked.sizes, checked.boxes, checked.captions], sort_keys=True, default=str)
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
-def run_settings(args, checked: dict | None) -> dict:
+def run_settings(args, checked: CheckedDataset | None) -> dict:
     """The settings a checkpoint is written with (``fairhuman_run_settings.json``), to check a resume against
     (``checked`` None: those known before the data pass)."""
     names = [n for n in RESUME_MUST_MATCH + RESUME_WARN_IF_CHANGED if hasattr(args, n)]
@@ -239,7 +240,7 @@ def run_settings(args, checked: dict | None) -> dict:
     settings["lora_target_modules"] = sorted(set(lora_targets(args))) if args.lora_target_modules is not None else None
     settings["dataset"] = where(args.dataset_name or args.train_data_dir)
     if checked is not None:
-        settings["dataset_rows"] = len(checked["sizes"])
+        settings["dataset_rows"] = len(checked.sizes)
         settings["dataset_fingerprint"] = rows_fingerprint(checked)
     if settings.get("region_loss_weight") is None:  # only stored when given
         settings.pop("region_loss_weight", None)

@@ -11,7 +11,7 @@ Two modes:
   with two or more folders the first is the reference and images pair by file name.
 
 Each image is scored with MediaPipe's face detector and hand landmark model (the optional extra of
-``requirements-prepare.txt``, through the same detector ``prepare_fairhuman_dataset.py`` uses), and
+``requirements-prepare.txt``, through ``detector.py``, the detector ``prepare_fairhuman_dataset.py`` uses), and
 optionally with CLIP score. For each model the report gives, with ``d_i`` = 1 when image ``i`` has
 at least one detection and ``c_i`` = the mean confidence of its detections (0 when it has none):
 
@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import fairhuman_utils as fh
-import prepare_fairhuman_dataset as prep
+from detector import IMAGE_EXTENSIONS, REQUIREMENTS_HINT, MediaPipeDetector, filtered_stderr, utf8_lines
 from fairhuman_utils import UsageError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ GRID_PAD, GRID_LABEL, GRID_HEADER = 4, 30, 40  # pixels around a cell, under it 
 
 
 def image_record(detections, clip_score: float | None = None) -> dict:
-    """The per-image scores of one image from its :class:`prepare_fairhuman_dataset.Detections`.
+    """The per-image scores of one image from its :class:`detector.Detections`.
 
     ``face_confidence`` / ``hand_confidence`` are the mean score of the image's detections, 0 when
     there is none (a hand's score is MediaPipe's handedness confidence, as in the authors' scripts).
@@ -212,10 +212,10 @@ class ClipScorer:
 
 
 def make_detector(args):
-    """The MediaPipe detector of ``prepare_fairhuman_dataset.py``; a clear error when the extra is missing."""
+    """The MediaPipe detector of ``detector.py``; a clear error when the extra is missing."""
     try:
-        return prep.MediaPipeDetector(min_confidence=args.min_confidence, max_num_hands=args.max_num_hands,
-                                      face_model=args.face_model)
+        return MediaPipeDetector(min_confidence=args.min_confidence, max_num_hands=args.max_num_hands,
+                                 face_model=args.face_model)
     except ImportError as error:
         raise UsageError(f"scoring needs the MediaPipe detector: {error}") from None
 
@@ -223,11 +223,11 @@ def make_detector(args):
 def check_detector_available() -> None:
     """Raise :class:`UsageError` naming requirements-prepare.txt when MediaPipe cannot be imported."""
     try:
-        with prep.filtered_stderr():  # the import prints protobuf's GetPrototype message
+        with filtered_stderr():  # the import prints protobuf's GetPrototype message
             for module in ("mediapipe.python.solutions.face_detection", "mediapipe.python.solutions.hands"):
                 importlib.import_module(module)
     except ImportError as error:
-        raise UsageError(f"scoring needs the MediaPipe detector ({error}).\n{prep.REQUIREMENTS_HINT}") from None
+        raise UsageError(f"scoring needs the MediaPipe detector ({error}).\n{REQUIREMENTS_HINT}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,10 +241,7 @@ def read_folder(folder: str) -> list[dict]:
     metadata = {}
     path = os.path.join(folder, "metadata.jsonl")
     if os.path.isfile(path):
-        try:
-            lines = list(prep.utf8_lines(path, "--images_dir"))
-        except prep.PrepareError as error:
-            raise UsageError(str(error)) from None
+        lines = list(utf8_lines(path, "--images_dir", UsageError))
         for number, line in lines:
             if line.strip():
                 try:
@@ -253,7 +250,7 @@ def read_folder(folder: str) -> list[dict]:
                 except (ValueError, KeyError, TypeError) as error:
                     raise UsageError(f"{path}, line {number}: expected a JSON object with 'file_name' ({error})") from None
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
-                   and os.path.splitext(n)[1].lower() in prep.IMAGE_EXTENSIONS)
+                   and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
     return [{"file": name, "path": os.path.join(folder, name), "prompt": metadata.get(name, {}).get("text"),
              "prompt_index": metadata.get(name, {}).get("prompt_index"), "seed": metadata.get(name, {}).get("seed")}
             for name in names]
@@ -266,8 +263,7 @@ def score_images(entries, detector, clip=None, desc="Scoring", disable_progress_
     records = []
     for entry in tqdm(entries, desc=desc, disable=disable_progress_bar):
         try:
-            image, _ = prep.open_image(entry["path"])
-            image = fh.to_rgb(image)  # the one reader of every script: 16-bit images scaled, not clipped
+            image = fh.to_rgb(fh.open_image(entry["path"]))  # the one reader of every script: 16-bit images scaled, not clipped
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UsageError(f"cannot read the image {entry['path']} ({error})") from None
         clip_score = clip(image, entry["prompt"]) if clip is not None and entry["prompt"] is not None else None
@@ -383,7 +379,7 @@ def draw_grid(prompt: str, columns, cell_size: int, path: str) -> str:
         draw.text((x, 22), title[: max(12, cell_size // 6)], fill=(255, 200, 80), font=font)
         for row, record in enumerate(records):
             x, y = grid_cell_box(row, column, cell_size)
-            image, _ = prep.open_image(record["path"])
+            image = fh.open_image(record["path"])
             scale = cell_size / image.width
             sheet.paste(fh.to_rgb(image).resize((cell_size, max(1, round(image.height * scale))), Image.BICUBIC), (x, y))
             label_y = y + min(cell_size, round(image.height * scale)) + 2

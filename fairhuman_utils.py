@@ -981,7 +981,7 @@ def fair_coefficients(gram: torch.Tensor, alpha: float = 2.0, grad_scale: float 
 
 
 # ---------------------------------------------------------------------------------------------
-# The update: how the three objective gradients become .grad, for every --weighting mode
+# The update: how the K objective gradients become .grad, for every --weighting mode
 # ---------------------------------------------------------------------------------------------
 
 FIXED_COEFFICIENTS = {"global": (1.0, 0.0), "equal": (1.0, 1.0)}

@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Estimate the peak accelerator memory of a train_fairhuman_lora.py run, phase by phase, on a CPU, without
 weights and without a GPU (used by ``train_fairhuman_lora.py --estimate_memory``, by the run's start-up check
-on CUDA and by ``benchmarks/benchmark_memory.py``; grown from ../shared/tools/estimate_memory.py, whose method
-and validation are described in docs/memory.md).
+on CUDA and by ``benchmarks/benchmark_memory.py``; its method and validation are described in docs/memory.md).
 
 How: the model's family (``model_families.family_for_model``, from ``model_index.json``'s ``_class_name``)
 builds its text encoders, VAE and denoiser from their config.json files under torch's FakeTensorMode (tensors

@@ -50,6 +50,7 @@ from mask_previews import save_mask_previews
 from model_card import write_model_card
 from regions import RegionAction, region_loss_weights, region_sources, run_objectives
 from training_checks import (
+    CheckedDataset,
     check_args,
     check_dataset,
     check_image_sides,
@@ -194,8 +195,8 @@ def parse_args(input_args=None):
     g.add_argument("--local_loss_normalization", type=str, default="latent", choices=["latent", "area"],
                    help="'latent': region losses average over the whole latent (the authors'); 'area': over the region only.")
     g.add_argument("--weighting", type=str, default="fair", choices=["fair", "equal", "global"],
-                   help="fair: alpha-fair (MPD) weights on the three objective gradients (FairHuman); equal: plain sum "
-                        "of the three losses; global: plain diffusers LoRA training (the baseline).")
+                   help="fair: alpha-fair (MPD) weights on the K objective gradients (global plus one per region; FairHuman); "
+                        "equal: plain sum of the K losses; global: plain diffusers LoRA training (the baseline).")
     g.add_argument("--hand_loss_weight", type=float, default=1.0,
                    help="With --weighting equal: the static weight of the hand loss, the update being that of L_global "
                         "+ hand_loss_weight * L_hand + face_loss_weight * L_face (a tuned static baseline for MPD).")
@@ -402,10 +403,10 @@ class FairHumanDataset(torch.utils.data.Dataset):
     gets its own stream). Images and mask images are read upright (:func:`fairhuman_utils.open_image`).
     """
 
-    def __init__(self, checked: dict, args, seed: int, targets, keep_regions: bool = True):
-        self.dataset = checked["dataset"]
-        self.boxes = checked["boxes"]
-        self.captions = checked["captions"]
+    def __init__(self, checked: CheckedDataset, args, seed: int, targets, keep_regions: bool = True):
+        self.dataset = checked.dataset
+        self.boxes = checked.boxes
+        self.captions = checked.captions
         self.sources = region_sources(args)
         self.args = args
         self.seed = seed
@@ -434,7 +435,7 @@ class FairHumanDataset(torch.utils.data.Dataset):
         masks, keep = [], []
         target = self.targets if isinstance(self.targets, int) else self.targets[row]
         dilation = fh.source_dilation(image.size, target, self.args.mask_dilation)  # --mask_dilation: training px
-        for region, kind, column in self.sources:
+        for region, kind, column in self.sources:  # FairHuman: one mask per region, built from its boxes or mask image
             if kind == "boxes":
                 masks.append(fh.boxes_to_mask(self.boxes[region][row], image.width, image.height, dilation))
                 keep += fh.region_boxes(self.boxes[region][row], image.width, image.height, dilation)
@@ -447,6 +448,7 @@ class FairHumanDataset(torch.utils.data.Dataset):
                 region = masks[-1].getbbox()
                 if region is not None:
                     keep.append(region)
+        # FairHuman: the masks are resized, cropped and flipped with the image (one plan for both)
         out = fh.paired_transform(image, masks, target, center_crop=self.args.center_crop, random_flip=self.args.random_flip,
                                   rng=rng, keep=keep if self.keep_regions else None)
         return {
@@ -532,7 +534,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                 yield keys[i * self.batch_size:(i + 1) * self.batch_size]
 
 
-def plan_buckets(checked: dict, args, step: int):
+def plan_buckets(checked: CheckedDataset, args, step: int):
     """The example size of every row and the rows of each bucket.
 
     Aspect-ratio buckets (:func:`fairhuman_utils.make_buckets` at ``--resolution`` with sides multiples of
@@ -540,9 +542,9 @@ def plan_buckets(checked: dict, args, step: int):
     ``resolution x resolution`` bucket. Returns ``(buckets, targets, bucket_rows)``.
     """
     if args.square_crop:
-        return [(args.resolution, args.resolution)], args.resolution, [list(range(len(checked["sizes"])))]
+        return [(args.resolution, args.resolution)], args.resolution, [list(range(len(checked.sizes)))]
     buckets = fh.make_buckets(args.resolution, step, args.max_bucket_aspect_ratio)
-    assigned = [fh.assign_bucket(size, buckets) for size in checked["sizes"]]
+    assigned = [fh.assign_bucket(size, buckets) for size in checked.sizes]
     bucket_rows = [[row for row, b in enumerate(assigned) if b == i] for i in range(len(buckets))]
     return buckets, [buckets[b] for b in assigned], bucket_rows
 
@@ -556,7 +558,7 @@ def bucket_table(buckets, bucket_rows, repeats) -> str:
     return "\n".join(lines)
 
 
-def crop_statistics(checked: dict, args, targets, seed: int) -> dict:
+def crop_statistics(checked: CheckedDataset, args, targets, seed: int) -> dict:
     """How much hand/face box area the crops of epoch 0 cut away (box columns only; flips change nothing).
 
     Replays each row's epoch-0 crop (:func:`fairhuman_utils.resize_crop_plan` with the same random
@@ -568,8 +570,8 @@ def crop_statistics(checked: dict, args, targets, seed: int) -> dict:
     regions = [region for region, kind, _ in region_sources(args) if kind == "boxes"]
     with_boxes = lose_some = lose_region = 0
     kept_all = total_all = 0.0
-    for row, size in enumerate(checked["sizes"]):
-        boxes = {region: checked["boxes"][region][row] for region in regions}
+    for row, size in enumerate(checked.sizes):
+        boxes = {region: checked.boxes[region][row] for region in regions}
         if not any(boxes.values()):
             continue
         keep = None
@@ -599,7 +601,7 @@ CROP_CUT_WARNING = 0.05
 """Warn when more than this fraction of the images with boxes lose box area to the crop."""
 
 
-def log_buckets(checked: dict, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
+def log_buckets(checked: CheckedDataset, args, buckets, targets, bucket_rows, step: int, global_batch: int) -> dict:
     """Log the bucket table, the rule for short buckets and how much box area the crops cut away."""
     repeats = [BucketBatchSampler.repeats_needed(len(rows), global_batch) for rows in bucket_rows]
     if args.square_crop:
@@ -641,7 +643,7 @@ def collate_fn(examples):
                "latent_std": torch.stack([e["latent_std"] for e in examples]),
                "latent_masks": torch.stack([e["latent_masks"] for e in examples])} if "latent_mean" in first else
               {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
-               "masks": torch.stack([e["masks"] for e in examples])})
+               "masks": torch.stack([e["masks"] for e in examples])})  # FairHuman: the masks batch with the images
     if "text" in first:  # --cache_text_embeddings: a dict of tensors per example
         images["text"] = {k: torch.stack([e["text"][k] for e in examples]) for k in first["text"]}
     return {
@@ -911,10 +913,10 @@ def main(args):
 
     # ---- Data check (before any model is loaded: bad input fails in seconds) -----------------
     dataset, mask_regions = verify_images(load_training_dataset(args), args)
-    checked = check_dataset(dataset, args)
+    checked = check_dataset(dataset, args)  # FairHuman: every row's boxes (or mask images) parsed and checked
     objectives = run_objectives(args)  # FairHuman: ("global", *regions); hand and face by default
-    logger.info(f"{len(checked['sizes'])} training images; "
-                + ", ".join(f"with {name} boxes: {count}" for name, count in checked["counts"].items()))
+    logger.info(f"{len(checked.sizes)} training images; "
+                + ", ".join(f"with {name} boxes: {count}" for name, count in checked.counts.items()))
     report_regions(checked, args, mask_regions)
 
     settings = run_settings(args, checked)
@@ -999,8 +1001,9 @@ def main(args):
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
     # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
-    caption_conditioning = family.caption_conditioning(checked["captions"], accelerator.device)
+    caption_conditioning = family.caption_conditioning(checked.captions, accelerator.device)
     if args.cache_latents or args.cache_text_embeddings:
+        # FairHuman: the latent cache holds each row's latent region masks with its latents (flipped with them)
         train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes,
                                                   caption_conditioning)
         offload_cached_encoders(args, family.vae, family.text_encoders)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -508,7 +509,18 @@ def verify_images(dataset, args):
     return dataset.select([row for row in range(len(dataset)) if row not in skipped]), regions
 
 
-def check_dataset(dataset, args) -> dict:
+@dataclass
+class CheckedDataset:
+    """What :func:`check_dataset` found, row by row: what the torch dataset, the buckets and the checkpoints need."""
+
+    dataset: object  # the dataset, reduced to the columns the recipe reads
+    sizes: list  # per row, the image's (width, height), upright
+    boxes: dict  # region -> per row, its parsed pixel boxes (None for a region given as mask images)
+    captions: list  # per row, its captions (a list of strings)
+    counts: dict  # region -> how many rows have at least one box of it
+
+
+def check_dataset(dataset, args) -> CheckedDataset:
     """Check every row before any long work; return what the torch dataset needs.
 
     Reads only image headers (sizes, in the upright frame: EXIF orientation applied; :func:`verify_images`
@@ -561,26 +573,26 @@ def check_dataset(dataset, args) -> dict:
         problem = fh.box_units_problem(low, high, args.relative_boxes)
         if problem:
             raise UsageError(f"column '{column}': {problem}")
-    return {"dataset": dataset, "sizes": sizes, "boxes": boxes, "captions": captions, "counts": counts}
+    return CheckedDataset(dataset=dataset, sizes=sizes, boxes=boxes, captions=captions, counts=counts)
 
 
-def report_regions(checked: dict, args, mask_regions: dict | None = None) -> list[str]:
+def report_regions(checked: CheckedDataset, args, mask_regions: dict | None = None) -> list[str]:
     """Warn, with counts, where the regions (hand, face by default) vanish: boxes dropped by clipping (entirely outside
     their image, or no area), images without any region (they train the global objective only), and
     an objective absent from the whole dataset (then ``--weighting fair`` has nothing to balance for
     it). Regions given as mask images count through ``mask_regions`` (region -> per row, whether the
     mask has a region pixel; from :func:`verify_images`). Returns the warnings, each also logged."""
-    warnings, total = [], len(checked["sizes"])
+    warnings, total = [], len(checked.sizes)
     present, columns = {}, {}
     for region, kind, column in region_sources(args):
         columns[region] = column
         if kind == "boxes":
-            given = sum(len(cell) for cell in checked["dataset"][column] if isinstance(cell, (list, tuple)))
-            kept = sum(len(boxes) for boxes in checked["boxes"][region])
+            given = sum(len(cell) for cell in checked.dataset[column] if isinstance(cell, (list, tuple)))
+            kept = sum(len(boxes) for boxes in checked.boxes[region])
             if kept < given:
                 warnings.append(f"column '{column}': {given - kept} of {given} {region} boxes were dropped (outside "
                                 "their image or no area left after clipping); check --box_format and --relative_boxes")
-            present[region] = [bool(boxes) for boxes in checked["boxes"][region]]
+            present[region] = [bool(boxes) for boxes in checked.boxes[region]]
         elif mask_regions is not None and region in mask_regions:
             present[region] = list(mask_regions[region])
     if args.weighting == "global":  # plain LoRA training: the regions are not used
@@ -646,7 +658,7 @@ def caption_overflow(captions, tokenizer, limit: int | None = None) -> dict:
             "limit": limit}
 
 
-def warn_long_captions(checked: dict, tokenizer, limit: int | None = None, encoder: str = "text encoder",
+def warn_long_captions(checked: CheckedDataset, tokenizer, limit: int | None = None, encoder: str = "text encoder",
                        flag: str | None = None) -> dict:
     """Warn once, with numbers, when captions are cut at the text encoder's limit (the end of a long caption
     is not seen in training)."""
@@ -655,7 +667,7 @@ def warn_long_captions(checked: dict, tokenizer, limit: int | None = None, encod
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its own "sequence length is longer than" message: ours says more
     try:
-        counts = caption_overflow([c for row in checked["captions"] for c in row], tokenizer, limit)
+        counts = caption_overflow([c for row in checked.captions for c in row], tokenizer, limit)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if counts["long"]:

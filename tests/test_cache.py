@@ -38,7 +38,7 @@ def test_cache_is_keyed_by_row_and_flips_latents_with_masks(tiny_sd, demo_datase
     dataset = train.FairHumanDataset(checked, args, 5, 64)
     family = train.mf.family_for_model(args)  # the cache encodes through the model family (issue 18)
     family.vae = vae
-    cache = latent_cache.build_cache(dataset, args, family, "cpu", family.caption_conditioning(checked["captions"], "cpu"))
+    cache = latent_cache.build_cache(dataset, args, family, "cpu", family.caption_conditioning(checked.captions, "cpu"))
     assert sorted(cache) == list(range(len(dataset)))
     for entry in cache.values():
         plain, flipped = entry["latents"]

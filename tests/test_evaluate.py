@@ -20,15 +20,15 @@ from conftest import OFFLINE_ENV, REPO, run_main
 from PIL import Image
 from test_prepare_dataset import PHOTOS, bundled_file, needs_mediapipe  # noqa: E402
 
+import detector as det  # noqa: E402
 import evaluate_fairhuman as ev  # noqa: E402
 import fairhuman_utils as fh  # noqa: E402
-import prepare_fairhuman_dataset as prep  # noqa: E402
 
 NOISE = ("inference_feedback_manager", "GetPrototype", "XNNPACK", "absl::InitializeLog", "W0000")
 
 
 def record(faces=(), hands=(), clip=None, file="x.png"):
-    return {"file": file, **ev.image_record(prep.Detections(face_scores=list(faces), hand_scores=list(hands)), clip)}
+    return {"file": file, **ev.image_record(det.Detections(face_scores=list(faces), hand_scores=list(hands)), clip)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_scoring_mode_on_photographs(photo_folders, tmp_path):
     assert (photos_row["model"], photos_row["images"], blanks_row["images"]) == ("photos", 5, 5)
     assert photos_row["face_detection_rate"] == 0.6 and blanks_row["face_detection_rate"] == 0.0
     assert photos_row["hand_detection_rate"] == 0.0 and photos_row["hands_per_image"] == 0.0
-    with prep.MediaPipeDetector() as detector:  # the same detector, called directly
+    with det.MediaPipeDetector() as detector:  # the same detector, called directly
         scores = [detector(Image.open(photos / name)).face_scores[0] for name in sorted(PHOTOS)]
     assert photos_row["face_confidence_detected"] == pytest.approx(np.mean(scores), abs=1e-5)
     assert photos_row["face_confidence_mean"] == pytest.approx(np.sum(scores) / 5, abs=1e-5)
@@ -378,7 +378,7 @@ def test_console_is_free_of_mediapipe_log_lines(photo_folders, tmp_path):
 
 
 def test_filtered_stderr_keeps_real_messages(capfd):
-    with prep.filtered_stderr():  # file descriptor 2 itself is redirected, so this runs in-process
+    with det.filtered_stderr():  # file descriptor 2 itself is redirected, so this runs in-process
         os.write(2, b"W0000 00:00 123 inference_feedback_manager.cc:114] Feedback manager ...\n")
         os.write(2, b"E0000 a real native error\n")
         print("AttributeError: 'MessageFactory' object has no attribute 'GetPrototype'", file=sys.stderr)
@@ -407,3 +407,14 @@ def test_default_guidance_is_the_model_familys_advice(tiny_flux, tmp_path):
     assert default(tiny_flux, "FluxPipeline") == 3.5
     assert default(schnell, "FluxPipeline") == 0.0
     assert default(tiny_flux, "SomeOtherPipeline") == 7.5
+
+
+def test_training_does_not_import_the_dataset_preparation_cli():
+    """Training imports evaluation (for --evaluate_prompts_file), evaluation the detector module: never the
+    dataset-preparation CLI (issue 25). A fresh interpreter, so no other test's imports count."""
+    code = ("import sys; import train_fairhuman_lora, training_checks, evaluate_fairhuman; "
+            "print(sorted(m for m in ('detector', 'evaluate_fairhuman', 'prepare_fairhuman_dataset') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "['detector', 'evaluate_fairhuman']"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import fairhuman_utils as fh
 import model_families as mf
 import train_fairhuman_lora as train
+from training_checks import CheckedDataset
 
 FAMILY_CLASSES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
 
@@ -387,7 +388,8 @@ def test_captions_past_t5s_max_sequence_length_are_counted(tiny_flux, caplog):
     family.load("cpu", torch.float32)
     limits = family.caption_token_limits()
     assert [entry[1:] for entry in limits] == [(77, "text encoder", None), (16, "T5 text encoder", "--max_sequence_length")]
-    checked = {"captions": [["a person waving both hands at the camera"], ["a face"]]}  # > 16 T5 tokens, < 77 CLIP
+    checked = CheckedDataset(dataset=None, sizes=[], boxes={}, counts={},  # > 16 T5 tokens, < 77 CLIP
+                             captions=[["a person waving both hands at the camera"], ["a face"]])
     with caplog.at_level(logging.WARNING):
         counts = [train.warn_long_captions(checked, *entry) for entry in limits]
     assert counts[0]["long"] == 0 and counts[1]["long"] == 1 and counts[1]["limit"] == 16

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import detector as det  # noqa: E402
 import prepare_fairhuman_dataset as prep  # noqa: E402
 
 FLOAT_BOXES = datasets.List(datasets.List(datasets.Value("float64")))
@@ -51,7 +52,7 @@ class FakeDetector:
 
     def __call__(self, image):
         self.seen.append(image.size)
-        return self.by_size.get(image.size, prep.Detections())
+        return self.by_size.get(image.size, det.Detections())
 
     def close(self):
         self.closed = True
@@ -125,12 +126,12 @@ def test_mask_image_to_boxes_scales_thresholds_and_shrinks():
 
 
 def test_landmarks_to_box_pads_and_clips():
-    box = prep.landmarks_to_box([0.1, 0.3], [0.2, 0.6], 100, 50, padding=0.1)
+    box = det.landmarks_to_box([0.1, 0.3], [0.2, 0.6], 100, 50, padding=0.1)
     # extent x 10..30 (20 px), y 10..30 (20 px): 2 px margin on every side
     assert box == pytest.approx([8.0, 8.0, 32.0, 32.0])
-    cut = prep.landmarks_to_box([-0.2, 0.1], [0.5, 1.3], 100, 50, padding=0.0)
+    cut = det.landmarks_to_box([-0.2, 0.1], [0.5, 1.3], 100, 50, padding=0.0)
     assert cut == pytest.approx([0.0, 25.0, 10.0, 50.0])
-    assert prep.landmarks_to_box([1.2, 1.5], [0.1, 0.2], 100, 50, padding=0.0) is None
+    assert det.landmarks_to_box([1.2, 1.5], [0.1, 0.2], 100, 50, padding=0.0) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,13 +253,13 @@ def make_photo_folder(folder):
 
 
 FAKE = {
-    (64, 48): prep.Detections(
+    (64, 48): det.Detections(
         hand_boxes=[[1.0, 2.0, 30.0, 40.0], [40.0, 5.0, 64.0, 20.0]],
         hand_scores=[0.9, 0.8],
         face_boxes=[[10.0, 0.0, 20.0, 12.5]],
         face_scores=[0.7],
     ),
-    (40, 60): prep.Detections(face_boxes=[[5.0, 5.0, 35.0, 40.0]], face_scores=[0.95]),
+    (40, 60): det.Detections(face_boxes=[[5.0, 5.0, 35.0, 40.0]], face_scores=[0.95]),
 }
 
 
@@ -366,7 +367,7 @@ def test_dataset_without_any_hand_still_has_float_box_columns(tmp_path):
     photos.mkdir()
     for index in range(3):
         Image.new("RGB", (40 + index, 30)).save(photos / f"{index}.png")
-    faces = {(40, 30): prep.Detections(face_boxes=[[1.0, 1.0, 9.0, 9.0]], face_scores=[0.6])}
+    faces = {(40, 30): det.Detections(face_boxes=[[1.0, 1.0, 9.0, 9.0]], face_scores=[0.6])}
     run(["--input_dir", photos, "--output_dir", out, "--save_to_disk", tmp_path / "saved"], FakeDetector(faces))
     assert all(row["hand_boxes"] == [] and row["hand_scores"] == [] for row in read_metadata(out))
 
@@ -427,7 +428,7 @@ def test_missing_mediapipe_gives_the_install_hint(tmp_path, monkeypatch):
     for name in [n for n in sys.modules if n == "mediapipe" or n.startswith("mediapipe.")] + ["mediapipe"]:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match="pip install --no-deps -r requirements-prepare.txt"):
-        prep.MediaPipeDetector()
+        det.MediaPipeDetector()
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (8, 8)).save(photos / "a.png")
@@ -769,7 +770,7 @@ needs_mediapipe = pytest.mark.skipif(mediapipe_missing, reason=f"mediapipe is no
 def detector():
     if mediapipe_missing:
         pytest.skip(f"mediapipe is not installed; {EXTRA_HINT}")
-    with prep.MediaPipeDetector() as real:
+    with det.MediaPipeDetector() as real:
         yield real
 
 
@@ -806,14 +807,14 @@ def test_one_face_and_no_hand_on_bundled_photos(name, detector):
 @needs_mediapipe
 def test_min_confidence_is_applied():
     image = Image.open(bundled_file("skimage", "data", "astronaut.png"))
-    with prep.MediaPipeDetector(min_confidence=0.99, face_model="short", hand_model_complexity=0) as strict:
+    with det.MediaPipeDetector(min_confidence=0.99, face_model="short", hand_model_complexity=0) as strict:
         assert strict(image).face_boxes == []
 
 
 @needs_mediapipe
 def test_hand_thresholds_reach_the_graph(monkeypatch):
     """min_confidence lands in the palm detector and hand-presence nodes (protobuf-7-safe path)."""
-    original, seen = prep._set_calculator_options, {}
+    original, seen = det._set_calculator_options, {}
 
     def spy(graph, params, options_types):
         original(graph, params, options_types)
@@ -827,8 +828,8 @@ def test_hand_thresholds_reach_the_graph(monkeypatch):
         with pytest.raises(ValueError, match="no node"):
             original(graph, {"nosuchnode.threshold": 1.0}, options_types)
 
-    monkeypatch.setattr(prep, "_set_calculator_options", spy)
-    with prep.MediaPipeDetector(min_confidence=0.3, hand_model_complexity=0):
+    monkeypatch.setattr(det, "_set_calculator_options", spy)
+    with det.MediaPipeDetector(min_confidence=0.3, hand_model_complexity=0):
         pass
     assert seen == {
         "palmdetectioncpu__TensorsToDetectionsCalculator": pytest.approx(0.3),
@@ -879,7 +880,7 @@ class ColourDetector:
         green = (pixels[..., 1] > 150) & (pixels[..., 0] < 90)
         faces, _ = prep.mask_to_boxes(red, min_area=4)
         hands, _ = prep.mask_to_boxes(green, min_area=4)
-        return prep.Detections(face_boxes=[list(map(float, b)) for b in faces], face_scores=[1.0] * len(faces),
+        return det.Detections(face_boxes=[list(map(float, b)) for b in faces], face_scores=[1.0] * len(faces),
                                hand_boxes=[list(map(float, b)) for b in hands], hand_scores=[1.0] * len(hands))
 
     def close(self):

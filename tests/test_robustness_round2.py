@@ -18,6 +18,7 @@ from test_train import _argv, _dataset, _error, common
 import checkpoints
 import lora_files
 import train_fairhuman_lora as train
+from training_checks import CheckedDataset
 
 
 def _fake_checkpoint(folder, step, *, lora=True, optimizer=True, truncate_lora=False, fair_state=True):
@@ -393,6 +394,7 @@ def _gray16_face_photo(path):
 
 def test_16_bit_png_faces_are_found_by_prepare_and_evaluate(tmp_path):
     pytest.importorskip("mediapipe")
+    import detector as det
     import evaluate_fairhuman as ev
     import prepare_fairhuman_dataset as prep
 
@@ -403,7 +405,7 @@ def test_16_bit_png_faces_are_found_by_prepare_and_evaluate(tmp_path):
                                          "--disable_progress_bar"]))
     rows = [json.loads(line) for line in open(tmp_path / "prepared" / "metadata.jsonl")]
     assert len(rows[0]["face_boxes"]) == 1, summary
-    with prep.MediaPipeDetector() as detector:
+    with det.MediaPipeDetector() as detector:
         records = ev.score_images(ev.read_folder(str(photos)), detector, disable_progress_bar=True)
     assert records[0]["faces"] == 1
 
@@ -503,7 +505,7 @@ def test_long_captions_counted_and_warned_once(tiny_sd, caplog):
     long = " ".join(["hand"] * limit)
     lost = len(tokenizer(long).input_ids) - limit
     assert lost > 0 and len(tokenizer("a person").input_ids) <= limit
-    checked = {"captions": [["a person"], [long, "short"], [long]]}
+    checked = CheckedDataset(dataset=None, sizes=[], boxes={}, counts={}, captions=[["a person"], [long, "short"], [long]])
     with caplog.at_level(logging.WARNING):
         counts = train.warn_long_captions(checked, tokenizer)
     assert counts == {"long": 2, "captions": 4, "tokens_lost": 2 * lost, "max_lost": lost, "limit": limit}

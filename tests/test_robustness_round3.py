@@ -285,7 +285,7 @@ def test_sdxl_cached_flip_has_the_uncached_flips_size_conditioning(tiny_sdxl, de
         args = train.parse_args([str(a) for a in common(tiny_sdxl, demo_dataset, tmp_path / "o", 1, "--random_flip",
                                                         *extra)])
         checked = training_checks.check_dataset(train.load_training_dataset(args), args)
-        targets = [(48, 48)] * len(checked["captions"])  # 120 x 72 -> 80 x 48: 32 pixels of horizontal slack
+        targets = [(48, 48)] * len(checked.captions)  # 120 x 72 -> 80 x 48: 32 pixels of horizontal slack
         return args, train.FairHumanDataset(checked, args, 5, targets)
 
     row = 3

@@ -313,8 +313,8 @@ def test_out_of_range_boxes_are_clipped_or_dropped(tmp_path):
     rows = [{"text": "a", "hand_boxes": [[30, 20, 90, 90], [100, 100, 120, 120]], "face_boxes": [], "notes": "x"}]
     args = train.parse_args(_argv(_dataset(tmp_path, rows), str(tmp_path / "o")))
     checked = train.check_dataset(train.load_training_dataset(args), args)
-    assert checked["boxes"]["hand"] == [[(30.0, 20.0, 40.0, 30.0)]] and checked["boxes"]["face"] == [[]]
-    assert sorted(checked["dataset"].column_names) == ["face_boxes", "hand_boxes", "image", "text"]  # "notes" unread
+    assert checked.boxes["hand"] == [[(30.0, 20.0, 40.0, 30.0)]] and checked.boxes["face"] == [[]]
+    assert sorted(checked.dataset.column_names) == ["face_boxes", "hand_boxes", "image", "text"]  # "notes" unread
 
 
 def test_unreadable_image_names_row(tmp_path):
