@@ -20,7 +20,6 @@ from PIL import UnidentifiedImageError
 
 import fairhuman_utils as fh
 import model_families as mf
-from checkpoints import check_resume_compatible, run_settings, saved_setting
 from hub import ignore_patterns as hub_ignore_patterns
 from lora_files import LORA_WEIGHT_NAME, lora_targets
 from regions import check_regions, region_sources
@@ -249,6 +248,8 @@ def check_model(args, resume_path: str | None):
     folder's parts, the family's flags, quantization, the sizes the denoiser takes. Run before the data pass
     and before any weight loads. Sets the family's defaults (LoRA targets; the resolution: the checkpoint's when
     resuming, else the model's native one). Returns ``(family, bucket_step)``."""
+    from checkpoints import check_resume_compatible, run_settings, saved_setting  # checkpoints imports this module
+
     try:
         family = mf.family_for_model(args)
     except UsageError:
