@@ -148,6 +148,8 @@ class ModelFamily:
             text_encoder.requires_grad_(False)
             if getattr(text_encoder, "hf_quantizer", None) is None:  # bitsandbytes placed the quantized ones
                 text_encoder.to(device, dtype=weight_dtype)
+            else:
+                keep_4bit_layers_trainable_on_cpu(text_encoder)  # its no-grad forwards on a CPU
         self.text_encoder_dtype = str(self.text_encoders[0].dtype) if self.text_encoders else None
 
     def load_text_models(self, device, weight_dtype) -> None:
@@ -967,8 +969,9 @@ def text_quantization_config(mode: str | None, compute_dtype=torch.float32):
 
 def keep_4bit_layers_trainable_on_cpu(model) -> int:
     """Turn off bitsandbytes' AVX512-BF16 CPU inference path on every ``Linear4bit`` of ``model``: it repacks the
-    NF4 weights in place on an eval/no-grad forward (validation images), which fails for layers whose sizes are
-    not multiples of 64/32 and breaks every later training forward. No effect on a GPU. Returns the count."""
+    NF4 weights in place on an eval/no-grad forward (validation images, a quantized text encoder's caption pass),
+    which fails for layers whose sizes are not multiples of 64/32 and breaks every later training forward. No
+    effect on a GPU. Returns the count."""
     try:
         import bitsandbytes as bnb
     except ImportError:
