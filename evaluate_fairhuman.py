@@ -448,6 +448,14 @@ def load_pipeline(args):
         raise UsageError(f"--pretrained_model_name_or_path: {type(pipe).__name__} cannot load LoRAs")
     family = sampling_family(pipe, args)
     pipe.scheduler = family.sampling_scheduler(pipe.scheduler, args.prediction_type)  # UniPC; FLUX.1 / SD3: their own
+    apply_sampling_advice(args, family)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device)
+
+
+def apply_sampling_advice(args, family) -> None:
+    """The family's LoRA scale, steps and guidance (:meth:`~model_families.ModelFamily.inference_advice`) where not
+    given."""
     advice = family.inference_advice()
     if args.guidance_scale is None:
         args.guidance_scale = advice["guidance"]
@@ -455,8 +463,36 @@ def load_pipeline(args):
         args.num_inference_steps = advice["steps"]
     if args.lora_scale is None:
         args.lora_scale = advice["scale"]
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(args.device)
+
+
+class PipelineSampler:
+    """Generation's sampler: the base pipeline (:func:`load_pipeline`) with every LoRA loaded as a named adapter."""
+
+    def __init__(self, args, lora_names):
+        self.pipe, self.args = load_pipeline(args), args
+        load_loras(self.pipe, args.lora_paths, lora_names)
+        self.lora_names = lora_names
+        if args.resolution is None:
+            args.resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        if args.resolution % self.pipe.vae_scale_factor:
+            raise UsageError(f"--resolution must be a multiple of {self.pipe.vae_scale_factor}, got {args.resolution}")
+
+    def select(self, name, scale) -> None:
+        """The base model (``scale`` None) or LoRA ``name`` at ``scale``."""
+        if scale is None:
+            if self.lora_names:
+                self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name], adapter_weights=[scale])
+
+    def __call__(self, prompt, count, generators, **kwargs):
+        negative = self.args.negative_prompt
+        return self.pipe(prompt=[prompt] * count, negative_prompt=[negative] * count if negative else None,
+                         generator=generators, **kwargs).images
+
+    def close(self) -> None:
+        self.pipe = None
 
 
 def sampling_family(pipe, args):
@@ -522,29 +558,20 @@ def image_seed(seed: int, prompt_index: int, image_index: int, num_images_per_pr
     return seed + prompt_index * num_images_per_prompt + image_index
 
 
-def generate(args, prompts, lora_names) -> list[dict]:
-    """Sample every prompt with the base model and each LoRA from the same seeds; return the model folders."""
+def generate(args, prompts, lora_names, sampler=None) -> list[dict]:
+    """Sample every prompt with the base model and each LoRA from the same seeds; return the model folders.
+    ``sampler``: a :class:`PipelineSampler` (the default) or the training script's sampler of its trained denoiser."""
     import torch
     from tqdm.auto import tqdm
 
-    pipe = load_pipeline(args)
-    load_loras(pipe, args.lora_paths, lora_names)
-    if args.resolution is None:
-        args.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if args.resolution % pipe.vae_scale_factor:
-        raise UsageError(f"--resolution must be a multiple of {pipe.vae_scale_factor}, got {args.resolution}")
+    sampler = sampler or PipelineSampler(args, lora_names)
     models = [("base", args.pretrained_model_name_or_path, None)]
     models += [(name, path, args.lora_scale) for name, path in zip(lora_names, args.lora_paths)]
     n = args.num_images_per_prompt
     progress = tqdm(total=len(models) * len(prompts) * n, desc="Generating", disable=args.disable_progress_bar)
     folders = []
     for name, source, scale in models:
-        if scale is None:
-            if lora_names:
-                pipe.disable_lora()
-        else:
-            pipe.enable_lora()
-            pipe.set_adapters([name], adapter_weights=[scale])
+        sampler.select(name, scale)
         folder = os.path.join(args.output_dir, "images", name)
         os.makedirs(folder, exist_ok=True)
         rows = []
@@ -554,10 +581,8 @@ def generate(args, prompts, lora_names) -> list[dict]:
                 chunk = seeds[start:start + args.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
                 with torch.no_grad():
-                    images = pipe(prompt=[prompt] * len(chunk), negative_prompt=(
-                        [args.negative_prompt] * len(chunk) if args.negative_prompt else None),
-                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                        height=args.resolution, width=args.resolution, generator=generators).images
+                    images = sampler(prompt, len(chunk), generators, num_inference_steps=args.num_inference_steps,
+                                     guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution)
                 for s, image in zip(chunk, images):
                     file_name = image_file_name(i, s)
                     image.save(os.path.join(folder, file_name))
@@ -567,7 +592,7 @@ def generate(args, prompts, lora_names) -> list[dict]:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         folders.append({"name": name, "source": source, "folder": folder, "lora_scale": scale})
     progress.close()
-    del pipe
+    sampler.close()
     return folders
 
 
@@ -794,8 +819,8 @@ def claim_outputs(output_dir: str, files: list[str]) -> None:
         json.dump({"files": files}, f, indent=0)
 
 
-def main(args) -> dict:
-    """Run the evaluation; returns the report (also written to ``--output_dir``)."""
+def main(args, sampler=None) -> dict:
+    """Run the evaluation; returns the report (also written to ``--output_dir``). ``sampler``: see :func:`generate`."""
     import torch
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
@@ -822,7 +847,7 @@ def main(args) -> dict:
     claim_outputs(args.output_dir, planned_outputs(args, prompts, lora_names))
 
     if generation:
-        folders = generate(args, prompts, lora_names)
+        folders = generate(args, prompts, lora_names, sampler)
     else:
         names = model_names(args.images_dir, taken=())
         folders = [{"name": name, "source": folder, "folder": folder, "lora_scale": None}
@@ -850,9 +875,10 @@ def main(args) -> dict:
     return report
 
 
-def evaluate_trained_lora(train_args, lora_file: str) -> dict:
+def evaluate_trained_lora(train_args, lora_file: str, sampler=None) -> dict:
     """Run the evaluation for ``train_fairhuman_lora.py --evaluate_prompts_file``: its base model and
-    sampling settings, the LoRA just saved, ``--num_validation_images`` per prompt, into OUTPUT_DIR/evaluation."""
+    sampling settings, the LoRA just saved, ``--num_validation_images`` per prompt, into OUTPUT_DIR/evaluation.
+    ``sampler``: the training script's sampler of the trained denoiser (its family gives steps and guidance)."""
     argv = ["--pretrained_model_name_or_path", train_args.pretrained_model_name_or_path,
             "--lora_paths", lora_file, "--prompts_file", train_args.evaluate_prompts_file,
             "--output_dir", os.path.join(train_args.output_dir, "evaluation"), "--overwrite_output_dir",
@@ -864,7 +890,10 @@ def evaluate_trained_lora(train_args, lora_file: str) -> dict:
             argv += [f"--{flag.replace('validation_', 'num_')}", str(getattr(train_args, flag))]
     if train_args.mixed_precision in ("no", "fp16", "bf16"):  # the precision the run resolved to
         argv += ["--mixed_precision", train_args.mixed_precision]
-    return main(parse_args(argv))
+    args = parse_args(argv)
+    if sampler is not None:
+        apply_sampling_advice(args, sampler.family)
+    return main(args, sampler)
 
 
 def cli(input_args=None):

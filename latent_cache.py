@@ -91,7 +91,7 @@ CACHE_KEY_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "pret
                    "hand_box_column", "face_box_column", "box_format", "relative_boxes", "hand_mask_column",
                    "face_mask_column", "region_specs", "max_train_samples", "resolution", "center_crop", "square_crop",
                    "bucket_reso_steps", "max_bucket_aspect_ratio", "random_flip", "mask_dilation", "latent_mask_mode",
-                   "max_sequence_length", "cache_latents", "cache_text_embeddings")
+                   "max_sequence_length", "quantize_text_encoders", "cache_latents", "cache_text_embeddings")
 """The flags a cached latent or text embedding depends on (with the data, the buckets and the encoders' dtypes)."""
 
 
@@ -111,15 +111,14 @@ def source_fingerprint(args, dataset) -> str:
 
 def cache_key_fields(args, dataset, targets, family) -> dict:
     """Everything the cache's content depends on; a cache on disk is read only when all of it is equal."""
-    vae, text_encoders = family.vae, family.text_encoders
     fields = {flag: getattr(args, flag) for flag in CACHE_KEY_FLAGS}
     fields["weights"] = weights_fingerprint(args, family)
     fields["data"] = source_fingerprint(args, dataset)
     fields["rows"] = len(dataset)
     fields["buckets"] = hashlib.sha256(json.dumps(targets if isinstance(targets, int) else [list(t) for t in targets])
                                        .encode()).hexdigest()
-    fields["vae_dtype"] = str(vae.dtype)
-    fields["text_encoder_dtype"] = str(text_encoders[0].dtype) if text_encoders else None
+    fields["vae_dtype"] = str(family.vae.dtype)
+    fields["text_encoder_dtype"] = family.text_encoder_dtype  # the first encoder's, recorded as it loaded
     if args.cache_latents and not args.center_crop:
         fields["seed"] = args.seed  # the crop drawn once per image comes from the run's seed
     return fields

@@ -7,12 +7,16 @@ loads):
 ==========================  ===============================================================================
 ``geometry()``              ``(vae_factor, size_step, granularity, native_resolution)`` from config.json files
 ``denoiser_module_names()`` module names of the UNet / transformer built on the meta device (target check)
-``load(device, dtype)``     tokenizers, text encoders, VAE, denoiser, noise scheduler
+``load_text_encoders()``    stage 1: tokenizers, text encoders (the large ones quantized: --quantize_text_encoders)
+``caption_conditioning()``  stage 2: rows -> caption dict, per batch (uncached SD/SDXL) or embedded once per row,
+                            sampling prompts embedded, then the text encoders freed
+``load_vae_stage()``        stage 3: the VAE (the latent cache is encoded next)
+``load_denoiser()``         stage 4: noise scheduler and denoiser (--quantize_base: straight to the device)
 ``encode_captions(texts)``  caption conditioning: a dict of tensors, batch first (one row per caption)
-``caption_conditioning()``  rows -> that dict: per batch (SD/SDXL) or computed once per dataset row (flow)
 ``noisy_inputs(batch)``     latents, noise, timesteps, noisy input, target, per-example loss weights
 ``predict(denoiser, x)``    the prediction on the UNPACKED latent grid ``(B, C, h, w)``
-``validation_pipeline()``   the diffusers pipeline around the trained denoiser, and its call arguments
+``sampling_pipeline()``     the diffusers pipeline around the trained denoiser (no text encoders) for validation
+``sampling_call(prompt)``   and evaluation; its call arguments from the prompt's stored embeddings
 ``lora_file_prefix`` etc.   file naming and kohya / modelspec metadata
 ==========================  ===============================================================================
 
@@ -185,9 +189,81 @@ class ModelFamily:
         when it has no such limit."""
         return None
 
-    # ---- loading -------------------------------------------------------------------------------
+    # ---- loading, in stages (the training script's order: text encoders, captions embedded, the encoders freed,
+    # the VAE (latent cache), THEN the denoiser; T5 / the LLM encoder and the denoiser are never held together) ----
     def load(self, device, weight_dtype) -> None:
+        """Every model at once (tests and tools; the training script loads in stages)."""
+        self.load_text_encoders(device, weight_dtype)
+        self.load_vae_stage(device, weight_dtype)
+        self.load_denoiser(device, weight_dtype)
+
+    def load_text_encoders(self, device, weight_dtype) -> None:
+        """Stage 1: tokenizers and text encoders (:meth:`load_text_models`) on ``device`` in ``weight_dtype``; the
+        large ones (:meth:`large_text_encoders`) quantized by bitsandbytes with ``--quantize_text_encoders``, loaded
+        straight onto ``device``."""
+        self.load_text_models(device, weight_dtype)
+        for text_encoder in self.text_encoders:
+            text_encoder.requires_grad_(False)
+            if getattr(text_encoder, "hf_quantizer", None) is None:  # bitsandbytes placed the quantized ones
+                text_encoder.to(device, dtype=weight_dtype)
+            else:
+                keep_4bit_layers_trainable_on_cpu(text_encoder)  # its no-grad forwards on a CPU
+        self.text_encoder_dtype = str(self.text_encoders[0].dtype) if self.text_encoders else None
+
+    def load_text_models(self, device, weight_dtype) -> None:
+        """Set ``self.tokenizers`` and ``self.text_encoders`` (:meth:`text_encoder_from_pretrained` for each)."""
         raise NotImplementedError
+
+    def text_encoder_from_pretrained(self, cls, subfolder: str, device, weight_dtype, large: bool = False):
+        """``cls.from_pretrained`` of the model's ``subfolder``; a ``large`` encoder (T5, an LLM) in 4 or 8 bits
+        with ``--quantize_text_encoders`` (transformers' ``BitsAndBytesConfig``, computing in ``weight_dtype``),
+        placed on ``device`` as it loads."""
+        kwargs = dict(subfolder=subfolder, revision=self.revision, variant=self.variant, cache_dir=self.args.cache_dir)
+        quantization = (text_quantization_config(self.args.quantize_text_encoders, weight_dtype) if large else None)
+        if quantization is not None:
+            kwargs.update(quantization_config=quantization, dtype=weight_dtype, device_map={"": torch.device(device)})
+        return cls.from_pretrained(self.path, **kwargs)
+
+    def text_encoders_in_step(self, args) -> bool:
+        """Whether the text encoders stay (on the device) through training: they embed each batch."""
+        return not args.cache_text_embeddings
+
+    def release_text_encoders(self) -> None:
+        """Stage 2's end: the text encoders are deleted (not moved) once every caption and prompt is embedded,
+        unless they embed each batch (:meth:`text_encoders_in_step`); the tokenizers stay (caption checks)."""
+        if self.text_encoders_in_step(self.args):
+            return
+        import gc
+
+        self.text_encoders = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def load_vae_stage(self, device, weight_dtype) -> None:
+        """Stage 3: the VAE on ``device`` in :meth:`vae_dtype` (it encodes the latent cache, decodes samples)."""
+        self.vae = self.load_vae(dtype=self.vae_dtype(weight_dtype)).requires_grad_(False).to(device)
+
+    def load_denoiser(self, device, weight_dtype) -> None:
+        """Stage 4: the noise scheduler and the denoiser in ``weight_dtype``; with ``--quantize_base`` its linear
+        layers in 4 or 8 bits (diffusers' ``BitsAndBytesConfig``, computing in ``weight_dtype``), loaded straight
+        onto the device."""
+        import diffusers
+
+        scheduler_class = getattr(diffusers, self.scheduler_class_name)
+        self.noise_scheduler = scheduler_class.from_pretrained(self.path, subfolder="scheduler", revision=self.revision, cache_dir=self.args.cache_dir)
+        if getattr(self.args, "prediction_type", None) is not None:
+            self.noise_scheduler.register_to_config(prediction_type=self.args.prediction_type)
+        quantization = quantization_config(self.args.quantize_base, weight_dtype)
+        kwargs = {} if quantization is None else dict(quantization_config=quantization)
+        self.denoiser = self.denoiser_class().from_pretrained(self.path, subfolder=self.denoiser_name,
+                                                              revision=self.revision, cache_dir=self.args.cache_dir, variant=self.variant,
+                                                              dtype=weight_dtype, **kwargs)
+        self.denoiser.requires_grad_(False)
+        if quantization is None:
+            self.denoiser.to(device)
+        else:
+            keep_4bit_layers_trainable_on_cpu(self.denoiser)
 
     def load_vae(self, dtype):
         from diffusers import AutoencoderKL
@@ -198,9 +274,6 @@ class ModelFamily:
         return AutoencoderKL.from_pretrained(self.path, subfolder="vae", revision=self.revision, cache_dir=self.args.cache_dir, variant=self.variant,
                                              dtype=dtype)
 
-    def frozen_models(self) -> list:
-        return [self.vae, self.denoiser, *self.text_encoders]
-
     # ---- conditioning ----------------------------------------------------------------------------
     def encode_captions(self, captions: list[str], device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -210,10 +283,31 @@ class ModelFamily:
         sets it, or None): CLIP's ``model_max_length`` (77 tokens)."""
         return [(self.tokenizers[0], self.tokenizers[0].model_max_length, "text encoder", None)]
 
-    def caption_conditioning(self, captions_by_row: list[list[str]], device):
-        """A function ``(rows, captions) -> dict`` giving a batch's caption conditioning. The base encodes each
-        batch's captions when asked (the text encoders stay on the device)."""
-        return lambda rows, captions: self.encode_captions(captions, device)
+    def caption_conditioning(self, captions_by_row: list[list[str]], device, prompts=()):
+        """Stage 2: a function ``(rows, captions) -> dict`` giving a batch's caption conditioning, and every sampling
+        prompt's embeddings (``prompts``: validation, evaluation; with the empty prompt's where the family samples
+        with classifier-free guidance) stored on the CPU for :meth:`sampling_call`. Where the text encoders embed
+        each batch (:meth:`text_encoders_in_step`) they stay; otherwise every caption of every dataset row is
+        encoded once, kept on the CPU BY ROW AND CAPTION (not by step: diffusers' FLUX/SD3 examples index their
+        cache by step while the loader shuffles, issue #14430), and the text encoders are freed."""
+        with torch.no_grad():
+            negative = self.encode_captions([""], device) if self.cfg_sampling and prompts else None
+            self.prompt_embeds = {prompt: ({k: v.cpu() for k, v in self.encode_captions([prompt], device).items()},
+                                           negative and {k: v.cpu() for k, v in negative.items()})
+                                  for prompt in dict.fromkeys(prompts)}
+            if self.text_encoders_in_step(self.args):
+                return lambda rows, captions: self.encode_captions(captions, device)
+            cache = {}
+            for row, captions in enumerate(captions_by_row):
+                for caption in dict.fromkeys(captions):
+                    cache[row, caption] = {k: v[0].cpu() for k, v in self.encode_captions([caption], device).items()}
+        self.release_text_encoders()
+
+        def lookup(rows, captions):
+            entries = [cache[row, caption] for row, caption in zip(rows, captions)]
+            return {k: torch.stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
+
+        return lookup
 
     def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
         """VAE latents of the batch; the sample's noise drawn per example from its own generator. With
@@ -242,9 +336,34 @@ class ModelFamily:
 
         return getattr(diffusers, self.pipeline_class_name)
 
-    def validation_pipeline(self, denoiser, prompt: str, device):
-        """``(pipeline, call kwargs)`` for sampling ``prompt`` with the trained denoiser."""
-        raise NotImplementedError
+    def sampling_pipeline(self, denoiser):
+        """The family's diffusers pipeline around the trained ``denoiser`` and the VAE, WITHOUT text encoders (the
+        prompts' embeddings were stored by :meth:`caption_conditioning`; :meth:`sampling_call` passes them), with
+        its own copy of the sampling scheduler (:meth:`sampling_scheduler`; the training schedule is not touched)."""
+        import inspect
+
+        cls = self.pipeline_class()
+        scheduler = self.sampling_scheduler(type(self.noise_scheduler).from_config(self.noise_scheduler.config))
+        known = {"vae": self.vae, "scheduler": scheduler, self.denoiser_name: denoiser, "requires_safety_checker": False}
+        params = inspect.signature(cls.__init__).parameters
+        components = {name: known.get(name) for name, p in params.items() if name != "self"
+                      and p.kind is p.POSITIONAL_OR_KEYWORD and (p.default is p.empty or name in known)}
+        pipeline = cls(**components)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def sampling_call(self, prompt: str, count: int, device) -> dict:
+        """The pipeline's call arguments for ``count`` images of ``prompt``, from its stored embeddings."""
+        embeds, negative = self.prompt_embeds[prompt]
+
+        def rows(d):
+            return d and {k: v.to(device).repeat(count, *([1] * (v.dim() - 1))) for k, v in d.items()}
+
+        return self.embeds_call_kwargs(rows(embeds), rows(negative))
+
+    def embeds_call_kwargs(self, embeds: dict, negative: dict | None) -> dict:
+        """The pipeline's ``prompt_embeds``-style arguments from :meth:`encode_captions`' dicts."""
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], negative_prompt_embeds=negative["encoder_hidden_states"])
 
     def base_model_version(self) -> str:
         return self.name
@@ -352,10 +471,6 @@ class ModelFamily:
             scheduler_class.load_config(self.path, subfolder="scheduler", revision=self.revision,
                                         cache_dir=self.args.cache_dir))
 
-    def text_encoders_in_step(self, args) -> bool:
-        """Whether the text encoders stay on the device through training (they embed each batch)."""
-        return not args.cache_text_embeddings
-
     def large_text_encoders(self) -> list:
         """The encoders ``--quantize_text_encoders`` quantizes (T5 / LLM); none for CLIP-only families."""
         return []
@@ -412,7 +527,8 @@ class StableDiffusionFamily(ModelFamily):
     def check_args(self, args):
         super().check_args(args)
         flow_only = [f"--{name}" for name in ("weighting_scheme", "max_sequence_length") if getattr(args, name) is not None]
-        flow_only += ["--quantize_base"] if args.quantize_base not in (None, "none") else []
+        flow_only += [f"--{flag}" for flag in ("quantize_base", "quantize_text_encoders")
+                      if getattr(args, flag) not in (None, "none")]
         if flow_only:
             raise UsageError(f"{', '.join(flow_only)} {'is' if len(flow_only) == 1 else 'are'} for FLUX.1/SD3; "
                              f"{args.pretrained_model_name_or_path!r} is an {self.label} model")
@@ -423,33 +539,13 @@ class StableDiffusionFamily(ModelFamily):
         granularity = fh.bucket_granularity(vae_config["block_out_channels"], unet_config["block_out_channels"])
         return vae_factor, vae_factor, granularity, int(unet_config["sample_size"]) * vae_factor
 
-    def load(self, device, weight_dtype):
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-
-        path, rev, var = self.path, self.revision, self.variant
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev, cache_dir=self.args.cache_dir)
-        if self.args.prediction_type is not None:
-            self.noise_scheduler.register_to_config(prediction_type=self.args.prediction_type)
-        self.load_text_encoders()
-        # The diffusers models are loaded in their dtype (casting them with .to(dtype=...) makes diffusers warn).
-        self.vae = self.load_vae(dtype=self.vae_dtype(weight_dtype))
-        self.denoiser = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, cache_dir=self.args.cache_dir, variant=var,
-                                                             dtype=weight_dtype)
-        for model in self.frozen_models():
-            model.requires_grad_(False)
-        self.denoiser.to(device)
-        self.vae.to(device)
-        for text_encoder in self.text_encoders:
-            text_encoder.to(device, dtype=weight_dtype)
-
-    def load_text_encoders(self):
-        """SD: one CLIP text encoder and its tokenizer."""
+    def load_text_models(self, device, weight_dtype):
+        """SD: one CLIP text encoder and its tokenizer (small: --quantize_text_encoders is refused, check_args)."""
         from transformers import AutoTokenizer, CLIPTextModel
 
         self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=self.revision, cache_dir=self.args.cache_dir,
                                                          use_fast=False)]
-        self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", revision=self.revision, cache_dir=self.args.cache_dir,
-                                                            variant=self.variant)]
+        self.text_encoders = [self.text_encoder_from_pretrained(CLIPTextModel, "text_encoder", device, weight_dtype)]
 
     def vae_dtype(self, weight_dtype):
         return weight_dtype
@@ -505,17 +601,6 @@ class StableDiffusionFamily(ModelFamily):
         return unet(inputs.model_input, inputs.timesteps, inputs.conditioning["encoder_hidden_states"],
                     added_cond_kwargs=self.added_cond_kwargs(inputs)).sample
 
-    def pipeline_components(self) -> dict:
-        return dict(vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], safety_checker=None,
-                    feature_extractor=None, requires_safety_checker=False)
-
-    def validation_pipeline(self, denoiser, prompt, device):
-        from diffusers import UniPCMultistepScheduler
-
-        scheduler = UniPCMultistepScheduler.from_config(self.noise_scheduler.config)
-        pipeline = self.pipeline_class()(unet=denoiser, scheduler=scheduler, **self.pipeline_components())
-        return pipeline, {"prompt": prompt}
-
     def base_model_version(self):
         """kohya's ``ss_base_model_version``: sd_v2 (1024-wide cross-attention, OpenCLIP-H) or sd_v1."""
         return "sd_v2" if self.denoiser.config.cross_attention_dim == 1024 else "sd_v1"
@@ -534,14 +619,14 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     tags = ("stable-diffusion-xl",)
 
-    def load_text_encoders(self):
+    def load_text_models(self, device, weight_dtype):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-        super().load_text_encoders()
+        super().load_text_models(device, weight_dtype)
         self.tokenizers.append(AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer_2", revision=self.revision, cache_dir=self.args.cache_dir,
                                                              use_fast=False))
-        self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-            self.path, subfolder="text_encoder_2", revision=self.revision, cache_dir=self.args.cache_dir, variant=self.variant))
+        self.text_encoders.append(self.text_encoder_from_pretrained(CLIPTextModelWithProjection, "text_encoder_2",
+                                                                    device, weight_dtype))
 
     def vae_dtype(self, weight_dtype):
         return torch.float32 if self.args.pretrained_vae_model_name_or_path is None else weight_dtype
@@ -563,9 +648,9 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def added_cond_kwargs(self, inputs):
         return {"text_embeds": inputs.conditioning["text_embeds"], "time_ids": inputs.extras["time_ids"]}
 
-    def pipeline_components(self) -> dict:
-        return dict(vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
-                    tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1])
+    def embeds_call_kwargs(self, embeds, negative):
+        """The negative side is the pipeline's own: zeros for the empty prompt (force_zeros_for_empty_prompt)."""
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["text_embeds"])
 
     def base_model_version(self):
         return "sdxl_base_v1-0"
@@ -661,57 +746,9 @@ class FlowMatchingFamily(ModelFamily):
     def patch_size(self) -> int:
         return 2
 
-    def load(self, device, weight_dtype):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        path, rev, var = self.path, self.revision, self.variant
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev, cache_dir=self.args.cache_dir)
-        self.load_text_models(path, rev, var)
-        self.vae = self.load_vae(dtype=weight_dtype)
-        quantization = quantization_config(self.args.quantize_base)
-        kwargs = {} if quantization is None else dict(quantization_config=quantization)
-        self.denoiser = self.denoiser_class().from_pretrained(path, subfolder="transformer", revision=rev, cache_dir=self.args.cache_dir, variant=var,
-                                                              dtype=weight_dtype, **kwargs)
-        for model in self.frozen_models():
-            model.requires_grad_(False)
-        if quantization is None:
-            self.denoiser.to(device)
-        else:
-            keep_4bit_layers_trainable_on_cpu(self.denoiser)
-        self.vae.to(device)
-        for text_encoder in self.text_encoders:
-            text_encoder.to(device, dtype=weight_dtype)
-
-    def load_text_models(self, path, rev, var):
-        raise NotImplementedError
-
     def text_pipeline(self):
         """The pipeline with only its text parts, for its own ``encode_prompt``."""
         raise NotImplementedError
-
-    def caption_conditioning(self, captions_by_row, device):
-        """Every caption of every dataset row encoded once, kept on the CPU BY ROW AND CAPTION (not by step:
-        diffusers' FLUX/SD3 examples index their cache by step while the loader shuffles, issue #14430);
-        then the text encoders leave the accelerator. The validation prompt's embeddings are kept too."""
-        cache = {}
-        with torch.no_grad():
-            for row, captions in enumerate(captions_by_row):
-                for caption in dict.fromkeys(captions):
-                    cache[row, caption] = {k: v[0].cpu() for k, v in self.encode_captions([caption], device).items()}
-            prompt = self.args.validation_prompt
-            self.validation_embeds = None
-            if prompt:
-                self.validation_embeds = (self.encode_captions([prompt], device), self.encode_captions([""], device))
-        for text_encoder in self.text_encoders:
-            text_encoder.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-        def lookup(rows, captions):
-            entries = [cache[row, caption] for row, caption in zip(rows, captions)]
-            return {k: torch.stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
-
-        return lookup
 
     def sigmas_for(self, generators, device):
         """Timesteps and sigmas of the training schedule at indices drawn per example (the scripts' get_sigmas)."""
@@ -745,20 +782,6 @@ class FlowMatchingFamily(ModelFamily):
     def preconditioned(self) -> bool:
         return False
 
-    def validation_pipeline(self, denoiser, prompt, device):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
-        # the prompt embeddings were computed with the captions' (text encoders now off the device), so the
-        # pipeline gets no text encoder: its execution device is the denoiser's
-        components = {k: (None if k.startswith("text_encoder") else v) for k, v in self.text_pipeline().components.items()}
-        components.update(vae=self.vae, scheduler=scheduler, **{self.denoiser_name: denoiser})
-        pipeline = self.pipeline_class()(**components)
-        embeds, negative = self.validation_embeds
-        return pipeline, self.embeds_call_kwargs(embeds, negative)
-
-    def embeds_call_kwargs(self, embeds, negative) -> dict:
-        raise NotImplementedError
 
     def kohya_training_comment(self):
         advice = self.inference_advice()
@@ -833,14 +856,15 @@ class FluxFamily(FlowMatchingFamily):
     def patch_size(self):  # 2x2 packing of the latent grid into tokens
         return 2
 
-    def load_text_models(self, path, rev, var):
+    def load_text_models(self, device, weight_dtype):
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+        path, rev = self.path, self.revision
         self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, cache_dir=self.args.cache_dir),
                            AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, cache_dir=self.args.cache_dir)]
-        self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, cache_dir=self.args.cache_dir, variant=var),
-                              T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=rev, cache_dir=self.args.cache_dir,
-                                                             variant=var)]
+        self.text_encoders = [self.text_encoder_from_pretrained(CLIPTextModel, "text_encoder", device, weight_dtype),
+                              self.text_encoder_from_pretrained(T5EncoderModel, "text_encoder_2", device, weight_dtype,
+                                                                large=True)]
 
     def text_pipeline(self):
         from diffusers import FluxPipeline
@@ -875,7 +899,7 @@ class FluxFamily(FlowMatchingFamily):
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def embeds_call_kwargs(self, embeds, negative):
+    def embeds_call_kwargs(self, embeds, negative):  # no classifier-free guidance: no negative
         return dict(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"])
 
     def schnell(self) -> bool:
@@ -932,15 +956,15 @@ class SD3Family(FlowMatchingFamily):
     def preconditioned(self):
         return bool(self.args.precondition_outputs)
 
-    def load_text_models(self, path, rev, var):
+    def load_text_models(self, device, weight_dtype):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=rev, cache_dir=self.args.cache_dir)
+        self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder=f"tokenizer{s}", revision=self.revision, cache_dir=self.args.cache_dir)
                            for s in ("", "_2", "_3")]
-        self.text_encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f"text_encoder{s}",
-                                                                          revision=rev, cache_dir=self.args.cache_dir, variant=var) for s in ("", "_2")]
-        self.text_encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", revision=rev, cache_dir=self.args.cache_dir,
-                                                                 variant=var))
+        self.text_encoders = [self.text_encoder_from_pretrained(CLIPTextModelWithProjection, f"text_encoder{s}", device,
+                                                                weight_dtype) for s in ("", "_2")]
+        self.text_encoders.append(self.text_encoder_from_pretrained(T5EncoderModel, "text_encoder_3", device,
+                                                                    weight_dtype, large=True))
 
     def text_pipeline(self):
         from diffusers import StableDiffusion3Pipeline
@@ -1004,22 +1028,35 @@ def family_for_pipeline(pipeline, args) -> ModelFamily | None:
     return next((family(args) for family in FAMILIES if name in family.pipeline_class_names), None)
 
 
-def quantization_config(mode: str | None):
-    """diffusers' ``BitsAndBytesConfig`` for ``--quantize_base`` (the denoiser's linear layers; the LoRA on top
-    stays in full precision), or None."""
+def _bnb_config(config_class, mode: str | None, compute_dtype):
     if mode in (None, "none"):
         return None
+    if mode == "nf4":
+        return config_class(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return config_class(load_in_8bit=True)  # LLM.int8 computes in its input's dtype
+
+
+def quantization_config(mode: str | None, compute_dtype=torch.float32):
+    """diffusers' ``BitsAndBytesConfig`` for ``--quantize_base`` (the denoiser's linear layers; the LoRA on top
+    stays in full precision), or None. NF4 computes in ``compute_dtype``: the run's precision (fp32 without mixed
+    precision, fp16 / bf16 under fp16 / bf16)."""
     from diffusers import BitsAndBytesConfig
 
-    if mode == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return _bnb_config(BitsAndBytesConfig, mode, compute_dtype)
+
+
+def text_quantization_config(mode: str | None, compute_dtype=torch.float32):
+    """transformers' ``BitsAndBytesConfig`` for ``--quantize_text_encoders`` (the large text encoders), or None."""
+    from transformers import BitsAndBytesConfig
+
+    return _bnb_config(BitsAndBytesConfig, mode, compute_dtype)
 
 
 def keep_4bit_layers_trainable_on_cpu(model) -> int:
     """Turn off bitsandbytes' AVX512-BF16 CPU inference path on every ``Linear4bit`` of ``model``: it repacks the
-    NF4 weights in place on an eval/no-grad forward (validation images), which fails for layers whose sizes are
-    not multiples of 64/32 and breaks every later training forward. No effect on a GPU. Returns the count."""
+    NF4 weights in place on an eval/no-grad forward (validation images, a quantized text encoder's caption pass),
+    which fails for layers whose sizes are not multiples of 64/32 and breaks every later training forward. No
+    effect on a GPU. Returns the count."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -1030,16 +1067,25 @@ def keep_4bit_layers_trainable_on_cpu(model) -> int:
     return len(layers)
 
 
-def check_quantize_available(mode: str | None) -> None:
-    """--quantize_base needs bitsandbytes and a device diffusers' bitsandbytes quantizer accepts (CUDA/XPU);
-    checked before any weight loads."""
-    if mode in (None, "none"):
-        return
-    try:
-        import bitsandbytes  # noqa: F401 - only whether it imports
-    except ImportError:
-        raise UsageError(f"--quantize_base {mode} needs bitsandbytes: pip install bitsandbytes") from None
-    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    if not (torch.cuda.is_available() or has_xpu):
-        raise UsageError(f"--quantize_base {mode}: diffusers' bitsandbytes quantization needs a CUDA (or XPU) GPU and "
-                         "none is available here; train without --quantize_base (--quantize_base none)")
+def check_quantize_available(args) -> None:
+    """``--quantize_base`` / ``--quantize_text_encoders`` need bitsandbytes and a device the library that loads
+    the model quantizes on: asked of that library's own bitsandbytes quantizer (diffusers': a CUDA or XPU GPU;
+    transformers': any bitsandbytes backend, its CPU one included), before any weight loads."""
+    for flag, library, make_config in (("quantize_base", "diffusers", quantization_config),
+                                       ("quantize_text_encoders", "transformers", text_quantization_config)):
+        mode = getattr(args, flag, None)
+        if mode in (None, "none"):
+            continue
+        try:
+            import bitsandbytes  # noqa: F401 - only whether it imports
+        except ImportError:
+            raise UsageError(f"--{flag} {mode} needs bitsandbytes: pip install bitsandbytes") from None
+        if library == "diffusers":
+            from diffusers.quantizers import DiffusersAutoQuantizer as AutoQuantizer
+        else:
+            from transformers.quantizers import AutoHfQuantizer as AutoQuantizer
+        try:
+            AutoQuantizer.from_config(make_config(mode)).validate_environment(device_map=None)
+        except Exception as error:  # noqa: BLE001 - ImportError / RuntimeError / ValueError: it cannot quantize here
+            raise UsageError(f"--{flag} {mode}: {library}' bitsandbytes quantization cannot run here ({error}); "
+                             f"train without it (--{flag} none)") from None

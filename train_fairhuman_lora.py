@@ -101,11 +101,12 @@ def parse_args(input_args=None):
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     g.add_argument("--quantize_base", type=str, default="none", choices=mf.QUANTIZE_CHOICES,
                    help="Load the frozen FLUX.1/SD3 transformer in 4-bit NF4 or 8-bit (bitsandbytes, diffusers' "
-                        "BitsAndBytesConfig; needs a CUDA GPU); the LoRA on top trains in full precision. "
-                        "Peak memory per setting: docs/model_families.md.")
+                        "BitsAndBytesConfig; needs a CUDA GPU), computing in the run's precision; the LoRA on top "
+                        "trains in full precision. Peak memory per setting: docs/memory.md.")
     g.add_argument("--quantize_text_encoders", type=str, default="none", choices=mf.QUANTIZE_CHOICES,
-                   help="Quantize the large text encoders (T5/LLM; bitsandbytes) for the one caption pass before "
-                        "training. Not implemented yet: --estimate_memory models it, a training run refuses it.")
+                   help="Load the large text encoders (FLUX.1/SD3's T5-XXL) in 4-bit NF4 or 8-bit (bitsandbytes, "
+                        "transformers' BitsAndBytesConfig) for the one pass that embeds every caption and prompt "
+                        "before training; they are freed before the denoiser loads. Refused for SD/SDXL (CLIP only).")
 
     g = parser.add_argument_group("Flow matching (FLUX.1, SD3): as diffusers' train_dreambooth_lora_flux/_sd3.py")
     g.add_argument("--weighting_scheme", type=str, default=None, choices=mf.WEIGHTING_SCHEMES,
@@ -796,31 +797,69 @@ LEGACY_FAIR_STATE_FILE = "custom_checkpoint_0.pkl"  # where checkpoints of the p
 # ---------------------------------------------------------------------------------------------
 
 
-def offload_cached_encoders(args, vae, text_encoders, device="cpu") -> None:
-    """Move the VAE (``--cache_latents``) and text encoders (``--cache_text_embeddings``) to ``device``: off the
-    accelerator once their outputs are cached, back on it for validation sampling."""
+@contextlib.contextmanager
+def stage(name: str, device):
+    """Log a loading stage, and on CUDA its peak memory (the staged loading: docs/memory.md)."""
+    logger.info(f"Stage: {name}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield
+    peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}" if device.type == "cuda" else ""
+    logger.info(f"Stage done: {name} ({time.perf_counter() - start:.1f} s{peak})")
+
+
+def move_vae(args, vae, device="cpu") -> None:
+    """With ``--cache_latents``: the VAE off the accelerator once the latents are cached, on it to decode samples."""
     if args.cache_latents:
         vae.to(device)
-    if args.cache_text_embeddings:
-        for text_encoder in text_encoders:
-            text_encoder.to(device)
-    if device == "cpu" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        if device == "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def sampling_autocast(device, weight_dtype):
+    """Sampling runs the fp32 LoRA over the ``weight_dtype`` base under autocast, on every device."""
+    return (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+            else contextlib.nullcontext())
+
+
+class TrainedDenoiserSampler:
+    """The evaluation's sampler at the end of a run (``evaluate_fairhuman.generate``): the TRAINED denoiser as it is
+    on the device (quantized with ``--quantize_base``), no second pipeline, the prompts' stored embeddings (no text
+    encoder); "base" is the denoiser with its LoRA disabled, a LoRA model the LoRA at the evaluation's scale."""
+
+    def __init__(self, family, denoiser, device, weight_dtype):
+        self.family, self.denoiser, self.device, self.weight_dtype = family, denoiser, device, weight_dtype
+        self.pipeline = family.sampling_pipeline(denoiser)
+
+    def select(self, name, scale) -> None:
+        if scale is None:
+            self.denoiser.disable_adapters()
+        else:
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapters(["default"], weights=[scale])
+
+    def __call__(self, prompt, count, generators, **kwargs):
+        with sampling_autocast(self.device, self.weight_dtype), torch.no_grad():
+            return self.pipeline(**self.family.sampling_call(prompt, count, self.device), generator=generators,
+                                 **kwargs).images
+
+    def close(self) -> None:
+        self.denoiser.enable_adapters()
+        self.denoiser.set_adapters(["default"], weights=[1.0])
+        self.pipeline = None
 
 
 def run_validation(args, accelerator, family, denoiser, weight_dtype, step, tag):
     """Sample ``--num_validation_images`` with the family's pipeline (SD/SDXL: UniPC; FLUX.1/SD3: their flow
-    matching Euler scheduler); the trained denoiser is used as is, never cast."""
+    matching Euler scheduler) from the prompt's stored embeddings; the trained denoiser is used as is, never cast."""
     logger.info(f"Running validation: {args.num_validation_images} images of {args.validation_prompt!r}")
-    offload_cached_encoders(args, family.vae, family.text_encoders, accelerator.device)
-    pipeline, call = family.validation_pipeline(accelerator.unwrap_model(denoiser), args.validation_prompt,
-                                                accelerator.device)
-    pipeline.set_progress_bar_config(disable=True)
+    move_vae(args, family.vae, accelerator.device)
+    pipeline = family.sampling_pipeline(accelerator.unwrap_model(denoiser))
+    call = family.sampling_call(args.validation_prompt, 1, accelerator.device)
     advice = family.inference_advice()  # the family's sampling steps and guidance, as the card advises
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    autocast = (torch.autocast(accelerator.device.type, dtype=weight_dtype)
-                if weight_dtype != torch.float32 and accelerator.device.type == "cuda" else contextlib.nullcontext())
-    with autocast, torch.no_grad():
+    with sampling_autocast(accelerator.device, weight_dtype), torch.no_grad():
         images = [pipeline(**call, num_inference_steps=args.validation_inference_steps or advice["steps"],
                            guidance_scale=advice["guidance"], generator=generator, height=args.resolution, width=args.resolution).images[0]
                   for _ in range(args.num_validation_images)]
@@ -832,7 +871,7 @@ def run_validation(args, accelerator, family, denoiser, weight_dtype, step, tag)
 
             tracker.log({tag: [wandb.Image(im, caption=f"{i}: {args.validation_prompt}") for i, im in enumerate(images)]})
     del pipeline
-    offload_cached_encoders(args, family.vae, family.text_encoders)
+    move_vae(args, family.vae)
     return images
 
 
@@ -857,9 +896,6 @@ def main(args):
         memory_estimate.print_memory_estimate(args, args.mixed_precision
                                               or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         return
-    if args.quantize_text_encoders != "none":  # the staged loader that honours it is not written yet
-        raise UsageError("--quantize_text_encoders is not implemented yet (use --quantize_text_encoders none; "
-                         "--estimate_memory models it)")
     check_args(args)
     check_trackers(args)
     check_output_dir(args)
@@ -936,10 +972,36 @@ def main(args):
         memory_estimate.warn_if_over_memory(args, accelerator, logger)
     log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step, global_batch=total_batch)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    family.load(accelerator.device, weight_dtype)
-    denoiser = family.denoiser  # the UNet or transformer that gets the LoRA
+    device = accelerator.device
+    # Staged: the text encoders embed every caption and sampling prompt, and are freed (unless they embed each batch)
+    # before the VAE encodes the latent cache; only then do the denoiser's weights load (docs/memory.md)
+    prompts = [args.validation_prompt] if args.validation_prompt else []
+    if args.evaluate_prompts_file is not None:
+        import evaluate_fairhuman
+
+        prompts += evaluate_fairhuman.read_prompts(args.evaluate_prompts_file, flag="--evaluate_prompts_file")
+    with stage("text encoders: load", device):
+        family.load_text_encoders(device, weight_dtype)
     for tokenizer, limit, encoder, flag in family.caption_token_limits():
         warn_long_captions(checked, tokenizer, limit, encoder, flag)
+    with stage(f"captions and {len(prompts)} sampling prompts: embed", device):
+        caption_conditioning = family.caption_conditioning(checked.captions, device, prompts)
+    with stage("VAE: load", device):
+        family.load_vae_stage(device, weight_dtype)
+    train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
+    if args.cache_latents or args.cache_text_embeddings:
+        with stage("cache: encode", device):
+            train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes,
+                                                      caption_conditioning)
+        move_vae(args, family.vae)
+        logger.info(f"Cached {'latents' if args.cache_latents else ''}"
+                    f"{' and ' if args.cache_latents and args.cache_text_embeddings else ''}"
+                    f"{'text embeddings' if args.cache_text_embeddings else ''} of {len(train_dataset)} images"
+                    + (" (each image's crop drawn once)" if args.cache_latents else ""))
+    with stage(f"{family.denoiser_label}: load" + (f" ({args.quantize_base})" if args.quantize_base != "none" else ""),
+               device):
+        family.load_denoiser(device, weight_dtype)
+    denoiser = family.denoiser  # the UNet or transformer that gets the LoRA
 
     # ---- LoRA ----------------------------------------------------------------------------------
     targets = lora_targets(args)
@@ -991,7 +1053,6 @@ def main(args):
                                 row_dtype=fair_gradient_dtype(args.fair_gradient_dtype, accelerator.mixed_precision))
 
     # ---- Data ----------------------------------------------------------------------------------
-    train_dataset = FairHumanDataset(checked, args, args.seed, example_sizes, keep_regions=not args.square_crop)
     batch_sampler = BucketBatchSampler(bucket_rows, args.train_batch_size,
                                        accelerator.num_processes * args.gradient_accumulation_steps, args.seed)
     train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
@@ -1000,17 +1061,6 @@ def main(args):
         keys = [key for batch in batch_sampler.global_batches(0) for key in batch][: args.save_mask_previews]
         save_mask_previews(train_dataset, keys, os.path.join(args.output_dir, "mask_previews"))
         logger.info(f"Wrote {len(keys)} mask previews to {os.path.join(args.output_dir, 'mask_previews')}")
-    # Caption embeddings: per batch (SD/SDXL), or once per dataset row with the text encoders then off the device
-    caption_conditioning = family.caption_conditioning(checked.captions, accelerator.device)
-    if args.cache_latents or args.cache_text_embeddings:
-        # FairHuman: the latent cache holds each row's latent region masks with its latents (flipped with them)
-        train_dataset.cache = load_or_build_cache(train_dataset, args, family, accelerator, example_sizes,
-                                                  caption_conditioning)
-        offload_cached_encoders(args, family.vae, family.text_encoders)
-        logger.info(f"Cached {'latents' if args.cache_latents else ''}"
-                    f"{' and ' if args.cache_latents and args.cache_text_embeddings else ''}"
-                    f"{'text embeddings' if args.cache_text_embeddings else ''} of {len(train_dataset)} images"
-                    + (" (each image's crop drawn once)" if args.cache_latents else ""))
 
     steps_per_epoch = batch_sampler.global_batches_per_epoch  # one global batch per optimizer step
     if args.max_train_steps is None:
@@ -1111,7 +1161,9 @@ def main(args):
         if args.evaluate_prompts_file is not None:
             import evaluate_fairhuman
 
-            evaluation = evaluate_fairhuman.evaluate_trained_lora(args, written[0])  # either format loads
+            # the trained (quantized) denoiser samples, LoRA off for "base": no second pipeline, no text encoder
+            sampler = TrainedDenoiserSampler(family, unwrapped, accelerator.device, weight_dtype)
+            evaluation = evaluate_fairhuman.evaluate_trained_lora(args, written[0], sampler)
         write_model_card(args, args.output_dir, repo_id or Path(args.output_dir).name, family, images, global_step,
                          evaluation)
         if args.push_to_hub:

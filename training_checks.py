@@ -261,7 +261,7 @@ def check_model(args, resume_path: str | None):
     if args.lora_target_modules is None:
         args.lora_target_modules = family.default_lora_targets
     check_lora_target_modules(args, family)
-    mf.check_quantize_available(args.quantize_base)
+    mf.check_quantize_available(args)  # one error before any weight loads
     vae_scale, size_step, granularity, native_resolution = family.geometry()
     if args.resolution is None:
         args.resolution = (saved_setting(resume_path, "resolution") if resume_path else None) or native_resolution

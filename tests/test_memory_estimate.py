@@ -329,11 +329,3 @@ def test_the_flags_that_lower_a_phase_come_from_the_family(tiny_flux, tiny_sdxl)
     sdxl, args = family_of(tiny_sdxl)
     assert sdxl.memory_advice(args, "latents")[0].startswith("--pretrained_vae_model_name_or_path")
     assert not any("quantize" in flag for phase in ("caption", "step") for flag in sdxl.memory_advice(args, phase))
-
-
-def test_quantize_text_encoders_is_refused_until_the_loader_honours_it(tiny_flux, tmp_path):
-    import train_fairhuman_lora as train
-
-    with pytest.raises(SystemExit, match="--quantize_text_encoders is not implemented yet"):
-        train.cli(["--pretrained_model_name_or_path", tiny_flux, "--train_data_dir", str(tmp_path),
-                   "--output_dir", str(tmp_path / "out"), "--quantize_text_encoders", "nf4"])
