@@ -56,7 +56,7 @@ def test_undecodable_images_named_before_models_or_skipped(tmp_path, tiny_sd, ca
     with Image.open(os.path.join(data, "truncated.jpg")) as im:
         assert im.size == (64, 48)  # what a header-only check sees
 
-    message = _error(_argv(data, tmp_path / "o", "--dataloader_num_workers", 1))
+    message = _error(common(tiny_sd, data, tmp_path / "o", 1, "--dataloader_num_workers", 1))  # before weights load
     assert message.startswith("2 of 4 rows have an image that cannot be decoded")
     assert "column 'image', row 1: cannot read the image 'truncated.jpg' (OSError: image file is truncated" in message
     assert "row 3: cannot read the image 'huge.png' (DecompressionBombError" in message
@@ -200,7 +200,7 @@ def test_hub_failures_give_one_message_and_keep_the_lora(tmp_path, tiny_sd, demo
         raise _connect_error()
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_fails)
-    message = _cli_error(_argv(demo_dataset, tmp_path / "early", "--push_to_hub"))
+    message = _cli_error(common(tiny_sd, demo_dataset, tmp_path / "early", 1, "--push_to_hub"))
     assert message.startswith("error: --push_to_hub: cannot create the Hub repository 'early' (ConnectError: [Errno -2]")
     assert f"hf upload early {tmp_path / 'early'} --exclude 'checkpoint-*'" in message
 
@@ -249,8 +249,8 @@ def test_vanishing_regions_are_counted(tmp_path, tiny_sd, caplog):
     Dataset.from_dict(masks, features=features).save_to_disk(str(tmp_path / "masks"))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        _error(["--pretrained_model_name_or_path", "/nonexistent/model", "--dataset_name", tmp_path / "masks",
-                "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face", "--output_dir", tmp_path / "m",
-                "--report_to", "none"])
+        run_main("--pretrained_model_name_or_path", tiny_sd, "--dataset_name", tmp_path / "masks", "--max_train_steps",
+                 1, "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face", "--output_dir", tmp_path / "m",
+                 "--report_to", "none")
     assert "1 of 2 images have no hand or face region" in caplog.text
     assert "no image has a face region (column 'mask_face')" in caplog.text and "hand region" not in caplog.text
