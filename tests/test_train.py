@@ -1,5 +1,6 @@
 """The training script end to end: through `accelerate launch` on tiny SD and SDXL, and in-process."""
 
+import functools
 import json
 import os
 import subprocess
@@ -289,8 +290,25 @@ def _dataset(tmp_path, rows, sizes=None):
     return write_imagefolder(tmp_path / "data", rows, images)
 
 
+@functools.lru_cache(maxsize=None)
+def config_only_model() -> str:
+    """A tiny SD folder with its config files and NO weights: the family's config checks pass, and an error that
+    came after the data pass would name the missing weights. Errors checked "before any weight loads" use it."""
+    import tempfile
+
+    import fairhuman_demo
+
+    folder = fairhuman_demo.build_tiny_pipeline(os.path.join(tempfile.mkdtemp(prefix="config-only-"), "tiny-sd"),
+                                                sdxl=False)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith((".safetensors", ".bin")):
+                os.remove(os.path.join(root, name))
+    return folder
+
+
 def _argv(data, out, *extra):
-    return ["--pretrained_model_name_or_path", "/nonexistent/model", "--train_data_dir", data, "--output_dir", out,
+    return ["--pretrained_model_name_or_path", config_only_model(), "--train_data_dir", data, "--output_dir", out,
             "--report_to", "none", *extra]
 
 
@@ -398,7 +416,8 @@ def test_impossible_flag_combinations(extra, expected, tmp_path):
 def test_no_dataset_and_bad_model_path(tmp_path, demo_dataset):
     assert "give a dataset" in _error(["--pretrained_model_name_or_path", "x", "--output_dir", tmp_path])
     assert "--pretrained_model_name_or_path: cannot read model_index.json" in _error(
-        _argv(demo_dataset, tmp_path / "o"))
+        ["--pretrained_model_name_or_path", "/nonexistent/model", "--train_data_dir", demo_dataset, "--output_dir",
+         tmp_path / "o", "--report_to", "none"])
 
 
 def test_cli_prints_error_without_traceback(tmp_path):
