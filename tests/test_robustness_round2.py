@@ -349,7 +349,7 @@ def test_v_prediction_lora_is_sampled_with_v_prediction(tiny_sd, demo_dataset, t
                                    "--output_dir", str(out), "--prediction_type", "v_prediction",
                                    "--evaluate_prompts_file", "p.txt"])
     seen = {}
-    monkeypatch.setattr(ev, "main", lambda parsed: seen.setdefault("args", parsed))
+    monkeypatch.setattr(ev, "main", lambda parsed, sampler=None: seen.setdefault("args", parsed))
     ev.evaluate_trained_lora(train_args, str(out / "v.safetensors"))
     assert seen["args"].prediction_type == "v_prediction"
 
