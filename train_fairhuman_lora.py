@@ -804,7 +804,11 @@ def stage(name: str, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    yield
+    try:
+        yield
+    except OSError as error:  # a weight file missing or unreadable: named, not a library traceback
+        detail = " ".join(str(error).split())
+        raise UsageError(f"--pretrained_model_name_or_path: {name} failed ({type(error).__name__}: {detail})") from None
     peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}" if device.type == "cuda" else ""
     logger.info(f"Stage done: {name} ({time.perf_counter() - start:.1f} s{peak})")
 

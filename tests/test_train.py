@@ -356,7 +356,7 @@ def test_empty_dataset(tmp_path):
     os.makedirs(tmp_path / "parquet")
     empty.to_parquet(str(tmp_path / "parquet" / "train.parquet"))
     for folder in ("saved", "parquet"):
-        message = _error(["--pretrained_model_name_or_path", "x", "--dataset_name", tmp_path / folder,
+        message = _error(["--pretrained_model_name_or_path", config_only_model(), "--dataset_name", tmp_path / folder,
                           "--output_dir", tmp_path / "o", "--report_to", "none"])
         assert message.startswith("--dataset_name: cannot load") and "the dataset is empty" in message
 
@@ -383,7 +383,7 @@ def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
 
     bad = dict(good, mask_hand=[Image.new("L", (40, 32))])
     Dataset.from_dict(bad, features=features).save_to_disk(str(tmp_path / "bad"))
-    message = _error(["--pretrained_model_name_or_path", "x", "--dataset_name", tmp_path / "bad",
+    message = _error(["--pretrained_model_name_or_path", config_only_model(), "--dataset_name", tmp_path / "bad",
                       "--hand_mask_column", "mask_hand", "--face_mask_column", "mask_face",
                       "--output_dir", tmp_path / "o", "--report_to", "none"])
     assert "column 'mask_hand', row 0: mask size 40x32 differs from the image size 48x32" in message
