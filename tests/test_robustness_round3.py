@@ -74,13 +74,10 @@ def _cache_files(cache_dir):
     return sorted(n for n in os.listdir(folder)) if os.path.isdir(folder) else []
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 640 KiB tmpfs (a real full disk for the cache, with room for the datasets cache); skipped where
-    mounting is not allowed."""
-    point = tmp_path / "small-disk"
+def _tmpfs(point, options):
+    """Mount a tmpfs with ``options`` at ``point`` for one test (skipped where mounting is not allowed)."""
     point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(point)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield point
@@ -88,14 +85,14 @@ def small_tmpfs(tmp_path):
 
 
 @pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 640 KiB disk: a real full disk for the cache, with room for the datasets cache."""
+    yield from _tmpfs(tmp_path / "small-disk", "size=640k")
+
+
+@pytest.fixture
 def read_only_mount(tmp_path):
-    point = tmp_path / "read-only"
-    point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    yield point
-    subprocess.run(["umount", "-l", str(point)], check=False)
+    yield from _tmpfs(tmp_path / "read-only", "size=64k,ro")
 
 
 # ---- 1. a disk cache belongs to the weights it was made with ---------------------------------------------
