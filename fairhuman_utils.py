@@ -509,6 +509,16 @@ def paired_transform(
     return TransformedExample(pixels, mask_tensor, (height, width), (top, left), (target[1], target[0]))
 
 
+def pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-example tensors into a batch, zero-padding the first dimension to the longest: the caption
+    embeddings of text encoders that keep only a caption's own tokens (Z-Image, Qwen-Image; their masks pad with
+    zeros, i.e. False). Tensors of one length stack as ``torch.stack`` does."""
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == longest for t in tensors):
+        return torch.stack(list(tensors))
+    return torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - t.shape[0])) for t in tensors])
+
+
 def masks_to_latent(masks: torch.Tensor, latent_size: tuple[int, int], mode: str = "hard") -> torch.Tensor:
     """Reduce pixel masks ``(B, M, H, W)`` in [0, 1] to the latent grid ``(B, M, h, w)``.
 

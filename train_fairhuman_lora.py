@@ -1254,7 +1254,7 @@ def collate_fn(examples):
               {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
                "masks": torch.stack([e["masks"] for e in examples])})
     if "text" in first:  # --cache_text_embeddings: a dict of tensors per example
-        images["text"] = {k: torch.stack([e["text"][k] for e in examples]) for k in first["text"]}
+        images["text"] = {k: fh.pad_stack([e["text"][k] for e in examples]) for k in first["text"]}
     return {
         **images,
         "original_sizes": [e["original_size"] for e in examples],
@@ -1433,9 +1433,9 @@ def build_cache(dataset: FairHumanDataset, args, family, device, caption_conditi
                 pixels, masks = example["pixel_values"], example["masks"]
                 if flip:
                     pixels, masks = pixels.flip(-1), masks.flip(-1)
-                dist = vae.encode(pixels[None].to(device, dtype=vae.dtype)).latent_dist
-                latent_masks = fh.masks_to_latent(masks[None], dist.mean.shape[-2:], args.latent_mask_mode)[0]
-                variants.append({"latent_mean": dist.mean[0].cpu(), "latent_std": dist.std[0].cpu(),
+                mean, std = family.latent_distribution(pixels[None].to(device, dtype=vae.dtype))
+                latent_masks = fh.masks_to_latent(masks[None], mean.shape[-2:], args.latent_mask_mode)[0]
+                variants.append({"latent_mean": mean[0].cpu(), "latent_std": std[0].cpu(),
                                  "latent_masks": latent_masks, **sizes})
             entry["latents"] = variants
         if args.cache_text_embeddings:
@@ -1670,6 +1670,11 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
     return metadata
 
 
+def writes_kohya_file(args, family) -> bool:
+    """Whether the run writes the kohya-format file: asked for, and the family has one (``kohya_prefix``)."""
+    return args.save_lora_format in ("kohya", "both") and family.kohya_prefix is not None
+
+
 def save_lora_files(args, family, denoiser, folder: str, global_step: int, checkpoint: bool = False) -> list[str]:
     """The LoRA files --save_lora_format asks for.
 
@@ -1679,7 +1684,7 @@ def save_lora_files(args, family, denoiser, folder: str, global_step: int, check
     ``{output_name}-step{N}.safetensors`` in --save_precision, to try the intermediate LoRA in a UI.
     """
     dtype = SAVE_DTYPES[args.save_precision]
-    kohya = args.save_lora_format in ("kohya", "both")
+    kohya = writes_kohya_file(args, family)
     if checkpoint:
         diffusers, diffusers_dtype, name = True, None, f"{args.output_name}-step{global_step}"
     else:
@@ -2205,7 +2210,10 @@ def lora_usage(args, repo_id: str, family) -> str:
     files = []
     if args.save_lora_format in ("diffusers", "both"):
         files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | diffusers `load_lora_weights` |")
-    if args.save_lora_format in ("kohya", "both"):
+    if family.kohya_prefix is None:  # ComfyUI reads this family's diffusers file (and no lora_transformer_* file)
+        files.append(f"| `{LORA_WEIGHT_NAME}` | ComfyUI: `models/loras/` (it reads these `{family.denoiser_name}.*` "
+                     "keys) |")
+    elif args.save_lora_format in ("kohya", "both"):
         files.append(f"| `{kohya_file}` | kohya format (`{family.kohya_prefix}_*` keys) | ComfyUI: `models/loras/`; "
                      + ("AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too) |"
                         if not family.flow_matching else
@@ -2237,9 +2245,10 @@ pipe.fuse_lora(lora_scale={advice['scale']})
 image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}, guidance_scale={advice['guidance']}).images[0]
 ```
 """
-    if args.save_lora_format in ("kohya", "both"):
+    if writes_kohya_file(args, family) or family.kohya_prefix is None:
+        comfy_file = kohya_file if family.kohya_prefix is not None else LORA_WEIGHT_NAME
         text += f"""
-- ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
+- ComfyUI: put `{comfy_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
   `strength_model` {advice['scale']} (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: {advice['steps']} steps,
   {"cfg " + str(advice['guidance']) if not isinstance(family, mf.FluxFamily) else "cfg 1.0 with a FluxGuidance node at " + str(advice['guidance'])}, sampler `{advice['comfy_sampler']}`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
 """
@@ -2572,7 +2581,7 @@ def main(args):
                                     target_modules=targets))
     except ValueError as error:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {error}") from None
-    if args.save_lora_format in ("kohya", "both"):  # a module the kohya format cannot name fails now, not after training
+    if writes_kohya_file(args, family):  # a module the kohya format cannot name fails now, not after training
         from peft.utils import get_peft_model_state_dict
 
         try:
