@@ -532,6 +532,7 @@ def generate(args, prompts, lora_names) -> list[dict]:
     from tqdm.auto import tqdm
 
     pipe = load_pipeline(args)
+    family = sampling_family(pipe, args)
     load_loras(pipe, args.lora_paths, lora_names)
     if args.resolution is None:
         args.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -560,7 +561,7 @@ def generate(args, prompts, lora_names) -> list[dict]:
                 with torch.no_grad():
                     images = pipe(prompt=[prompt] * len(chunk), negative_prompt=(
                         [args.negative_prompt] * len(chunk) if args.negative_prompt else None),
-                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        num_inference_steps=args.num_inference_steps, **family.guidance_call_kwargs(args.guidance_scale),
                         height=args.resolution, width=args.resolution, generator=generators).images
                 for s, image in zip(chunk, images):
                     file_name = image_file_name(i, s)

@@ -80,7 +80,8 @@ class ModelFamily:
     denoiser_name = "unet"  # the subfolder, and the prefix of the diffusers LoRA file's keys
     denoiser_class_name = "UNet2DConditionModel"
     default_lora_targets = "to_q,to_k,to_v,to_out.0"
-    kohya_prefix = "lora_unet"
+    kohya_prefix = "lora_unet"  # None: no kohya file (ComfyUI reads the diffusers file and not lora_transformer_*)
+    vae_class_name = "AutoencoderKL"
     flow_matching = False
     diffusers_reads_kohya_file = True  # the pipeline's load_lora_weights converts the kohya file
     tags = ("stable-diffusion",)
@@ -106,9 +107,13 @@ class ModelFamily:
             raise UsageError(f"--pretrained_model_name_or_path: cannot read the {self.denoiser_name} config.json of "
                              f"{self.path!r} ({error})") from None
 
-    def vae_config(self) -> dict:
-        from diffusers import AutoencoderKL
+    def vae_class(self):
+        import diffusers
 
+        return getattr(diffusers, self.vae_class_name)
+
+    def vae_config(self) -> dict:
+        AutoencoderKL = self.vae_class()
         vae_path = self.args.pretrained_vae_model_name_or_path
         try:
             if vae_path is not None:
@@ -190,8 +195,7 @@ class ModelFamily:
         raise NotImplementedError
 
     def load_vae(self, dtype):
-        from diffusers import AutoencoderKL
-
+        AutoencoderKL = self.vae_class()
         if self.args.pretrained_vae_model_name_or_path is not None:
             return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision, cache_dir=self.args.cache_dir,
                                                  dtype=dtype)
@@ -221,14 +225,22 @@ class ModelFamily:
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         else:
-            latent_dist = self.vae.encode(batch["pixel_values"].to(device, dtype=self.vae.dtype)).latent_dist
-            mean, std = latent_dist.mean, latent_dist.std
+            mean, std = self.latent_distribution(batch["pixel_values"].to(device, dtype=self.vae.dtype))
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
         latents = mean + std * eps.to(mean)
+        return self.normalize_latents(latents).to(weight_dtype)
+
+    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std of a pixel batch, on the latent grid ``(B, C, h, w)``."""
+        latent_dist = self.vae.encode(pixel_values).latent_dist
+        return latent_dist.mean, latent_dist.std
+
+    def normalize_latents(self, latents) -> torch.Tensor:
+        """VAE latents as the denoiser sees them: ``(x - shift_factor) * scaling_factor`` (the shift for flow models)."""
         shift = getattr(self.vae.config, "shift_factor", None)
         if self.flow_matching and shift is not None:
             latents = latents - shift
-        return (latents * self.vae.config.scaling_factor).to(weight_dtype)
+        return latents * self.vae.config.scaling_factor
 
     def noisy_inputs(self, batch, cond: dict, device, weight_dtype) -> NoisyInputs:
         raise NotImplementedError
@@ -280,6 +292,19 @@ class ModelFamily:
         """The model card's "where it goes" for the kohya file, after ComfyUI's folder."""
         return "AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too)"
 
+    def diffusers_file_readers(self) -> str:
+        """The model card's "where it goes" for the diffusers file."""
+        return "diffusers `load_lora_weights`"
+
+    def diffusers_file_is_the_ui_file(self) -> bool:
+        """Whether the diffusers file is also the file offered to ComfyUI (a family with no kohya file,
+        ``kohya_prefix`` None): it then carries the ``ss_*`` / modelspec metadata in its header."""
+        return self.kohya_prefix is None
+
+    def comfyui_file(self, diffusers_file: str | None, kohya_file: str | None) -> str | None:
+        """The file the model card tells ComfyUI users to load, of the files the run writes (None: none)."""
+        return diffusers_file if self.diffusers_file_is_the_ui_file() else kohya_file
+
     def card_sampling_note(self) -> str:
         """The model card's sentence on how to sample with the LoRA."""
         advice = self.inference_advice()
@@ -291,6 +316,10 @@ class ModelFamily:
         the ``, prediction_type=...`` argument when the run trained another prediction type than the model's."""
         return (", UniPCMultistepScheduler", "float16",
                 f"pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config{prediction})\n")
+
+    def guidance_call_kwargs(self, guidance: float) -> dict:
+        """The pipeline call's guidance argument(s) for ``guidance`` (validation, evaluation)."""
+        return {"guidance_scale": guidance}
 
     def comfyui_guidance(self) -> str:
         """The KSampler's guidance in the model card's ComfyUI advice."""
@@ -613,6 +642,8 @@ class FlowMatchingFamily(ModelFamily):
                             "attn.add_v_proj,attn.to_add_out")
     default_weighting_scheme = "none"
     default_max_sequence_length = 512
+    max_sequence_length_limit = (512, "T5")  # the longest --max_sequence_length, and the text encoder that sets it
+    attention_prefixes = ("attn.to_", "attn.add_", "attn2.to_")  # block-relative attention names (target check)
     unsupported = {"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0}
 
     def training_settings(self) -> dict:
@@ -638,8 +669,10 @@ class FlowMatchingFamily(ModelFamily):
             args.weighting_scheme = self.default_weighting_scheme
         if args.max_sequence_length is None:
             args.max_sequence_length = self.default_max_sequence_length
-        if args.max_sequence_length < 1 or args.max_sequence_length > 512:
-            raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5), got {args.max_sequence_length}")
+        limit, encoder = self.max_sequence_length_limit
+        if args.max_sequence_length < 1 or args.max_sequence_length > limit:
+            raise UsageError(f"--max_sequence_length must be between 1 and {limit} ({encoder}), got "
+                             f"{args.max_sequence_length}")
 
     def family_flags(self):
         return {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}  # diffusers' examples' defaults
@@ -647,7 +680,7 @@ class FlowMatchingFamily(ModelFamily):
     def attention_module_examples(self, names):
         """``attn.to_q``, ``attn.add_q_proj``, ... : the block-relative names of the attention layers."""
         return sorted({name.split(".", 2)[2] for name in names if name.count(".") >= 3
-                       and name.split(".", 2)[2].startswith(("attn.to_", "attn.add_", "attn2.to_"))})
+                       and name.split(".", 2)[2].startswith(self.attention_prefixes)})
 
     def geometry(self):
         vae_config = self.vae_config()
@@ -709,7 +742,7 @@ class FlowMatchingFamily(ModelFamily):
 
         def lookup(rows, captions):
             entries = [cache[row, caption] for row, caption in zip(rows, captions)]
-            return {k: torch.stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
+            return {k: fh.pad_stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
 
         return lookup
 
@@ -979,7 +1012,218 @@ class SD3Family(FlowMatchingFamily):
         return dict(scale=0.5, steps=28, guidance=4.5, sampler="Euler (flow matching)", comfy_sampler="euler")
 
 
-FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family]
+# =================================================================================================
+# Z-Image and Qwen-Image (as diffusers' train_dreambooth_lora_{z_image,qwen_image}.py): Qwen text encoders whose
+# caption embeddings keep only the caption's own tokens (each its own length: padded per batch, with a mask)
+# =================================================================================================
+
+
+class QwenTextFamily(FlowMatchingFamily):
+    """What Z-Image and Qwen-Image share: one Qwen text encoder behind a chat template, caption embeddings of
+    the caption's own length (``encoder_hidden_states`` zero-padded per batch, ``encoder_hidden_states_mask``
+    marking the real tokens; the per-row cache keeps each caption at its own length), no kohya file (ComfyUI
+    reads these families' diffusers file, ``transformer.{module}`` keys, and not ``lora_transformer_*``:
+    the card points ComfyUI at the diffusers file), the example's default weighting ``none``."""
+
+    kohya_prefix = None
+    default_weighting_scheme = "none"
+    text_encoder_class_name = ""  # the transformers class of text_encoder/
+    text_encoder_label = ""
+
+    def check_args(self, args):
+        if args.save_lora_format == "kohya":
+            raise UsageError(f"--save_lora_format kohya: {self.label} has no kohya-format file (ComfyUI reads its "
+                             "diffusers file, pytorch_lora_weights.safetensors, and not lora_transformer_* keys); use "
+                             "--save_lora_format diffusers")
+        super().check_args(args)
+
+    def load_text_models(self, path, rev, var):
+        import transformers
+
+        cache_dir = self.args.cache_dir
+        self.tokenizers = [transformers.AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev,
+                                                                      cache_dir=cache_dir)]
+        text_encoder_class = getattr(transformers, self.text_encoder_class_name)
+        self.text_encoders = [text_encoder_class.from_pretrained(path, subfolder="text_encoder", revision=rev,
+                                                                 cache_dir=cache_dir, variant=var)]
+
+    def template_tokens(self) -> int:
+        """Tokens the prompt template adds around a caption (they count against --max_sequence_length)."""
+        return 0
+
+    def caption_token_limits(self) -> list[tuple]:
+        """The text encoder's ``--max_sequence_length`` tokens, less the template's own tokens."""
+        limit = self.args.max_sequence_length - self.template_tokens()
+        return [(self.tokenizers[0], max(limit, 1), f"{self.text_encoder_label} text encoder", "--max_sequence_length")]
+
+    def text_pipeline(self):
+        return self.pipeline_class()(scheduler=None, vae=None, text_encoder=self.text_encoders[0],
+                                     tokenizer=self.tokenizers[0], transformer=None)
+
+    @staticmethod
+    def padded(embeds: list) -> dict[str, torch.Tensor]:
+        """Per-caption embeddings ``(L_i, D)`` -> ``encoder_hidden_states`` (B, L, D) and its mask (B, L)."""
+        mask = fh.pad_stack([torch.ones(len(e), dtype=torch.bool, device=e.device) for e in embeds])
+        return {"encoder_hidden_states": fh.pad_stack(embeds), "encoder_hidden_states_mask": mask}
+
+    def inference_advice(self):
+        return dict(scale=0.5, steps=28, guidance=4.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+    def diffusers_file_readers(self):
+        return (f"diffusers `load_lora_weights`; ComfyUI: `models/loras/` (ComfyUI's {self.label} key map reads these "
+                "`transformer.*` keys and not `lora_transformer_*`, so no kohya file is written)")
+
+
+class ZImageFamily(QwenTextFamily):
+    """Z-Image (Base; Turbo is its distilled 8-step checkpoint): a Qwen3 encoder read at ``hidden_states[-2]``
+    behind its chat template (``enable_thinking=True``), FLUX.1's VAE, a transformer that takes and returns lists
+    of per-image ``(C, 1, h, w)`` tensors at the reversed time ``(1000 - t) / 1000`` and predicts ``x0 - noise``
+    (negated here: the target is ``noise - x0``, as diffusers' example)."""
+
+    name = "zimage"
+    label = "Z-Image"
+    pipeline_class_names = ("ZImagePipeline",)
+    pipeline_class_name = "ZImagePipeline"
+    denoiser_class_name = "ZImageTransformer2DModel"
+    text_encoder_class_name = "Qwen3Model"
+    text_encoder_label = "Qwen3"
+    # the example's to_q/to_k/to_v/to_out.0, under the attention of the main layers and both refiners
+    default_lora_targets = "attention.to_q,attention.to_k,attention.to_v,attention.to_out.0"
+    attention_prefixes = ("attention.",)
+    tags = ("z-image", "z-image-diffusers")
+    base_checkpoint = "Tongyi-MAI/Z-Image"
+
+    def distilled(self) -> bool:
+        """Z-Image Turbo's configs equal the base model's: the checkpoint's name is what tells them apart."""
+        return "turbo" in str(self.path).lower()
+
+    def check_args(self, args):
+        super().check_args(args)
+        if self.distilled():
+            import logging
+
+            logging.getLogger(__name__).warning(
+                f"{self.path!r} looks like Z-Image Turbo, the few-step DISTILLED checkpoint: a LoRA trained on it "
+                f"trains against the distillation (its few-step images drift as the LoRA learns). Train on the base "
+                f"checkpoint {self.base_checkpoint} and apply the LoRA to either.")
+
+    def patch_size(self):
+        return int(self.denoiser_config()["all_patch_size"][0])
+
+    def template_tokens(self):
+        tokenizer = self.tokenizers[0]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True)
+        return len(tokenizer(text).input_ids)
+
+    def encode_captions(self, captions, device):
+        """The pipeline's own ``encode_prompt``: each caption's unmasked tokens, padded here with a mask."""
+        embeds, _ = self.text_pipeline().encode_prompt(list(captions), device=device, do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.args.max_sequence_length)
+        return self.padded(embeds)
+
+    @staticmethod
+    def caption_list(cond) -> list:
+        return [e[m] for e, m in zip(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"].bool())]
+
+    def predict(self, transformer, inputs):
+        x = inputs.model_input
+        out = transformer(list(x.unsqueeze(2).unbind(0)), (1000 - inputs.timesteps) / 1000,
+                          self.caption_list(inputs.conditioning), return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=self.caption_list(embeds), negative_prompt_embeds=self.caption_list(negative))
+
+    def modelspec_architecture(self):
+        return "z-image-turbo" if self.distilled() else "z-image"
+
+    def inference_advice(self):
+        if self.distilled():
+            return dict(scale=0.5, steps=9, guidance=0.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+        return super().inference_advice()
+
+
+class QwenImageFamily(QwenTextFamily):
+    """Qwen-Image: a Qwen2.5-VL encoder behind a system-prompt template (its first tokens dropped), the last
+    hidden states with the prompt mask; AutoencoderKLQwenImage (5-D latents of one frame, normalised per channel
+    by the config's ``latents_mean`` / ``latents_std``), latents packed 2x2 into tokens with ``img_shapes``."""
+
+    name = "qwen_image"
+    label = "Qwen-Image"
+    pipeline_class_names = ("QwenImagePipeline",)
+    pipeline_class_name = "QwenImagePipeline"
+    denoiser_class_name = "QwenImageTransformer2DModel"
+    vae_class_name = "AutoencoderKLQwenImage"
+    text_encoder_class_name = "Qwen2_5_VLForConditionalGeneration"
+    text_encoder_label = "Qwen2.5-VL"
+    default_lora_targets = "to_k,to_q,to_v,to_out.0"  # train_dreambooth_lora_qwen_image.py's
+    max_sequence_length_limit = (1024, "QwenImagePipeline")
+    tags = ("qwen-image", "qwen-image-diffusers")
+
+    def geometry(self):
+        """The VAE's spatial factor is 2 ** (its downsamplings, ``len(temperal_downsample)``), x 2 for the packing."""
+        vae_factor = 2 ** len(self.vae_config()["temperal_downsample"])
+        step = vae_factor * int(self.denoiser_config().get("patch_size", 2))
+        return vae_factor, step, step, 1024
+
+    def patch_size(self):
+        return int(self.denoiser_config().get("patch_size", 2))
+
+    def latent_distribution(self, pixel_values):
+        """The video VAE on one frame: ``(B, 3, 1, H, W)`` in, the frame axis dropped from the posterior."""
+        latent_dist = self.vae.encode(pixel_values.unsqueeze(2)).latent_dist
+        return latent_dist.mean.squeeze(2), latent_dist.std.squeeze(2)
+
+    def normalize_latents(self, latents):
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return (latents - mean) / std
+
+    def encode_captions(self, captions, device):
+        """The pipeline's own ``encode_prompt`` (template, the dropped template tokens, ``hidden_states[-1]``);
+        its mask (None when every token is real) made explicit, and each caption cut to its own tokens."""
+        embeds, mask = self.text_pipeline().encode_prompt(list(captions), device=device,
+                                                          max_sequence_length=self.args.max_sequence_length)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        return self.padded([e[m] for e, m in zip(embeds, mask)])
+
+    def predict(self, transformer, inputs):
+        from diffusers import QwenImagePipeline
+
+        x = inputs.model_input
+        b, c, h, w = x.shape
+        cond = inputs.conditioning
+        pred = transformer(hidden_states=QwenImagePipeline._pack_latents(x, b, c, h, w),
+                           timestep=inputs.timesteps / 1000, guidance=None,
+                           encoder_hidden_states=cond["encoder_hidden_states"],
+                           encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
+                           img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        factor = 2 ** len(self.vae.config.temperal_downsample)
+        return QwenImagePipeline._unpack_latents(pred, h * factor, w * factor, factor).squeeze(2)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"],
+                    prompt_embeds_mask=embeds["encoder_hidden_states_mask"],
+                    negative_prompt_embeds=negative["encoder_hidden_states"],
+                    negative_prompt_embeds_mask=negative["encoder_hidden_states_mask"])
+
+    def guidance_call_kwargs(self, guidance):
+        """QwenImagePipeline's classifier-free guidance is ``true_cfg_scale`` (its ``guidance_scale`` is for
+        guidance-distilled transformers only)."""
+        return {"true_cfg_scale": guidance}
+
+    def modelspec_architecture(self):
+        return "qwen-image"
+
+    def template_tokens(self):
+        pipeline = self.text_pipeline()
+        template = pipeline.prompt_template_encode
+        return max(len(self.tokenizers[0](template.format("")).input_ids) - pipeline.prompt_template_encode_start_idx, 0)
+
+
+FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family, ZImageFamily, QwenImageFamily]
 
 
 def family_for_model(args) -> ModelFamily:
