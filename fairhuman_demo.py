@@ -214,6 +214,113 @@ def build_tiny_flux(folder: str, seed: int = 0) -> str:
     return folder
 
 
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen3's chat layout: <|im_start|>role\ncontent<|im_end|>\n per message, then the assistant turn; with
+# enable_thinking=False an empty <think></think> block, as Qwen3's own template writes it
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def write_qwen_tokenizer(folder: str, model_max_length: int = 512) -> None:
+    """An offline Qwen2/Qwen3-style tokenizer: byte-level BPE over the 256 byte symbols (no merges, so every
+    byte is a token), Qwen's special tokens (``<|endoftext|>`` the pad token) and a Qwen3-style chat template
+    honouring ``enable_thinking``; saved as ``Qwen2TokenizerFast``. Token counts differ from the real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", unk_token=None, bos_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+
+def make_flux2_latents_carry_the_image(vae, resolution: int, num_images: int = 32, seed: int = 1) -> None:
+    """:func:`make_latents_carry_the_image` for an ``AutoencoderKLFlux2``: the encoder's log-variance quieted to
+    ``VAE_LOGVAR`` and the batch-norm running statistics (FLUX.2's latent normalisation over the 2x2-patchified
+    channels) set to the patchified latent means of ``num_images`` drawn people, so normalised latents carry the
+    image with unit spread."""
+    import numpy as np
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    rng = random.Random(seed)
+    pixels = np.stack([np.asarray(draw_person(resolution, resolution, rng)[0]) for _ in range(num_images)])
+    pixels = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        vae.quant_conv.weight[vae.config.latent_channels:] = 0
+        vae.quant_conv.bias[vae.config.latent_channels:] = VAE_LOGVAR
+        patches = Flux2KleinPipeline._patchify_latents(vae.encode(pixels).latent_dist.mean)
+        vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
+        vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
+
+
+def build_tiny_flux2klein(folder: str, seed: int = 0, distilled: bool = False) -> str:
+    """A tiny FLUX.2 klein-layout pipeline (one double and one single block, no guidance embedding, a Qwen3 causal
+    LM of 27 layers whose hidden states 9, 18, 27 are stacked as the pipeline does, a 2-level AutoencoderKLFlux2
+    with 8 latent channels patchified to 32), the offline Qwen tokenizer; ``distilled`` marks it as the
+    step-distilled checkpoint (model_index.json ``is_distilled``). Native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    write_qwen_tokenizer(folder + "_tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder + "_tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+                                                pad_token_id=tokenizer.pad_token_id))
+    latent_channels = 8
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1,
+                                          num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 32), layers_per_block=1, latent_channels=latent_channels,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             norm_num_groups=32, sample_size=64)
+    make_flux2_latents_carry_the_image(vae, resolution=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       transformer=transformer, is_distilled=distilled).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizer")
+    return folder
+
+
+def build_tiny_chroma(folder: str, seed: int = 0) -> str:
+    """A tiny Chroma-layout pipeline (one double and one single block, the distilled-guidance approximator, T5
+    only, FLUX.1's 16-channel VAE and scheduler), saved with the offline T5 tokenizer; native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _, tokenizer = _tiny_tokenizers(folder)
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    vae = tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    text_encoder = tiny_t5(len(tokenizer), 32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
 def build_tiny_sd3(folder: str, seed: int = 0) -> str:
     """A tiny SD3.5-layout pipeline (two joint blocks, qk RMSNorm, one dual-attention layer, the last block
     context_pre_only, CLIP-L + CLIP-G + T5 text; T5 width = 2 x CLIP width, as SD3's pipeline pads CLIP to it)."""
@@ -254,7 +361,8 @@ def _tiny_tokenizers(folder: str):
 
 FAMILY_BUILDERS = {"sd": lambda folder: build_tiny_pipeline(folder, sdxl=False),
                    "sdxl": lambda folder: build_tiny_pipeline(folder, sdxl=True),
-                   "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+                   "flux": build_tiny_flux, "sd3": build_tiny_sd3, "flux2klein": build_tiny_flux2klein,
+                   "chroma": build_tiny_chroma}
 
 
 def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) -> str:
