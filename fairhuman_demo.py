@@ -556,7 +556,8 @@ def main(input_args=None):
     parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
     parser.add_argument("--output_dir", default="demo_assets",
                         help="Folder for tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3 and demo_dataset.")
-    parser.add_argument("--families", default="sd,sdxl,flux,sd3", help="Which tiny models to build (comma-separated).")
+    parser.add_argument("--families", default="sd,sdxl,flux,sd3",
+                        help=f"Which tiny models to build (comma-separated; known: {', '.join(FAMILY_BUILDERS)}).")
     parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
     parser.add_argument("--shoes", action="store_true",
                         help="Draw shoes too and write a third region column, shoe_boxes (train with "
