@@ -221,6 +221,90 @@ def build_tiny_flux(folder: str, seed: int = 0) -> str:
     return folder
 
 
+def make_flux2_latents_carry_the_image(vae, resolution: int, num_images: int = 32, seed: int = 1) -> None:
+    """:func:`make_latents_carry_the_image` for an ``AutoencoderKLFlux2``: the encoder's log-variance quieted to
+    ``VAE_LOGVAR`` and the batch-norm running statistics (FLUX.2's latent normalisation over the 2x2-patchified
+    channels) set to the patchified latent means of ``num_images`` drawn people, so normalised latents carry the
+    image with unit spread."""
+    import numpy as np
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    rng = random.Random(seed)
+    pixels = np.stack([np.asarray(draw_person(resolution, resolution, rng)[0]) for _ in range(num_images)])
+    pixels = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        vae.quant_conv.weight[vae.config.latent_channels:] = 0
+        vae.quant_conv.bias[vae.config.latent_channels:] = VAE_LOGVAR
+        patches = Flux2KleinPipeline._patchify_latents(vae.encode(pixels).latent_dist.mean)
+        vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
+        vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
+
+
+def build_tiny_flux2klein(folder: str, seed: int = 0, distilled: bool = False) -> str:
+    """A tiny FLUX.2 klein-layout pipeline (one double and one single block, no guidance embedding, a Qwen3 causal
+    LM of 27 layers whose hidden states 9, 18, 27 are stacked as the pipeline does, a 2-level AutoencoderKLFlux2
+    with 8 latent channels patchified to 32), the offline Qwen tokenizer; ``distilled`` marks it as the
+    step-distilled checkpoint (model_index.json ``is_distilled``). Native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _qwen_tokenizer(folder)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+                                                pad_token_id=tokenizer.pad_token_id))
+    latent_channels = 8
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1,
+                                          num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 32), layers_per_block=1, latent_channels=latent_channels,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             norm_num_groups=32, sample_size=64)
+    make_flux2_latents_carry_the_image(vae, resolution=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       transformer=transformer, is_distilled=distilled).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
+def build_tiny_chroma(folder: str, seed: int = 0) -> str:
+    """A tiny Chroma-layout pipeline (one double and one single block, the distilled-guidance approximator, T5
+    only, FLUX.1's 16-channel VAE and scheduler), saved with the offline T5 tokenizer; native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _, tokenizer = _tiny_tokenizers(folder)
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    vae = tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    text_encoder = tiny_t5(len(tokenizer), 32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
 def build_tiny_sd3(folder: str, seed: int = 0) -> str:
     """A tiny SD3.5-layout pipeline (two joint blocks, qk RMSNorm, one dual-attention layer, the last block
     context_pre_only, CLIP-L + CLIP-G + T5 text; T5 width = 2 x CLIP width, as SD3's pipeline pads CLIP to it)."""
@@ -380,7 +464,7 @@ def _tiny_tokenizers(folder: str):
 FAMILY_BUILDERS = {"sd": lambda folder: build_tiny_pipeline(folder, sdxl=False),
                    "sdxl": lambda folder: build_tiny_pipeline(folder, sdxl=True),
                    "flux": build_tiny_flux, "sd3": build_tiny_sd3, "zimage": build_tiny_zimage,
-                   "qwenimage": build_tiny_qwenimage}
+                   "qwenimage": build_tiny_qwenimage, "flux2klein": build_tiny_flux2klein, "chroma": build_tiny_chroma}
 
 
 def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) -> str:
@@ -574,7 +658,8 @@ def main(input_args=None):
     parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
     parser.add_argument("--output_dir", default="demo_assets",
                         help="Folder for tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3 and demo_dataset.")
-    parser.add_argument("--families", default="sd,sdxl,flux,sd3,zimage,qwenimage", help="Which tiny models to build (comma-separated).")
+    parser.add_argument("--families", default="sd,sdxl,flux,sd3",
+                        help=f"Which tiny models to build (comma-separated; known: {', '.join(FAMILY_BUILDERS)}).")
     parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
     parser.add_argument("--shoes", action="store_true",
                         help="Draw shoes too and write a third region column, shoe_boxes (train with "

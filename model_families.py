@@ -79,9 +79,9 @@ class ModelFamily:
     pipeline_class_name = ""  # the diffusers pipeline used for validation, evaluation and the LoRA file
     denoiser_name = "unet"  # the subfolder, and the prefix of the diffusers LoRA file's keys
     denoiser_class_name = "UNet2DConditionModel"
+    vae_class_name = "AutoencoderKL"
     default_lora_targets = "to_q,to_k,to_v,to_out.0"
     kohya_prefix = "lora_unet"  # None: no kohya file (ComfyUI reads the diffusers file and not lora_transformer_*)
-    vae_class_name = "AutoencoderKL"
     flow_matching = False
     diffusers_reads_kohya_file = True  # the pipeline's load_lora_weights converts the kohya file
     tags = ("stable-diffusion",)
@@ -219,16 +219,20 @@ class ModelFamily:
         batch's captions when asked (the text encoders stay on the device)."""
         return lambda rows, captions: self.encode_captions(captions, device)
 
-    def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
-        """VAE latents of the batch; the sample's noise drawn per example from its own generator. With
-        ``--cache_latents`` the batch holds the posterior's cached ``latent_mean`` / ``latent_std``."""
+    def posterior_sample(self, batch, generators, device) -> torch.Tensor:
+        """A sample of the VAE posterior per example (``mean + std * eps``, eps from the example's generator), from
+        the batch's pixels or, with ``--cache_latents``, its cached ``latent_mean`` / ``latent_std``."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         else:
             mean, std = self.latent_distribution(batch["pixel_values"].to(device, dtype=self.vae.dtype))
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
-        latents = mean + std * eps.to(mean)
-        return self.normalize_latents(latents).to(weight_dtype)
+        return mean + std * eps.to(mean)
+
+    def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
+        """VAE latents of the batch as the denoiser sees them (:meth:`normalize_latents` of
+        :meth:`posterior_sample`), in ``weight_dtype``."""
+        return self.normalize_latents(self.posterior_sample(batch, generators, device)).to(weight_dtype)
 
     def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE posterior's mean and std of a pixel batch, on the latent grid ``(B, C, h, w)``."""
@@ -338,6 +342,11 @@ class ModelFamily:
 
         overrides = {"prediction_type": prediction_type} if prediction_type else {}
         return UniPCMultistepScheduler.from_config(scheduler.config, **overrides)
+
+    def distilled_warning(self) -> str:
+        """Why not to train on this checkpoint and which base checkpoint to train on, when it is a distilled one
+        ('' otherwise): logged as a warning before training (not a refusal) and said in the model card."""
+        return ""
 
     def nonfinite_advice(self) -> str:
         """What this family adds to the advice when steps keep coming out non-finite ('' or ', ...')."""
@@ -673,6 +682,8 @@ class FlowMatchingFamily(ModelFamily):
         if args.max_sequence_length < 1 or args.max_sequence_length > limit:
             raise UsageError(f"--max_sequence_length must be between 1 and {limit} ({encoder}), got "
                              f"{args.max_sequence_length}")
+        if self.distilled_warning():  # a warning, not a refusal: the run is the user's call
+            logger.warning(self.distilled_warning())
 
     def family_flags(self):
         return {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}  # diffusers' examples' defaults
@@ -807,8 +818,10 @@ class FlowMatchingFamily(ModelFamily):
 
     def card_sampling_note(self):
         advice = self.inference_advice()
-        return (f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; "
+        note = (f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; "
                 "the FairHuman authors' settings (scale 0.3, UniPC, CFG 7.5) are for SDXL.")
+        warning = self.distilled_warning()
+        return note + (f"\n\n**Trained on a distilled checkpoint.** {warning}" if warning else "")
 
     def card_code(self, prediction):
         return "", "bfloat16", ""
@@ -929,6 +942,204 @@ class FluxFamily(FlowMatchingFamily):
         return f"cfg 1.0 with a FluxGuidance node at {self.inference_advice()['guidance']}"
     # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
     cfg_sampling = False  # FLUX.1's guidance is an embedding: one row per image
+
+
+class Flux2KleinFamily(FlowMatchingFamily):
+    """FLUX.2 klein (4B and 9B, base and step-distilled; one class, the sizes read from the configs), as diffusers'
+    ``train_dreambooth_lora_flux2_klein.py``: Qwen3 hidden states of layers 9, 18 and 27 stacked per token (the
+    pipeline's ``encode_prompt``, its chat template), 4-axis text and image ids, no guidance input; the 32-channel
+    ``AutoencoderKLFlux2`` latents patchified 2x2 to 128 channels at H/16 and normalised by the VAE's batch-norm
+    running statistics. The noisy input, target and prediction live on the H/8 grid (patchify and unpatchify are
+    a permutation of latent cells), so the region masks apply there and the global loss is the example's."""
+
+    name = "flux2_klein"
+    label = "FLUX.2 klein"
+    pipeline_class_names = ("Flux2KleinPipeline",)
+    pipeline_class_name = "Flux2KleinPipeline"
+    denoiser_class_name = "Flux2Transformer2DModel"
+    vae_class_name = "AutoencoderKLFlux2"
+    default_weighting_scheme = "none"  # train_dreambooth_lora_flux2_klein.py's default
+    default_max_sequence_length = 512  # the example's and the pipeline's default
+    diffusers_reads_kohya_file = False  # Flux2KleinPipeline.load_lora_weights reads the diffusers file
+    tags = ("flux2", "flux2-klein", "flux2-diffusers")
+    base_checkpoints = {3072: "black-forest-labs/FLUX.2-klein-base-4B", 4096: "black-forest-labs/FLUX.2-klein-base-9B"}
+
+    @property
+    def default_lora_targets(self) -> str:
+        """The example's targets: the double blocks' image attention (``to_q``, ``to_k``, ``to_v``, ``to_out.0``),
+        the single blocks' fused ``to_qkv_mlp_proj`` and, by name (a bare ``attn.to_out`` would also match the
+        double blocks' ``to_out`` list), every single block's ``attn.to_out``."""
+        singles = int(self.denoiser_config()["num_single_layers"])
+        return ",".join(["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
+                         *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))])
+
+    def family_flags(self):
+        """The klein transformers have no guidance embedding (``guidance_embeds`` false): --guidance_scale is
+        refused unless a config says otherwise."""
+        guidance = {"guidance_scale": 1.0} if self.denoiser_config().get("guidance_embeds", False) else {}
+        return {**super().family_flags(), **guidance}
+
+    def size_label(self) -> str:
+        config = self.denoiser_config()
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return {3072: "4b", 4096: "9b"}.get(inner, f"{inner}-wide")
+
+    def distilled(self) -> bool:
+        return bool(_model_index(self.path, self.revision, self.args.cache_dir).get("is_distilled", False))
+
+    def distilled_warning(self):
+        if not self.distilled():
+            return ""
+        config = self.denoiser_config()
+        base = self.base_checkpoints.get(int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                                         "the base (non-distilled) FLUX.2 klein checkpoint of this size")
+        return (f"--pretrained_model_name_or_path: {self.path!r} is a step-distilled FLUX.2 klein checkpoint "
+                f"(model_index.json is_distilled: true). LoRAs trained on the distilled klein give grey images: "
+                f"train on {base} (the base model) and use the LoRA with either")
+
+    def caption_token_limits(self):
+        return [(self.tokenizers[0], self.args.max_sequence_length, "Qwen3 text encoder", "--max_sequence_length")]
+
+    def load_text_models(self, path, rev, var):
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        cache_dir = self.args.cache_dir
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, cache_dir=cache_dir)]
+        self.text_encoders = [Qwen3ForCausalLM.from_pretrained(path, subfolder="text_encoder", revision=rev,
+                                                               cache_dir=cache_dir, variant=var)]
+
+    def text_pipeline(self):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=self.text_encoders[0],
+                                  tokenizer=self.tokenizers[0], transformer=None)
+
+    def encode_captions(self, captions, device):
+        embeds, _ = self.text_pipeline().encode_prompt(captions, device=device,
+                                                      max_sequence_length=self.args.max_sequence_length)
+        return {"encoder_hidden_states": embeds}
+
+    def normalize_latents(self, latents):
+        """The posterior sample patchified 2x2, normalised with the VAE's batch-norm running statistics (as the
+        example and the pipeline), and unpatchified back onto the H/8 grid."""
+        from diffusers import Flux2KleinPipeline as Pipe
+
+        patches = Pipe._patchify_latents(latents)
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(patches)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(patches)
+        return Pipe._unpatchify_latents((patches - mean) / std)
+
+    def predict(self, transformer, inputs):
+        """Patchify (B, C, h, w) to (B, 4C, h/2, w/2), pack to tokens with 4-axis ids, run the transformer, scatter
+        the tokens back by their ids and unpatchify onto the H/8 grid."""
+        from diffusers import Flux2KleinPipeline as Pipe
+
+        patches = Pipe._patchify_latents(inputs.model_input)
+        img_ids = Pipe._prepare_latent_ids(patches).to(patches.device)
+        text = inputs.conditioning["encoder_hidden_states"]
+        txt_ids = Pipe._prepare_text_ids(text).to(text.device)
+        config = getattr(transformer, "config", None) or transformer.module.config
+        b = patches.shape[0]
+        guidance = torch.full((b,), self.args.guidance_scale, device=patches.device) if config.guidance_embeds else None
+        pred = transformer(hidden_states=Pipe._pack_latents(patches), encoder_hidden_states=text,
+                           timestep=inputs.timesteps / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                           return_dict=False)[0]
+        return Pipe._unpatchify_latents(Pipe._unpack_latents_with_ids(pred, img_ids, *patches.shape[-2:]))
+
+    def native_resolution(self, vae_config, vae_factor):
+        return 1024  # the klein models' native size (the VAE config's sample_size is not it)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"],
+                    negative_prompt_embeds=negative["encoder_hidden_states"])
+
+    def modelspec_architecture(self):
+        return f"flux-2-klein-{self.size_label()}"
+
+    def inference_advice(self):
+        if self.distilled():
+            return dict(scale=0.5, steps=4, guidance=1.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+        return dict(scale=0.5, steps=50, guidance=4.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+
+class ChromaFamily(FluxFamily):
+    """Chroma (8.9B, FLUX.1-schnell-derived): FLUX.1's VAE latents and 2x2 packing, T5 only (no CLIP, no pooled
+    embedding), no guidance input (a distilled guidance approximator sits inside), and T5's attention mask, as
+    the pipeline builds it (every token up to the first padding token), extended with ones over the image tokens.
+    diffusers has no Chroma example; it trains as the FLUX.1 example (its targets, weighting and noising)."""
+
+    name = "chroma"
+    label = "Chroma"
+    pipeline_class_names = ("ChromaPipeline",)
+    pipeline_class_name = "ChromaPipeline"
+    denoiser_class_name = "ChromaTransformer2DModel"
+    tags = ("chroma", "flux-diffusers")
+
+    def family_flags(self):
+        return FlowMatchingFamily.family_flags(self)  # no guidance embedding: --guidance_scale is refused
+
+    def training_settings(self):
+        return FlowMatchingFamily.training_settings(self)  # no guidance input
+
+    def caption_token_limits(self):
+        return [(self.tokenizers[0], self.args.max_sequence_length, "T5 text encoder", "--max_sequence_length")]
+
+    def load_text_models(self, path, rev, var):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        cache_dir = self.args.cache_dir
+        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, cache_dir=cache_dir)]
+        self.text_encoders = [T5EncoderModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
+                                                             cache_dir=cache_dir, variant=var)]
+
+    def text_pipeline(self):
+        from diffusers import ChromaPipeline
+
+        return ChromaPipeline(scheduler=None, vae=None, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0],
+                              transformer=None)
+
+    def encode_captions(self, captions, device):
+        embeds, _, mask, *_ = self.text_pipeline().encode_prompt(
+            captions, negative_prompt=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.args.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "attention_mask": mask}
+
+    def predict(self, transformer, inputs):
+        """Pack to 2x2 tokens, the text mask extended with ones over the image tokens, no guidance, no pooled
+        embedding; the prediction unpacked onto the latent grid."""
+        from diffusers import ChromaPipeline as Pipe
+
+        x = inputs.model_input
+        b, c, h, w = x.shape
+        packed = Pipe._pack_latents(x, b, c, h, w)
+        img_ids = Pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        text, mask = inputs.conditioning["encoder_hidden_states"], inputs.conditioning["attention_mask"]
+        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
+        mask = torch.cat([mask.bool(), torch.ones(b, packed.shape[1], device=mask.device, dtype=torch.bool)], dim=1)
+        pred = transformer(hidden_states=packed, timestep=inputs.timesteps / 1000, encoder_hidden_states=text,
+                           txt_ids=txt_ids, img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
+        factor = self.vae_factor()
+        return Pipe._unpack_latents(pred, height=h * factor, width=w * factor, vae_scale_factor=factor)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], prompt_attention_mask=embeds["attention_mask"],
+                    negative_prompt_embeds=negative["encoder_hidden_states"],
+                    negative_prompt_attention_mask=negative["attention_mask"])
+
+    def schnell(self):
+        return False
+
+    def modelspec_architecture(self):
+        return "chroma"
+
+    def inference_advice(self):
+        return dict(scale=0.5, steps=26, guidance=4.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+    def comfyui_guidance(self):
+        return ModelFamily.comfyui_guidance(self)  # real classifier-free guidance, no FluxGuidance node
+    # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
+    cfg_sampling = True  # classifier-free guidance: the transformer sees 2 rows per image
 
 
 class SD3Family(FlowMatchingFamily):
@@ -1097,13 +1308,10 @@ class ZImageFamily(QwenTextFamily):
         """Z-Image Turbo's configs equal the base model's: the checkpoint's name is what tells them apart."""
         return "turbo" in str(self.path).lower()
 
-    def check_args(self, args):
-        super().check_args(args)
-        if self.distilled():
-            import logging
-
-            logging.getLogger(__name__).warning(
-                f"{self.path!r} looks like Z-Image Turbo, the few-step DISTILLED checkpoint: a LoRA trained on it "
+    def distilled_warning(self):
+        if not self.distilled():
+            return ""
+        return (f"{self.path!r} looks like Z-Image Turbo, the few-step DISTILLED checkpoint: a LoRA trained on it "
                 f"trains against the distillation (its few-step images drift as the LoRA learns). Train on the base "
                 f"checkpoint {self.base_checkpoint} and apply the LoRA to either.")
 
@@ -1223,7 +1431,8 @@ class QwenImageFamily(QwenTextFamily):
         return max(len(self.tokenizers[0](template.format("")).input_ids) - pipeline.prompt_template_encode_start_idx, 0)
 
 
-FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family, ZImageFamily, QwenImageFamily]
+FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family, ZImageFamily, QwenImageFamily,
+            Flux2KleinFamily, ChromaFamily]
 
 
 def family_for_model(args) -> ModelFamily:

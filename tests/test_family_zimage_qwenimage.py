@@ -22,16 +22,6 @@ PIPELINES = {"zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}
 
 
 @pytest.fixture(scope="session")
-def tiny_zimage(tmp_path_factory):
-    return fairhuman_demo.build_tiny_zimage(str(tmp_path_factory.mktemp("models") / "tiny-zimage"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwenimage(tmp_path_factory):
-    return fairhuman_demo.build_tiny_qwenimage(str(tmp_path_factory.mktemp("models") / "tiny-qwenimage"))
-
-
-@pytest.fixture(scope="session")
 def varied_dataset(tmp_path_factory):
     """The demo people with captions of different lengths (so caption embeddings differ in length within a
     batch) and a third box column (``torso_boxes``, between face and hands) for ``--region``."""
@@ -114,6 +104,17 @@ def test_family_trains_and_its_lora_loads_whole_into_its_pipeline(family, reques
         assert "transformer_blocks.1.attn.to_out.0" in trained and not any("add_q_proj" in m for m in trained)
     card = open(os.path.join(out, "README.md")).read()
     assert PIPELINES[family] in card and "ComfyUI: put `pytorch_lora_weights.safetensors`" in card
+    # which file goes where: the diffusers file, for diffusers and ComfyUI; no kohya file offered
+    assert "| `pytorch_lora_weights.safetensors` | diffusers format | diffusers `load_lora_weights`; ComfyUI:" in card
+    assert "kohya format" not in card
+    # no kohya file: the ss_* / modelspec metadata naming the family are in the diffusers file's header
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(out, "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == {"zimage": "zimage", "qwenimage": "qwen_image"}[family]
+    assert meta["modelspec.architecture"] == {"zimage": "z-image/lora", "qwenimage": "qwen-image/lora"}[family]
+    assert "lora_adapter_metadata" in meta  # diffusers' own key is kept
     pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
 
@@ -231,6 +232,9 @@ def test_distilled_zimage_turbo_warns_and_names_the_base_checkpoint(tiny_zimage,
         text = caplog.text
         assert ("DISTILLED" in text and "Tongyi-MAI/Z-Image " in text) == warns, text
         assert family.inference_advice()["steps"] == (9 if warns else 28)
+        # the card says it too, with the base checkpoint to train on
+        assert ("Trained on a distilled checkpoint" in family.card_sampling_note()
+                and "Tongyi-MAI/Z-Image " in family.card_sampling_note()) == warns
 
 
 @pytest.mark.parametrize("family, names", [("zimage", ("attention.to_q", "attention.to_out.0")),

@@ -1,0 +1,52 @@
+"""The four 2026 families (issue 27) on the issue-28 seam, from configs alone (no weight loads): the flags each
+uses (none has a guidance embedding or SD3's preconditioning), their defaults, and the model folder's parts."""
+
+import json
+import shutil
+
+import pytest
+
+import fairhuman_utils as fh
+import train_fairhuman_lora as train
+from training_checks import check_model
+
+FOUR = {"zimage": "Z-Image", "qwenimage": "Qwen-Image", "flux2klein": "FLUX.2 klein", "chroma": "Chroma"}
+
+
+def checked(model, *extra):
+    args = train.parse_args(["--pretrained_model_name_or_path", str(model), "--train_data_dir", "x", *extra])
+    family, _ = check_model(args, None)
+    return args, family
+
+
+@pytest.mark.parametrize("name", FOUR)
+@pytest.mark.parametrize("flag", [["--guidance_scale", "3.5"], ["--precondition_outputs", "1"]])
+def test_flags_they_do_not_use_are_refused_and_named(name, flag, request):
+    with pytest.raises(fh.UsageError) as info:
+        checked(request.getfixturevalue(f"tiny_{name}"), *flag)
+    message = str(info.value)
+    assert flag[0] in message and FOUR[name] in message, message
+
+
+@pytest.mark.parametrize("name", FOUR)
+def test_flow_flags_get_the_examples_defaults(name, request):
+    args, family = checked(request.getfixturevalue(f"tiny_{name}"))
+    assert family.label == FOUR[name]
+    assert (args.logit_mean, args.logit_std, args.mode_scale) == (0.0, 1.0, 1.29)
+    assert args.guidance_scale is None and args.precondition_outputs is None  # never set, never used
+    assert "guidance_scale" not in family.training_settings()
+
+
+@pytest.mark.parametrize("name", FOUR)
+def test_check_parts_names_the_missing_folder_and_the_broken_config(name, request, tmp_path):
+    model = tmp_path / name
+    shutil.copytree(request.getfixturevalue(f"tiny_{name}"), model)
+    (model / "vae" / "config.json").write_text("{ not json")
+    with pytest.raises(fh.UsageError) as info:
+        checked(model)
+    assert "vae/config.json" in str(info.value)
+    (model / "vae" / "config.json").write_text(json.dumps({}))  # readable again; now a part is missing
+    shutil.rmtree(model / "text_encoder")
+    with pytest.raises(fh.UsageError) as info:
+        checked(model)
+    assert "text_encoder/" in str(info.value) and "model_index.json" in str(info.value)
