@@ -534,8 +534,10 @@ def generate(args, prompts, lora_names) -> list[dict]:
     pipe = load_pipeline(args)
     family = sampling_family(pipe, args)
     load_loras(pipe, args.lora_paths, lora_names)
-    if args.resolution is None:
-        args.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.resolution is None:  # the model's own: the UNet's sample size, or the family's native resolution
+        unet = getattr(pipe, "unet", None)
+        args.resolution = (unet.config.sample_size * pipe.vae_scale_factor if unet is not None
+                           else family.geometry()[3])
     if args.resolution % pipe.vae_scale_factor:
         raise UsageError(f"--resolution must be a multiple of {pipe.vae_scale_factor}, got {args.resolution}")
     models = [("base", args.pretrained_model_name_or_path, None)]
@@ -559,10 +561,9 @@ def generate(args, prompts, lora_names) -> list[dict]:
                 chunk = seeds[start:start + args.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
                 with torch.no_grad():
-                    images = pipe(prompt=[prompt] * len(chunk), negative_prompt=(
-                        [args.negative_prompt] * len(chunk) if args.negative_prompt else None),
-                        num_inference_steps=args.num_inference_steps, **family.guidance_call_kwargs(args.guidance_scale),
-                        height=args.resolution, width=args.resolution, generator=generators).images
+                    images = pipe(prompt=[prompt] * len(chunk), **family.negative_prompt_kwargs(args.negative_prompt, len(chunk)),
+                                  num_inference_steps=args.num_inference_steps, **family.guidance_call_kwargs(args.guidance_scale),
+                                  height=args.resolution, width=args.resolution, generator=generators).images
                 for s, image in zip(chunk, images):
                     file_name = image_file_name(i, s)
                     image.save(os.path.join(folder, file_name))

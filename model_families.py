@@ -325,6 +325,10 @@ class ModelFamily:
         """The pipeline call's guidance argument(s) for ``guidance`` (validation, evaluation)."""
         return {"guidance_scale": guidance}
 
+    def negative_prompt_kwargs(self, negative_prompt: str | None, count: int) -> dict:
+        """The pipeline call's negative prompt for ``count`` images (evaluation's --negative_prompt)."""
+        return {"negative_prompt": [negative_prompt] * count if negative_prompt else None}
+
     def comfyui_guidance(self) -> str:
         """The KSampler's guidance in the model card's ComfyUI advice."""
         return f"cfg {self.inference_advice()['guidance']}"
@@ -381,7 +385,7 @@ class ModelFamily:
                                                       cache_dir=self.args.cache_dir)
             self.text_encoders.append(cls(config).requires_grad_(False).to(weight_dtype))
         self.tokenizers = [tokenizer(text_encoder) for text_encoder in self.text_encoders]
-        self.vae = diffusers.AutoencoderKL.from_config(self.vae_config()).requires_grad_(False)
+        self.vae = self.vae_class().from_config(self.vae_config()).requires_grad_(False)
         self.vae.to(self.vae_dtype(weight_dtype))
         self.denoiser = self.denoiser_class().from_config(self.denoiser_config()).requires_grad_(False)
         self.denoiser.to(weight_dtype)
@@ -406,6 +410,15 @@ class ModelFamily:
         else:
             batch["latent_mean"] = batch["latent_std"] = latents
         return batch
+
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latent grid (the estimate's stand-in latents)."""
+        return int(self.vae.config.latent_channels)
+
+    def decode_latents(self, latents) -> torch.Tensor:
+        """The VAE decode of latents ``(B, C, h, w)`` as the pipeline runs it after sampling (the estimate's
+        sampling phases replay it)."""
+        return self.vae.decode(latents).sample
 
     def memory_advice(self, args, phase: str) -> list[str]:
         """The flags that lower ``phase`` (caption, latents, step, validation, evaluation) of this run, those
@@ -1057,6 +1070,16 @@ class Flux2KleinFamily(FlowMatchingFamily):
     def modelspec_architecture(self):
         return f"flux-2-klein-{self.size_label()}"
 
+    def negative_prompt_kwargs(self, negative_prompt, count):
+        """Flux2KleinPipeline's call takes no negative prompt (its CFG uses the empty prompt)."""
+        if negative_prompt:
+            raise UsageError(f"--negative_prompt: {self.pipeline_class_name} takes no negative prompt; leave it out")
+        return {}
+
+    @property
+    def cfg_sampling(self) -> bool:  # memory model: the distilled klein samples at guidance 1 (one row per image)
+        return not self.distilled()
+
     def inference_advice(self):
         if self.distilled():
             return dict(scale=0.5, steps=4, guidance=1.0, sampler="Euler (flow matching)", comfy_sampler="euler")
@@ -1346,6 +1369,10 @@ class ZImageFamily(QwenTextFamily):
     def modelspec_architecture(self):
         return "z-image-turbo" if self.distilled() else "z-image"
 
+    @property
+    def cfg_sampling(self) -> bool:  # memory model: Turbo samples without guidance (one row per image)
+        return not self.distilled()
+
     def inference_advice(self):
         if self.distilled():
             return dict(scale=0.5, steps=9, guidance=0.0, sampler="Euler (flow matching)", comfy_sampler="euler")
@@ -1382,6 +1409,12 @@ class QwenImageFamily(QwenTextFamily):
         """The video VAE on one frame: ``(B, 3, 1, H, W)`` in, the frame axis dropped from the posterior."""
         latent_dist = self.vae.encode(pixel_values.unsqueeze(2)).latent_dist
         return latent_dist.mean.squeeze(2), latent_dist.std.squeeze(2)
+
+    def latent_channels(self):
+        return int(self.vae.config.z_dim)
+
+    def decode_latents(self, latents):
+        return self.vae.decode(latents.unsqueeze(2)).sample.squeeze(2)  # one frame of the video VAE
 
     def normalize_latents(self, latents):
         config = self.vae.config
@@ -1421,6 +1454,10 @@ class QwenImageFamily(QwenTextFamily):
         """QwenImagePipeline's classifier-free guidance is ``true_cfg_scale`` (its ``guidance_scale`` is for
         guidance-distilled transformers only)."""
         return {"true_cfg_scale": guidance}
+
+    def negative_prompt_kwargs(self, negative_prompt, count):
+        """True CFG runs only with a negative prompt: " " when none is given (diffusers' Qwen-Image example's)."""
+        return {"negative_prompt": [negative_prompt or " "] * count}
 
     def modelspec_architecture(self):
         return "qwen-image"

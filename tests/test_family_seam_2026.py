@@ -50,3 +50,27 @@ def test_check_parts_names_the_missing_folder_and_the_broken_config(name, reques
     with pytest.raises(fh.UsageError) as info:
         checked(model)
     assert "text_encoder/" in str(info.value) and "model_index.json" in str(info.value)
+
+
+# ---- evaluate_fairhuman.py with the family's pipeline (generation only) ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["flux2klein", "qwenimage"])
+def test_evaluation_generates_with_the_familys_pipeline(name, request, tmp_path):
+    """FLUX.2 klein's pipeline takes ``prompt=`` by keyword and no negative prompt; Qwen-Image's guidance is
+    ``true_cfg_scale`` with a negative prompt."""
+    import evaluate_fairhuman as ev
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a person waving\n")
+    argv = ["--pretrained_model_name_or_path", request.getfixturevalue(f"tiny_{name}"), "--prompts_file",
+            str(prompts), "--num_images_per_prompt", "1", "--batch_size", "1", "--num_inference_steps", "2",
+            "--output_dir", str(tmp_path / "eval"), "--disable_progress_bar", "--device", "cpu",
+            "--mixed_precision", "no", "--resolution", "32"]
+    args = ev.parse_args(argv)
+    folders = ev.generate(args, ["a person waving"], [])
+    rows = [json.loads(line) for line in open(f"{folders[0]['folder']}/metadata.jsonl")]
+    assert [r["file_name"] for r in rows] == ["000_0.png"]
+    if name == "flux2klein":
+        with pytest.raises(fh.UsageError, match="--negative_prompt"):
+            ev.generate(ev.parse_args(argv + ["--negative_prompt", "blurry"]), ["a person waving"], [])
