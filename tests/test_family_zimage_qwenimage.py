@@ -249,3 +249,50 @@ def test_bad_input_names_the_familys_modules_before_weights_load(family, names, 
     assert message.startswith("--save_lora_format kohya") and "ComfyUI reads its diffusers file" in message
     assert "multiple of 4" in _error([*argv, "--bucket_reso_steps", "6"])  # 2x2 patches x VAE factor 2
     assert not os.path.exists(os.path.join(str(tmp_path / "o"), "pytorch_lora_weights.safetensors"))
+
+
+# ---- gaps of round 1 ------------------------------------------------------------------------------------------
+
+
+def test_zimage_prediction_is_the_pipelines_velocity_at_its_own_timestep(tiny_zimage):
+    """The training prediction equals what ZImagePipeline hands its Euler scheduler at the same latents and
+    scheduler timestep: the sign (the transformer predicts ``x0 - noise``, negated) and the time reversal
+    (``(1000 - t) / 1000``) both checked against diffusers' own sampling loop, so either one flipped fails."""
+    import types
+
+    import diffusers
+
+    pipe = diffusers.ZImagePipeline.from_pretrained(tiny_zimage)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    step = pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, **kwargs):
+        seen.append((model_output.clone(), timestep.clone(), sample.clone()))
+        return step(model_output, timestep, sample, **kwargs)
+
+    pipe.scheduler.step = spy
+    pipe(prompt="a person waving", height=32, width=32, num_inference_steps=3, guidance_scale=0.0,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_zimage, "--train_data_dir", "x"])
+    family = mf.family_for_model(args)
+    embeds, _ = pipe.encode_prompt("a person waving", device="cpu", do_classifier_free_guidance=False)
+    cond = family.padded(embeds)
+    assert len(seen) == 3 and len({float(t) for _, t, _ in seen}) == 3
+    for output, timestep, sample in seen:
+        inputs = types.SimpleNamespace(model_input=sample, timesteps=timestep.reshape(1), conditioning=cond)
+        with torch.no_grad():
+            prediction = family.predict(pipe.transformer, inputs)
+        torch.testing.assert_close(prediction.float(), output.float(), rtol=1e-4, atol=1e-5)
+        assert output.abs().max() > 1e-3  # a real check: not a zero output
+
+
+def test_zimage_accumulation_equals_the_larger_batch_with_captions_of_their_own_lengths(tiny_zimage, varied_dataset,
+                                                                                       tmp_path):
+    """Batch 2 (the short caption padded, its padding masked) == batch 1 with 2 accumulation steps (no padding)."""
+    one = str(tmp_path / "batch2")
+    run_main(*family_args(tiny_zimage, varied_dataset, one, 3))
+    accumulated = str(tmp_path / "accum")
+    run_main(*family_args(tiny_zimage, varied_dataset, accumulated, 3, "--train_batch_size", "1",
+                          "--gradient_accumulation_steps", "2"))
+    assert_same_lora(one, accumulated)
