@@ -235,6 +235,19 @@ def model_folder(model: str):
         yield folder
 
 
+class TokenizerOutput(dict):
+    """A tokenizer's ``BatchEncoding`` as the pipelines read it: by key, by attribute, ``.to(device)``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device):
+        return TokenizerOutput({k: v.to(device) for k, v in self.items()})
+
+
 class ShapeTokenizer:
     """Stands in for a tokenizer (config folders have none): token ids of the length the caller pads to
     (``padding="max_length"``), one token otherwise; the text encoder's ``max_position_embeddings`` as
@@ -250,7 +263,7 @@ class ShapeTokenizer:
         # padded to max_length, or (padding to the longest, cut at max_length: Qwen-Image) as long as it may be
         length = (max_length or self.model_max_length) if padding == "max_length" or (padding and max_length) else 1
         ids = torch.zeros(count, length, dtype=torch.long)
-        return types.SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return TokenizerOutput(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     def apply_chat_template(self, messages, tokenize=False, **_kwargs):
         """The chat-templated prompt's text (Qwen text encoders): its length comes from ``max_length``."""

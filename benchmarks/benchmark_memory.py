@@ -6,6 +6,7 @@ caching, training step, validation sampling), estimated on the CPU from public c
 
     python benchmarks/benchmark_memory.py                    # the docs' grid (each setting in a subprocess)
     python benchmarks/benchmark_memory.py --quick            # SD 1.5 only
+    python benchmarks/benchmark_memory.py --families_2026    # Z-Image, FLUX.2 klein, Qwen-Image, Chroma (issue 27)
     python benchmarks/benchmark_memory.py --format out.jsonl # the table of saved results
     python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --validation   # one, with details
 

@@ -74,3 +74,25 @@ def test_evaluation_generates_with_the_familys_pipeline(name, request, tmp_path)
     if name == "flux2klein":
         with pytest.raises(fh.UsageError, match="--negative_prompt"):
             ev.generate(ev.parse_args(argv + ["--negative_prompt", "blurry"]), ["a person waving"], [])
+
+
+# ---- memory model: the named public configs build the public sizes ---------------------------------------
+
+
+@pytest.mark.parametrize("model, label, billions", [
+    ("zimage-turbo", "Z-Image", 6.15), ("flux2-klein-base-4b", "FLUX.2 klein", 3.88),
+    ("flux2-klein-base-9b", "FLUX.2 klein", 9.08), ("qwen-image", "Qwen-Image", 20.43), ("chroma", "Chroma", 8.9)])
+def test_named_configs_build_the_released_transformers_sizes(model, label, billions):
+    """memory_estimate.MODELS holds config values only: built on fake tensors through the family, each
+    transformer has its release's parameter count (Z-Image 6.15B, klein 4B / 9B, Qwen-Image 20.43B, Chroma 8.9B)."""
+    import torch
+
+    import memory_estimate as me
+
+    args = me.build_parser().parse_args(["--model", model])
+    with me.model_folder(model) as folder:
+        family = me.family_for_settings(args, folder)
+        with me.make_fake_mode(), me.fake_safe_module_to():
+            family.build_from_configs(torch.bfloat16, me.ShapeTokenizer)
+    assert family.label == label
+    assert round(sum(p.numel() for p in family.denoiser.parameters()) / 1e9, 2) == billions
