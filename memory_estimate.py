@@ -841,7 +841,7 @@ def _simulate_once(args, measure, fh, family):
         # ---- 1. caption embedding: the text encoders alone, one caption at the run's sequence lengths ----
         def embed():
             with torch.no_grad():
-                return family.encode_captions(["a photo of a person"], device)
+                return family.memory_captions(device)
 
         if profiling or count_flops:  # the step only
             caption = embed()

@@ -533,6 +533,11 @@ class ModelFamily:
             batch["latent_mean"] = batch["latent_std"] = latents
         return batch
 
+    def memory_captions(self, device) -> dict:
+        """One caption's conditioning at the run's sequence lengths, as the estimate embeds it (the family's own
+        ``encode_captions`` unless that needs data fake tensors lack)."""
+        return self.encode_captions(["a photo of a person"], device)
+
     def latent_channels(self) -> int:
         """Channels of the VAE's latent grid (the estimate's stand-in latents)."""
         return int(self.vae.config.latent_channels)
@@ -1441,6 +1446,15 @@ class QwenImageFamily(QwenTextFamily):
 
     def latent_channels(self):
         return int(self.vae.config.z_dim)
+
+    def memory_captions(self, device):
+        """QwenImagePipeline.encode_prompt splits its hidden states by the mask's lengths (values fake tensors lack):
+        the encoder's last hidden states at the template's full length instead, the template's tokens dropped."""
+        drop = self.text_pipeline().prompt_template_encode_start_idx
+        ids = torch.zeros(1, self.args.max_sequence_length + drop, dtype=torch.long, device=device)
+        hidden = self.text_encoders[0](input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       output_hidden_states=True).hidden_states[-1]
+        return self.padded([hidden[0, drop:]])
 
     def decode_latents(self, latents):
         return self.vae.decode(latents.unsqueeze(2)).sample.squeeze(2)  # one frame of the video VAE
