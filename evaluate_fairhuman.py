@@ -470,10 +470,13 @@ class PipelineSampler:
 
     def __init__(self, args, lora_names):
         self.pipe, self.args = load_pipeline(args), args
+        self.family = sampling_family(self.pipe, args)
         load_loras(self.pipe, args.lora_paths, lora_names)
         self.lora_names = lora_names
-        if args.resolution is None:
-            args.resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        if args.resolution is None:  # the model's own: the UNet's sample size, or the family's native resolution
+            unet = getattr(self.pipe, "unet", None)
+            args.resolution = (unet.config.sample_size * self.pipe.vae_scale_factor if unet is not None
+                               else self.family.geometry()[3])
         if args.resolution % self.pipe.vae_scale_factor:
             raise UsageError(f"--resolution must be a multiple of {self.pipe.vae_scale_factor}, got {args.resolution}")
 
@@ -487,8 +490,7 @@ class PipelineSampler:
             self.pipe.set_adapters([name], adapter_weights=[scale])
 
     def __call__(self, prompt, count, generators, **kwargs):
-        negative = self.args.negative_prompt
-        return self.pipe(prompt=[prompt] * count, negative_prompt=[negative] * count if negative else None,
+        return self.pipe(prompt=[prompt] * count, **self.family.negative_prompt_kwargs(self.args.negative_prompt, count),
                          generator=generators, **kwargs).images
 
     def close(self) -> None:
@@ -582,7 +584,8 @@ def generate(args, prompts, lora_names, sampler=None) -> list[dict]:
                 generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
                 with torch.no_grad():
                     images = sampler(prompt, len(chunk), generators, num_inference_steps=args.num_inference_steps,
-                                     guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution)
+                                     height=args.resolution, width=args.resolution,
+                                     **sampler.family.guidance_call_kwargs(args.guidance_scale))
                 for s, image in zip(chunk, images):
                     file_name = image_file_name(i, s)
                     image.save(os.path.join(folder, file_name))

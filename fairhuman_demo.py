@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Build the embedded default: tiny SD, SDXL, FLUX.1 and SD3 models and a small demo dataset, offline.
+"""Build the embedded default: tiny SD, SDXL, FLUX.1, SD3, Z-Image and Qwen-Image models and a small demo dataset, offline.
 
     python fairhuman_demo.py --output_dir demo_assets
 
-writes ``demo_assets/tiny-sd``, ``demo_assets/tiny-sdxl``, ``demo_assets/tiny-flux``, ``demo_assets/tiny-sd3``
-(diffusers folders with random weights and offline-made CLIP / T5 tokenizers,
+writes ``demo_assets/tiny-sd``, ``demo_assets/tiny-sdxl``, ``demo_assets/tiny-flux``, ``demo_assets/tiny-sd3``,
+``demo_assets/tiny-zimage``, ``demo_assets/tiny-qwenimage``
+(diffusers folders with random weights and offline-made CLIP / T5 / Qwen tokenizers,
 built from configs, loadable with ``from_pretrained``) and ``demo_assets/demo_dataset`` (an
 imagefolder: drawn people with box annotations in ``metadata.jsonl``). The tests build the same
 things in temporary folders through these functions.
@@ -20,11 +21,9 @@ import random
 from PIL import Image, ImageDraw
 
 
-def write_tiny_tokenizer(folder: str, model_max_length: int = 77) -> None:
-    """A CLIP tokenizer from a hand-made vocab: every byte-level character, alone and word-final."""
-    from transformers import CLIPTokenizer
-
-    # GPT-2 / CLIP byte-to-unicode table, written out here so no tokenizer is downloaded.
+def byte_symbols() -> list[str]:
+    """GPT-2's byte-to-unicode table (CLIP's and Qwen's byte-level symbols), in byte order, written out here so
+    no tokenizer is downloaded."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = [], 0
     for b in range(256):
@@ -33,6 +32,14 @@ def write_tiny_tokenizer(folder: str, model_max_length: int = 77) -> None:
         else:
             chars.append(chr(256 + extra))
             extra += 1
+    return chars
+
+
+def write_tiny_tokenizer(folder: str, model_max_length: int = 77) -> None:
+    """A CLIP tokenizer from a hand-made vocab: every byte-level character, alone and word-final."""
+    from transformers import CLIPTokenizer
+
+    chars = byte_symbols()
     vocab = {}
     for c in chars:
         vocab[c] = len(vocab)
@@ -214,6 +221,90 @@ def build_tiny_flux(folder: str, seed: int = 0) -> str:
     return folder
 
 
+def make_flux2_latents_carry_the_image(vae, resolution: int, num_images: int = 32, seed: int = 1) -> None:
+    """:func:`make_latents_carry_the_image` for an ``AutoencoderKLFlux2``: the encoder's log-variance quieted to
+    ``VAE_LOGVAR`` and the batch-norm running statistics (FLUX.2's latent normalisation over the 2x2-patchified
+    channels) set to the patchified latent means of ``num_images`` drawn people, so normalised latents carry the
+    image with unit spread."""
+    import numpy as np
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    rng = random.Random(seed)
+    pixels = np.stack([np.asarray(draw_person(resolution, resolution, rng)[0]) for _ in range(num_images)])
+    pixels = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        vae.quant_conv.weight[vae.config.latent_channels:] = 0
+        vae.quant_conv.bias[vae.config.latent_channels:] = VAE_LOGVAR
+        patches = Flux2KleinPipeline._patchify_latents(vae.encode(pixels).latent_dist.mean)
+        vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
+        vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
+
+
+def build_tiny_flux2klein(folder: str, seed: int = 0, distilled: bool = False) -> str:
+    """A tiny FLUX.2 klein-layout pipeline (one double and one single block, no guidance embedding, a Qwen3 causal
+    LM of 27 layers whose hidden states 9, 18, 27 are stacked as the pipeline does, a 2-level AutoencoderKLFlux2
+    with 8 latent channels patchified to 32), the offline Qwen tokenizer; ``distilled`` marks it as the
+    step-distilled checkpoint (model_index.json ``is_distilled``). Native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _qwen_tokenizer(folder)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+                                                pad_token_id=tokenizer.pad_token_id))
+    latent_channels = 8
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1,
+                                          num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 32), layers_per_block=1, latent_channels=latent_channels,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             norm_num_groups=32, sample_size=64)
+    make_flux2_latents_carry_the_image(vae, resolution=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       transformer=transformer, is_distilled=distilled).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
+def build_tiny_chroma(folder: str, seed: int = 0) -> str:
+    """A tiny Chroma-layout pipeline (one double and one single block, the distilled-guidance approximator, T5
+    only, FLUX.1's 16-channel VAE and scheduler), saved with the offline T5 tokenizer; native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _, tokenizer = _tiny_tokenizers(folder)
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    vae = tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    text_encoder = tiny_t5(len(tokenizer), 32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
 def build_tiny_sd3(folder: str, seed: int = 0) -> str:
     """A tiny SD3.5-layout pipeline (two joint blocks, qk RMSNorm, one dual-attention layer, the last block
     context_pre_only, CLIP-L + CLIP-G + T5 text; T5 width = 2 x CLIP width, as SD3's pipeline pads CLIP to it)."""
@@ -241,6 +332,124 @@ def build_tiny_sd3(folder: str, seed: int = 0) -> str:
     return folder
 
 
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
+"""Qwen's special tokens, after the 256 byte symbols of :func:`write_qwen_tokenizer` (ids 256-265)."""
+
+# The single-turn text case of Qwen3's chat template (all diffusers' Z-Image pipeline renders), with its
+# enable_thinking switch: False adds the empty think block.
+QWEN_CHAT_TEMPLATE = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{%- if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+                      "{%- endif %}{%- endif %}")
+
+
+def write_qwen_tokenizer(folder: str) -> None:
+    """An offline Qwen2-style tokenizer: byte-level BPE over the 256 byte symbols (no merges, so every byte is a
+    token), Qwen's special tokens and the chat template above; saved as a ``Qwen2Tokenizer`` folder (266 ids)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(byte_symbols())}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   model_max_length=32768)
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "Qwen2Tokenizer"  # what the real Qwen folders name; AutoTokenizer loads it so
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def _qwen_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    source = folder + "_tokenizers"
+    write_qwen_tokenizer(source)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def build_tiny_zimage(folder: str, seed: int = 0) -> str:
+    """A tiny Z-Image-layout pipeline (two main layers, one noise and one context refiner layer, a Qwen3 text
+    encoder of width 16 read at its penultimate layer, FLUX.1's 16-channel VAE), saved with its offline Qwen
+    tokenizer; native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = _qwen_tokenizer(folder)
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # diffusers creates them with torch.empty in some versions: defined values
+        transformer.x_pad_token.normal_(std=0.02)
+        transformer.cap_pad_token.normal_(std=0.02)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id))
+    vae = tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
+def build_tiny_qwenimage(folder: str, seed: int = 0) -> str:
+    """A tiny Qwen-Image-layout pipeline (two blocks, a Qwen2.5-VL text encoder of width 16, a 2-level
+    AutoencoderKLQwenImage with 16 latent channels and per-channel latent mean/std, Qwen-Image's
+    dynamic-shift scheduler), saved with its offline Qwen tokenizer; native 64 px."""
+    import shutil
+
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _qwen_tokenizer(folder)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         rope_theta=1000000.0, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                             "type": "default"}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        vocab_size=len(tokenizer), bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), vision_token_id=ids("<|vision_pad|>"),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"))
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    rng = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=(torch.randn(16, generator=rng) * 0.1).tolist(),
+                                 latents_std=(1 + torch.rand(16, generator=rng)).tolist())
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer).save_pretrained(folder)
+    shutil.rmtree(folder + "_tokenizers")
+    return folder
+
+
 def _tiny_tokenizers(folder: str):
     """The hand-made CLIP tokenizer and the offline T5 tokenizer, written next to ``folder`` and loaded."""
     from transformers import CLIPTokenizer, T5TokenizerFast
@@ -254,7 +463,8 @@ def _tiny_tokenizers(folder: str):
 
 FAMILY_BUILDERS = {"sd": lambda folder: build_tiny_pipeline(folder, sdxl=False),
                    "sdxl": lambda folder: build_tiny_pipeline(folder, sdxl=True),
-                   "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+                   "flux": build_tiny_flux, "sd3": build_tiny_sd3, "zimage": build_tiny_zimage,
+                   "qwenimage": build_tiny_qwenimage, "flux2klein": build_tiny_flux2klein, "chroma": build_tiny_chroma}
 
 
 def save_pipeline(folder: str, *, unet, vae, text_encoder, text_encoder_2=None) -> str:
@@ -448,7 +658,8 @@ def main(input_args=None):
     parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
     parser.add_argument("--output_dir", default="demo_assets",
                         help="Folder for tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3 and demo_dataset.")
-    parser.add_argument("--families", default="sd,sdxl,flux,sd3", help="Which tiny models to build (comma-separated).")
+    parser.add_argument("--families", default="sd,sdxl,flux,sd3",
+                        help=f"Which tiny models to build (comma-separated; known: {', '.join(FAMILY_BUILDERS)}).")
     parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
     parser.add_argument("--shoes", action="store_true",
                         help="Draw shoes too and write a third region column, shoe_boxes (train with "

@@ -509,6 +509,16 @@ def paired_transform(
     return TransformedExample(pixels, mask_tensor, (height, width), (top, left), (target[1], target[0]))
 
 
+def pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-example tensors into a batch, zero-padding the first dimension to the longest: the caption
+    embeddings of text encoders that keep only a caption's own tokens (Z-Image, Qwen-Image; their masks pad with
+    zeros, i.e. False). Tensors of one length stack as ``torch.stack`` does."""
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == longest for t in tensors):
+        return torch.stack(list(tensors))
+    return torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - t.shape[0])) for t in tensors])
+
+
 def masks_to_latent(masks: torch.Tensor, latent_size: tuple[int, int], mode: str = "hard") -> torch.Tensor:
     """Reduce pixel masks ``(B, M, H, W)`` in [0, 1] to the latent grid ``(B, M, h, w)``.
 
@@ -1291,17 +1301,19 @@ def json_ready_config(config: dict) -> dict:
     return {k: ready(v) for k, v in config.items()}
 
 
-def canonical_safetensors_header(header: bytes) -> bytes:
+def canonical_safetensors_header(header: bytes, extra_metadata: dict[str, str] | None = None) -> bytes:
     """A safetensors JSON header written in one fixed order, padded with spaces to a multiple of 8 bytes
     (as the format asks): ``__metadata__`` first with its keys sorted, then the tensors in the order of their
     data. The safetensors writer emits ``__metadata__`` in the order of a Rust ``HashMap``, which is seeded
     at random in every process, so the same tensors and metadata give different bytes from run to run. Only
     the header changes: the data offsets are relative to the end of the header, and readers get the same
-    tensors and the same metadata."""
+    tensors and the same metadata (plus ``extra_metadata``, when given, added to it)."""
     import json
 
     parsed = json.loads(header)
     metadata = parsed.pop("__metadata__", None)
+    if extra_metadata:
+        metadata = {**(metadata or {}), **extra_metadata}
     tensors = sorted(parsed.items(), key=lambda item: (item[1]["data_offsets"], item[0]))
     ordered = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
     ordered.update(tensors)
@@ -1309,16 +1321,17 @@ def canonical_safetensors_header(header: bytes) -> bytes:
     return text + b" " * (-len(text) % 8)
 
 
-def make_safetensors_reproducible(path: str) -> None:
+def make_safetensors_reproducible(path: str, extra_metadata: dict[str, str] | None = None) -> None:
     """Rewrite the header of the safetensors file at ``path`` with :func:`canonical_safetensors_header`
-    (the tensor bytes are copied unchanged; the file is replaced atomically). Two files with the same
-    tensors and metadata are then byte-identical, whatever the process that wrote them."""
+    (the tensor bytes are copied unchanged; the file is replaced atomically), ``extra_metadata`` added to its
+    metadata. Two files with the same tensors and metadata are then byte-identical, whatever the process that
+    wrote them."""
     import shutil
 
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = f.read(size)
-        canonical = canonical_safetensors_header(header)
+        canonical = canonical_safetensors_header(header, extra_metadata)
         if canonical == header:
             return
         temporary = f"{path}.tmp-{os.getpid()}"

@@ -42,10 +42,10 @@ def build_cache(dataset, args, family, device, caption_conditioning) -> dict:
                 if flip:  # FairHuman: the masks mirrored with the image
                     pixels, masks = pixels.flip(-1), masks.flip(-1)
                     sizes = {**sizes, "crop_top_left": mirrored_crop_top_left(example)}
-                dist = vae.encode(pixels[None].to(device, dtype=vae.dtype)).latent_dist
+                mean, std = family.latent_distribution(pixels[None].to(device, dtype=vae.dtype))
                 # FairHuman: the region masks on the latent grid, cached with the latents they weigh
-                latent_masks = fh.masks_to_latent(masks[None], dist.mean.shape[-2:], args.latent_mask_mode)[0]
-                variants.append({"latent_mean": dist.mean[0].cpu(), "latent_std": dist.std[0].cpu(),
+                latent_masks = fh.masks_to_latent(masks[None], mean.shape[-2:], args.latent_mask_mode)[0]
+                variants.append({"latent_mean": mean[0].cpu(), "latent_std": std[0].cpu(),
                                  "latent_masks": latent_masks, **sizes})
             entry["latents"] = variants
         if args.cache_text_embeddings:

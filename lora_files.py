@@ -40,13 +40,15 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def write_lora_files(family, denoiser, folder: str, *, diffusers: bool = True, diffusers_dtype=None,
-              kohya_file: str | None = None, kohya_dtype=None, kohya_metadata: dict | None = None) -> list[str]:
+              kohya_file: str | None = None, kohya_dtype=None, kohya_metadata: dict | None = None,
+              diffusers_metadata: dict | None = None) -> list[str]:
     """Write the denoiser's LoRA into ``folder``; returns the paths written. A dtype of None keeps the
     parameters' own (fp32: the script keeps the trainable LoRA weights in fp32).
 
     * ``pytorch_lora_weights.safetensors`` (with ``diffusers``): the diffusers format,
       ``{unet|transformer}.{module}.lora_A.weight`` / ``lora_B.weight`` for EVERY module plus the LoRA config
-      as adapter metadata, what the family's pipeline ``load_lora_weights`` reads. The keys are peft's as they
+      as adapter metadata, what the family's pipeline ``load_lora_weights`` reads (and ``diffusers_metadata``, when
+      given, in its header: the ``ss_*`` / modelspec keys of a family whose UI file is this one). The keys are peft's as they
       are: diffusers' ``convert_state_dict_to_diffusers`` renames only to_q/to_k/to_v/to_out.0 (to
       ``lora.down``/``lora.up``), and a file mixing the two spellings loses the renamed half in
       ``load_lora_weights``, which decides on the first key alone.
@@ -79,7 +81,7 @@ def write_lora_files(family, denoiser, folder: str, *, diffusers: bool = True, d
                   metadata=kohya_metadata)
         written.append(path)
     for path in written:  # the same run writes the same bytes (safetensors orders its metadata at random)
-        fh.make_safetensors_reproducible(path)
+        fh.make_safetensors_reproducible(path, diffusers_metadata if path.endswith(LORA_WEIGHT_NAME) else None)
         # safetensors writes 0600: give the user's umask (a UI running as another user reads them)
         os.chmod(path, 0o666 & ~current_umask())
     return written
@@ -158,6 +160,11 @@ def kohya_metadata(args, family, global_step: int) -> dict[str, str]:
     return metadata
 
 
+def writes_kohya_file(args, family) -> bool:
+    """Whether the run writes the kohya-format file: asked for, and the family has one (``kohya_prefix``)."""
+    return args.save_lora_format in ("kohya", "both") and family.kohya_prefix is not None
+
+
 def save_run_lora(args, family, denoiser, folder: str, global_step: int, checkpoint: bool = False) -> list[str]:
     """The LoRA files --save_lora_format asks for.
 
@@ -167,14 +174,16 @@ def save_run_lora(args, family, denoiser, folder: str, global_step: int, checkpo
     ``{output_name}-step{N}.safetensors`` in --save_precision, to try the intermediate LoRA in a UI.
     """
     dtype = SAVE_DTYPES[args.save_precision]
-    kohya = args.save_lora_format in ("kohya", "both")
+    kohya = writes_kohya_file(args, family)
     if checkpoint:
         diffusers, diffusers_dtype, name = True, None, f"{args.output_name}-step{global_step}"
     else:
         diffusers, diffusers_dtype, name = args.save_lora_format in ("diffusers", "both"), dtype, args.output_name
+    metadata = kohya_metadata(args, family, global_step) if kohya or family.diffusers_file_is_the_ui_file() else None
     return write_lora_files(family, denoiser, folder, diffusers=diffusers, diffusers_dtype=diffusers_dtype,
                      kohya_file=f"{name}.safetensors" if kohya else None, kohya_dtype=dtype,
-                     kohya_metadata=kohya_metadata(args, family, global_step) if kohya else None)
+                     kohya_metadata=metadata if kohya else None,
+                     diffusers_metadata=metadata if family.diffusers_file_is_the_ui_file() else None)
 
 
 def load_lora_into_denoiser(family, denoiser, folder: str) -> None:

@@ -148,6 +148,73 @@ MODELS = {
         "text_encoder_3/config.json": _T5_XXL,
         "scheduler/scheduler_config.json": dict(num_train_timesteps=1000, shift=3.0)},
 }
+
+# The 2026 families (issue 27): the released checkpoints' config values (the keys that set a size; the rest are
+# the classes' defaults, which equal the releases' here)
+_QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True)
+_QWEN3_8B = dict(_QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+_FLUX1_VAE = dict(_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                  shift_factor=0.1159, sample_size=1024)
+_FLUX1_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                        base_shift=0.5, max_image_seq_len=4096, max_shift=1.15)
+_ZIMAGE = {
+    "model_index.json": _index("ZImagePipeline", text_encoder=("transformers", "Qwen3Model"),
+                               transformer=("diffusers", "ZImageTransformer2DModel"),
+                               vae=("diffusers", "AutoencoderKL")),
+    "transformer/config.json": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30,
+                                    n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560),
+    "vae/config.json": _FLUX1_VAE, "text_encoder/config.json": _QWEN3_4B,
+    "scheduler/scheduler_config.json": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)}
+
+
+def _klein(distilled: bool, double: int, single: int, heads: int, text_encoder: dict) -> dict:
+    return {
+        "model_index.json": dict(_index("Flux2KleinPipeline", text_encoder=("transformers", "Qwen3ForCausalLM"),
+                                        transformer=("diffusers", "Flux2Transformer2DModel"),
+                                        vae=("diffusers", "AutoencoderKLFlux2")), is_distilled=distilled),
+        "transformer/config.json": dict(in_channels=128, num_layers=double, num_single_layers=single,
+                                        attention_head_dim=128, num_attention_heads=heads,
+                                        joint_attention_dim=3 * text_encoder["hidden_size"], guidance_embeds=False),
+        "vae/config.json": dict(latent_channels=32, block_out_channels=[128, 256, 512, 512], sample_size=1024),
+        "text_encoder/config.json": text_encoder,
+        "scheduler/scheduler_config.json": dict(_FLUX1_SCHEDULER, time_shift_type="exponential")}
+
+
+MODELS.update({
+    "zimage-turbo": _ZIMAGE,  # Tongyi-MAI/Z-Image-Turbo: the base's configs (the name tells them apart)
+    "zimage": _ZIMAGE,  # Tongyi-MAI/Z-Image
+    "flux2-klein-base-4b": _klein(False, 5, 20, 24, _QWEN3_4B),
+    "flux2-klein-base-9b": _klein(False, 8, 24, 32, _QWEN3_8B),
+    "qwen-image": {
+        "model_index.json": _index("QwenImagePipeline",
+                                   text_encoder=("transformers", "Qwen2_5_VLForConditionalGeneration"),
+                                   transformer=("diffusers", "QwenImageTransformer2DModel"),
+                                   vae=("diffusers", "AutoencoderKLQwenImage")),
+        "transformer/config.json": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                                        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584),
+        "vae/config.json": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                temperal_downsample=[False, True, True]),
+        "text_encoder/config.json": dict(
+            model_type="qwen2_5_vl", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]),
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                               out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                               window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_chans=3)),
+        "scheduler/scheduler_config.json": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
+                                                max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential")},
+    "chroma": {
+        "model_index.json": _index("ChromaPipeline", text_encoder=("transformers", "T5EncoderModel"),
+                                   transformer=("diffusers", "ChromaTransformer2DModel"),
+                                   vae=("diffusers", "AutoencoderKL")),
+        "transformer/config.json": dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                        num_attention_heads=24, joint_attention_dim=4096, in_channels=64),
+        "vae/config.json": _FLUX1_VAE, "text_encoder/config.json": _T5_XXL,
+        "scheduler/scheduler_config.json": _FLUX1_SCHEDULER},
+})
 """Named models: each a diffusers folder's config files (released checkpoints' values), written to a temporary
 folder and read like any model folder."""
 
@@ -170,6 +237,19 @@ def model_folder(model: str):
         yield folder
 
 
+class TokenizerOutput(dict):
+    """A tokenizer's ``BatchEncoding`` as the pipelines read it: by key, by attribute, ``.to(device)``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device):
+        return TokenizerOutput({k: v.to(device) for k, v in self.items()})
+
+
 class ShapeTokenizer:
     """Stands in for a tokenizer (config folders have none): token ids of the length the caller pads to
     (``padding="max_length"``), one token otherwise; the text encoder's ``max_position_embeddings`` as
@@ -182,9 +262,14 @@ class ShapeTokenizer:
 
     def __call__(self, text, padding=None, max_length=None, **_kwargs):
         count = len(text) if isinstance(text, (list, tuple)) else 1
-        ids = torch.zeros(count, (max_length or self.model_max_length) if padding == "max_length" else 1,
-                          dtype=torch.long)
-        return types.SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+        # padded to max_length, or (padding to the longest, cut at max_length: Qwen-Image) as long as it may be
+        length = (max_length or self.model_max_length) if padding == "max_length" or (padding and max_length) else 1
+        ids = torch.zeros(count, length, dtype=torch.long)
+        return TokenizerOutput(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    def apply_chat_template(self, messages, tokenize=False, **_kwargs):
+        """The chat-templated prompt's text (Qwen text encoders): its length comes from ``max_length``."""
+        return "".join(m["content"] for m in messages)
 
     def tokenize(self, text):
         return []
@@ -493,7 +578,8 @@ class StubAccelerator:
 
 
 def make_fake_mode():
-    """FakeTensorMode whose data-dependent scalars (Tensor.item / float / bool) read as 1 / True, logged.
+    """FakeTensorMode whose data-dependent scalars (Tensor.item / float / bool) read as 1 / True and whose masks
+    select every cell (``nonzero``: the caption masks of Z-Image / Qwen-Image, all ones here), logged.
 
     The training step asks a few: FairUpdate's finiteness checks of the 3 x 3 Gram matrix. They steer no
     allocation of any size that matters; every one is counted in DATA_DEPENDENT."""
@@ -505,6 +591,11 @@ def make_fake_mode():
                 t = args[0]
                 DATA_DEPENDENT.append(f"{tuple(t.shape)} {t.dtype}")
                 return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
+            if func is torch.ops.aten.nonzero.default:  # a mask's True cells: every cell, as a mask of ones
+                t = args[0]
+                DATA_DEPENDENT.append(f"nonzero {tuple(t.shape)}")
+                return super().__torch_dispatch__(torch.ops.aten.empty.memory_format, types, ([t.numel(), t.dim()],),
+                                                  {"dtype": torch.long, "device": t.device})
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     return ScalarFakeTensorMode(allow_non_fake_inputs=True)
@@ -744,13 +835,13 @@ def _simulate_once(args, measure, fh, family):
                       text_encoders=sum(p.numel() for te in text_encoders for p in te.parameters()))
         timings["build_s"] = time.time() - t0
         bsz = args.batch_size
-        latent_channels = vae.config.latent_channels
+        latent_channels = family.latent_channels()
         in_step = family.text_encoders_in_step(args)
 
         # ---- 1. caption embedding: the text encoders alone, one caption at the run's sequence lengths ----
         def embed():
             with torch.no_grad():
-                return family.encode_captions(["a photo of a person"], device)
+                return family.memory_captions(device)
 
         if profiling or count_flops:  # the step only
             caption = embed()
@@ -763,8 +854,7 @@ def _simulate_once(args, measure, fh, family):
 
             def encode():
                 with torch.no_grad():
-                    dist = vae.encode(pixels).latent_dist
-                    return dist.mean, dist.std
+                    return family.latent_distribution(pixels)
 
             run_phase("latents", [vae, pixels], encode)
             del pixels
@@ -971,8 +1061,8 @@ def sample(family, caption, rows, images, latent_side, latent_channels, weight_d
         with amp():
             prediction = family.predict(family.denoiser, inputs)
         del prediction, inputs, noisy, cond, latents
-        decoded = family.vae.decode(torch.randn(images, latent_channels, latent_side, latent_side)
-                                    .to(family.vae.dtype)).sample
+        decoded = family.decode_latents(torch.randn(images, latent_channels, latent_side, latent_side)
+                                        .to(family.vae.dtype))
         del decoded
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 
 import fairhuman_utils as fh
-from lora_files import LORA_WEIGHT_NAME, training_settings
+from lora_files import LORA_WEIGHT_NAME, training_settings, writes_kohya_file
 from regions import region_sources
 
 UsageError = fh.UsageError
@@ -20,9 +20,11 @@ def lora_usage(args, repo_id: str, family) -> str:
     advice = family.inference_advice()
     kohya_file = f"{args.output_name}.safetensors"
     files = []
-    if args.save_lora_format in ("diffusers", "both"):
-        files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | diffusers `load_lora_weights` |")
-    if args.save_lora_format in ("kohya", "both"):
+    diffusers_file = LORA_WEIGHT_NAME if args.save_lora_format in ("diffusers", "both") else None
+    kohya = writes_kohya_file(args, family)
+    if diffusers_file:
+        files.append(f"| `{LORA_WEIGHT_NAME}` | diffusers format | {family.diffusers_file_readers()} |")
+    if kohya:
         files.append(f"| `{kohya_file}` | kohya format (`{family.kohya_prefix}_*` keys) | ComfyUI: `models/loras/`; "
                      + f"{family.kohya_file_readers()} |")
     weight_name = "" if args.save_lora_format != "kohya" else f", weight_name={kohya_file!r}"
@@ -49,9 +51,10 @@ pipe.fuse_lora(lora_scale={advice['scale']})
 image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}, guidance_scale={advice['guidance']}).images[0]
 ```
 """
-    if args.save_lora_format in ("kohya", "both"):
+    comfyui_file = family.comfyui_file(diffusers_file, kohya_file if kohya else None)
+    if comfyui_file:
         text += f"""
-- ComfyUI: put `{kohya_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
+- ComfyUI: put `{comfyui_file}` in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint loader,
   `strength_model` {advice['scale']} (the LoRA has no text-encoder part, `strength_clip` does nothing); KSampler: {advice['steps']} steps,
   {family.comfyui_guidance()}, sampler `{advice['comfy_sampler']}`{"; a *ModelSamplingDiscrete* node set to `v_prediction`" if args.prediction_type == "v_prediction" else ""}.
 """

@@ -83,8 +83,9 @@ class ModelFamily:
     pipeline_class_name = ""  # the diffusers pipeline used for validation, evaluation and the LoRA file
     denoiser_name = "unet"  # the subfolder, and the prefix of the diffusers LoRA file's keys
     denoiser_class_name = "UNet2DConditionModel"
+    vae_class_name = "AutoencoderKL"
     default_lora_targets = "to_q,to_k,to_v,to_out.0"
-    kohya_prefix = "lora_unet"
+    kohya_prefix = "lora_unet"  # None: no kohya file (ComfyUI reads the diffusers file and not lora_transformer_*)
     flow_matching = False
     diffusers_reads_kohya_file = True  # the pipeline's load_lora_weights converts the kohya file
     tags = ("stable-diffusion",)
@@ -110,9 +111,13 @@ class ModelFamily:
             raise UsageError(f"--pretrained_model_name_or_path: cannot read the {self.denoiser_name} config.json of "
                              f"{self.path!r} ({error})") from None
 
-    def vae_config(self) -> dict:
-        from diffusers import AutoencoderKL
+    def vae_class(self):
+        import diffusers
 
+        return getattr(diffusers, self.vae_class_name)
+
+    def vae_config(self) -> dict:
+        AutoencoderKL = self.vae_class()
         vae_path = self.args.pretrained_vae_model_name_or_path
         try:
             if vae_path is not None:
@@ -224,6 +229,13 @@ class ModelFamily:
             kwargs.update(quantization_config=quantization, dtype=weight_dtype, device_map={"": torch.device(device)})
         return cls.from_pretrained(self.path, **kwargs)
 
+    def auto_tokenizer(self, subfolder: str, **kwargs):
+        """``AutoTokenizer.from_pretrained`` of the model's ``subfolder`` (revision, cache_dir)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, subfolder=subfolder, revision=self.revision,
+                                             cache_dir=self.args.cache_dir, **kwargs)
+
     def text_encoders_in_step(self, args) -> bool:
         """Whether the text encoders stay (on the device) through training: they embed each batch."""
         return not args.cache_text_embeddings
@@ -266,8 +278,7 @@ class ModelFamily:
             keep_4bit_layers_trainable_on_cpu(self.denoiser)
 
     def load_vae(self, dtype):
-        from diffusers import AutoencoderKL
-
+        AutoencoderKL = self.vae_class()
         if self.args.pretrained_vae_model_name_or_path is not None:
             return AutoencoderKL.from_pretrained(self.args.pretrained_vae_model_name_or_path, revision=self.revision, cache_dir=self.args.cache_dir,
                                                  dtype=dtype)
@@ -305,24 +316,36 @@ class ModelFamily:
 
         def lookup(rows, captions):
             entries = [cache[row, caption] for row, caption in zip(rows, captions)]
-            return {k: torch.stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
+            return {k: fh.pad_stack([e[k] for e in entries]).to(device, non_blocking=True) for k in entries[0]}
 
         return lookup
 
-    def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
-        """VAE latents of the batch; the sample's noise drawn per example from its own generator. With
-        ``--cache_latents`` the batch holds the posterior's cached ``latent_mean`` / ``latent_std``."""
+    def posterior_sample(self, batch, generators, device) -> torch.Tensor:
+        """A sample of the VAE posterior per example (``mean + std * eps``, eps from the example's generator), from
+        the batch's pixels or, with ``--cache_latents``, its cached ``latent_mean`` / ``latent_std``."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         else:
-            latent_dist = self.vae.encode(batch["pixel_values"].to(device, dtype=self.vae.dtype)).latent_dist
-            mean, std = latent_dist.mean, latent_dist.std
+            mean, std = self.latent_distribution(batch["pixel_values"].to(device, dtype=self.vae.dtype))
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
-        latents = mean + std * eps.to(mean)
+        return mean + std * eps.to(mean)
+
+    def latents(self, batch, generators, device, weight_dtype) -> torch.Tensor:
+        """VAE latents of the batch as the denoiser sees them (:meth:`normalize_latents` of
+        :meth:`posterior_sample`), in ``weight_dtype``."""
+        return self.normalize_latents(self.posterior_sample(batch, generators, device)).to(weight_dtype)
+
+    def latent_distribution(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std of a pixel batch, on the latent grid ``(B, C, h, w)``."""
+        latent_dist = self.vae.encode(pixel_values).latent_dist
+        return latent_dist.mean, latent_dist.std
+
+    def normalize_latents(self, latents) -> torch.Tensor:
+        """VAE latents as the denoiser sees them: ``(x - shift_factor) * scaling_factor`` (the shift for flow models)."""
         shift = getattr(self.vae.config, "shift_factor", None)
         if self.flow_matching and shift is not None:
             latents = latents - shift
-        return (latents * self.vae.config.scaling_factor).to(weight_dtype)
+        return latents * self.vae.config.scaling_factor
 
     def noisy_inputs(self, batch, cond: dict, device, weight_dtype) -> NoisyInputs:
         raise NotImplementedError
@@ -399,6 +422,19 @@ class ModelFamily:
         """The model card's "where it goes" for the kohya file, after ComfyUI's folder."""
         return "AUTOMATIC1111 / Forge: `models/Lora/` (diffusers `load_lora_weights` reads it too)"
 
+    def diffusers_file_readers(self) -> str:
+        """The model card's "where it goes" for the diffusers file."""
+        return "diffusers `load_lora_weights`"
+
+    def diffusers_file_is_the_ui_file(self) -> bool:
+        """Whether the diffusers file is also the file offered to ComfyUI (a family with no kohya file,
+        ``kohya_prefix`` None): it then carries the ``ss_*`` / modelspec metadata in its header."""
+        return self.kohya_prefix is None
+
+    def comfyui_file(self, diffusers_file: str | None, kohya_file: str | None) -> str | None:
+        """The file the model card tells ComfyUI users to load, of the files the run writes (None: none)."""
+        return diffusers_file if self.diffusers_file_is_the_ui_file() else kohya_file
+
     def card_sampling_note(self) -> str:
         """The model card's sentence on how to sample with the LoRA."""
         advice = self.inference_advice()
@@ -410,6 +446,14 @@ class ModelFamily:
         the ``, prediction_type=...`` argument when the run trained another prediction type than the model's."""
         return (", UniPCMultistepScheduler", "float16",
                 f"pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config{prediction})\n")
+
+    def guidance_call_kwargs(self, guidance: float) -> dict:
+        """The pipeline call's guidance argument(s) for ``guidance`` (validation, evaluation)."""
+        return {"guidance_scale": guidance}
+
+    def negative_prompt_kwargs(self, negative_prompt: str | None, count: int) -> dict:
+        """The pipeline call's negative prompt for ``count`` images (evaluation's --negative_prompt)."""
+        return {"negative_prompt": [negative_prompt] * count if negative_prompt else None}
 
     def comfyui_guidance(self) -> str:
         """The KSampler's guidance in the model card's ComfyUI advice."""
@@ -428,6 +472,11 @@ class ModelFamily:
 
         overrides = {"prediction_type": prediction_type} if prediction_type else {}
         return UniPCMultistepScheduler.from_config(scheduler.config, **overrides)
+
+    def distilled_warning(self) -> str:
+        """Why not to train on this checkpoint and which base checkpoint to train on, when it is a distilled one
+        ('' otherwise): logged as a warning before training (not a refusal) and said in the model card."""
+        return ""
 
     def nonfinite_advice(self) -> str:
         """What this family adds to the advice when steps keep coming out non-finite ('' or ', ...')."""
@@ -462,7 +511,7 @@ class ModelFamily:
                                                       cache_dir=self.args.cache_dir)
             self.text_encoders.append(cls(config).requires_grad_(False).to(weight_dtype))
         self.tokenizers = [tokenizer(text_encoder) for text_encoder in self.text_encoders]
-        self.vae = diffusers.AutoencoderKL.from_config(self.vae_config()).requires_grad_(False)
+        self.vae = self.vae_class().from_config(self.vae_config()).requires_grad_(False)
         self.vae.to(self.vae_dtype(weight_dtype))
         self.denoiser = self.denoiser_class().from_config(self.denoiser_config()).requires_grad_(False)
         self.denoiser.to(weight_dtype)
@@ -483,6 +532,20 @@ class ModelFamily:
         else:
             batch["latent_mean"] = batch["latent_std"] = latents
         return batch
+
+    def memory_captions(self, device) -> dict:
+        """One caption's conditioning at the run's sequence lengths, as the estimate embeds it (the family's own
+        ``encode_captions`` unless that needs data fake tensors lack)."""
+        return self.encode_captions(["a photo of a person"], device)
+
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latent grid (the estimate's stand-in latents)."""
+        return int(self.vae.config.latent_channels)
+
+    def decode_latents(self, latents) -> torch.Tensor:
+        """The VAE decode of latents ``(B, C, h, w)`` as the pipeline runs it after sampling (the estimate's
+        sampling phases replay it)."""
+        return self.vae.decode(latents).sample
 
     def memory_advice(self, args, phase: str) -> list[str]:
         """The flags that lower ``phase`` (caption, latents, step, validation, evaluation) of this run, those
@@ -698,6 +761,8 @@ class FlowMatchingFamily(ModelFamily):
                             "attn.add_v_proj,attn.to_add_out")
     default_weighting_scheme = "none"
     default_max_sequence_length = 512
+    max_sequence_length_limit = (512, "T5")  # the longest --max_sequence_length, and the text encoder that sets it
+    attention_prefixes = ("attn.to_", "attn.add_", "attn2.to_")  # block-relative attention names (target check)
     unsupported = {"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0}
 
     def training_settings(self) -> dict:
@@ -723,8 +788,12 @@ class FlowMatchingFamily(ModelFamily):
             args.weighting_scheme = self.default_weighting_scheme
         if args.max_sequence_length is None:
             args.max_sequence_length = self.default_max_sequence_length
-        if args.max_sequence_length < 1 or args.max_sequence_length > 512:
-            raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5), got {args.max_sequence_length}")
+        limit, encoder = self.max_sequence_length_limit
+        if args.max_sequence_length < 1 or args.max_sequence_length > limit:
+            raise UsageError(f"--max_sequence_length must be between 1 and {limit} ({encoder}), got "
+                             f"{args.max_sequence_length}")
+        if self.distilled_warning():  # a warning, not a refusal: the run is the user's call
+            logger.warning(self.distilled_warning())
 
     def family_flags(self):
         return {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}  # diffusers' examples' defaults
@@ -732,7 +801,7 @@ class FlowMatchingFamily(ModelFamily):
     def attention_module_examples(self, names):
         """``attn.to_q``, ``attn.add_q_proj``, ... : the block-relative names of the attention layers."""
         return sorted({name.split(".", 2)[2] for name in names if name.count(".") >= 3
-                       and name.split(".", 2)[2].startswith(("attn.to_", "attn.add_", "attn2.to_"))})
+                       and name.split(".", 2)[2].startswith(self.attention_prefixes)})
 
     def geometry(self):
         vae_config = self.vae_config()
@@ -797,8 +866,10 @@ class FlowMatchingFamily(ModelFamily):
 
     def card_sampling_note(self):
         advice = self.inference_advice()
-        return (f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; "
+        note = (f"Try LoRA scale {advice['scale']} (0.3-1.0), {advice['steps']} steps, guidance {advice['guidance']}; "
                 "the FairHuman authors' settings (scale 0.3, UniPC, CFG 7.5) are for SDXL.")
+        warning = self.distilled_warning()
+        return note + (f"\n\n**Trained on a distilled checkpoint.** {warning}" if warning else "")
 
     def card_code(self, prediction):
         return "", "bfloat16", ""
@@ -857,11 +928,9 @@ class FluxFamily(FlowMatchingFamily):
         return 2
 
     def load_text_models(self, device, weight_dtype):
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers import CLIPTextModel, T5EncoderModel
 
-        path, rev = self.path, self.revision
-        self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, cache_dir=self.args.cache_dir),
-                           AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev, cache_dir=self.args.cache_dir)]
+        self.tokenizers = [self.auto_tokenizer("tokenizer"), self.auto_tokenizer("tokenizer_2")]
         self.text_encoders = [self.text_encoder_from_pretrained(CLIPTextModel, "text_encoder", device, weight_dtype),
                               self.text_encoder_from_pretrained(T5EncoderModel, "text_encoder_2", device, weight_dtype,
                                                                 large=True)]
@@ -922,6 +991,215 @@ class FluxFamily(FlowMatchingFamily):
     cfg_sampling = False  # FLUX.1's guidance is an embedding: one row per image
 
 
+class Flux2KleinFamily(FlowMatchingFamily):
+    """FLUX.2 klein (4B and 9B, base and step-distilled; one class, the sizes read from the configs), as diffusers'
+    ``train_dreambooth_lora_flux2_klein.py``: Qwen3 hidden states of layers 9, 18 and 27 stacked per token (the
+    pipeline's ``encode_prompt``, its chat template), 4-axis text and image ids, no guidance input; the 32-channel
+    ``AutoencoderKLFlux2`` latents patchified 2x2 to 128 channels at H/16 and normalised by the VAE's batch-norm
+    running statistics. The noisy input, target and prediction live on the H/8 grid (patchify and unpatchify are
+    a permutation of latent cells), so the region masks apply there and the global loss is the example's."""
+
+    name = "flux2_klein"
+    label = "FLUX.2 klein"
+    pipeline_class_names = ("Flux2KleinPipeline",)
+    pipeline_class_name = "Flux2KleinPipeline"
+    denoiser_class_name = "Flux2Transformer2DModel"
+    vae_class_name = "AutoencoderKLFlux2"
+    default_weighting_scheme = "none"  # train_dreambooth_lora_flux2_klein.py's default
+    default_max_sequence_length = 512  # the example's and the pipeline's default
+    diffusers_reads_kohya_file = False  # Flux2KleinPipeline.load_lora_weights reads the diffusers file
+    tags = ("flux2", "flux2-klein", "flux2-diffusers")
+    base_checkpoints = {3072: "black-forest-labs/FLUX.2-klein-base-4B", 4096: "black-forest-labs/FLUX.2-klein-base-9B"}
+
+    @property
+    def default_lora_targets(self) -> str:
+        """The example's targets: the double blocks' image attention (``to_q``, ``to_k``, ``to_v``, ``to_out.0``),
+        the single blocks' fused ``to_qkv_mlp_proj`` and, by name (a bare ``attn.to_out`` would also match the
+        double blocks' ``to_out`` list), every single block's ``attn.to_out``."""
+        singles = int(self.denoiser_config()["num_single_layers"])
+        return ",".join(["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
+                         *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))])
+
+    def family_flags(self):
+        """The klein transformers have no guidance embedding (``guidance_embeds`` false): --guidance_scale is
+        refused unless a config says otherwise."""
+        guidance = {"guidance_scale": 1.0} if self.denoiser_config().get("guidance_embeds", False) else {}
+        return {**super().family_flags(), **guidance}
+
+    def size_label(self) -> str:
+        config = self.denoiser_config()
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return {3072: "4b", 4096: "9b"}.get(inner, f"{inner}-wide")
+
+    def distilled(self) -> bool:
+        return bool(_model_index(self.path, self.revision, self.args.cache_dir).get("is_distilled", False))
+
+    def distilled_warning(self):
+        if not self.distilled():
+            return ""
+        config = self.denoiser_config()
+        base = self.base_checkpoints.get(int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                                         "the base (non-distilled) FLUX.2 klein checkpoint of this size")
+        return (f"--pretrained_model_name_or_path: {self.path!r} is a step-distilled FLUX.2 klein checkpoint "
+                f"(model_index.json is_distilled: true). LoRAs trained on the distilled klein give grey images: "
+                f"train on {base} (the base model) and use the LoRA with either")
+
+    def caption_token_limits(self):
+        return [(self.tokenizers[0], self.args.max_sequence_length, "Qwen3 text encoder", "--max_sequence_length")]
+
+    def load_text_models(self, device, weight_dtype):
+        """One Qwen3 LLM (large: --quantize_text_encoders quantizes it) and its tokenizer."""
+        from transformers import Qwen3ForCausalLM
+
+        self.tokenizers = [self.auto_tokenizer("tokenizer")]
+        self.text_encoders = [self.text_encoder_from_pretrained(Qwen3ForCausalLM, "text_encoder", device, weight_dtype,
+                                                                large=True)]
+
+    def text_pipeline(self):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=self.text_encoders[0],
+                                  tokenizer=self.tokenizers[0], transformer=None)
+
+    def encode_captions(self, captions, device):
+        embeds, _ = self.text_pipeline().encode_prompt(captions, device=device,
+                                                      max_sequence_length=self.args.max_sequence_length)
+        return {"encoder_hidden_states": embeds}
+
+    def normalize_latents(self, latents):
+        """The posterior sample patchified 2x2, normalised with the VAE's batch-norm running statistics (as the
+        example and the pipeline), and unpatchified back onto the H/8 grid."""
+        from diffusers import Flux2KleinPipeline as Pipe
+
+        patches = Pipe._patchify_latents(latents)
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(patches)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(patches)
+        return Pipe._unpatchify_latents((patches - mean) / std)
+
+    def predict(self, transformer, inputs):
+        """Patchify (B, C, h, w) to (B, 4C, h/2, w/2), pack to tokens with 4-axis ids, run the transformer, scatter
+        the tokens back by their ids and unpatchify onto the H/8 grid."""
+        from diffusers import Flux2KleinPipeline as Pipe
+
+        patches = Pipe._patchify_latents(inputs.model_input)
+        img_ids = Pipe._prepare_latent_ids(patches).to(patches.device)
+        text = inputs.conditioning["encoder_hidden_states"]
+        txt_ids = Pipe._prepare_text_ids(text).to(text.device)
+        config = getattr(transformer, "config", None) or transformer.module.config
+        b = patches.shape[0]
+        guidance = torch.full((b,), self.args.guidance_scale, device=patches.device) if config.guidance_embeds else None
+        pred = transformer(hidden_states=Pipe._pack_latents(patches), encoder_hidden_states=text,
+                           timestep=inputs.timesteps / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                           return_dict=False)[0]
+        return Pipe._unpatchify_latents(Pipe._unpack_latents_with_ids(pred, img_ids, *patches.shape[-2:]))
+
+    def native_resolution(self, vae_config, vae_factor):
+        return 1024  # the klein models' native size (the VAE config's sample_size is not it)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        """The negative only where it samples with CFG (the distilled klein: none stored)."""
+        return dict(prompt_embeds=embeds["encoder_hidden_states"],
+                    negative_prompt_embeds=negative and negative["encoder_hidden_states"])
+
+    def modelspec_architecture(self):
+        return f"flux-2-klein-{self.size_label()}"
+
+    def negative_prompt_kwargs(self, negative_prompt, count):
+        """Flux2KleinPipeline's call takes no negative prompt (its CFG uses the empty prompt)."""
+        if negative_prompt:
+            raise UsageError(f"--negative_prompt: {self.pipeline_class_name} takes no negative prompt; leave it out")
+        return {}
+
+    @property
+    def cfg_sampling(self) -> bool:  # memory model: the distilled klein samples at guidance 1 (one row per image)
+        return not self.distilled()
+
+    def inference_advice(self):
+        if self.distilled():
+            return dict(scale=0.5, steps=4, guidance=1.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+        return dict(scale=0.5, steps=50, guidance=4.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+
+class ChromaFamily(FluxFamily):
+    """Chroma (8.9B, FLUX.1-schnell-derived): FLUX.1's VAE latents and 2x2 packing, T5 only (no CLIP, no pooled
+    embedding), no guidance input (a distilled guidance approximator sits inside), and T5's attention mask, as
+    the pipeline builds it (every token up to the first padding token), extended with ones over the image tokens.
+    diffusers has no Chroma example; it trains as the FLUX.1 example (its targets, weighting and noising)."""
+
+    name = "chroma"
+    label = "Chroma"
+    pipeline_class_names = ("ChromaPipeline",)
+    pipeline_class_name = "ChromaPipeline"
+    denoiser_class_name = "ChromaTransformer2DModel"
+    tags = ("chroma", "flux-diffusers")
+
+    def family_flags(self):
+        return FlowMatchingFamily.family_flags(self)  # no guidance embedding: --guidance_scale is refused
+
+    def training_settings(self):
+        return FlowMatchingFamily.training_settings(self)  # no guidance input
+
+    def caption_token_limits(self):
+        return [(self.tokenizers[0], self.args.max_sequence_length, "T5 text encoder", "--max_sequence_length")]
+
+    def load_text_models(self, device, weight_dtype):
+        """T5 only (large: --quantize_text_encoders quantizes it) and its tokenizer."""
+        from transformers import T5EncoderModel
+
+        self.tokenizers = [self.auto_tokenizer("tokenizer")]
+        self.text_encoders = [self.text_encoder_from_pretrained(T5EncoderModel, "text_encoder", device, weight_dtype,
+                                                                large=True)]
+
+    def text_pipeline(self):
+        from diffusers import ChromaPipeline
+
+        return ChromaPipeline(scheduler=None, vae=None, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0],
+                              transformer=None)
+
+    def encode_captions(self, captions, device):
+        embeds, _, mask, *_ = self.text_pipeline().encode_prompt(
+            captions, negative_prompt=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.args.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "attention_mask": mask}
+
+    def predict(self, transformer, inputs):
+        """Pack to 2x2 tokens, the text mask extended with ones over the image tokens, no guidance, no pooled
+        embedding; the prediction unpacked onto the latent grid."""
+        from diffusers import ChromaPipeline as Pipe
+
+        x = inputs.model_input
+        b, c, h, w = x.shape
+        packed = Pipe._pack_latents(x, b, c, h, w)
+        img_ids = Pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        text, mask = inputs.conditioning["encoder_hidden_states"], inputs.conditioning["attention_mask"]
+        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
+        mask = torch.cat([mask.bool(), torch.ones(b, packed.shape[1], device=mask.device, dtype=torch.bool)], dim=1)
+        pred = transformer(hidden_states=packed, timestep=inputs.timesteps / 1000, encoder_hidden_states=text,
+                           txt_ids=txt_ids, img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
+        factor = self.vae_factor()
+        return Pipe._unpack_latents(pred, height=h * factor, width=w * factor, vae_scale_factor=factor)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"], prompt_attention_mask=embeds["attention_mask"],
+                    negative_prompt_embeds=negative["encoder_hidden_states"],
+                    negative_prompt_attention_mask=negative["attention_mask"])
+
+    def schnell(self):
+        return False
+
+    def modelspec_architecture(self):
+        return "chroma"
+
+    def inference_advice(self):
+        return dict(scale=0.5, steps=26, guidance=4.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+    def comfyui_guidance(self):
+        return ModelFamily.comfyui_guidance(self)  # real classifier-free guidance, no FluxGuidance node
+    # ---- memory model (memory_estimate.py) ------------------------------------------------------------------
+    cfg_sampling = True  # classifier-free guidance: the transformer sees 2 rows per image
+
+
 class SD3Family(FlowMatchingFamily):
     """SD3 / SD3.5: CLIP-L + CLIP-G + T5, patchified inside the transformer, logit-normal timesteps and
     ``--precondition_outputs`` as diffusers' SD3 example (prediction * (-sigma) + noisy, target x0)."""
@@ -957,10 +1235,9 @@ class SD3Family(FlowMatchingFamily):
         return bool(self.args.precondition_outputs)
 
     def load_text_models(self, device, weight_dtype):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-        self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder=f"tokenizer{s}", revision=self.revision, cache_dir=self.args.cache_dir)
-                           for s in ("", "_2", "_3")]
+        self.tokenizers = [self.auto_tokenizer(f"tokenizer{s}") for s in ("", "_2", "_3")]
         self.text_encoders = [self.text_encoder_from_pretrained(CLIPTextModelWithProjection, f"text_encoder{s}", device,
                                                                 weight_dtype) for s in ("", "_2")]
         self.text_encoders.append(self.text_encoder_from_pretrained(T5EncoderModel, "text_encoder_3", device,
@@ -1003,7 +1280,239 @@ class SD3Family(FlowMatchingFamily):
         return dict(scale=0.5, steps=28, guidance=4.5, sampler="Euler (flow matching)", comfy_sampler="euler")
 
 
-FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family]
+# =================================================================================================
+# Z-Image and Qwen-Image (as diffusers' train_dreambooth_lora_{z_image,qwen_image}.py): Qwen text encoders whose
+# caption embeddings keep only the caption's own tokens (each its own length: padded per batch, with a mask)
+# =================================================================================================
+
+
+class QwenTextFamily(FlowMatchingFamily):
+    """What Z-Image and Qwen-Image share: one Qwen text encoder behind a chat template, caption embeddings of
+    the caption's own length (``encoder_hidden_states`` zero-padded per batch, ``encoder_hidden_states_mask``
+    marking the real tokens; the per-row cache keeps each caption at its own length), no kohya file (ComfyUI
+    reads these families' diffusers file, ``transformer.{module}`` keys, and not ``lora_transformer_*``:
+    the card points ComfyUI at the diffusers file), the example's default weighting ``none``."""
+
+    kohya_prefix = None
+    default_weighting_scheme = "none"
+    text_encoder_class_name = ""  # the transformers class of text_encoder/
+    text_encoder_label = ""
+
+    def check_args(self, args):
+        if args.save_lora_format == "kohya":
+            raise UsageError(f"--save_lora_format kohya: {self.label} has no kohya-format file (ComfyUI reads its "
+                             "diffusers file, pytorch_lora_weights.safetensors, and not lora_transformer_* keys); use "
+                             "--save_lora_format diffusers")
+        super().check_args(args)
+
+    def load_text_models(self, device, weight_dtype):
+        """The Qwen LLM (large: --quantize_text_encoders quantizes it) and its tokenizer."""
+        import transformers
+
+        self.tokenizers = [self.auto_tokenizer("tokenizer")]
+        self.text_encoders = [self.text_encoder_from_pretrained(getattr(transformers, self.text_encoder_class_name),
+                                                                "text_encoder", device, weight_dtype, large=True)]
+
+    def template_tokens(self) -> int:
+        """Tokens the prompt template adds around a caption (they count against --max_sequence_length)."""
+        return 0
+
+    def caption_token_limits(self) -> list[tuple]:
+        """The text encoder's ``--max_sequence_length`` tokens, less the template's own tokens."""
+        limit = self.args.max_sequence_length - self.template_tokens()
+        return [(self.tokenizers[0], max(limit, 1), f"{self.text_encoder_label} text encoder", "--max_sequence_length")]
+
+    def text_pipeline(self):
+        return self.pipeline_class()(scheduler=None, vae=None, text_encoder=self.text_encoders[0],
+                                     tokenizer=self.tokenizers[0], transformer=None)
+
+    @staticmethod
+    def padded(embeds: list) -> dict[str, torch.Tensor]:
+        """Per-caption embeddings ``(L_i, D)`` -> ``encoder_hidden_states`` (B, L, D) and its mask (B, L)."""
+        mask = fh.pad_stack([torch.ones(len(e), dtype=torch.bool, device=e.device) for e in embeds])
+        return {"encoder_hidden_states": fh.pad_stack(embeds), "encoder_hidden_states_mask": mask}
+
+    def inference_advice(self):
+        return dict(scale=0.5, steps=28, guidance=4.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+
+    def diffusers_file_readers(self):
+        return (f"diffusers `load_lora_weights`; ComfyUI: `models/loras/` (ComfyUI's {self.label} key map reads these "
+                "`transformer.*` keys and not `lora_transformer_*`, so no kohya file is written)")
+
+
+class ZImageFamily(QwenTextFamily):
+    """Z-Image (Base; Turbo is its distilled 8-step checkpoint): a Qwen3 encoder read at ``hidden_states[-2]``
+    behind its chat template (``enable_thinking=True``), FLUX.1's VAE, a transformer that takes and returns lists
+    of per-image ``(C, 1, h, w)`` tensors at the reversed time ``(1000 - t) / 1000`` and predicts ``x0 - noise``
+    (negated here: the target is ``noise - x0``, as diffusers' example)."""
+
+    name = "zimage"
+    label = "Z-Image"
+    pipeline_class_names = ("ZImagePipeline",)
+    pipeline_class_name = "ZImagePipeline"
+    denoiser_class_name = "ZImageTransformer2DModel"
+    text_encoder_class_name = "Qwen3Model"
+    text_encoder_label = "Qwen3"
+    # the example's to_q/to_k/to_v/to_out.0, under the attention of the main layers and both refiners
+    default_lora_targets = "attention.to_q,attention.to_k,attention.to_v,attention.to_out.0"
+    attention_prefixes = ("attention.",)
+    tags = ("z-image", "z-image-diffusers")
+    base_checkpoint = "Tongyi-MAI/Z-Image"
+
+    def distilled(self) -> bool:
+        """Z-Image Turbo's configs equal the base model's: the checkpoint's name is what tells them apart."""
+        return "turbo" in str(self.path).lower()
+
+    def distilled_warning(self):
+        if not self.distilled():
+            return ""
+        return (f"{self.path!r} looks like Z-Image Turbo, the few-step DISTILLED checkpoint: a LoRA trained on it "
+                f"trains against the distillation (its few-step images drift as the LoRA learns). Train on the base "
+                f"checkpoint {self.base_checkpoint} and apply the LoRA to either.")
+
+    def patch_size(self):
+        return int(self.denoiser_config()["all_patch_size"][0])
+
+    def template_tokens(self):
+        tokenizer = self.tokenizers[0]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True)
+        return len(tokenizer(text).input_ids)
+
+    def encode_captions(self, captions, device):
+        """The pipeline's own ``encode_prompt``: each caption's unmasked tokens, padded here with a mask."""
+        embeds, _ = self.text_pipeline().encode_prompt(list(captions), device=device, do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.args.max_sequence_length)
+        return self.padded(embeds)
+
+    @staticmethod
+    def caption_list(cond) -> list:
+        return [e[m] for e, m in zip(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"].bool())]
+
+    def predict(self, transformer, inputs):
+        x = inputs.model_input
+        out = transformer(list(x.unsqueeze(2).unbind(0)), (1000 - inputs.timesteps) / 1000,
+                          self.caption_list(inputs.conditioning), return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        """Per-image lists of the captions' own tokens; the negative only where it samples with CFG (not Turbo)."""
+        return dict(prompt_embeds=self.caption_list(embeds),
+                    negative_prompt_embeds=negative and self.caption_list(negative))
+
+    def modelspec_architecture(self):
+        return "z-image-turbo" if self.distilled() else "z-image"
+
+    @property
+    def cfg_sampling(self) -> bool:  # memory model: Turbo samples without guidance (one row per image)
+        return not self.distilled()
+
+    def inference_advice(self):
+        if self.distilled():
+            return dict(scale=0.5, steps=9, guidance=0.0, sampler="Euler (flow matching)", comfy_sampler="euler")
+        return super().inference_advice()
+
+
+class QwenImageFamily(QwenTextFamily):
+    """Qwen-Image: a Qwen2.5-VL encoder behind a system-prompt template (its first tokens dropped), the last
+    hidden states with the prompt mask; AutoencoderKLQwenImage (5-D latents of one frame, normalised per channel
+    by the config's ``latents_mean`` / ``latents_std``), latents packed 2x2 into tokens with ``img_shapes``."""
+
+    name = "qwen_image"
+    label = "Qwen-Image"
+    pipeline_class_names = ("QwenImagePipeline",)
+    pipeline_class_name = "QwenImagePipeline"
+    denoiser_class_name = "QwenImageTransformer2DModel"
+    vae_class_name = "AutoencoderKLQwenImage"
+    text_encoder_class_name = "Qwen2_5_VLForConditionalGeneration"
+    text_encoder_label = "Qwen2.5-VL"
+    default_lora_targets = "to_k,to_q,to_v,to_out.0"  # train_dreambooth_lora_qwen_image.py's
+    max_sequence_length_limit = (1024, "QwenImagePipeline")
+    tags = ("qwen-image", "qwen-image-diffusers")
+
+    def geometry(self):
+        """The VAE's spatial factor is 2 ** (its downsamplings, ``len(temperal_downsample)``), x 2 for the packing."""
+        vae_factor = 2 ** len(self.vae_config()["temperal_downsample"])
+        step = vae_factor * int(self.denoiser_config().get("patch_size", 2))
+        return vae_factor, step, step, 1024
+
+    def patch_size(self):
+        return int(self.denoiser_config().get("patch_size", 2))
+
+    def latent_distribution(self, pixel_values):
+        """The video VAE on one frame: ``(B, 3, 1, H, W)`` in, the frame axis dropped from the posterior."""
+        latent_dist = self.vae.encode(pixel_values.unsqueeze(2)).latent_dist
+        return latent_dist.mean.squeeze(2), latent_dist.std.squeeze(2)
+
+    def latent_channels(self):
+        return int(self.vae.config.z_dim)
+
+    def memory_captions(self, device):
+        """QwenImagePipeline.encode_prompt splits its hidden states by the mask's lengths (values fake tensors lack):
+        the encoder's last hidden states at the template's full length instead, the template's tokens dropped."""
+        drop = self.text_pipeline().prompt_template_encode_start_idx
+        ids = torch.zeros(1, self.args.max_sequence_length + drop, dtype=torch.long, device=device)
+        hidden = self.text_encoders[0](input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       output_hidden_states=True).hidden_states[-1]
+        return self.padded([hidden[0, drop:]])
+
+    def decode_latents(self, latents):
+        return self.vae.decode(latents.unsqueeze(2)).sample.squeeze(2)  # one frame of the video VAE
+
+    def normalize_latents(self, latents):
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return (latents - mean) / std
+
+    def encode_captions(self, captions, device):
+        """The pipeline's own ``encode_prompt`` (template, the dropped template tokens, ``hidden_states[-1]``);
+        its mask (None when every token is real) made explicit, and each caption cut to its own tokens."""
+        embeds, mask = self.text_pipeline().encode_prompt(list(captions), device=device,
+                                                          max_sequence_length=self.args.max_sequence_length)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        return self.padded([e[m] for e, m in zip(embeds, mask)])
+
+    def predict(self, transformer, inputs):
+        from diffusers import QwenImagePipeline
+
+        x = inputs.model_input
+        b, c, h, w = x.shape
+        cond = inputs.conditioning
+        pred = transformer(hidden_states=QwenImagePipeline._pack_latents(x, b, c, h, w),
+                           timestep=inputs.timesteps / 1000, guidance=None,
+                           encoder_hidden_states=cond["encoder_hidden_states"],
+                           encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
+                           img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        factor = 2 ** len(self.vae.config.temperal_downsample)
+        return QwenImagePipeline._unpack_latents(pred, h * factor, w * factor, factor).squeeze(2)
+
+    def embeds_call_kwargs(self, embeds, negative):
+        return dict(prompt_embeds=embeds["encoder_hidden_states"],
+                    prompt_embeds_mask=embeds["encoder_hidden_states_mask"],
+                    negative_prompt_embeds=negative["encoder_hidden_states"],
+                    negative_prompt_embeds_mask=negative["encoder_hidden_states_mask"])
+
+    def guidance_call_kwargs(self, guidance):
+        """QwenImagePipeline's classifier-free guidance is ``true_cfg_scale`` (its ``guidance_scale`` is for
+        guidance-distilled transformers only)."""
+        return {"true_cfg_scale": guidance}
+
+    def negative_prompt_kwargs(self, negative_prompt, count):
+        """True CFG runs only with a negative prompt: " " when none is given (diffusers' Qwen-Image example's)."""
+        return {"negative_prompt": [negative_prompt or " "] * count}
+
+    def modelspec_architecture(self):
+        return "qwen-image"
+
+    def template_tokens(self):
+        pipeline = self.text_pipeline()
+        template = pipeline.prompt_template_encode
+        return max(len(self.tokenizers[0](template.format("")).input_ids) - pipeline.prompt_template_encode_start_idx, 0)
+
+
+FAMILIES = [StableDiffusionFamily, StableDiffusionXLFamily, FluxFamily, SD3Family, ZImageFamily, QwenImageFamily,
+            Flux2KleinFamily, ChromaFamily]
 
 
 def family_for_model(args) -> ModelFamily:

@@ -45,7 +45,7 @@ from checkpoints import (
 )
 from hub import HubError, create_hub_repo, push_output_folder
 from latent_cache import load_or_build_cache
-from lora_files import default_output_name, load_lora_into_denoiser, lora_targets, save_run_lora
+from lora_files import default_output_name, load_lora_into_denoiser, lora_targets, save_run_lora, writes_kohya_file
 from mask_previews import save_mask_previews
 from model_card import write_model_card
 from regions import RegionAction, region_loss_weights, region_sources, run_objectives
@@ -646,7 +646,7 @@ def collate_fn(examples):
               {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
                "masks": torch.stack([e["masks"] for e in examples])})  # FairHuman: the masks batch with the images
     if "text" in first:  # --cache_text_embeddings: a dict of tensors per example
-        images["text"] = {k: torch.stack([e["text"][k] for e in examples]) for k in first["text"]}
+        images["text"] = {k: fh.pad_stack([e["text"][k] for e in examples]) for k in first["text"]}
     return {
         **images,
         "original_sizes": [e["original_size"] for e in examples],
@@ -865,7 +865,7 @@ def run_validation(args, accelerator, family, denoiser, weight_dtype, step, tag)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with sampling_autocast(accelerator.device, weight_dtype), torch.no_grad():
         images = [pipeline(**call, num_inference_steps=args.validation_inference_steps or advice["steps"],
-                           guidance_scale=advice["guidance"], generator=generator, height=args.resolution, width=args.resolution).images[0]
+                           **family.guidance_call_kwargs(advice["guidance"]), generator=generator, height=args.resolution, width=args.resolution).images[0]
                   for _ in range(args.num_validation_images)]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -1014,7 +1014,7 @@ def main(args):
                                     target_modules=targets))
     except ValueError as error:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {error}") from None
-    if args.save_lora_format in ("kohya", "both"):  # a module the kohya format cannot name fails now, not after training
+    if writes_kohya_file(args, family):  # a module the kohya format cannot name fails now, not after training
         from peft.utils import get_peft_model_state_dict
 
         try:

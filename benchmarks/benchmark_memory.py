@@ -6,6 +6,7 @@ caching, training step, validation sampling), estimated on the CPU from public c
 
     python benchmarks/benchmark_memory.py                    # the docs' grid (each setting in a subprocess)
     python benchmarks/benchmark_memory.py --quick            # SD 1.5 only
+    python benchmarks/benchmark_memory.py --families_2026    # Z-Image, FLUX.2 klein, Qwen-Image, Chroma (issue 27)
     python benchmarks/benchmark_memory.py --format out.jsonl # the table of saved results
     python memory_estimate.py --model flux-dev --rank 16 --mixed_precision bf16 --validation   # one, with details
 
@@ -28,6 +29,12 @@ GRID = [  # (model, rank, mode, extra flags of memory_estimate.py)
     ("sd15", 16, "fair_exact", VALIDATION), ("sdxl", 16, "fair_exact", CACHED + VALIDATION),
     ("flux-dev", 16, "fair_exact", CACHED + VALIDATION), ("sd35-large", 16, "fair_exact", CACHED + VALIDATION),
 ]
+GRID_2026 = [  # issue 27: the 2026 families at 1024 px, rank 16 and 64 (NF4 rows derived from the same runs)
+    (model, rank, "fair_exact", CACHED + VALIDATION + ["--resolution", "1024"])
+    for model in ("zimage-turbo", "zimage", "flux2-klein-base-4b", "flux2-klein-base-9b", "qwen-image", "chroma")
+    for rank in (16, 64)
+]
+FLOW_MODELS = ("flux-dev", "sd35-large", *dict.fromkeys(model for model, *_ in GRID_2026))
 CARDS = (12, 16, 24, 48, 80)
 OVERHEAD_GIB = 1.0  # CUDA context + workspaces, on top of the tensors; and 10% allocator overhead
 STEP_PHASES = ("step", "validation", "evaluation")  # the phases that hold the denoiser
@@ -78,16 +85,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="memory_results.jsonl", help="results file (JSON lines, appended)")
     ap.add_argument("--quick", action="store_true", help="SD 1.5 rows only")
+    ap.add_argument("--families_2026", action="store_true",
+                    help="the grid of Z-Image (Turbo, Base), FLUX.2 klein base 4B / 9B, Qwen-Image and Chroma instead")
     ap.add_argument("--format", default=None, help="print the table of this results file and exit")
     args = ap.parse_args()
     if args.format:
         with open(args.format) as f:
             print(table([json.loads(line) for line in f if line.strip()]))
         return
-    for model, rank, mode, extra in GRID:
+    for model, rank, mode, extra in GRID_2026 if args.families_2026 else GRID:
         if args.quick and model != "sd15":
             continue
-        precision = ["--mixed_precision", "bf16"] if model in ("flux-dev", "sd35-large") else []
+        precision = ["--mixed_precision", "bf16"] if model in FLOW_MODELS else []
         subprocess.run([sys.executable, os.path.join(REPO, "memory_estimate.py"), "--model", model, "--rank", str(rank),
                         "--mode", mode, "--no_flops", "--quiet", "--json", args.json, *precision, *extra], check=False)
     with open(args.json) as f:

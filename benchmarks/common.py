@@ -26,6 +26,12 @@ CONFIGS = {
     # the tiny FLUX.1 / SD3 of fairhuman_demo (issue 18; add --extra "--max_sequence_length 32")
     "tiny-flux": ("flux", None, 32, 1),
     "tiny-sd3": ("sd3", None, 32, 1),
+    # the tiny Z-Image / Qwen-Image / FLUX.2 klein of fairhuman_demo (issue 27; add --extra "--max_sequence_length 256")
+    "tiny-zimage": ("zimage", None, 32, 1),
+    "tiny-qwenimage": ("qwenimage", None, 32, 1),
+    "tiny-flux2klein": ("flux2klein", None, 32, 1),
+    # the tiny Chroma of fairhuman_demo (issue 27; add --extra "--max_sequence_length 32")
+    "tiny-chroma": ("chroma", None, 32, 1),
 }
 
 PUBLIC_UNETS = {
@@ -78,7 +84,7 @@ def prepare(config: str, work_dir: str) -> tuple[str, str, int]:
     if not os.path.exists(os.path.join(model, "model_index.json")):
         if size in PUBLIC_UNETS:
             build_public_size_pipeline(model, size)
-        elif size in ("flux", "sd3"):
+        elif size in fairhuman_demo.FAMILY_BUILDERS:
             fairhuman_demo.FAMILY_BUILDERS[size](model)
         else:
             fairhuman_demo.build_tiny_pipeline(model, size=size, sample_size=sample_size)

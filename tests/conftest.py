@@ -169,6 +169,27 @@ def tiny_sd3(tmp_path_factory):
     return fairhuman_demo.build_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
 
 
+# the 2026 families (issue 27), one build per session for every test file
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory):
+    return fairhuman_demo.build_tiny_zimage(str(tmp_path_factory.mktemp("models") / "tiny-zimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage(tmp_path_factory):
+    return fairhuman_demo.build_tiny_qwenimage(str(tmp_path_factory.mktemp("models") / "tiny-qwenimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2klein(tmp_path_factory):
+    return fairhuman_demo.build_tiny_flux2klein(str(tmp_path_factory.mktemp("models") / "tiny-flux2klein"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory):
+    return fairhuman_demo.build_tiny_chroma(str(tmp_path_factory.mktemp("models") / "tiny-chroma"))
+
+
 KOHYA_KEY = re.compile(r"(lora_unet|lora_transformer|lora_te1|lora_te2|lora_te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 """A kohya-format LoRA key: ``{prefix}_{module path with '.' -> '_'}.{lora_down.weight | lora_up.weight | alpha}``."""
 
