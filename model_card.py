@@ -31,6 +31,7 @@ def lora_usage(args, repo_id: str, family) -> str:
     # trained with another prediction type than the model's: sampled with it too
     prediction = f", prediction_type={args.prediction_type!r}" if args.prediction_type else ""
     scheduler_import, dtype, scheduler_line = family.card_code(prediction)
+    guidance = ", ".join(f"{k}={v!r}" for k, v in family.card_call_kwargs(advice["guidance"]).items())
     text = f"""## How to use
 
 Weights in {args.save_precision}, {family.denoiser_name} only ({family.label}), rank {args.rank}, alpha {args.lora_alpha}:
@@ -48,7 +49,7 @@ from diffusers import {pipeline_cls}{scheduler_import}
 pipe = {pipeline_cls}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.{dtype}).to("cuda")
 {scheduler_line}pipe.load_lora_weights({repo_id!r}{weight_name})
 pipe.fuse_lora(lora_scale={advice['scale']})
-image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}, guidance_scale={advice['guidance']}).images[0]
+image = pipe("a photo of a person waving", num_inference_steps={advice['steps']}, {guidance}).images[0]
 ```
 """
     comfyui_file = family.comfyui_file(diffusers_file, kohya_file if kohya else None)

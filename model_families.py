@@ -451,6 +451,10 @@ class ModelFamily:
         """The pipeline call's guidance argument(s) for ``guidance`` (validation, evaluation)."""
         return {"guidance_scale": guidance}
 
+    def card_call_kwargs(self, guidance: float) -> dict:
+        """The guidance (and what it needs) in the model card's diffusers snippet."""
+        return self.guidance_call_kwargs(guidance)
+
     def negative_prompt_kwargs(self, negative_prompt: str | None, count: int) -> dict:
         """The pipeline call's negative prompt for ``count`` images (evaluation's --negative_prompt)."""
         return {"negative_prompt": [negative_prompt] * count if negative_prompt else None}
@@ -1497,6 +1501,9 @@ class QwenImageFamily(QwenTextFamily):
         """QwenImagePipeline's classifier-free guidance is ``true_cfg_scale`` (its ``guidance_scale`` is for
         guidance-distilled transformers only)."""
         return {"true_cfg_scale": guidance}
+
+    def card_call_kwargs(self, guidance):
+        return {"negative_prompt": " ", **self.guidance_call_kwargs(guidance)}
 
     def negative_prompt_kwargs(self, negative_prompt, count):
         """True CFG runs only with a negative prompt: " " when none is given (diffusers' Qwen-Image example's)."""

@@ -35,7 +35,7 @@ GRID_2026 = [  # issue 27: the 2026 families at 1024 px, rank 16 and 64 (NF4 row
     for rank in (16, 64)
 ]
 FLOW_MODELS = ("flux-dev", "sd35-large", *dict.fromkeys(model for model, *_ in GRID_2026))
-CARDS = (12, 16, 24, 48, 80)
+CARDS = (8, 12, 16, 24, 32, 48, 80)  # 8 (RTX 4060), 12, 16, 24 (RTX 4090), 32 (RTX 5090), 48, 80 GB
 OVERHEAD_GIB = 1.0  # CUDA context + workspaces, on top of the tensors; and 10% allocator overhead
 STEP_PHASES = ("step", "validation", "evaluation")  # the phases that hold the denoiser
 

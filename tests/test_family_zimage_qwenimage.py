@@ -107,6 +107,8 @@ def test_family_trains_and_its_lora_loads_whole_into_its_pipeline(family, reques
     # which file goes where: the diffusers file, for diffusers and ComfyUI; no kohya file offered
     assert "| `pytorch_lora_weights.safetensors` | diffusers format | diffusers `load_lora_weights`; ComfyUI:" in card
     assert "kohya format" not in card
+    if family == "qwenimage":  # QwenImagePipeline's CFG is true_cfg_scale, and runs only with a negative prompt
+        assert "negative_prompt=' ', true_cfg_scale=4.0" in card
     # no kohya file: the ss_* / modelspec metadata naming the family are in the diffusers file's header
     from safetensors import safe_open
 
