@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import fairhuman_utils as fh
-from regions import region_loss_weights, region_sources, run_objectives
+from regions import region_loss_weights, run_objectives
 
 UsageError = fh.UsageError
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def current_umask() -> int:
 
 def training_settings(args, global_step: int, family) -> dict:
     """The settings a LoRA was trained with: the model card's table and the kohya file's metadata."""
-    sources = region_sources(args)
+    sources = args.regions
     names = [name for name, _, _ in sources]
     if args.region_specs:  # named regions: "NAME=COLUMN (boxes | mask images)", in the objectives' order
         columns = {"regions": ", ".join(f"{name}={column} ({'boxes' if kind == 'boxes' else 'mask images'})"

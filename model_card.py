@@ -7,7 +7,6 @@ import os
 
 import fairhuman_utils as fh
 from lora_files import LORA_WEIGHT_NAME, training_settings, writes_kohya_file
-from regions import region_sources
 
 UsageError = fh.UsageError
 logger = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ def write_model_card(args, folder: str, repo_id: str, family, images, global_ste
     method = ("a global denoising loss plus hand- and face-region losses from box annotations,\n"
               "combined with Minimum Potential Delay (alpha-fair) weights, to improve hands and faces.")
     if args.region_specs:
-        regions = region_sources(args)
+        regions = args.regions
         method = (f"a global denoising loss plus region losses for {', '.join(name for name, _, _ in regions)}\n"
                   f"(from {', '.join(f'{column!r}' for _, _, column in regions)}), combined with Minimum Potential Delay "
                   "(alpha-fair)\nweights, to improve those regions.")

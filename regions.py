@@ -30,7 +30,8 @@ DEFAULT_REGION_COLUMNS = {"hand_box_column": "hand_boxes", "face_box_column": "f
 
 
 def region_sources(args) -> list[tuple[str, str, str]]:
-    """``(region, 'boxes' | 'mask', column)`` per region objective, in the objectives' order.
+    """``(region, 'boxes' | 'mask', column)`` per region objective, in the objectives' order. Derived once, by
+    the training script's ``parse_args``, which keeps it as ``args.regions`` (read by everything after it).
 
     With ``--region NAME=COLUMN`` / ``--region_mask NAME=COLUMN``: those, in the order given (a malformed
     spec, an empty name or column, a duplicate name or the name "global" is a :class:`UsageError` naming the
@@ -65,14 +66,14 @@ def region_sources(args) -> list[tuple[str, str, str]]:
 
 def run_objectives(args) -> tuple[str, ...]:
     """The run's objectives, ``("global", *regions)``: the order of losses, weights, logs and checkpoints."""
-    return fh.objective_names([name for name, _, _ in region_sources(args)])
+    return fh.objective_names([name for name, _, _ in args.regions])
 
 
 def region_loss_weights(args) -> tuple[float, ...]:
     """The static weight of each region's loss (``--weighting equal``), in the objectives' order:
     ``--region_loss_weight NAME=W``, or ``--hand_loss_weight`` / ``--face_loss_weight`` for the regions named
     hand and face, else 1. Raises :class:`UsageError` naming the flag for a malformed or unknown entry."""
-    names = [name for name, _, _ in region_sources(args)]
+    names = [name for name, _, _ in args.regions]
     weights = {}
     for spec in args.region_loss_weight or []:
         name, equals, value = str(spec).partition("=")
@@ -105,9 +106,10 @@ def region_loss_weights(args) -> tuple[float, ...]:
 
 
 def check_regions(args) -> None:
-    """The region flags: well-formed, unique names (:func:`region_sources`), the hand/face column flags not
-    mixed with --region/--region_mask, and the static region weights (:func:`region_loss_weights`)."""
-    sources = region_sources(args)
+    """The region flags beyond their own form (checked by :func:`region_sources` while the arguments are parsed):
+    the hand/face column flags not mixed with --region/--region_mask, and the static region weights
+    (:func:`region_loss_weights`)."""
+    sources = args.regions
     if args.region_specs:
         mixed = [f"--{flag}" for flag, default in DEFAULT_REGION_COLUMNS.items() if getattr(args, flag) != default]
         if mixed:

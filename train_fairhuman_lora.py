@@ -50,6 +50,11 @@ from mask_previews import save_mask_previews
 from model_card import write_model_card
 from regions import RegionAction, region_loss_weights, region_sources, run_objectives
 from training_checks import (
+    FINITE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
     CheckedDataset,
     check_args,
     check_dataset,
@@ -59,6 +64,7 @@ from training_checks import (
     check_output_dir,
     check_trackers,
     error_with_causes,
+    flag_number,
     report_regions,
     verify_images,
     warn_long_captions,
@@ -112,14 +118,14 @@ def parse_args(input_args=None):
     g.add_argument("--weighting_scheme", type=str, default=None, choices=mf.WEIGHTING_SCHEMES,
                    help="Timestep density and loss weighting (diffusers.training_utils); default: none for FLUX.1, "
                         "logit_normal for SD3 (the diffusers examples' defaults).")
-    g.add_argument("--logit_mean", type=float, default=None,
+    g.add_argument("--logit_mean", type=FINITE, default=None,
                    help="Mean of the logit_normal timestep density (default 0.0).")
-    g.add_argument("--logit_std", type=float, default=None,
+    g.add_argument("--logit_std", type=POSITIVE, default=None,
                    help="Std of the logit_normal timestep density, positive (default 1.0).")
-    g.add_argument("--mode_scale", type=float, default=None,
+    g.add_argument("--mode_scale", type=flag_number(float, minimum=mf.MODE_SCALE_RANGE[0], maximum=mf.MODE_SCALE_RANGE[1]), default=None,
                    help="Scale of the mode timestep density (default 1.29), from -1 to 1.75: beyond, the density "
                         "draws times outside [0, 1].")
-    g.add_argument("--guidance_scale", type=float, default=None,
+    g.add_argument("--guidance_scale", type=NON_NEGATIVE, default=None,
                    help="FLUX.1-dev's guidance embedding during training. Default 1.0, as kohya's FLUX.1 docs and "
                         "diffusers' QLoRA FLUX example (diffusers' DreamBooth example uses 3.5); schnell has none.")
     g.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1],
@@ -159,9 +165,9 @@ def parse_args(input_args=None):
     g.add_argument("--region_mask", dest="region_specs", metavar="NAME=COLUMN", action=RegionAction, const="mask",
                    help="A named region objective from a column of white-on-black mask images (repeatable; mixes with "
                         "--region, the order of both on the command line is the objectives' order).")
-    g.add_argument("--max_train_samples", type=int, default=None,
+    g.add_argument("--max_train_samples", type=POSITIVE_INT, default=None,
                    help="Train on the first N rows only (for debugging or quick runs).")
-    g.add_argument("--resolution", type=int, default=None,
+    g.add_argument("--resolution", type=flag_number(int, minimum=1, multiple_of=8), default=None,
                    help="Training resolution; default: the model's own (unet sample_size x VAE factor: 512 for SD 1.5, 1024 for SDXL).")
     g.add_argument("--center_crop", action="store_true",
                    help="Take the centred crop instead of a random one (with buckets: the middle of the offsets that "
@@ -170,14 +176,14 @@ def parse_args(input_args=None):
                    help="The diffusers examples' behaviour: resize the short side to --resolution and crop a square "
                         "(random, or centred with --center_crop), which can cut hands and faces off portrait and "
                         "landscape photos. Default: aspect-ratio buckets (each image whole, see docs/buckets_and_crops.md).")
-    g.add_argument("--bucket_reso_steps", type=int, default=None,
+    g.add_argument("--bucket_reso_steps", type=POSITIVE_INT, default=None,
                    help="Bucket sides are multiples of this many pixels. Default: the model's granularity, VAE "
                         "factor x UNet downsampling read from its config.json files (64 for SD 1.x/2.x and SDXL).")
-    g.add_argument("--max_bucket_aspect_ratio", type=float, default=4.0,
+    g.add_argument("--max_bucket_aspect_ratio", type=flag_number(float, minimum=1), default=4.0,
                    help="Longest bucket side / shortest, at most (4 = SDXL's own extreme buckets); lower it to "
                         "crop very long images more instead.")
     g.add_argument("--random_flip", action="store_true", help="Mirror image AND masks left-right with probability 1/2.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
+    g.add_argument("--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0,
                    help="Worker processes for data loading (also for decoding every image once before training).")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="Rows whose image (or mask image) cannot be decoded -- truncated or corrupt files, images "
@@ -185,30 +191,30 @@ def parse_args(input_args=None):
                         "instead of stopping the run before training (the default).")
 
     g = parser.add_argument_group("FairHuman: region masks and objectives")
-    g.add_argument("--mask_dilation", type=int, default=8,
+    g.add_argument("--mask_dilation", type=NON_NEGATIVE_INT, default=8,
                    help="Grow each box by this many TRAINING pixels (at the example's bucket size) on every side "
                         "(8 = the authors' 16x16 dilation kernel at 1024 px), whatever the photo's own size.")
     g.add_argument("--latent_mask_mode", type=str, default="hard", choices=["hard", "soft"],
                    help="Pixel masks are area-averaged onto the latent grid; 'hard' then thresholds at 0.5 (the "
                         "authors' 0/1 masks), 'soft' keeps the covered fraction.")
-    g.add_argument("--local_loss_scale", type=float, default=5.0,
+    g.add_argument("--local_loss_scale", type=POSITIVE, default=5.0,
                    help="s in L_region = mean((s * M * (pred - target))^2); 5 in the authors' runs.")
     g.add_argument("--local_loss_normalization", type=str, default="latent", choices=["latent", "area"],
                    help="'latent': region losses average over the whole latent (the authors'); 'area': over the region only.")
     g.add_argument("--weighting", type=str, default="fair", choices=["fair", "equal", "global"],
                    help="fair: alpha-fair (MPD) weights on the K objective gradients (global plus one per region; FairHuman); "
                         "equal: plain sum of the K losses; global: plain diffusers LoRA training (the baseline).")
-    g.add_argument("--hand_loss_weight", type=float, default=1.0,
+    g.add_argument("--hand_loss_weight", type=NON_NEGATIVE, default=1.0,
                    help="With --weighting equal: the static weight of the hand loss, the update being that of L_global "
                         "+ hand_loss_weight * L_hand + face_loss_weight * L_face (a tuned static baseline for MPD).")
-    g.add_argument("--face_loss_weight", type=float, default=1.0,
+    g.add_argument("--face_loss_weight", type=NON_NEGATIVE, default=1.0,
                    help="With --weighting equal: the static weight of the face loss (see --hand_loss_weight).")
     g.add_argument("--region_loss_weight", metavar="NAME=W", action="append", default=None,
                    help="With --weighting equal: the static weight of region NAME's loss (repeatable; default 1; "
                         "--hand_loss_weight / --face_loss_weight are the same for the regions named hand and face).")
-    g.add_argument("--fair_alpha", type=float, default=2.0,
+    g.add_argument("--fair_alpha", type=POSITIVE, default=2.0,
                    help="alpha of the alpha-fair weights: 2 = Minimum Potential Delay (the paper), 1 = proportional fairness.")
-    g.add_argument("--fair_update_interval", type=int, default=None,
+    g.add_argument("--fair_update_interval", type=POSITIVE_INT, default=None,
                    help="Solve the exact fair weights (one backward pass per objective) every N optimizer steps; "
                         "1 = exact MPD every step, the authors' method, about 2x the cost of plain LoRA training. In "
                         "between, ONE backward pass of the losses weighted as --fair_interval_weights says, at about "
@@ -250,18 +256,18 @@ def parse_args(input_args=None):
                    help="Print the estimated accelerator memory of one training step of this run as configured (from "
                         "the model's config files only: no weights are loaded or downloaded, no GPU needed) and exit. "
                         "Last line: 'estimated peak: N.NN GiB'. See docs/memory.md.")
-    g.add_argument("--save_mask_previews", type=int, default=0,
+    g.add_argument("--save_mask_previews", type=NON_NEGATIVE_INT, default=0,
                    help="Write the first N training examples after the transforms to {output_dir}/mask_previews/ "
                         "({i}_image.png, {i}_hand.png, {i}_face.png, {i}_overlay.png) to check the masks sit on hands and faces.")
     g.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
                    help="Override the scheduler's prediction type. Leave unset to use the model's.")
-    g.add_argument("--snr_gamma", type=float, default=None,
+    g.add_argument("--snr_gamma", type=POSITIVE, default=None,
                    help="Min-SNR weighting gamma (5.0 recommended); applied to every objective. https://huggingface.co/papers/2303.09556")
-    g.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the offset noise (0 = off).")
+    g.add_argument("--noise_offset", type=NON_NEGATIVE, default=0.0, help="Scale of the offset noise (0 = off).")
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (the authors used 256 on SDXL).")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: equal to --rank.")
+    g.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank (the authors used 256 on SDXL).")
+    g.add_argument("--lora_alpha", type=POSITIVE, default=None, help="LoRA alpha; default: equal to --rank.")
     g.add_argument("--lora_target_modules", type=str, default=None,
                    help="Comma-separated UNet / transformer module names (peft suffix match) that get LoRA adapters; "
                         "default: to_q,to_k,to_v,to_out.0 (SD/SDXL), the diffusers SD3 example's attention list (FLUX.1/SD3).")
@@ -279,13 +285,13 @@ def parse_args(input_args=None):
 
     g = parser.add_argument_group("Training")
     g.add_argument("--output_dir", type=str, default="fairhuman-lora", help="Where the LoRA, checkpoints and card go.")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=flag_number(int, minimum=0, maximum=fh.SEED_MAX), default=None,
                    help="Seed: same seed and data give the same LoRA. Every random draw of an example (crop, flip, "
                         "noise, timestep) depends only on (seed, epoch, row), not on batching or resumption.")
-    g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
-    g.add_argument("--num_train_epochs", type=int, default=100)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    g.add_argument("--train_batch_size", type=POSITIVE_INT, default=1, help="Batch size per device.")
+    g.add_argument("--num_train_epochs", type=POSITIVE_INT, default=100)
+    g.add_argument("--max_train_steps", type=POSITIVE_INT, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1,
                    help="Micro-batches per optimizer step; with --weighting fair the per-objective gradients are summed "
                         "over them and the weights solved once per optimizer step.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
@@ -293,11 +299,11 @@ def parse_args(input_args=None):
                    help="Overrides the accelerate config. LoRA parameters stay fp32; fp16 needs a GPU (on CPU the run "
                         "falls back to fp32 and says so).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+    g.add_argument("--max_nonfinite_steps", type=POSITIVE_INT, default=20,
                    help="Stop when this many optimizer steps in a row had non-finite losses or gradients (each is skipped).")
 
     g = parser.add_argument_group("Optimizer and learning rate")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (the authors: 1e-5).")
+    g.add_argument("--learning_rate", type=POSITIVE, default=1e-4, help="Initial learning rate (the authors: 1e-5).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x processes.")
     g.add_argument("--lr_scheduler", type=str, default="constant",
@@ -307,25 +313,25 @@ def parse_args(input_args=None):
                    help='The rules of --lr_scheduler piecewise_constant (diffusers\' step_rules): "multiple:step,...,'
                         'last_multiple", e.g. "1:100,0.1:200,0.01" = the full rate to step 100, a tenth to 200, then a '
                         'hundredth.')
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
+    g.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=0, help="Warm-up optimizer steps.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-08)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the combined update to this norm.")
+    g.add_argument("--adam_beta1", type=flag_number(float, minimum=0, exclusive_maximum=1), default=0.9)
+    g.add_argument("--adam_beta2", type=flag_number(float, minimum=0, exclusive_maximum=1), default=0.999)
+    g.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2)
+    g.add_argument("--adam_epsilon", type=POSITIVE, default=1e-08)
+    g.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="Clip the combined update to this norm.")
 
     g = parser.add_argument_group("Checkpoints")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--checkpointing_steps", type=POSITIVE_INT, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    g.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='A checkpoint folder, or "latest" for the newest complete one in --output_dir.')
 
     g = parser.add_argument_group("Validation")
     g.add_argument("--validation_prompt", type=str, default=None, help="Prompt to sample during and after training.")
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=500, help="Sample every N optimizer steps.")
-    g.add_argument("--validation_inference_steps", type=int, default=None,
+    g.add_argument("--num_validation_images", type=NON_NEGATIVE_INT, default=4)
+    g.add_argument("--validation_steps", type=POSITIVE_INT, default=500, help="Sample every N optimizer steps.")
+    g.add_argument("--validation_inference_steps", type=POSITIVE_INT, default=None,
                    help="Sampling steps per validation image; default: the model family's advice (30 UniPC steps for "
                         "SD/SDXL, 28 for FLUX.1-dev and SD3, 4 for FLUX.1-schnell). Guidance: the family's too.")
     g.add_argument("--evaluate_prompts_file", type=str, default=None,
@@ -336,8 +342,8 @@ def parse_args(input_args=None):
 
     g = parser.add_argument_group("Logging and Hub")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
-    g.add_argument("--report_to", type=str, default="tensorboard",
-                   help='"tensorboard", "wandb", "all" or "none".')
+    g.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                   help="Where losses, weights and samples are logged.")
     g.add_argument("--push_to_hub", action="store_true", help="Push the LoRA and its model card to the Hub.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: the output folder's name.")
     g.add_argument("--hub_token", type=str, default=None,
@@ -346,6 +352,10 @@ def parse_args(input_args=None):
                         "Refused with --report_to wandb or all (wandb records the command line).")
 
     args = parser.parse_args(input_args)
+    try:  # the region objectives, in their order, derived once: (name, "boxes" | "mask", column) each
+        args.regions = region_sources(args)
+    except UsageError as error:
+        parser.error(str(error))
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.output_name is None:
@@ -408,7 +418,7 @@ class FairHumanDataset(torch.utils.data.Dataset):
         self.dataset = checked.dataset
         self.boxes = checked.boxes
         self.captions = checked.captions
-        self.sources = region_sources(args)
+        self.sources = args.regions
         self.args = args
         self.seed = seed
         self.targets = targets
@@ -568,7 +578,7 @@ def crop_statistics(checked: CheckedDataset, args, targets, seed: int) -> dict:
     area, images losing a whole region (all their hand or all their face box area), and the fraction of
     all box area lost.
     """
-    regions = [region for region, kind, _ in region_sources(args) if kind == "boxes"]
+    regions = [region for region, kind, _ in args.regions if kind == "boxes"]
     with_boxes = lose_some = lose_region = 0
     kept_all = total_all = 0.0
     for row, size in enumerate(checked.sizes):
@@ -622,7 +632,7 @@ def log_buckets(checked: CheckedDataset, args, buckets, targets, bucket_rows, st
                     f"{sum(repeats)} repeated examples per epoch")
     loss = crop_statistics(checked, args, targets, args.seed)
     if loss["with_boxes"]:
-        names = [name for name, kind, _ in region_sources(args) if kind == "boxes"]
+        names = [name for name, kind, _ in args.regions if kind == "boxes"]
         message = (f"{loss['lose_some']} of {loss['with_boxes']} images with boxes lose {'/'.join(names)} box area to the "
                    f"crop, {loss['lose_region']} a whole region ({' or '.join(f'all their {n}' for n in names)} boxes); "
                    f"{100 * loss['lost_fraction']:.1f} % of all box area is cut away (epoch 0's crops)")

@@ -4,6 +4,7 @@ Each problem is one :class:`fairhuman_utils.UsageError` naming the flag, column 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -22,10 +23,59 @@ import fairhuman_utils as fh
 import model_families as mf
 from hub import ignore_patterns as hub_ignore_patterns
 from lora_files import LORA_WEIGHT_NAME, lora_targets
-from regions import check_regions, region_sources
+from regions import check_regions
 
 UsageError = fh.UsageError
 logger = logging.getLogger(__name__)
+
+
+def flag_number(kind=float, *, minimum=None, exclusive_minimum=None, maximum=None, exclusive_maximum=None,
+                multiple_of=None):
+    """An argparse ``type=`` for a number flag: a finite ``kind`` (``int`` or ``float``) with
+    ``minimum <= value <= maximum``, ``exclusive_minimum < value < exclusive_maximum`` and ``value % multiple_of == 0``
+    (each bound only when given). Anything else is argparse's own one-line error naming the flag, before anything
+    runs: ``error: argument --rank: must be at least 1, got 0``."""
+
+    def bounds():
+        def text(x):
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        low = f"[{text(minimum)}" if minimum is not None else (
+            f"({text(exclusive_minimum)}" if exclusive_minimum is not None else None)
+        high = f"{text(maximum)}]" if maximum is not None else (
+            f"{text(exclusive_maximum)})" if exclusive_maximum is not None else None)
+        if low and high:
+            return f"must be in {low}, {high}"
+        if minimum is not None:
+            return "must not be negative" if minimum == 0 else f"must be at least {text(minimum)}"
+        if exclusive_minimum is not None:
+            return "must be positive" if exclusive_minimum == 0 else f"must be above {text(exclusive_minimum)}"
+        return f"must be at most {text(maximum)}" if maximum is not None else f"must be below {text(exclusive_maximum)}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not ((minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+                and (exclusive_minimum is None or value > exclusive_minimum)
+                and (exclusive_maximum is None or value < exclusive_maximum)):
+            raise argparse.ArgumentTypeError(f"{bounds()}, got {text}")
+        if multiple_of is not None and value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple_of}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = flag_number(int, minimum=1)
+NON_NEGATIVE_INT = flag_number(int, minimum=0)
+FINITE = flag_number(float)
+POSITIVE = flag_number(float, exclusive_minimum=0)
+NON_NEGATIVE = flag_number(float, minimum=0)
 
 
 # Exact MPD every step (the authors' method). The cheap interval mode (8, prediction weights, diagonal
@@ -43,55 +93,18 @@ def check_args(args) -> None:
         raise UsageError("give a dataset: --dataset_name or --train_data_dir")
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise UsageError("--dataset_name and --train_data_dir are exclusive; give one")
-    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                "validation_steps", "rank", "max_nonfinite_steps"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution", "fair_update_interval",
-                 "bucket_reso_steps", "validation_inference_steps"]:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}")
-    if args.resolution is not None and args.resolution % 8:
-        raise UsageError(f"--resolution must be a multiple of 8, got {args.resolution}")
-    for name in ["mask_dilation", "save_mask_previews", "num_validation_images", "lr_warmup_steps",
-                 "dataloader_num_workers"]:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ["hand_loss_weight", "face_loss_weight", "fair_alpha", "local_loss_scale", "learning_rate",
-                 "snr_gamma", "noise_offset", "max_grad_norm",
-                 "lora_alpha", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "guidance_scale",
-                 "logit_mean", "logit_std", "mode_scale"]:
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name} must be a finite number, got {value}")
     if args.cache_latents and args.square_crop and not args.center_crop:
         raise UsageError("--cache_latents holds one crop per image, but --square_crop without --center_crop draws a "
                          "new random square crop every epoch, which the cache cannot hold: add --center_crop, or drop "
                          "--square_crop (buckets train each image whole; their region-safe crop is drawn once per "
                          "image when latents are cached), or drop --cache_latents")
-    if not (math.isfinite(args.max_bucket_aspect_ratio) and args.max_bucket_aspect_ratio >= 1):
-        raise UsageError(f"--max_bucket_aspect_ratio must be a number of at least 1, got {args.max_bucket_aspect_ratio}")
     if args.square_crop and (args.bucket_reso_steps is not None or args.max_bucket_aspect_ratio != 4.0):
         raise UsageError("--bucket_reso_steps and --max_bucket_aspect_ratio set the aspect-ratio buckets, which "
                          "--square_crop turns off; give one or the other")
-    if args.fair_alpha <= 0:
-        raise UsageError(f"--fair_alpha must be positive, got {args.fair_alpha}")
     for name in ("hand_loss_weight", "face_loss_weight"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
         if args.weighting != "equal" and getattr(args, name) != 1.0:
             raise UsageError(f"--{name} is the static weight of --weighting equal; --weighting {args.weighting} "
                              + ("chooses the weights itself" if args.weighting == "fair" else "does not use the regions"))
-    if args.local_loss_scale <= 0:
-        raise UsageError(f"--local_loss_scale must be positive, got {args.local_loss_scale}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise UsageError(f"--snr_gamma must be positive, got {args.snr_gamma}")
-    if args.max_grad_norm <= 0:
-        raise UsageError(f"--max_grad_norm must be positive, got {args.max_grad_norm}")
     if args.hand_mask_column is not None and args.relative_boxes and args.face_mask_column is not None:
         raise UsageError("--relative_boxes has no effect when both --hand_mask_column and --face_mask_column are given")
     check_regions(args)
@@ -107,8 +120,6 @@ def check_args(args) -> None:
         raise UsageError(f"--report_to {args.report_to} and --hub_token cannot be used together: wandb records the "
                          "command line, token included (and accelerate launch prints it when a run fails); log in "
                          "with `hf auth login` instead and drop --hub_token")
-    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
-        raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
     if args.lora_target_modules is not None and not lora_targets(args):
         raise UsageError("--lora_target_modules is empty")
     if args.evaluate_prompts_file is not None:  # checked now, not after hours of training
@@ -160,20 +171,6 @@ def parse_step_rules(rules: str) -> list[tuple[float, int | None]]:
 def check_value_domains(args) -> None:
     """Every value flag within its domain, as the optimizer, scheduler, clipping and seeding functions that
     take it would require -- checked here, before any model loads, naming the flag."""
-    if args.seed is not None and not 0 <= args.seed <= fh.SEED_MAX:
-        raise UsageError(f"--seed must be an integer from 0 to {fh.SEED_MAX} (2**32 - 1, numpy's limit), got {args.seed}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if not args.adam_epsilon > 0:
-        raise UsageError(f"--adam_epsilon must be positive, got {args.adam_epsilon}")
-    if not args.adam_weight_decay >= 0:
-        raise UsageError(f"--adam_weight_decay must not be negative, got {args.adam_weight_decay}")
-    if not args.lora_alpha > 0:
-        raise UsageError(f"--lora_alpha must be positive (the LoRA is scaled by lora_alpha / rank; 0 trains a LoRA "
-                         f"that does nothing), got {args.lora_alpha}")
-    if args.noise_offset < 0:
-        raise UsageError(f"--noise_offset must not be negative, got {args.noise_offset}")
     names = lr_scheduler_names()
     if args.lr_scheduler not in names:
         raise UsageError(f"--lr_scheduler must be one of {', '.join(names)}, got {args.lr_scheduler!r}")
@@ -191,15 +188,6 @@ def check_value_domains(args) -> None:
                          "warm-up): use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps")
     if args.validation_prompt is not None and not args.validation_prompt.strip():
         raise UsageError("--validation_prompt is empty: give a prompt to sample, or leave the flag out (no validation)")
-    if args.logit_std is not None and not args.logit_std > 0:
-        raise UsageError(f"--logit_std must be positive (the spread of the logit_normal timestep density), got "
-                         f"{args.logit_std}")
-    low, high = mf.MODE_SCALE_RANGE
-    if args.mode_scale is not None and not low <= args.mode_scale <= high:
-        raise UsageError(f"--mode_scale must be from {low:g} to {high:.2f}, got {args.mode_scale:g}: beyond that the "
-                         "mode density draws times outside [0, 1], which index the schedule from its other end")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise UsageError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
     if args.validation_prompt is not None and args.num_validation_images < 1:
         raise UsageError(f"--validation_prompt samples --num_validation_images images: give at least 1, got "
                          f"{args.num_validation_images}")
@@ -209,7 +197,7 @@ def check_value_domains(args) -> None:
         if not getattr(args, flag):
             raise UsageError(f"--{flag} is empty")
     if not args.region_specs:
-        (_, hand_kind, hand), (_, face_kind, face) = region_sources(args)
+        (_, hand_kind, hand), (_, face_kind, face) = args.regions
         if hand == face:
             raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
                              f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
@@ -219,7 +207,7 @@ def check_value_domains(args) -> None:
                 raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
     else:  # named regions: the same rules, each region named with its flag
         readers = {}
-        for name, kind, column in region_sources(args):
+        for name, kind, column in args.regions:
             flag = f"--{'region' if kind == 'boxes' else 'region_mask'} {name}={column}"
             if column in readers:
                 raise UsageError(f"{readers[column]} and {flag} read the same column {column!r}: give each region "
@@ -377,7 +365,7 @@ def check_imagefolder_metadata(folder: str) -> None:
 
 
 def _image_columns(args) -> list[str]:
-    return [args.image_column] + [c for _, kind, c in region_sources(args) if kind == "mask"]
+    return [args.image_column] + [c for _, kind, c in args.regions if kind == "mask"]
 
 
 def recipe_columns(dataset, args):
@@ -390,7 +378,7 @@ def recipe_columns(dataset, args):
 
     columns = list(dataset.column_names)
     needed = [("--image_column", args.image_column), ("--caption_column", args.caption_column)]
-    for region, kind, column in region_sources(args):
+    for region, kind, column in args.regions:
         if args.region_specs:
             needed.append((f"--{'region' if kind == 'boxes' else 'region_mask'} {region}={column}", column))
         else:
@@ -399,7 +387,7 @@ def recipe_columns(dataset, args):
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
     dataset = dataset.select_columns(list(dict.fromkeys(column for _, column in needed)))
-    for region, kind, column in region_sources(args):  # a mask flag on a column of boxes: say which flag reads it
+    for region, kind, column in args.regions:  # a mask flag on a column of boxes: say which flag reads it
         feature = dataset.features.get(column)
         if kind == "mask" and isinstance(feature, (list, datasets.Sequence, datasets.LargeList)):
             flag = (f"--region_mask {region}={column}" if args.region_specs else f"--{region}_mask_column {column}")
@@ -484,7 +472,7 @@ def verify_images(dataset, args):
         results = gather_object(results)
     results.sort(key=lambda result: result[0])
     bad = [(row, problem) for row, problem, _ in results if problem is not None]
-    mask_sources = [(region, column) for region, kind, column in region_sources(args) if kind == "mask"]
+    mask_sources = [(region, column) for region, kind, column in args.regions if kind == "mask"]
     kept = [regions for _, problem, regions in results if problem is None]
     regions = {region: [flags[k][0] for flags in kept] for k, (region, _) in enumerate(mask_sources)}
     for k, (region, column) in enumerate(mask_sources):  # FairHuman: 0/1 label maps read as masks hold no region
@@ -531,7 +519,7 @@ def check_dataset(dataset, args) -> CheckedDataset:
     the image's size. Raises :class:`UsageError` naming the column and row of the first problem.
     """
     dataset = recipe_columns(dataset, args)
-    regions = [region for region, _, _ in region_sources(args)]
+    regions = [region for region, _, _ in args.regions]
     sizes, boxes, captions = [], {region: [] for region in regions}, []
     counts = {region: 0 for region in regions}
     ranges = {}  # box column -> [smallest, largest] number over all its boxes
@@ -548,7 +536,7 @@ def check_dataset(dataset, args) -> CheckedDataset:
             captions.append(list(caption))
         else:
             raise UsageError(f"column '{args.caption_column}', row {row}: expected a string or a list of strings, got {caption!r}")
-        for region, kind, column in region_sources(args):
+        for region, kind, column in args.regions:
             if kind == "boxes":
                 try:
                     parsed = fh.parse_boxes(example[column], width=size[0], height=size[1], box_format=args.box_format,
@@ -585,7 +573,7 @@ def report_regions(checked: CheckedDataset, args, mask_regions: dict | None = No
     mask has a region pixel; from :func:`verify_images`). Returns the warnings, each also logged."""
     warnings, total = [], len(checked.sizes)
     present, columns = {}, {}
-    for region, kind, column in region_sources(args):
+    for region, kind, column in args.regions:
         columns[region] = column
         if kind == "boxes":
             given = sum(len(cell) for cell in checked.dataset[column] if isinstance(cell, (list, tuple)))

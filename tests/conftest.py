@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models and datasets built offline, once per test session."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -55,6 +57,19 @@ def run_main(*argv):
     finally:
         reset_accelerate_state()
     return args
+
+
+def parse_error(parse_args, argv):
+    """argparse's error line for ``argv`` (``...: error: argument --flag: ...``, a flag's own value refused while
+    the arguments are parsed), or ``None`` when they parse."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            parse_args([str(a) for a in argv])
+        except SystemExit as stop:
+            assert stop.code == 2, stderr.getvalue()
+            return stderr.getvalue().strip().splitlines()[-1]
+    return None
 
 
 def lora_tensors(folder):

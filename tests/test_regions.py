@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import parse_error, run_main
 from PIL import Image
 
 import checkpoints
@@ -205,9 +205,13 @@ def parsed(*extra):
     (["--region_mask", "a=image"], "--region_mask a=image: 'image' is also --image_column"),
 ])
 def test_region_flag_errors_name_the_flag(extra, message):
-    with pytest.raises(train.UsageError) as error:
-        train.check_args(parsed(*extra))
-    assert message in str(error.value)
+    """A spec's own form is refused while the arguments are parsed; the rest by check_args, before anything loads."""
+    error = parse_error(train.parse_args, ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *extra])
+    if error is None:
+        with pytest.raises(train.UsageError) as refused:
+            train.check_args(parsed(*extra))
+        error = str(refused.value)
+    assert message in error
 
 
 def test_region_order_and_weights():

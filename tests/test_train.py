@@ -9,7 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import KOHYA_KEY, OFFLINE_ENV, REPO, edge_photos, lora_tensors, preview_ious, run_main, write_imagefolder
+from conftest import (
+    KOHYA_KEY,
+    OFFLINE_ENV,
+    REPO,
+    edge_photos,
+    lora_tensors,
+    parse_error,
+    preview_ious,
+    run_main,
+    write_imagefolder,
+)
 from PIL import Image
 
 import checkpoints
@@ -276,6 +286,10 @@ def test_push_to_hub_with_only_network_calls_mocked(tiny_sd, demo_dataset, tmp_p
 
 
 def _error(argv):
+    """The one-line error the run stops with: argparse's for a flag's own value, else main()'s UsageError."""
+    refused = parse_error(train.parse_args, argv)
+    if refused is not None:
+        return refused
     args = train.parse_args(list(map(str, argv)))
     with pytest.raises(train.UsageError) as info:
         train.main(args)
@@ -394,19 +408,19 @@ def test_mask_columns_checked_and_used(tmp_path, tiny_sd):
     [
         (["--dataset_name", "x"], "--dataset_name and --train_data_dir are exclusive"),
         (["--report_to", "wandb", "--hub_token", "t"], "--report_to wandb and --hub_token"),
-        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
-        (["--resolution", "100"], "--resolution must be a multiple of 8"),
-        (["--fair_alpha", "0"], "--fair_alpha must be positive"),
+        (["--gradient_accumulation_steps", "0"], "argument --gradient_accumulation_steps: must be at least 1, got 0"),
+        (["--resolution", "100"], "argument --resolution: must be a multiple of 8, got 100"),
+        (["--fair_alpha", "0"], "argument --fair_alpha: must be positive, got 0"),
         (["--resume_from_checkpoint", "/no/such/ckpt"], "--resume_from_checkpoint: no such folder"),
         (["--lora_target_modules", " , "], "--lora_target_modules is empty"),
-        (["--noise_offset", "nan"], "--noise_offset must be a finite number"),
+        (["--noise_offset", "nan"], "argument --noise_offset: must be a finite number, got nan"),
         (["--weighting", "equal", "--fair_update_interval", "4"], "need --weighting fair"),
         (["--fair_fidelity_check", "--fair_update_interval", "1"], "--fair_fidelity_check compares a --fair_update_interval"),
-        (["--fair_update_interval", "0"], "--fair_update_interval must be at least 1"),
+        (["--fair_update_interval", "0"], "argument --fair_update_interval: must be at least 1, got 0"),
         (["--weighting", "global", "--fair_batched_backward"], "need --weighting fair"),
         (["--output_name", "loras/mine"], "--output_name must be a plain file name"),
         (["--hand_loss_weight", "0.5"], "--hand_loss_weight is the static weight of --weighting equal"),
-        (["--weighting", "equal", "--face_loss_weight", "-1"], "--face_loss_weight must not be negative"),
+        (["--weighting", "equal", "--face_loss_weight", "-1"], "argument --face_loss_weight: must not be negative, got -1"),
     ],
 )
 def test_impossible_flag_combinations(extra, expected, tmp_path):
@@ -513,6 +527,6 @@ def test_boxes_in_the_wrong_unit_stop_the_run(relative, boxes, expected, tmp_pat
 
 
 def test_bucket_flags_checked(tmp_path):
-    assert "--max_bucket_aspect_ratio must be" in _error(_argv(str(tmp_path), tmp_path / "o",
+    assert "argument --max_bucket_aspect_ratio: must be at least 1, got 0.5" in _error(_argv(str(tmp_path), tmp_path / "o",
                                                                "--max_bucket_aspect_ratio", "0.5"))
     assert "--square_crop" in _error(_argv(str(tmp_path), tmp_path / "o", "--square_crop", "--bucket_reso_steps", 32))
