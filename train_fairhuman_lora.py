@@ -94,11 +94,11 @@ def fair_gradient_dtype(choice: str, mixed_precision: str | None) -> torch.dtype
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="FairHuman LoRA training (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5).")
+    parser = argparse.ArgumentParser(description="FairHuman LoRA training (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5, Z-Image, Qwen-Image, FLUX.2 klein, Chroma).")
 
     g = parser.add_argument_group("Model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                   help="Hub id or local folder of a diffusers SD 1.x/2.x, SDXL, FLUX.1 or SD3/3.5 model (the family is read "
+                   help="Hub id or local folder of a diffusers model of a family in docs/model_families.md (the family is read "
                         "from its model_index.json).")
     g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                    help="A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (what the authors used for SDXL in fp16).")
@@ -106,15 +106,15 @@ def parse_args(input_args=None):
     g.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     g.add_argument("--quantize_base", type=str, default="none", choices=mf.QUANTIZE_CHOICES,
-                   help="Load the frozen FLUX.1/SD3 transformer in 4-bit NF4 or 8-bit (bitsandbytes, diffusers' "
+                   help="Load the frozen transformer (the flow-matching families) in 4-bit NF4 or 8-bit (bitsandbytes, diffusers' "
                         "BitsAndBytesConfig; needs a CUDA GPU), computing in the run's precision; the LoRA on top "
                         "trains in full precision. Peak memory per setting: docs/memory.md.")
     g.add_argument("--quantize_text_encoders", type=str, default="none", choices=mf.QUANTIZE_CHOICES,
-                   help="Load the large text encoders (FLUX.1/SD3's T5-XXL) in 4-bit NF4 or 8-bit (bitsandbytes, "
+                   help="Load the large text encoders (T5-XXL, the Qwen LLMs) in 4-bit NF4 or 8-bit (bitsandbytes, "
                         "transformers' BitsAndBytesConfig) for the one pass that embeds every caption and prompt "
                         "before training; they are freed before the denoiser loads. Refused for SD/SDXL (CLIP only).")
 
-    g = parser.add_argument_group("Flow matching (FLUX.1, SD3): as diffusers' train_dreambooth_lora_flux/_sd3.py")
+    g = parser.add_argument_group("Flow matching (FLUX.1, SD3 and the 2026 families): as diffusers' DreamBooth LoRA examples")
     g.add_argument("--weighting_scheme", type=str, default=None, choices=mf.WEIGHTING_SCHEMES,
                    help="Timestep density and loss weighting (diffusers.training_utils); default: none for FLUX.1, "
                         "logit_normal for SD3 (the diffusers examples' defaults).")
@@ -270,7 +270,7 @@ def parse_args(input_args=None):
     g.add_argument("--lora_alpha", type=POSITIVE, default=None, help="LoRA alpha; default: equal to --rank.")
     g.add_argument("--lora_target_modules", type=str, default=None,
                    help="Comma-separated UNet / transformer module names (peft suffix match) that get LoRA adapters; "
-                        "default: to_q,to_k,to_v,to_out.0 (SD/SDXL), the diffusers SD3 example's attention list (FLUX.1/SD3).")
+                        "default: to_q,to_k,to_v,to_out.0 (SD/SDXL), the family's diffusers example's list (the others).")
 
     g = parser.add_argument_group("Saving the LoRA")
     g.add_argument("--save_lora_format", type=str, default="both", choices=["diffusers", "kohya", "both"],
@@ -865,8 +865,8 @@ class TrainedDenoiserSampler:
 
 
 def run_validation(args, accelerator, family, denoiser, weight_dtype, step, tag):
-    """Sample ``--num_validation_images`` with the family's pipeline (SD/SDXL: UniPC; FLUX.1/SD3: their flow
-    matching Euler scheduler) from the prompt's stored embeddings; the trained denoiser is used as is, never cast."""
+    """Sample ``--num_validation_images`` with the family's pipeline (SD/SDXL: UniPC; the flow-matching families:
+    their Euler scheduler) from the prompt's stored embeddings; the trained denoiser is used as is, never cast."""
     logger.info(f"Running validation: {args.num_validation_images} images of {args.validation_prompt!r}")
     move_vae(args, family.vae, accelerator.device)
     pipeline = family.sampling_pipeline(accelerator.unwrap_model(denoiser))
@@ -926,7 +926,7 @@ def main(args):
         args.seed = read_marker(resume_path)["seed"]  # the run's seed decides data order and noise: keep it
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
-    # The model family (SD, SDXL, FLUX.1, SD3) and its checks from config files: before the data pass, no weights
+    # The model family (docs/model_families.md) and its checks from config files: before the data pass, no weights
     family, bucket_step = check_model(args, resume_path)
 
     # ---- Accelerator -------------------------------------------------------------------------

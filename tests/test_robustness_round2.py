@@ -542,3 +542,27 @@ def test_hub_token_on_the_command_line_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _error(_argv(data, tmp_path / "o", "--hub_token", "hf_secret"))
     assert "log in once with `hf auth login` instead" in caplog.text and "hf_secret" not in caplog.text
+
+
+def test_flag_number_refuses_what_argparse_should_say():
+    """The number type every range-checked flag of the training script uses: the value, or argparse's message."""
+    import argparse
+
+    from training_checks import flag_number
+
+    rank = flag_number(int, minimum=1)
+    assert rank("3") == 3 and isinstance(rank("3"), int)
+    for text, message in [("0", "must be at least 1, got 0"), ("2.5", "expected an integer, got '2.5'")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message.replace("(", r"\(")):
+            rank(text)
+    beta = flag_number(float, minimum=0, exclusive_maximum=1)
+    assert beta("0") == 0.0
+    for text in ("1", "-0.1", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be (in \\[0, 1\\)|a finite number)"):
+            beta(text)
+    resolution = flag_number(int, minimum=1, multiple_of=8)
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a multiple of 8, got 100"):
+        resolution("100")
+    assert flag_number(float, exclusive_minimum=0)("1e-8") == 1e-8
+    with pytest.raises(argparse.ArgumentTypeError, match="must be positive, got 0"):
+        flag_number(float, exclusive_minimum=0)("0")
