@@ -252,3 +252,15 @@ def comfyui_transformer_names(family: str, double: int, single: int = 0) -> set[
     names = {f"transformer_blocks.{i}.{m}" for i in range(double) for m in joint}
     names |= {f"single_transformer_blocks.{i}.{m}" for i in range(single) for m in single_block}
     return names | {"proj_out", "context_embedder", "norm_out.linear"} | ({"x_embedder"} if family != "sd3" else set())
+
+
+def run_two_processes(argv, **env):
+    """The training script with ``argv`` in two CPU processes (``accelerate launch --multi_gpu``: gloo), offline,
+    ``env`` added to the environment; returns the finished ``subprocess.CompletedProcess``."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "train_fairhuman_lora.py"), *[str(a) for a in argv]]
+    return subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true", **env},
+                          capture_output=True, text=True, timeout=600)

@@ -9,7 +9,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_comfyui_reads, assert_lora_loads_whole_and_changes_the_image, assert_same_lora, run_main
+from conftest import (
+    assert_comfyui_reads,
+    assert_lora_loads_whole_and_changes_the_image,
+    assert_same_lora,
+    run_main,
+    run_two_processes,
+)
 from safetensors.torch import load_file
 
 import fairhuman_demo
@@ -286,19 +292,9 @@ def test_zimage_two_processes_equal_one_process(tiny_zimage, varied_dataset, tmp
     """Two CPU processes (gloo) of batch 1 == one process of batch 2: each process embeds its own caption at its
     own length (no padding), the single process pads the short one and masks it; the LoRA gradients are averaged
     across processes before the fair update."""
-    import subprocess
-    import sys
-
-    from conftest import OFFLINE_ENV, REPO
-
     run_main(*family_args(tiny_zimage, varied_dataset, tmp_path / "one", 3, "--fair_update_interval", "1"))
-    two = [str(a) for a in family_args(tiny_zimage, varied_dataset, tmp_path / "two", 3, "--fair_update_interval", "1",
-                                       "--train_batch_size", "1")]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(REPO, "train_fairhuman_lora.py"), *two]
-    proc = subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    proc = run_two_processes(family_args(tiny_zimage, varied_dataset, tmp_path / "two", 3, "--fair_update_interval", "1",
+                                         "--train_batch_size", "1"), OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "total batch = 2" in proc.stderr  # really two processes of batch 1
     assert_same_lora(str(tmp_path / "one"), str(tmp_path / "two"), atol=1e-5)

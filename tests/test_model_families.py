@@ -15,6 +15,7 @@ from conftest import (
     assert_same_lora,
     comfyui_transformer_names,
     run_main,
+    run_two_processes,
 )
 from PIL import Image
 from safetensors import safe_open
@@ -260,21 +261,11 @@ def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
 
 
 def test_flux_two_processes_equal_one_process(tiny_flux, demo_dataset, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import OFFLINE_ENV, REPO
-
     common = flow_args(tiny_flux, demo_dataset, tmp_path / "one", 3, "--save_precision", "fp32",
                        "--fair_update_interval", "1")
     run_main(*common, "--train_batch_size", "2")
-    two = [str(a) for a in flow_args(tiny_flux, demo_dataset, tmp_path / "two", 3, "--save_precision", "fp32",
-                                     "--fair_update_interval", "1", "--train_batch_size", "1")]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(REPO, "train_fairhuman_lora.py"), *two]
-    proc = subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    proc = run_two_processes(flow_args(tiny_flux, demo_dataset, tmp_path / "two", 3, "--save_precision", "fp32",
+                                       "--fair_update_interval", "1", "--train_batch_size", "1"), OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_lora(str(tmp_path / "one"), str(tmp_path / "two"), atol=1e-5)
 
