@@ -219,6 +219,12 @@ class ModelFamily:
         """Set ``self.tokenizers`` and ``self.text_encoders`` (:meth:`text_encoder_from_pretrained` for each)."""
         raise NotImplementedError
 
+    def load_one_large_text_encoder(self, cls, device, weight_dtype) -> None:
+        """:meth:`load_text_models` of a family with one text encoder, a large one (T5, an LLM:
+        ``--quantize_text_encoders`` quantizes it): ``cls`` from ``text_encoder/``, its tokenizer from ``tokenizer/``."""
+        self.tokenizers = [self.auto_tokenizer("tokenizer")]
+        self.text_encoders = [self.text_encoder_from_pretrained(cls, "text_encoder", device, weight_dtype, large=True)]
+
     def text_encoder_from_pretrained(self, cls, subfolder: str, device, weight_dtype, large: bool = False):
         """``cls.from_pretrained`` of the model's ``subfolder``; a ``large`` encoder (T5, an LLM) in 4 or 8 bits
         with ``--quantize_text_encoders`` (transformers' ``BitsAndBytesConfig``, computing in ``weight_dtype``),
@@ -1052,12 +1058,10 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return [(self.tokenizers[0], self.args.max_sequence_length, "Qwen3 text encoder", "--max_sequence_length")]
 
     def load_text_models(self, device, weight_dtype):
-        """One Qwen3 LLM (large: --quantize_text_encoders quantizes it) and its tokenizer."""
+        """One Qwen3 LLM and its tokenizer."""
         from transformers import Qwen3ForCausalLM
 
-        self.tokenizers = [self.auto_tokenizer("tokenizer")]
-        self.text_encoders = [self.text_encoder_from_pretrained(Qwen3ForCausalLM, "text_encoder", device, weight_dtype,
-                                                                large=True)]
+        self.load_one_large_text_encoder(Qwen3ForCausalLM, device, weight_dtype)
 
     def text_pipeline(self):
         from diffusers import Flux2KleinPipeline
@@ -1148,12 +1152,10 @@ class ChromaFamily(FluxFamily):
         return [(self.tokenizers[0], self.args.max_sequence_length, "T5 text encoder", "--max_sequence_length")]
 
     def load_text_models(self, device, weight_dtype):
-        """T5 only (large: --quantize_text_encoders quantizes it) and its tokenizer."""
+        """T5 only and its tokenizer."""
         from transformers import T5EncoderModel
 
-        self.tokenizers = [self.auto_tokenizer("tokenizer")]
-        self.text_encoders = [self.text_encoder_from_pretrained(T5EncoderModel, "text_encoder", device, weight_dtype,
-                                                                large=True)]
+        self.load_one_large_text_encoder(T5EncoderModel, device, weight_dtype)
 
     def text_pipeline(self):
         from diffusers import ChromaPipeline
@@ -1310,12 +1312,10 @@ class QwenTextFamily(FlowMatchingFamily):
         super().check_args(args)
 
     def load_text_models(self, device, weight_dtype):
-        """The Qwen LLM (large: --quantize_text_encoders quantizes it) and its tokenizer."""
+        """The Qwen LLM (:attr:`text_encoder_class_name`) and its tokenizer."""
         import transformers
 
-        self.tokenizers = [self.auto_tokenizer("tokenizer")]
-        self.text_encoders = [self.text_encoder_from_pretrained(getattr(transformers, self.text_encoder_class_name),
-                                                                "text_encoder", device, weight_dtype, large=True)]
+        self.load_one_large_text_encoder(getattr(transformers, self.text_encoder_class_name), device, weight_dtype)
 
     def template_tokens(self) -> int:
         """Tokens the prompt template adds around a caption (they count against --max_sequence_length)."""

@@ -16,14 +16,25 @@ sys.path.insert(0, REPO)
 import fairhuman_demo  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    return fairhuman_demo.build_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd"), sdxl=False)
+def tiny_family_fixture(family: str):
+    """The session fixture ``tiny_{family}``: the family's tiny pipeline (``fairhuman_demo.FAMILY_BUILDERS``), built
+    once per test session in its own folder, for every test file."""
+
+    @pytest.fixture(scope="session", name=f"tiny_{family}")
+    def build(tmp_path_factory):
+        return fairhuman_demo.FAMILY_BUILDERS[family](str(tmp_path_factory.mktemp("models") / f"tiny-{family}"))
+
+    return build
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    return fairhuman_demo.build_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"), sdxl=True)
+tiny_sd = tiny_family_fixture("sd")
+tiny_sdxl = tiny_family_fixture("sdxl")
+tiny_flux = tiny_family_fixture("flux")
+tiny_sd3 = tiny_family_fixture("sd3")
+tiny_zimage = tiny_family_fixture("zimage")  # the 2026 families (issue 27)
+tiny_qwenimage = tiny_family_fixture("qwenimage")
+tiny_flux2klein = tiny_family_fixture("flux2klein")
+tiny_chroma = tiny_family_fixture("chroma")
 
 
 @pytest.fixture(scope="session")
@@ -174,37 +185,6 @@ def edge_photos(folder, orientations=(1,)):
     return str(folder), {size: (face, hands) for size, face, hands in layouts.values()}
 
 
-@pytest.fixture(scope="session")
-def tiny_flux(tmp_path_factory):
-    return fairhuman_demo.build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux"))
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory):
-    return fairhuman_demo.build_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
-
-
-# the 2026 families (issue 27), one build per session for every test file
-@pytest.fixture(scope="session")
-def tiny_zimage(tmp_path_factory):
-    return fairhuman_demo.build_tiny_zimage(str(tmp_path_factory.mktemp("models") / "tiny-zimage"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwenimage(tmp_path_factory):
-    return fairhuman_demo.build_tiny_qwenimage(str(tmp_path_factory.mktemp("models") / "tiny-qwenimage"))
-
-
-@pytest.fixture(scope="session")
-def tiny_flux2klein(tmp_path_factory):
-    return fairhuman_demo.build_tiny_flux2klein(str(tmp_path_factory.mktemp("models") / "tiny-flux2klein"))
-
-
-@pytest.fixture(scope="session")
-def tiny_chroma(tmp_path_factory):
-    return fairhuman_demo.build_tiny_chroma(str(tmp_path_factory.mktemp("models") / "tiny-chroma"))
-
-
 KOHYA_KEY = re.compile(r"(lora_unet|lora_transformer|lora_te1|lora_te2|lora_te)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 """A kohya-format LoRA key: ``{prefix}_{module path with '.' -> '_'}.{lora_down.weight | lora_up.weight | alpha}``."""
 
@@ -214,3 +194,88 @@ def objective_rows(grads):
     import torch
 
     return torch.stack([grads._flat(i) for i in range(grads.num_objectives)])
+
+
+# ---- where people generate: diffusers' own loader, ComfyUI's key map -----------------------------------------
+
+
+def assert_lora_loads_whole_and_changes_the_image(model, lora_file, pipeline_class_name=None,
+                                                  prompt="a photo of a person", **call_kwargs):
+    """The diffusers LoRA file loads whole into the model's own UNQUANTIZED pipeline (``pipeline_class_name``, or
+    the one its model_index.json names) through diffusers' ``load_lora_weights`` -- every trained module, bit for
+    bit -- and changes its image (32 px, 2 steps, seed 0; ``call_kwargs`` go to the pipeline call)."""
+    import diffusers
+    import numpy as np
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(lora_file)
+    pipe = getattr(diffusers, pipeline_class_name or "DiffusionPipeline").from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe(prompt=prompt, height=32, width=32, num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **call_kwargs).images[0]
+
+    base = image()
+    pipe.load_lora_weights(lora_file, adapter_name="fh")
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="fh")
+    assert {f"transformer.{k}" for k in loaded} == set(state)  # every module, whole
+    for key, value in loaded.items():
+        assert torch.equal(value, state[f"transformer.{key}"]), key
+    assert np.abs(image() - base).max() > 0
+    return pipe
+
+
+def lora_modules(keys) -> set[str]:
+    """The module names of a LoRA file's keys, with the file's prefix: ``transformer.{name}`` (diffusers) or
+    ``lora_transformer_{name, '.' -> '_'}`` (kohya)."""
+    return ({k.rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k}
+            | {k.rsplit(".", 1)[0] for k in keys if k.endswith(".alpha")})
+
+
+def assert_comfyui_reads(lora_file, names, kohya=True) -> set[str]:
+    """Every module of the LoRA file is in ComfyUI's key map, which ``comfy/lora.py model_lora_keys_unet`` offers for
+    the diffusers module ``names`` as ``transformer.{name}`` and (``kohya``: where it reads them)
+    ``lora_transformer_{name, '.' -> '_'}``. Returns the file's (prefixed) module names."""
+    from safetensors.torch import load_file
+
+    known = {f"transformer.{n}" for n in names}
+    if kohya:
+        known |= {f"lora_transformer_{n.replace('.', '_')}" for n in names}
+    trained = lora_modules(load_file(lora_file))
+    assert trained and trained <= known, sorted(trained - known)
+    return trained
+
+
+def comfyui_transformer_names(family: str, double: int, single: int = 0) -> set[str]:
+    """The diffusers module names ComfyUI's LoRA key map knows for a FLUX.1, SD3, Chroma or FLUX.2 klein transformer
+    of ``double`` joint and ``single`` single blocks: every weight of ``comfy.utils.mmdit_to_diffusers`` (SD3) or
+    ``flux_to_diffusers`` (the Flux branch), as comfy/lora.py ``model_lora_keys_unet`` reads them (ComfyUI at
+    41444b5236c613ee5ff7d09aa620f94b702f30eb / 2ba5cc8b867bc1aabe59fdaf0a8489e65012d603; for Chroma and FLUX.2 a
+    January 2026 ComfyUI, whose ``flux_to_diffusers`` adds FLUX.2's ``ff.linear_in/out``, and
+    ``attn.to_qkv_mlp_proj`` / ``attn.to_out`` -> ``linear1`` / ``linear2``)."""
+    flux2 = family in ("chroma", "flux2klein")
+    joint = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+             "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2",
+             "ff_context.net.0.proj", "ff_context.net.2"]
+    joint += ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"] if family == "sd3" else []
+    joint += ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"] if flux2 else []
+    single_block = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear"]
+    single_block += ["attn.to_qkv_mlp_proj", "attn.to_out"] if flux2 else []
+    names = {f"transformer_blocks.{i}.{m}" for i in range(double) for m in joint}
+    names |= {f"single_transformer_blocks.{i}.{m}" for i in range(single) for m in single_block}
+    return names | {"proj_out", "context_embedder", "norm_out.linear"} | ({"x_embedder"} if family != "sd3" else set())
+
+
+def run_two_processes(argv, **env):
+    """The training script with ``argv`` in two CPU processes (``accelerate launch --multi_gpu``: gloo), offline,
+    ``env`` added to the environment; returns the finished ``subprocess.CompletedProcess``."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "train_fairhuman_lora.py"), *[str(a) for a in argv]]
+    return subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true", **env},
+                          capture_output=True, text=True, timeout=600)

@@ -17,7 +17,15 @@ import time
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, REPO, assert_same_lora, lora_tensors, run_main, three_objective_model
+from conftest import (
+    OFFLINE_ENV,
+    REPO,
+    assert_same_lora,
+    lora_tensors,
+    run_main,
+    run_two_processes,
+    three_objective_model,
+)
 
 import checkpoints
 import fairhuman_utils as fh
@@ -74,13 +82,8 @@ def test_gradient_checkpointing_gives_the_same_lora(reference, tiny_sd, mixed_da
 
 def test_two_processes_equal_one_process(reference, tiny_sd, mixed_dataset, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(REPO, "train_fairhuman_lora.py"),
-           *base_args(tiny_sd, mixed_dataset, out, "--train_batch_size", 1, "--max_train_steps", STEPS,
-                      "--checkpointing_steps", 6, "--report_to", "tensorboard")]
-    proc = subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true"},
-                          capture_output=True, text=True, timeout=600)
+    proc = run_two_processes(base_args(tiny_sd, mixed_dataset, out, "--train_batch_size", 1, "--max_train_steps", STEPS,
+                                       "--checkpointing_steps", 6, "--report_to", "tensorboard"))
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "total batch = 2" in proc.stderr  # really two processes of batch 1
     assert "Aspect-ratio buckets: 3 of" in proc.stderr and "2 repeated examples per epoch" in proc.stderr

@@ -8,10 +8,15 @@ import math
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from conftest import assert_same_lora, run_main
+from conftest import (
+    assert_comfyui_reads,
+    assert_lora_loads_whole_and_changes_the_image,
+    assert_same_lora,
+    comfyui_transformer_names,
+    run_main,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,32 +32,6 @@ FAMILIES = list(PIPELINES)
 @pytest.fixture(scope="session")
 def shoe_dataset(tmp_path_factory):
     return fairhuman_demo.build_demo_dataset(str(tmp_path_factory.mktemp("data") / "shoes"), num_images=4, shoes=True)
-
-
-def comfyui_flux_names(double: int, single: int) -> set[str]:
-    """The diffusers module names ComfyUI's LoRA key map knows for a Flux-branch model (FLUX.1, Chroma, FLUX.2):
-    every weight of ``comfy.utils.flux_to_diffusers`` (read from ComfyUI's source, with its FLUX.2 entries
-    ``ff.linear_in/out``, ``attn.to_qkv_mlp_proj`` and ``attn.to_out`` -> ``linear1`` / ``linear2``), which
-    ``comfy/lora.py model_lora_keys_unet`` offers as ``transformer.{name}`` and ``lora_transformer_{name, . -> _}``."""
-    joint = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-             "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2",
-             "ff_context.net.0.proj", "ff_context.net.2", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
-             "ff_context.linear_out"]
-    names = {f"transformer_blocks.{i}.{m}" for i in range(double) for m in joint}
-    names |= {f"single_transformer_blocks.{i}.{m}" for i in range(single)
-              for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear",
-                        "attn.to_qkv_mlp_proj", "attn.to_out")}
-    return names | {"proj_out", "x_embedder", "context_embedder", "norm_out.linear"}
-
-
-def comfyui_key_map(double, single) -> set[str]:
-    names = comfyui_flux_names(double, single)
-    return {f"transformer.{n}" for n in names} | {f"lora_transformer_{n.replace('.', '_')}" for n in names}
-
-
-def modules(keys) -> set[str]:
-    return {k.rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k} | {k.rsplit(".", 1)[0] for k in keys
-                                                                      if k.endswith(".alpha")}
 
 
 def args_for(model, data, out, steps, *extra):
@@ -75,9 +54,6 @@ def family_of(model, *extra):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_trains_and_its_lora_loads_whole_and_changes_the_image(name, request, shoe_dataset, tmp_path):
-    import diffusers
-    from peft.utils import get_peft_model_state_dict
-
     from fairhuman_demo import read_scalars
 
     model = request.getfixturevalue(f"tiny_{name}")
@@ -91,21 +67,20 @@ def test_family_trains_and_its_lora_loads_whole_and_changes_the_image(name, requ
     assert all(len(v) == 3 and all(math.isfinite(x) for x in v) for v in losses)
     weights = [scalars[f"weight/{k}"] for k in ("global", "hand", "face")]  # MPD weights, positive and not equal
     assert all(w > 0 for v in weights for w in v) and len({round(v[0], 6) for v in weights}) == 3
-    diffusers_file = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    trained = modules(diffusers_file)
+    diffusers_path = os.path.join(out, "pytorch_lora_weights.safetensors")
+    diffusers_file = load_file(diffusers_path)
+    config = json.load(open(os.path.join(model, "transformer", "config.json")))
+    names = comfyui_transformer_names(name, config["num_layers"], config["num_single_layers"])
+    trained = assert_comfyui_reads(diffusers_path, names)  # ComfyUI's key map knows every module, in both files
     assert trained and all(k.startswith("transformer.") for k in diffusers_file)
     assert any(torch.count_nonzero(v) for k, v in diffusers_file.items() if "lora_B" in k)  # the LoRA changed
-    config = json.load(open(os.path.join(model, "transformer", "config.json")))
-    known = comfyui_key_map(config["num_layers"], config["num_single_layers"])
-    assert trained <= known, sorted(trained - known)
     if name == "flux2klein":  # the example's targets: image attention of the double blocks, the single blocks' two
         assert {m.split(".", 3)[-1] for m in trained} == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                                                           "attn.to_qkv_mlp_proj", "attn.to_out"}
     else:
         assert any(".attn.add_q_proj" in m for m in trained) and any("single_transformer_blocks" in m for m in trained)
     kohya_path = os.path.join(out, f"{name}.safetensors")
-    kohya_modules = modules(load_file(kohya_path))
-    assert len(kohya_modules) == len(trained) and kohya_modules <= known, sorted(kohya_modules - known)
+    assert len(assert_comfyui_reads(kohya_path, names)) == len(trained)
     with safe_open(kohya_path, "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == {"flux2klein": "flux2_klein", "chroma": "chroma"}[name]
@@ -117,20 +92,7 @@ def test_family_trains_and_its_lora_loads_whole_and_changes_the_image(name, requ
     assert f"| `{name}.safetensors` | kohya format (`lora_transformer_*` keys) |" in card
     assert "FluxGuidance" not in card and "--guidance_scale" not in card  # no guidance embedding in either
     # diffusers' own loader reads every trained module, bit-identical, and the image changes
-    pipe = getattr(diffusers, PIPELINES[name]).from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe(prompt="a photo of a person", height=32, width=32, num_inference_steps=2, max_sequence_length=24,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-
-    base = image()
-    pipe.load_lora_weights(os.path.join(out, "pytorch_lora_weights.safetensors"), adapter_name="fh")
-    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="fh")
-    assert {f"transformer.{k}" for k in loaded} == set(diffusers_file)
-    for key, value in loaded.items():
-        assert torch.equal(value, diffusers_file[f"transformer.{key}"]), key
-    assert np.abs(image() - base).max() > 0
+    assert_lora_loads_whole_and_changes_the_image(model, diffusers_path, PIPELINES[name], max_sequence_length=24)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -287,7 +249,8 @@ def test_full_size_default_targets_are_all_in_comfyuis_key_map(label, tmp_path):
     from accelerate import init_empty_weights
 
     class_name, config, expected = FULL_SIZE[label]
-    family_class = mf.Flux2KleinFamily if class_name.startswith("Flux2") else mf.ChromaFamily
+    name = "flux2klein" if class_name.startswith("Flux2") else "chroma"
+    family_class = {"flux2klein": mf.Flux2KleinFamily, "chroma": mf.ChromaFamily}[name]
     with init_empty_weights():
         model = getattr(diffusers, class_name)(**config)
     family = family_class.__new__(family_class)
@@ -296,4 +259,4 @@ def test_full_size_default_targets_are_all_in_comfyuis_key_map(label, tmp_path):
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     trained = {n for n in linear if any(n == t or n.endswith("." + t) for t in targets)}
     assert len(trained) == expected
-    assert trained <= comfyui_flux_names(config["num_layers"], config["num_single_layers"])
+    assert trained <= comfyui_transformer_names(name, config["num_layers"], config["num_single_layers"])

@@ -7,10 +7,15 @@ import logging
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from conftest import assert_same_lora, run_main
+from conftest import (
+    assert_comfyui_reads,
+    assert_lora_loads_whole_and_changes_the_image,
+    assert_same_lora,
+    run_main,
+    run_two_processes,
+)
 from safetensors.torch import load_file
 
 import fairhuman_demo
@@ -23,13 +28,14 @@ PIPELINES = {"zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline"}
 
 @pytest.fixture(scope="session")
 def varied_dataset(tmp_path_factory):
-    """The demo people with captions of different lengths (so caption embeddings differ in length within a
-    batch) and a third box column (``torso_boxes``, between face and hands) for ``--region``."""
+    """The demo people with captions of six different lengths (so caption embeddings differ in length within
+    every batch, whichever aspect-ratio bucket it comes from) and a third box column (``torso_boxes``, between face
+    and hands) for ``--region``."""
     folder = fairhuman_demo.build_demo_dataset(str(tmp_path_factory.mktemp("data") / "varied"), num_images=6)
     path = os.path.join(folder, "metadata.jsonl")
     rows = [json.loads(line) for line in open(path)]
     for i, row in enumerate(rows):
-        row["text"] = "a person" if i % 2 else row["text"] + ", outdoors, in the afternoon light"
+        row["text"] = "a person" + ", outdoors" * i
         (x0, y0, x1, y1) = row["face_boxes"][0]
         row["torso_boxes"] = [[x0, y1, x1, min(y1 + (y1 - y0), 95)]]
     with open(path, "w") as f:
@@ -73,30 +79,25 @@ def comfyui_names(family: str, config: dict) -> set[str]:
             | {"img_in", "txt_in", "norm_out.linear", "proj_out"})
 
 
-def trained_modules(state) -> set[str]:
-    return {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in state}
-
-
 # ---- each family trains end to end; its file loads whole into its pipeline and changes the image -------------
 
 
 @pytest.mark.parametrize("family", ["zimage", "qwenimage"])
 def test_family_trains_and_its_lora_loads_whole_into_its_pipeline(family, request, varied_dataset, tmp_path):
-    import diffusers
-    from peft.utils import get_peft_model_state_dict
-
     model = request.getfixturevalue(f"tiny_{family}")
     out = str(tmp_path / family)
     run_main(*family_args(model, varied_dataset, out, 2, "--validation_prompt", "a person",
                           "--num_validation_images", "1", "--validation_inference_steps", "2"))
     assert os.path.isfile(os.path.join(out, "image_0.png"))  # validation ran through the family's pipeline
     assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["pytorch_lora_weights.safetensors"]
-    state = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    lora_file = os.path.join(out, "pytorch_lora_weights.safetensors")
+    state = load_file(lora_file)
     assert state and all(k.startswith("transformer.") and torch.isfinite(v).all() for k, v in state.items())
     assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # trained (B starts at zero)
-    trained = trained_modules(state)
     config = json.load(open(os.path.join(model, "transformer", "config.json")))
-    assert trained <= comfyui_names(family, config), sorted(trained - comfyui_names(family, config))
+    # ComfyUI reads every module under its transformer. name (and no lora_transformer_ names here)
+    trained = {m[len("transformer."):] for m in assert_comfyui_reads(lora_file, comfyui_names(family, config),
+                                                                      kohya=False)}
     if family == "zimage":  # the example's targets: the attention of the main layers and of both refiners
         assert {"layers.0.attention.to_q", "noise_refiner.0.attention.to_out.0",
                 "context_refiner.0.attention.to_v"} <= trained
@@ -117,20 +118,7 @@ def test_family_trains_and_its_lora_loads_whole_into_its_pipeline(family, reques
     assert meta["ss_base_model_version"] == {"zimage": "zimage", "qwenimage": "qwen_image"}[family]
     assert meta["modelspec.architecture"] == {"zimage": "z-image/lora", "qwenimage": "qwen-image/lora"}[family]
     assert "lora_adapter_metadata" in meta  # diffusers' own key is kept
-    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe(prompt="a photo of a person", height=32, width=32, num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-
-    base = image()
-    pipe.load_lora_weights(os.path.join(out, "pytorch_lora_weights.safetensors"), adapter_name="fh")
-    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="fh")
-    assert {f"transformer.{k}" for k in loaded} == set(state)  # every module, whole
-    for key, value in loaded.items():
-        assert torch.equal(value, state[f"transformer.{key}"]), key
-    assert np.abs(image() - base).max() > 0
+    assert_lora_loads_whole_and_changes_the_image(model, lora_file, PIPELINES[family])
 
 
 # ---- the step: masks on the latent cells of a non-square bucket, captions of their own length ----------------
@@ -298,3 +286,15 @@ def test_zimage_accumulation_equals_the_larger_batch_with_captions_of_their_own_
     run_main(*family_args(tiny_zimage, varied_dataset, accumulated, 3, "--train_batch_size", "1",
                           "--gradient_accumulation_steps", "2"))
     assert_same_lora(one, accumulated)
+
+
+def test_zimage_two_processes_equal_one_process(tiny_zimage, varied_dataset, tmp_path):
+    """Two CPU processes (gloo) of batch 1 == one process of batch 2: each process embeds its own caption at its
+    own length (no padding), the single process pads the short one and masks it; the LoRA gradients are averaged
+    across processes before the fair update."""
+    run_main(*family_args(tiny_zimage, varied_dataset, tmp_path / "one", 3, "--fair_update_interval", "1"))
+    proc = run_two_processes(family_args(tiny_zimage, varied_dataset, tmp_path / "two", 3, "--fair_update_interval", "1",
+                                         "--train_batch_size", "1"), OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "total batch = 2" in proc.stderr  # really two processes of batch 1
+    assert_same_lora(str(tmp_path / "one"), str(tmp_path / "two"), atol=1e-5)

@@ -368,9 +368,9 @@ def test_quantization_without_a_gpu_is_named_before_the_data_pass(tiny_flux, dem
 def test_bare_target_suffix_matching_a_top_level_module_is_warned(tiny_flux, demo_dataset, tmp_path, caplog):
     """peft matches a bare suffix anywhere, FLUX.1's final ``proj_out`` included: said, and both files still load
     (the diffusers file into the pipeline, every kohya module into ComfyUI's key map)."""
+    from conftest import assert_comfyui_reads, comfyui_transformer_names, lora_modules
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
-    from test_model_families import comfyui_key_map, modules
 
     out = tmp_path / "o"
     with caplog.at_level(logging.WARNING):
@@ -379,10 +379,10 @@ def test_bare_target_suffix_matching_a_top_level_module_is_warned(tiny_flux, dem
     assert "proj_out also matches the top-level module of the transformer" in caplog.text
     assert "to_q" not in caplog.text.split("--lora_target_modules:")[-1].split("\n")[0].split("also")[0]
     diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
-    assert "transformer.proj_out" in modules(diffusers_keys)  # it did train, as peft matched it
+    assert "transformer.proj_out" in lora_modules(diffusers_keys)  # it did train, as peft matched it
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
-    assert modules(load_file(out / "o.safetensors")) <= comfyui_key_map("flux", 1, 1)
+    assert_comfyui_reads(out / "o.safetensors", comfyui_transformer_names("flux", 1, 1))
 
 
 def test_empty_validation_prompt_is_refused(tmp_path):
