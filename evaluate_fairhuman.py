@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 import fairhuman_utils as fh
 from detector import IMAGE_EXTENSIONS, REQUIREMENTS_HINT, MediaPipeDetector, filtered_stderr, utf8_lines
 from fairhuman_utils import UsageError
+from flag_types import FINITE, NON_NEGATIVE, POSITIVE_INT, flag_number
 
 logger = logging.getLogger(__name__)
 
@@ -620,7 +621,7 @@ def parse_args(input_args=None):
     g.add_argument("--lora_paths", type=str, nargs="+", default=[],
                    help="One or more LoRAs: a folder with pytorch_lora_weights.safetensors or a .safetensors file, in "
                         "diffusers or kohya format (A1111/ComfyUI files). Each becomes a column next to the base model.")
-    g.add_argument("--lora_scale", type=float, default=None,
+    g.add_argument("--lora_scale", type=FINITE, default=None,
                    help="Strength of every LoRA. Default: what the model family's card advises (SD/SDXL 0.3, what the "
                         "FairHuman authors sampled with; FLUX.1/SD3 0.5); 1 = full strength.")
 
@@ -629,19 +630,19 @@ def parse_args(input_args=None):
                    help="A text file, one prompt per line ('#' lines ignored). Default: a built-in list of 16 prompts of "
                         "one person with face and hands in view.")
     g.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt for every image.")
-    g.add_argument("--num_images_per_prompt", type=int, default=4,
+    g.add_argument("--num_images_per_prompt", type=POSITIVE_INT, default=4,
                    help="Images per prompt and model; image j of prompt i has the same seed for every model.")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=flag_number(int, minimum=0, maximum=fh.SEED_MAX), default=0,
                    help="Image j of prompt i is drawn from seed + i * num_images_per_prompt + j (a CPU generator, so "
                         "the seeds give the same noise on any device).")
-    g.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
-    g.add_argument("--num_inference_steps", type=int, default=None,
+    g.add_argument("--resolution", type=flag_number(int, minimum=8, multiple_of=8), default=None, help="Image size; default: the model's own (512 SD 1.5, 1024 SDXL).")
+    g.add_argument("--num_inference_steps", type=POSITIVE_INT, default=None,
                    help="Sampling steps; default: the model family's advice: 30 UniPC steps for SD/SDXL (the "
                         "authors'), 28 for FLUX.1-dev and SD3, 4 for FLUX.1-schnell.")
-    g.add_argument("--guidance_scale", type=float, default=None,
+    g.add_argument("--guidance_scale", type=NON_NEGATIVE, default=None,
                    help="Guidance scale; default: the model family's advice: 7.5 for SD/SDXL (the authors'), 3.5 for "
                         "FLUX.1-dev (distilled guidance), 0 for FLUX.1-schnell, 4.5 for SD3.")
-    g.add_argument("--batch_size", type=int, default=4, help="Images generated per pipeline call.")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=4, help="Images generated per pipeline call.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Model weights dtype; default fp16 on a GPU, fp32 ('no') on the CPU.")
     g.add_argument("--device", type=str, default=None, help="Torch device; default cuda when available, else cpu.")
@@ -657,16 +658,16 @@ def parse_args(input_args=None):
                         "metadata.jsonl with file_name and text (the prompt) enables the CLIP score.")
 
     g = parser.add_argument_group("Scores")
-    g.add_argument("--min_confidence", type=float, default=0.5,
+    g.add_argument("--min_confidence", type=flag_number(float, minimum=0, maximum=1), default=0.5,
                    help="A face or hand counts as detected at this MediaPipe confidence or above.")
-    g.add_argument("--max_num_hands", type=int, default=4, help="At most this many hands per image.")
+    g.add_argument("--max_num_hands", type=POSITIVE_INT, default=4, help="At most this many hands per image.")
     g.add_argument("--face_model", type=str, default="full", choices=["full", "short"],
                    help="MediaPipe face detector: 'full' range (small faces too) or 'short' range (faces within ~2 m).")
     g.add_argument("--clip_model_name_or_path", type=str, default=None,
                    help="A LOCAL folder with a CLIP model (CLIPModel + CLIPProcessor) for the CLIP score of image and "
                         "prompt; never downloaded. Without it no CLIP score is computed.")
-    g.add_argument("--num_bootstrap", type=int, default=2000, help="Bootstrap resamples for the paired intervals.")
-    g.add_argument("--confidence_level", type=float, default=0.95, help="Coverage of the bootstrap intervals.")
+    g.add_argument("--num_bootstrap", type=POSITIVE_INT, default=2000, help="Bootstrap resamples for the paired intervals.")
+    g.add_argument("--confidence_level", type=flag_number(float, exclusive_minimum=0, exclusive_maximum=1), default=0.95, help="Coverage of the bootstrap intervals.")
 
     g = parser.add_argument_group("Output")
     g.add_argument("--output_dir", type=str, default="fairhuman-evaluation",
@@ -675,7 +676,7 @@ def parse_args(input_args=None):
                    help="Write into a non-empty --output_dir: the files an earlier run of this script wrote there "
                         "(listed in its .fairhuman_evaluation_outputs.json) are replaced; nothing else is touched, "
                         "and a file of yours with the name of an output stops the run.")
-    g.add_argument("--grid_cell_size", type=int, default=256, help="Width in pixels of each image in the grids.")
+    g.add_argument("--grid_cell_size", type=flag_number(int, minimum=8), default=256, help="Width in pixels of each image in the grids.")
     g.add_argument("--disable_progress_bar", action="store_true", help="Do not show progress bars.")
 
     return parser.parse_args(input_args)
@@ -692,17 +693,6 @@ def check_args(args) -> None:
                 raise UsageError(f"--lora_paths: no such file or folder {path!r}")
             if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
                 raise UsageError(f"--lora_paths: the folder {path!r} holds no .safetensors file")
-        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-        if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-            raise UsageError(f"--resolution must be a multiple of 8 of at least 8, got {args.resolution}")
-        if not math.isfinite(args.lora_scale or 0.0) or not math.isfinite(args.guidance_scale or 0.0):
-            raise UsageError("--lora_scale and --guidance_scale must be finite numbers")
-        if args.guidance_scale is not None and args.guidance_scale < 0:
-            raise UsageError(f"--guidance_scale must not be negative (1 or below turns guidance off), got {args.guidance_scale}")
-        if not 0 <= args.seed <= fh.SEED_MAX:
-            raise UsageError(f"--seed must be an integer from 0 to {fh.SEED_MAX} (2**32 - 1), got {args.seed}")
         check_device(args.device)
     elif args.prediction_type is not None:
         raise UsageError("--prediction_type only applies to generation mode (--pretrained_model_name_or_path)")
@@ -719,12 +709,6 @@ def check_args(args) -> None:
     if clip is not None and not os.path.isfile(os.path.join(clip, "config.json")):
         raise UsageError(f"--clip_model_name_or_path {clip!r} is not a local model folder (with config.json); "
                          "the CLIP score only uses a local copy and never downloads one")
-    if not 0.0 <= args.min_confidence <= 1.0:
-        raise UsageError(f"--min_confidence must be in [0, 1], got {args.min_confidence}")
-    if args.max_num_hands < 1 or args.num_bootstrap < 1 or args.grid_cell_size < 8:
-        raise UsageError("--max_num_hands and --num_bootstrap must be at least 1, --grid_cell_size at least 8")
-    if not 0.0 < args.confidence_level < 1.0:
-        raise UsageError(f"--confidence_level must be in (0, 1), got {args.confidence_level}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir!r} is a file")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:

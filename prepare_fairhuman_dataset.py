@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 import fairhuman_utils as fh
 from detector import IMAGE_EXTENSIONS, MediaPipeDetector, clip_box, utf8_lines
+from flag_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, flag_number
 
 logger = logging.getLogger(__name__)
 
@@ -963,20 +964,20 @@ def parse_args(input_args=None):
     )
     source.add_argument("--default_caption", type=str, default="", help="Caption for images that have none.")
     source.add_argument(
-        "--max_samples", type=int, default=None, help="Only process the first N images or rows (for a quick look)."
+        "--max_samples", type=POSITIVE_INT, default=None, help="Only process the first N images or rows (for a quick look)."
     )
 
     detector = parser.add_argument_group("Detector (with --input_dir): MediaPipe, from requirements-prepare.txt")
     detector.add_argument(
         "--min_confidence",
-        type=float,
+        type=flag_number(float, minimum=0, maximum=1),
         default=0.5,
         help=(
             "Minimum confidence in [0, 1] for a face detection, a palm detection and the hand landmark model's "
             "hand-presence score (the FairHuman authors used 0.5 with their YOLO detectors)."
         ),
     )
-    detector.add_argument("--max_num_hands", type=int, default=4, help="At most this many hands per image.")
+    detector.add_argument("--max_num_hands", type=POSITIVE_INT, default=4, help="At most this many hands per image.")
     detector.add_argument(
         "--hand_model_complexity",
         type=int,
@@ -993,7 +994,7 @@ def parse_args(input_args=None):
     )
     detector.add_argument(
         "--hand_box_padding",
-        type=float,
+        type=NON_NEGATIVE,
         default=0.1,
         help=(
             "A hand box is the extent of MediaPipe's 21 hand landmarks (joint centres and finger tips), grown by this "
@@ -1002,7 +1003,7 @@ def parse_args(input_args=None):
     )
     detector.add_argument(
         "--face_box_padding",
-        type=float,
+        type=NON_NEGATIVE,
         default=0.0,
         help="Grow each detected face box by this fraction of its larger side on every side.",
     )
@@ -1017,17 +1018,17 @@ def parse_args(input_args=None):
         "--face_mask_column", type=str, default=None, help="Image column with face masks (the authors' 'mask_face')."
     )
     masks.add_argument(
-        "--mask_threshold", type=int, default=127, help="Gray levels above this (0-255) are foreground."
+        "--mask_threshold", type=flag_number(int, minimum=0, maximum=255), default=127, help="Gray levels above this (0-255) are foreground."
     )
     masks.add_argument(
         "--min_mask_area",
-        type=int,
+        type=POSITIVE_INT,
         default=16,
         help="Ignore connected regions smaller than this many mask pixels (noise).",
     )
     masks.add_argument(
         "--mask_shrink_pixels",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=0,
         help="Remove this many pixels from every side of each box (the authors' masks were dilated by about 8 px).",
     )
@@ -1117,12 +1118,12 @@ def parse_args(input_args=None):
         help="Where the preview goes (default: OUTPUT_DIR_preview next to the dataset, never inside it, where it would become a training image).",
     )
     preview.add_argument(
-        "--preview_max_images", type=int, default=48, help="At most this many images on the contact sheet."
+        "--preview_max_images", type=POSITIVE_INT, default=48, help="At most this many images on the contact sheet."
     )
     preview.add_argument(
-        "--preview_thumb_size", type=int, default=256, help="Size in pixels of each contact-sheet cell."
+        "--preview_thumb_size", type=POSITIVE_INT, default=256, help="Size in pixels of each contact-sheet cell."
     )
-    preview.add_argument("--preview_columns", type=int, default=6, help="Contact-sheet columns.")
+    preview.add_argument("--preview_columns", type=POSITIVE_INT, default=6, help="Contact-sheet columns.")
 
     args = parser.parse_args(input_args) if input_args is not None else parser.parse_args()
 
@@ -1186,19 +1187,6 @@ def parse_args(input_args=None):
             )
         if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
             parser.error(f"--output_dir {args.output_dir} is a file")
-    if not 0.0 <= args.min_confidence <= 1.0:
-        parser.error(f"--min_confidence must be in [0, 1], got {args.min_confidence}")
-    if args.max_num_hands < 1:
-        parser.error("--max_num_hands must be at least 1")
-    if args.max_samples is not None and args.max_samples < 1:
-        parser.error("--max_samples must be at least 1")
-    if min(args.hand_box_padding, args.face_box_padding, args.mask_shrink_pixels) < 0:
-        parser.error("--hand_box_padding, --face_box_padding and --mask_shrink_pixels must not be negative")
-    for flag, value in (("--hand_box_padding", args.hand_box_padding), ("--face_box_padding", args.face_box_padding)):
-        if not math.isfinite(value):
-            parser.error(f"{flag} must be a finite number, got {value}")
-    if args.min_mask_area < 1:
-        parser.error(f"--min_mask_area must be at least 1 pixel, got {args.min_mask_area}")
     if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
         parser.error(f"--caption_extension must be an extension starting with '.', e.g. .txt; got {args.caption_extension!r}")
     if args.hand_mask_column is not None and args.hand_mask_column == args.face_mask_column:
@@ -1207,10 +1195,6 @@ def parse_args(input_args=None):
     for flag in ("split", "objects_bbox_key", "objects_category_key"):
         if not getattr(args, flag):
             parser.error(f"--{flag} is empty")
-    if not 0 <= args.mask_threshold <= 255:
-        parser.error("--mask_threshold must be in [0, 255]")
-    if min(args.preview_max_images, args.preview_thumb_size, args.preview_columns) < 1:
-        parser.error("--preview_max_images, --preview_thumb_size and --preview_columns must be at least 1")
     if args.preview_dir is None:
         args.preview_dir = os.path.normpath(os.path.abspath(dataset_dir)) + "_preview"
     preview_real = os.path.abspath(args.preview_dir)

@@ -43,6 +43,7 @@ from checkpoints import (
     save_checkpoint,
     settle_checkpoint_branch,
 )
+from flag_types import FINITE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, flag_number
 from hub import HubError, create_hub_repo, push_output_folder
 from latent_cache import load_or_build_cache
 from lora_files import default_output_name, load_lora_into_denoiser, lora_targets, save_run_lora, writes_kohya_file
@@ -50,11 +51,6 @@ from mask_previews import save_mask_previews
 from model_card import write_model_card
 from regions import RegionAction, region_loss_weights, region_sources, run_objectives
 from training_checks import (
-    FINITE,
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
-    POSITIVE,
-    POSITIVE_INT,
     CheckedDataset,
     check_args,
     check_dataset,
@@ -64,7 +60,6 @@ from training_checks import (
     check_output_dir,
     check_trackers,
     error_with_causes,
-    flag_number,
     report_regions,
     verify_images,
     warn_long_captions,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import OFFLINE_ENV, REPO, run_main
+from conftest import OFFLINE_ENV, REPO, parse_error, run_main
 from PIL import Image
 from test_prepare_dataset import PHOTOS, bundled_file, needs_mediapipe  # noqa: E402
 
@@ -337,7 +337,6 @@ def test_bad_input_is_refused_naming_the_flag(tiny_sd, tmp_path):
         ([*model, "--lora_paths", tmp_path / "nope.safetensors"], "--lora_paths: no such file"),
         ([*model, "--lora_paths", tmp_path], "--lora_paths: the folder .* holds no .safetensors"),
         ([*model, "--prompts_file", empty], "--prompts_file: .* holds no prompt"),
-        ([*model, "--num_images_per_prompt", 0], "--num_images_per_prompt must be at least 1"),
         (["--images_dir", tmp_path / "missing"], "--images_dir: no such folder"),
         (["--images_dir", tmp_path], "holds no image file"),
         ([*model, "--clip_model_name_or_path", "openai/clip-vit-large-patch14"], "never downloads"),
@@ -346,6 +345,8 @@ def test_bad_input_is_refused_naming_the_flag(tiny_sd, tmp_path):
         with pytest.raises(fh.UsageError, match=message):
             run_eval(*argv, "--output_dir", tmp_path / "out")
         assert not (tmp_path / "out").exists(), argv
+    refused = parse_error(ev.parse_args, [*model, "--num_images_per_prompt", 0, "--output_dir", tmp_path / "out"])
+    assert "argument --num_images_per_prompt: must be at least 1, got 0" in refused  # argparse, before anything
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
     with pytest.raises(fh.UsageError, match="not empty"):

@@ -192,7 +192,7 @@ def dirs(tmp_path):
         (["--input_dir", "{out}/missing", "--output_dir", "{out}"], "is not a folder"),
         (
             ["--input_dir", "{photos}", "--output_dir", "{out}", "--min_confidence", "1.5"],
-            "--min_confidence must be in [0, 1]",
+            "argument --min_confidence: must be in [0, 1], got 1.5",
         ),
         (
             ["--input_dir", "{photos}", "--output_dir", "{out}", "--preview_dir", "{out}/p"],
