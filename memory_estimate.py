@@ -62,6 +62,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from flag_types import NON_NEGATIVE_INT, POSITIVE_INT, flag_number
+
 GiB = 1024**3
 
 # ---------------------------------------------------------------------------------------------
@@ -1102,13 +1104,13 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sdxl",
                     help=f"a named model ({', '.join(sorted(MODELS))}) or a diffusers folder with its config files")
-    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--rank", type=POSITIVE_INT, default=256)
     ap.add_argument("--mode", choices=["plain", "fair_exact", "fair_interval"], default="fair_exact")
-    ap.add_argument("--num_regions", type=int, default=2,
+    ap.add_argument("--num_regions", type=NON_NEGATIVE_INT, default=2,
                     help="region objectives beside the global one (2: hand, face; K = num_regions + 1 rows)")
-    ap.add_argument("--resolution", type=int, default=None, help="default: the model's native resolution")
-    ap.add_argument("--batch_size", type=int, default=1)
-    ap.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default: the family's)")
+    ap.add_argument("--resolution", type=flag_number(int, minimum=8, multiple_of=8), default=None, help="default: the model's native resolution")
+    ap.add_argument("--batch_size", type=POSITIVE_INT, default=1)
+    ap.add_argument("--max_sequence_length", type=POSITIVE_INT, default=None, help="T5 tokens (default: the family's)")
     gcg = ap.add_mutually_exclusive_group()
     gcg.add_argument("--gradient_checkpointing", dest="gradient_checkpointing", action="store_true", default=True)
     gcg.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
@@ -1126,10 +1128,10 @@ def build_parser():
     ap.add_argument("--quantize_text_encoders", choices=["none", "nf4", "int8"], default="none",
                     help="the family's large text encoders (T5) stored by bitsandbytes for the caption pass (analytic)")
     ap.add_argument("--validation", action="store_true", help="validation sampling mid-run (--validation_prompt)")
-    ap.add_argument("--validation_resolution", type=int, default=None, help="default: --resolution")
-    ap.add_argument("--evaluation_images", type=int, default=0,
+    ap.add_argument("--validation_resolution", type=flag_number(int, minimum=8, multiple_of=8), default=None, help="default: --resolution")
+    ap.add_argument("--evaluation_images", type=NON_NEGATIVE_INT, default=0,
                     help="images per pipeline call of the evaluation (--evaluate_prompts_file); 0: none")
-    ap.add_argument("--evaluation_resolution", type=int, default=None, help="default: --resolution")
+    ap.add_argument("--evaluation_resolution", type=flag_number(int, minimum=8, multiple_of=8), default=None, help="default: --resolution")
     ap.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit")
     ap.add_argument("--try_bnb", action="store_true", help="try bitsandbytes' own AdamW8bit under fake tensors "
                     "(default: a stub with its exact state tensors; its update kernel is in place)")

@@ -5,10 +5,12 @@ of config files without weights."""
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_main
+from conftest import OFFLINE_ENV, REPO, run_main
 
 
 def config_only_copy(model, folder):
@@ -329,3 +331,13 @@ def test_the_flags_that_lower_a_phase_come_from_the_family(tiny_flux, tiny_sdxl)
     sdxl, args = family_of(tiny_sdxl)
     assert sdxl.memory_advice(args, "latents")[0].startswith("--pretrained_vae_model_name_or_path")
     assert not any("quantize" in flag for phase in ("caption", "step") for flag in sdxl.memory_advice(args, phase))
+
+
+def test_memory_estimate_cli_refuses_a_number_out_of_range_naming_the_flag():
+    """python memory_estimate.py --rank 0 was a traceback from peft; now argparse's line, before any model builds."""
+    for flag, value, message in [("--rank", "0", "must be at least 1, got 0"),
+                                 ("--resolution", "100", "must be a multiple of 8, got 100")]:
+        proc = subprocess.run([sys.executable, "memory_estimate.py", "--model", "sd15", flag, value], cwd=REPO,
+                              env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"error: argument {flag}: {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
