@@ -279,3 +279,52 @@ def run_two_processes(argv, **env):
            os.path.join(REPO, "train_fairhuman_lora.py"), *[str(a) for a in argv]]
     return subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true", **env},
                           capture_output=True, text=True, timeout=600)
+
+
+def step_on_a_non_square_bucket(model, max_sequence_length, captions):
+    """One training step's inputs and prediction of the family of ``model`` on a 40 x 24 px (w x h) bucket,
+    with a gaussian-initialised LoRA on the family's default targets, checked as every family must be: the hand
+    and face masks on their latent cells (20 x 12 cells at the tiny models' VAE factor 2), the prediction of the
+    target's shape, and three per-objective gradients that are finite, non-zero and pointing different ways.
+    Returns ``(args, family, batch, conditioning, inputs, prediction)`` for the family's own checks."""
+    import torch
+    from peft import LoraConfig
+
+    import fairhuman_utils as fh
+    import model_families as mf
+    import train_fairhuman_lora as train
+
+    args = train.parse_args(["--pretrained_model_name_or_path", model, "--train_data_dir", "x",
+                             "--max_sequence_length", str(max_sequence_length)])
+    family = mf.family_for_model(args)
+    family.check_args(args)
+    family.load("cpu", torch.float32)
+    torch.manual_seed(0)
+    family.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                           target_modules=family.default_lora_targets.split(",")))
+    params = [p for p in family.denoiser.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)  # B != 0, so every LoRA matrix gets gradient
+    masks = torch.zeros(2, 2, 24, 40)
+    masks[:, 0, 4:12, 28:36] = 1  # hand: latent rows 2-5, columns 14-17
+    masks[:, 1, 0:8, 0:8] = 1  # face: latent rows 0-3, columns 0-3
+    batch = {"pixel_values": torch.rand(2, 3, 24, 40) * 2 - 1, "masks": masks, "seeds": [1, 2], "rows": [0, 1],
+             "captions": list(captions), "original_sizes": [(24, 40)] * 2,
+             "crop_top_lefts": [(0, 0)] * 2, "target_sizes": [(24, 40)] * 2}
+    conditioning = family.caption_conditioning([[caption] for caption in captions], "cpu")
+    inputs = train.prepare_inputs(batch, args, family, conditioning, torch.float32, "cpu")
+    assert inputs.region_masks[0].shape == (2, 1, 12, 20) and inputs.target.shape == (2, 16, 12, 20)
+    assert inputs.region_masks[0][0, 0].nonzero().min(0).values.tolist() == [2, 14]
+    assert inputs.region_masks[0][0, 0].nonzero().max(0).values.tolist() == [5, 17]
+    assert inputs.region_masks[1][0, 0].sum() == 16 and inputs.region_masks[1][0, 0, :4, :4].all()
+    prediction = family.predict(family.denoiser, inputs)
+    assert prediction.shape == inputs.target.shape
+    losses = fh.fairhuman_losses(prediction, inputs.target, inputs.region_masks[0], inputs.region_masks[1],
+                                 sample_weights=inputs.sample_weights)
+    grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], params, retain_graph=True)])
+                         for i in range(3)])
+    assert torch.isfinite(grads).all() and (grads.norm(dim=1) > 0).all()
+    cosine = torch.nn.functional.normalize(grads, dim=1) @ torch.nn.functional.normalize(grads, dim=1).T
+    assert cosine[0, 1] < 0.99 and cosine[0, 2] < 0.99 and cosine[1, 2] < 0.99
+    return args, family, batch, conditioning, inputs, prediction

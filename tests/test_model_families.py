@@ -16,6 +16,7 @@ from conftest import (
     comfyui_transformer_names,
     run_main,
     run_two_processes,
+    step_on_a_non_square_bucket,
 )
 from PIL import Image
 from safetensors import safe_open
@@ -161,43 +162,7 @@ def test_flux_packing_keeps_every_latent_cell_on_a_non_square_grid():
 
 @pytest.mark.parametrize("family_name", ["flux", "sd3"])
 def test_flow_step_masks_on_the_latent_cells_and_per_objective_gradients_differ(family_name, request):
-    from peft import LoraConfig
-
-    model = request.getfixturevalue(f"tiny_{family_name}")
-    args = train.parse_args(["--pretrained_model_name_or_path", model, "--train_data_dir", "x",
-                             "--max_sequence_length", "16"])
-    family = mf.family_for_model(args)
-    family.check_args(args)
-    family.load("cpu", torch.float32)
-    torch.manual_seed(0)
-    family.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                           target_modules=fh_targets(family)))
-    params = [p for p in family.denoiser.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.1)  # B != 0, so every LoRA matrix gets gradient
-    masks = torch.zeros(2, 2, 24, 40)  # a 40 x 24 px (w x h) bucket -> 20 x 12 latent cells
-    masks[:, 0, 4:12, 28:36] = 1  # hand: latent rows 2-5, columns 14-17
-    masks[:, 1, 0:8, 0:8] = 1  # face: latent rows 0-3, columns 0-3
-    batch = {"pixel_values": torch.rand(2, 3, 24, 40) * 2 - 1, "masks": masks, "seeds": [1, 2], "rows": [0, 1],
-             "captions": ["a person waving", "a face"], "original_sizes": [(24, 40)] * 2,
-             "crop_top_lefts": [(0, 0)] * 2, "target_sizes": [(24, 40)] * 2}
-    conditioning = family.caption_conditioning([["a person waving"], ["a face"]], "cpu")
-    inputs = train.prepare_inputs(batch, args, family, conditioning, torch.float32, "cpu")
-    assert inputs.region_masks[0].shape == (2, 1, 12, 20) and inputs.target.shape == (2, 16, 12, 20)
-    assert inputs.region_masks[0][0, 0].nonzero().min(0).values.tolist() == [2, 14]
-    assert inputs.region_masks[0][0, 0].nonzero().max(0).values.tolist() == [5, 17]
-    assert inputs.region_masks[1][0, 0].sum() == 16 and inputs.region_masks[1][0, 0, :4, :4].all()
-    pred = family.predict(family.denoiser, inputs)
-    assert pred.shape == inputs.target.shape
-    losses = fh.fairhuman_losses(pred, inputs.target, inputs.region_masks[0], inputs.region_masks[1],
-                                 sample_weights=inputs.sample_weights)
-    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], params, retain_graph=True)])
-             for i in range(3)]
-    flat = torch.stack(grads)
-    assert torch.isfinite(flat).all() and (flat.norm(dim=1) > 0).all()
-    cosine = torch.nn.functional.normalize(flat, dim=1) @ torch.nn.functional.normalize(flat, dim=1).T
-    assert cosine[0, 1] < 0.99 and cosine[0, 2] < 0.99 and cosine[1, 2] < 0.99
+    step_on_a_non_square_bucket(request.getfixturevalue(f"tiny_{family_name}"), 16, ["a person waving", "a face"])
 
 
 def fh_targets(family):
