@@ -64,6 +64,16 @@ def region_sources(args) -> list[tuple[str, str, str]]:
     return sources
 
 
+def region_flag(args, region: str, kind: str, column: str, with_column: bool = True) -> str:
+    """The flag that gives ``region`` (``kind`` 'boxes' or 'mask') its ``column``, as the user types it, for
+    messages: ``--region NAME=COLUMN`` / ``--region_mask NAME=COLUMN`` with named regions, else
+    ``--{region}_box_column`` / ``--{region}_mask_column``, followed by the column with ``with_column``."""
+    if args.region_specs:
+        return f"--{'region' if kind == 'boxes' else 'region_mask'} {region}={column}"
+    flag = f"--{region}_{'mask' if kind == 'mask' else 'box'}_column"
+    return f"{flag} {column}" if with_column else flag
+
+
 def run_objectives(args) -> tuple[str, ...]:
     """The run's objectives, ``("global", *regions)``: the order of losses, weights, logs and checkpoints."""
     return fh.objective_names([name for name, _, _ in args.regions])

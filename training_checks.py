@@ -22,7 +22,7 @@ import fairhuman_utils as fh
 import model_families as mf
 from hub import ignore_patterns as hub_ignore_patterns
 from lora_files import LORA_WEIGHT_NAME, lora_targets
-from regions import check_regions
+from regions import check_regions, region_flag
 
 UsageError = fh.UsageError
 logger = logging.getLogger(__name__)
@@ -150,15 +150,15 @@ def check_value_domains(args) -> None:
         (_, hand_kind, hand), (_, face_kind, face) = args.regions
         if hand == face:
             raise UsageError(f"the hand and face regions are read from the same column {hand!r} "
-                             f"(--hand_{'mask' if hand_kind == 'mask' else 'box'}_column, "
-                             f"--face_{'mask' if face_kind == 'mask' else 'box'}_column): give each its own")
+                             f"({region_flag(args, 'hand', hand_kind, hand, with_column=False)}, "
+                             f"{region_flag(args, 'face', face_kind, face, with_column=False)}): give each its own")
         for flag, column in (("--hand_mask_column", args.hand_mask_column), ("--face_mask_column", args.face_mask_column)):
             if column is not None and column in (args.image_column, args.caption_column):
                 raise UsageError(f"{flag} {column!r} is also --image_column or --caption_column")
     else:  # named regions: the same rules, each region named with its flag
         readers = {}
         for name, kind, column in args.regions:
-            flag = f"--{'region' if kind == 'boxes' else 'region_mask'} {name}={column}"
+            flag = region_flag(args, name, kind, column)
             if column in readers:
                 raise UsageError(f"{readers[column]} and {flag} read the same column {column!r}: give each region "
                                  "its own")
@@ -328,11 +328,7 @@ def recipe_columns(dataset, args):
 
     columns = list(dataset.column_names)
     needed = [("--image_column", args.image_column), ("--caption_column", args.caption_column)]
-    for region, kind, column in args.regions:
-        if args.region_specs:
-            needed.append((f"--{'region' if kind == 'boxes' else 'region_mask'} {region}={column}", column))
-        else:
-            needed.append((f"--{region}_{'mask' if kind == 'mask' else 'box'}_column", column))
+    needed += [(region_flag(args, region, kind, column, with_column=False), column) for region, kind, column in args.regions]
     for flag, column in needed:
         if column not in columns:
             raise UsageError(f"{flag}: column '{column}' not found in the dataset; its columns are: {', '.join(columns)}")
@@ -340,9 +336,8 @@ def recipe_columns(dataset, args):
     for region, kind, column in args.regions:  # a mask flag on a column of boxes: say which flag reads it
         feature = dataset.features.get(column)
         if kind == "mask" and isinstance(feature, (list, datasets.Sequence, datasets.LargeList)):
-            flag = (f"--region_mask {region}={column}" if args.region_specs else f"--{region}_mask_column {column}")
-            instead = (f"--region {region}={column}" if args.region_specs else f"--{region}_box_column {column}")
-            raise UsageError(f"{flag}: column '{column}' holds boxes, not mask images; use {instead}")
+            raise UsageError(f"{region_flag(args, region, 'mask', column)}: column '{column}' holds boxes, not mask "
+                             f"images; use {region_flag(args, region, 'boxes', column)}")
     for column in _image_columns(args):
         if isinstance(dataset.features.get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))

@@ -394,6 +394,11 @@ def test_region_mask_on_a_box_column_says_to_use_region(tiny_sd, tmp_path):
     data = _dataset(tmp_path, [{"text": "a", "hand_boxes": [[1, 1, 5, 5]], "face_boxes": []}])
     message = _error(common(tiny_sd, data, tmp_path / "o", 1, "--region_mask", "hand=hand_boxes"))
     assert "--region hand=hand_boxes" in message, message
+    assert message.startswith("--region_mask hand=hand_boxes: column 'hand_boxes' holds boxes"), message
+    message = _error(common(tiny_sd, data, tmp_path / "o2", 1, "--hand_mask_column", "hand_boxes",
+                            "--face_mask_column", "face_boxes"))  # the default regions: their column flags
+    assert message.startswith("--hand_mask_column hand_boxes: column 'hand_boxes' holds boxes, not mask images; "
+                              "use --hand_box_column hand_boxes"), message
 
 
 def test_a_refused_run_leaves_no_empty_output_dir(tmp_path):
