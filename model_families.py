@@ -614,10 +614,9 @@ class StableDiffusionFamily(ModelFamily):
 
     def load_text_models(self, device, weight_dtype):
         """SD: one CLIP text encoder and its tokenizer (small: --quantize_text_encoders is refused, check_args)."""
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
-        self.tokenizers = [AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer", revision=self.revision, cache_dir=self.args.cache_dir,
-                                                         use_fast=False)]
+        self.tokenizers = [self.auto_tokenizer("tokenizer", use_fast=False)]
         self.text_encoders = [self.text_encoder_from_pretrained(CLIPTextModel, "text_encoder", device, weight_dtype)]
 
     def vae_dtype(self, weight_dtype):
@@ -693,11 +692,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     tags = ("stable-diffusion-xl",)
 
     def load_text_models(self, device, weight_dtype):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         super().load_text_models(device, weight_dtype)
-        self.tokenizers.append(AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer_2", revision=self.revision, cache_dir=self.args.cache_dir,
-                                                             use_fast=False))
+        self.tokenizers.append(self.auto_tokenizer("tokenizer_2", use_fast=False))
         self.text_encoders.append(self.text_encoder_from_pretrained(CLIPTextModelWithProjection, "text_encoder_2",
                                                                     device, weight_dtype))
 
