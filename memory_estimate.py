@@ -1253,19 +1253,9 @@ def estimate_settings(args, mixed_precision: str, family) -> dict:
         evaluation_resolution=args.resolution)
 
 
-def run_family(args):
-    """The run's family (model_index.json only, no weights) with its default LoRA targets filled in."""
-    import model_families as mf
-
-    family = mf.family_for_model(args)
-    if args.lora_target_modules is None:
-        args.lora_target_modules = family.default_lora_targets
-    return family
-
-
-def print_memory_estimate(args, mixed_precision: str) -> dict:
-    """``--estimate_memory``: estimate this run, phase by phase, from config files alone and print it."""
-    family = run_family(args)
+def print_memory_estimate(args, mixed_precision: str, family) -> dict:
+    """``--estimate_memory``: estimate this run, phase by phase, from config files alone and print it (``family``:
+    the run's, from the training script's ``check_model``, which also set the default LoRA targets)."""
     settings = estimate_settings(args, mixed_precision, family)
     print(f"estimating the run on fake tensors ({settings['mode']}, rank {args.rank}, {mixed_precision}, "
           f"batch {args.train_batch_size}) from {settings['model']} ...", flush=True)
@@ -1275,13 +1265,13 @@ def print_memory_estimate(args, mixed_precision: str) -> dict:
     return result
 
 
-def warn_if_over_memory(args, accelerator, logger) -> None:
+def warn_if_over_memory(args, accelerator, logger, family) -> None:
     """On CUDA: estimate the run (config files only, before any weight loads) and say up front when its peak
     exceeds the device's free memory, naming the phase that peaks and the flags that lower it (the family's
     :meth:`~model_families.ModelFamily.memory_advice`). The run still starts: it is an estimate."""
     try:
-        result = print_memory_estimate(args, accelerator.mixed_precision)
-        advice = run_family(args).memory_advice(args, result["peak_phase"])
+        result = print_memory_estimate(args, accelerator.mixed_precision, family)
+        advice = family.memory_advice(args, result["peak_phase"])
     except Exception as error:  # noqa: BLE001 - an estimate that fails must never stop a run
         logger.warning(f"memory estimate unavailable ({error!r})")
         return

@@ -901,9 +901,9 @@ def main(args):
 
     if args.estimate_memory:  # the run's checks of flags and configs, no data, no weights
         check_args(args)
-        check_model(args, None)
+        family, _ = check_model(args, None)
         memory_estimate.print_memory_estimate(args, args.mixed_precision
-                                              or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+                                              or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), family)
         return
     check_args(args)
     check_trackers(args)
@@ -978,7 +978,7 @@ def main(args):
     buckets, example_sizes, bucket_rows = plan_buckets(checked, args, bucket_step)
     check_image_sides(family, [side for bucket in buckets for side in bucket], "--max_bucket_aspect_ratio")
     if accelerator.device.type == "cuda" and accelerator.is_main_process:
-        memory_estimate.warn_if_over_memory(args, accelerator, logger)
+        memory_estimate.warn_if_over_memory(args, accelerator, logger, family)
     log_buckets(checked, args, buckets, example_sizes, bucket_rows, bucket_step, global_batch=total_batch)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device

@@ -89,19 +89,19 @@ def test_a_cuda_run_over_free_memory_says_so_and_names_flags(monkeypatch, caplog
 
     args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--rank", "256"])
     result = dict(peak_total=20 * 1024**3, peak_phase="step", peak_name="UNet training step")
-    monkeypatch.setattr(memory_estimate, "print_memory_estimate", lambda args, precision: result)
-    monkeypatch.setattr(memory_estimate, "run_family", lambda args: mf.StableDiffusionXLFamily(args))
+    monkeypatch.setattr(memory_estimate, "print_memory_estimate", lambda args, precision, family: result)
+    family = mf.StableDiffusionXLFamily(args)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (15 * 1024**3, 16 * 1024**3))
     accelerator = types.SimpleNamespace(device="cuda:0", mixed_precision="fp16")
     caplog.set_level(logging.WARNING)
-    memory_estimate.warn_if_over_memory(args, accelerator, logging.getLogger("t"))
+    memory_estimate.warn_if_over_memory(args, accelerator, logging.getLogger("t"), family)
     assert "estimated peak 20.00 GiB (UNet training step) exceeds the 15.00 GiB free" in caplog.text
     for flag in ("--gradient_checkpointing", "--use_8bit_adam", "--cache_latents", "--cache_text_embeddings", "--rank",
                  "sdxl-vae-fp16-fix"):
         assert flag in caplog.text
     caplog.clear()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * 1024**3, 80 * 1024**3))
-    memory_estimate.warn_if_over_memory(args, accelerator, logging.getLogger("t"))
+    memory_estimate.warn_if_over_memory(args, accelerator, logging.getLogger("t"), family)
     assert "exceeds" not in caplog.text
 
 
