@@ -1,10 +1,9 @@
 #!/usr/bin/env python
-"""Build the embedded default: tiny SD, SDXL, FLUX.1, SD3, Z-Image and Qwen-Image models and a small demo dataset, offline.
+"""Build the embedded default: a tiny model of every family and a small demo dataset, offline.
 
-    python fairhuman_demo.py --output_dir demo_assets
+    python fairhuman_demo.py --output_dir demo_assets [--families sd,sdxl,flux,sd3,zimage,qwenimage,flux2klein,chroma]
 
-writes ``demo_assets/tiny-sd``, ``demo_assets/tiny-sdxl``, ``demo_assets/tiny-flux``, ``demo_assets/tiny-sd3``,
-``demo_assets/tiny-zimage``, ``demo_assets/tiny-qwenimage``
+writes ``demo_assets/tiny-{family}`` for each of ``--families`` (default: sd, sdxl, flux, sd3)
 (diffusers folders with random weights and offline-made CLIP / T5 / Qwen tokenizers,
 built from configs, loadable with ``from_pretrained``) and ``demo_assets/demo_dataset`` (an
 imagefolder: drawn people with box annotations in ``metadata.jsonl``). The tests build the same
@@ -19,6 +18,8 @@ import os
 import random
 
 from PIL import Image, ImageDraw
+
+from flag_types import POSITIVE_INT
 
 
 def byte_symbols() -> list[str]:
@@ -657,10 +658,10 @@ def read_scalars(folder: str) -> dict[str, list[float]]:
 def main(input_args=None):
     parser = argparse.ArgumentParser(description="Build the tiny demo models and dataset (offline).")
     parser.add_argument("--output_dir", default="demo_assets",
-                        help="Folder for tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3 and demo_dataset.")
+                        help="Folder for tiny-{family} and demo_dataset.")
     parser.add_argument("--families", default="sd,sdxl,flux,sd3",
                         help=f"Which tiny models to build (comma-separated; known: {', '.join(FAMILY_BUILDERS)}).")
-    parser.add_argument("--num_images", type=int, default=12, help="Images in the demo dataset.")
+    parser.add_argument("--num_images", type=POSITIVE_INT, default=12, help="Images in the demo dataset.")
     parser.add_argument("--shoes", action="store_true",
                         help="Draw shoes too and write a third region column, shoe_boxes (train with "
                              "--region hand=hand_boxes --region face=face_boxes --region shoe=shoe_boxes).")
