@@ -737,6 +737,7 @@ def profile_peaks(prof):
 # ---------------------------------------------------------------------------------------------
 
 PHASES = ("caption", "latents", "step", "validation", "evaluation")
+DENOISER_PHASES = ("step", "validation", "evaluation")  # the phases that hold the denoiser
 """The run's phases in order (keys of ``result["phases"]``); their printed names come from :func:`phase_name`."""
 
 
@@ -961,26 +962,14 @@ def _simulate_once(args, measure, fh, family):
 
     # ---- bitsandbytes storage, analytic: the bytes saved by every phase that holds the model ----
     saved, dequantized = quantization_saving(denoiser, args.quantization)
-    step_phase_peak = dict(tracker.phase_peak)
-    if saved:
-        step_phase_peak = {k: v - saved + (dequantized if k != "prepare_inputs" else 0) for k, v in step_phase_peak.items()}
-        start_total -= saved
-        for key in ("step", "validation", "evaluation"):
-            if key in phases:
-                phases[key] += dequantized - saved
-        phases["step"] = max(step_phase_peak.values())
     large = family.large_text_encoders()
     te_saved = te_dequantized = 0
     for text_encoder in large:
         s, d = quantization_saving(text_encoder, args.quantize_text_encoders)
         te_saved, te_dequantized = te_saved + s, max(te_dequantized, d)
-    phases["caption"] += te_dequantized - te_saved
-    if in_step:  # the encoders stay for the step and the sampling
-        for key in ("step", "validation", "evaluation"):
-            if key in phases:
-                phases[key] -= te_saved
-        step_phase_peak = {k: v - te_saved for k, v in step_phase_peak.items()}
-        start_total -= te_saved
+    phases, step_phase_peak = quantized_phases(phases, tracker.phase_peak, saved, dequantized, te_saved,
+                                               te_dequantized, in_step)
+    start_total -= saved + (te_saved if in_step else 0)
 
     opt_states = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     resident_bytes = {
@@ -1013,6 +1002,29 @@ def _simulate_once(args, measure, fh, family):
                                                max([quantization_saving(te, q)[1] for te in large], default=0))
                                            for q in QUANTIZED_BYTES},
     )
+
+
+def quantized_phases(phases: dict, step_phase_peak: dict, saved: int, dequantized: int, te_saved: int = 0,
+                     te_dequantized: int = 0, text_encoders_in_step: bool = False) -> tuple[dict, dict]:
+    """The run's phase peaks (bytes) and the training step's sub-phase peaks with bitsandbytes storage, from those
+    estimated without: the denoiser's frozen Linear weights ``saved`` bytes smaller in every phase that holds it,
+    plus one ``dequantized`` weight while it computes (not while the step prepares its inputs); the large text
+    encoders' likewise in the caption phase, and ``te_saved`` smaller in the denoiser's phases too when they stay
+    for the step (``text_encoders_in_step``). Returns new ``(phases, step_phase_peak)``."""
+    phases, step_phase_peak = dict(phases), dict(step_phase_peak)
+    if saved:
+        step_phase_peak = {k: v - saved + (dequantized if k != "prepare_inputs" else 0) for k, v in step_phase_peak.items()}
+        for key in DENOISER_PHASES:
+            if key in phases:
+                phases[key] += dequantized - saved
+        phases["step"] = max(step_phase_peak.values())
+    phases["caption"] += te_dequantized - te_saved
+    if text_encoders_in_step:
+        for key in DENOISER_PHASES:
+            if key in phases:
+                phases[key] -= te_saved
+        step_phase_peak = {k: v - te_saved for k, v in step_phase_peak.items()}
+    return phases, step_phase_peak
 
 
 def add_lora(args, denoiser):

@@ -37,7 +37,6 @@ GRID_2026 = [  # issue 27: the 2026 families at 1024 px, rank 16 and 64 (NF4 row
 FLOW_MODELS = ("flux-dev", "sd35-large", *dict.fromkeys(model for model, *_ in GRID_2026))
 CARDS = (8, 12, 16, 24, 32, 48, 80)  # 8 (RTX 4060), 12, 16, 24 (RTX 4090), 32 (RTX 5090), 48, 80 GB
 OVERHEAD_GIB = 1.0  # CUDA context + workspaces, on top of the tensors; and 10% allocator overhead
-STEP_PHASES = ("step", "validation", "evaluation")  # the phases that hold the denoiser
 
 
 def fits(peak_gib):
@@ -48,17 +47,14 @@ def fits(peak_gib):
 
 def derived_phases(r, quantization="none", text_quantization="none"):
     """The run's phases with the denoiser in ``quantization`` and the large text encoders in
-    ``text_quantization`` (``r`` estimated with neither)."""
+    ``text_quantization`` (``r`` estimated with neither), by memory_estimate's own rule (``quantized_phases``;
+    the large encoders never stay for the step: only CLIP-only families keep theirs)."""
+    from memory_estimate import quantized_phases
+
     assert r["quantization"] == "none" and r["quantize_text_encoders"] == "none"
     saved, dequantized = r["quantization_options"].get(quantization, (0, 0))
     te_saved, te_dequantized = r["text_encoder_quantization_options"].get(text_quantization, (0, 0))
-    phases = dict(r["phases"])
-    for key in phases:
-        if key in STEP_PHASES and saved:
-            phases[key] += dequantized - saved
-        if key == "caption" and te_saved:
-            phases[key] += te_dequantized - te_saved
-    return phases
+    return quantized_phases(r["phases"], r["step_phase_peak"], saved, dequantized, te_saved, te_dequantized)[0]
 
 
 def table(results):

@@ -341,3 +341,20 @@ def test_memory_estimate_cli_refuses_a_number_out_of_range_naming_the_flag():
                               env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and f"error: argument {flag}: {message}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_quantized_rows_of_the_benchmark_equal_a_quantized_estimate(tmp_path):
+    """benchmark_memory.py derives its NF4 rows from the unquantized run by memory_estimate's own rule
+    (quantized_phases): they equal an estimate run with --quantization nf4 --quantize_text_encoders nf4."""
+    import memory_estimate
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from benchmark_memory import derived_phases
+
+    settings = dict(model=flow_config_folder(str(tmp_path / "flux"), "flux"), rank=4, resolution=64,
+                    mixed_precision="bf16", cache_latents=True, cache_text_embeddings=True, validation=True)
+    base = memory_estimate.estimate(**settings)
+    quantized = memory_estimate.estimate(**settings, quantization="nf4", quantize_text_encoders="nf4")
+    assert quantized["phases"] != base["phases"]  # the storage changes the run
+    assert derived_phases(base, "nf4", "nf4") == quantized["phases"]
+    assert derived_phases(base, "nf4", "none")["caption"] == base["phases"]["caption"]
