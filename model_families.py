@@ -26,6 +26,7 @@ docs/model_families.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -98,6 +99,11 @@ class ModelFamily:
         self.vae = self.denoiser = self.noise_scheduler = None
 
     # ---- configs (no weights) ------------------------------------------------------------------
+    @functools.cached_property
+    def model_index(self) -> dict:
+        """The model's ``model_index.json``, read once (:func:`family_for_model` hands over the one it read)."""
+        return _model_index(self.path, self.revision, self.args.cache_dir)
+
     def denoiser_class(self):
         import diffusers
 
@@ -173,7 +179,7 @@ class ModelFamily:
         id is checked by the download itself.)"""
         if not os.path.isdir(self.path):
             return
-        index = _model_index(self.path, self.revision, self.args.cache_dir)
+        index = self.model_index
         for part, entry in sorted(index.items()):
             if part.startswith("_") or not isinstance(entry, (list, tuple)) or entry[-1] is None:
                 continue
@@ -510,7 +516,7 @@ class ModelFamily:
         import diffusers
         import transformers
 
-        index = _model_index(self.path, self.revision, self.args.cache_dir)
+        index = self.model_index
         self.text_encoders = []
         for name in sorted(k for k in index if k.startswith("text_encoder")):
             entry = index[name]
@@ -1040,7 +1046,7 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return {3072: "4b", 4096: "9b"}.get(inner, f"{inner}-wide")
 
     def distilled(self) -> bool:
-        return bool(_model_index(self.path, self.revision, self.args.cache_dir).get("is_distilled", False))
+        return bool(self.model_index.get("is_distilled", False))
 
     def distilled_warning(self):
         if not self.distilled():
@@ -1525,14 +1531,16 @@ def family_for_model(args) -> ModelFamily:
     read). An unknown class is a :class:`UsageError` naming it and the known ones."""
     config = _model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     class_name = config.get("_class_name")
-    for family in FAMILIES:
-        if class_name in family.pipeline_class_names:
-            return family(args)
-    if class_name is None and "unet" in config:  # an older SD folder without _class_name
-        return (StableDiffusionXLFamily if "text_encoder_2" in config else StableDiffusionFamily)(args)
-    known = ", ".join(f"{f.label} ({', '.join(f.pipeline_class_names)})" for f in FAMILIES)
-    raise UsageError(f"--pretrained_model_name_or_path: {args.pretrained_model_name_or_path!r} is a {class_name!r} "
-                     f"model (model_index.json _class_name); this script trains {known}")
+    family_class = next((f for f in FAMILIES if class_name in f.pipeline_class_names), None)
+    if family_class is None and class_name is None and "unet" in config:  # an older SD folder without _class_name
+        family_class = StableDiffusionXLFamily if "text_encoder_2" in config else StableDiffusionFamily
+    if family_class is None:
+        known = ", ".join(f"{f.label} ({', '.join(f.pipeline_class_names)})" for f in FAMILIES)
+        raise UsageError(f"--pretrained_model_name_or_path: {args.pretrained_model_name_or_path!r} is a {class_name!r} "
+                         f"model (model_index.json _class_name); this script trains {known}")
+    family = family_class(args)
+    family.model_index = config  # read once
+    return family
 
 
 def family_for_pipeline(pipeline, args) -> ModelFamily | None:
