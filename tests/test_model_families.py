@@ -165,13 +165,9 @@ def test_flow_step_masks_on_the_latent_cells_and_per_objective_gradients_differ(
     step_on_a_non_square_bucket(request.getfixturevalue(f"tiny_{family_name}"), 16, ["a person waving", "a face"])
 
 
-def fh_targets(family):
-    return [t for t in family.default_lora_targets.split(",")]
-
-
 def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
-    """The peft-on-NF4 part of --quantize_base nf4 (diffusers refuses to quantize without a GPU, so the base's
-    block Linears are swapped for bitsandbytes Linear4bit by hand, as diffusers' quantizer would)."""
+    """The peft-on-NF4 part of --quantize_base nf4 in isolation: the base's block Linears swapped for bitsandbytes
+    Linear4bit by hand, as diffusers' quantizer would (tests/test_quantized.py runs diffusers' own quantizer)."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     from peft import LoraConfig
 
@@ -199,7 +195,7 @@ def test_lora_trains_on_an_nf4_flux_transformer_on_the_cpu(tiny_flux):
     transformer.is_loaded_in_4bit = True
     assert swapped and mf.keep_4bit_layers_trainable_on_cpu(transformer) == swapped
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=fh_targets(family)))
+                                       target_modules=family.default_lora_targets.split(",")))
     assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in transformer.modules())  # LoRA over Linear4bit
     params = [p for p in transformer.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params)  # the LoRA stays full precision
